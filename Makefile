@@ -1,0 +1,66 @@
+# Developer entry points. On a fresh machine `make test` (or `make demo`) does
+# all the set-up: creates .venv, installs the package, makes sure a PostgreSQL
+# server is reachable (scripts/ensure-postgres.sh) and runs the thing.
+#
+#   make test PYTEST_ARGS="-k notify -x"   # extra pytest arguments
+#   make test ROWSYNC_TEST_DSN=postgresql://user@host/postgres   # use that server
+#   make db                                # just print the DSN
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Touched after a successful install; pip re-runs when pyproject.toml is newer.
+STAMP := $(VENV)/.rowsync-installed
+PYTEST_ARGS ?=
+# Set (e.g. by .ci/run) to treat pytest's "no tests collected" (exit 5) as success.
+ALLOW_NO_TESTS ?=
+
+# Recipe prefix: find/start PostgreSQL and export its DSN, or stop right there.
+# (`dsn=$(...) || exit` so a failing script is not masked by `export`.)
+WITH_DB = dsn=$$(scripts/ensure-postgres.sh) || exit $$?; export ROWSYNC_TEST_DSN="$$dsn";
+
+.PHONY: test demo venv db lint bench clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+db:
+	@scripts/ensure-postgres.sh
+
+# The recipe exits with pytest's own status (make then reports it as "Error N"
+# and itself exits non-zero), so failures are never swallowed.
+test: venv
+	@$(WITH_DB) \
+	$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [[ $$rc -eq 5 && -n "$(ALLOW_NO_TESTS)" ]]; then \
+	  echo "make test: pytest collected no tests; ALLOW_NO_TESTS is set, so not failing" >&2; rc=0; \
+	fi; \
+	exit $$rc
+
+demo: venv
+	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) examples/demo.py
+
+bench: venv
+	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) bench/run.py
+
+# Run both linters even if the first one fails, then fail if either did.
+lint: venv
+	@rc=0; \
+	$(VENV)/bin/ruff check rowsync tests || rc=1; \
+	$(VENV)/bin/mypy || rc=1; \
+	exit $$rc
+
+# Caches and build output only: .venv is kept (others may be using it).
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

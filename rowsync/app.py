@@ -1,0 +1,311 @@
+"""``RowSync``: the one object an application holds. It wires the pieces together:
+
+watchers -> :mod:`~rowsync.triggers` (install) ; :mod:`~rowsync.listener` (events enter)
+-> :mod:`~rowsync.fetch` / :mod:`~rowsync.cache` (rows fetched once, kept bounded)
+-> :mod:`~rowsync.router` (who gets what) -> :mod:`~rowsync.subscription` (queues)
+-> :mod:`~rowsync.sync` (trees patched), over the :mod:`~rowsync.graph` of relationships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from rowsync import tree, triggers
+from rowsync.cache import GONE, CachedRow, RowCache
+from rowsync.errors import ConfigurationError, NotRunningError
+from rowsync.fetch import RowSource, coerce, key_of, table_of
+from rowsync.graph import Graph
+from rowsync.listener import Flush, Listener, Notice, send_flush
+from rowsync.messages import EVENTS, Change, Message, Resync, ResyncInfo, Sync
+from rowsync.router import Router
+from rowsync.subscription import Subscription
+from rowsync.sync import Preloads, Syncer
+from rowsync.watchers import Assocs, Watcher, merge
+
+logger = logging.getLogger(__name__)
+
+_started: weakref.WeakSet[RowSync] = weakref.WeakSet()
+
+
+class RowSync:
+    """Capture, listen, cache, route and sync for one database and one set of watchers.
+
+    ``dsn_or_engine`` is a libpq/SQLAlchemy URL or an :class:`~sqlalchemy.Engine` (its
+    pool serves row fetches; the listener opens one dedicated connection of its own).
+    """
+
+    def __init__(
+        self,
+        dsn_or_engine: str | sa.Engine,
+        watchers: Iterable[Watcher],
+        *,
+        channel: str = "rowsync",
+        schema: str = "rowsync",
+        cache_size: int = 10_000,
+        cache_ttl: float = 300.0,
+        queue_size: int = 10_000,
+        probe_interval: float = 5.0,
+        start_timeout: float = 10.0,
+    ) -> None:
+        if isinstance(dsn_or_engine, sa.Engine):
+            self.engine = dsn_or_engine
+        else:
+            url = sa.make_url(dsn_or_engine)
+            self.engine = sa.create_engine(url.set(drivername="postgresql+psycopg"))
+        self.conninfo = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.channel = channel
+        self.schema = schema
+        self.queue_size = queue_size
+        self.start_timeout = start_timeout
+        self.watchers = merge(watchers)
+        if not self.watchers:
+            raise ConfigurationError("RowSync needs at least one watcher (rowsync.watchers(Model, ...))")
+        _reject_label_clashes(self.watchers)
+        self.triggers = triggers.triggers(self.watchers, schema=schema, channel=channel)
+        self._tables: dict[tuple[str, str], tuple[sa.Table, Any]] = {
+            (w.schema, w.table): (table_of(w.model), w.model) for w in self.watchers
+        }
+        self.graph = Graph.for_models(w.model for w in self.watchers)
+        self.cache = RowCache(cache_size, cache_ttl)
+        self.rows = RowSource(self.engine, self.graph, self.cache)
+        self.router = Router(self.graph, self.rows)
+        self.syncer = Syncer(self.graph, self.rows)
+        self.stats: Counter[str] = Counter()
+        self._flushes: dict[str, threading.Event] = {}
+        self.listener = Listener(
+            self.conninfo,
+            channel=channel,
+            schema=schema,
+            on_batch=self._on_batch,
+            on_gap=self._on_gap,
+            probe_interval=probe_interval,
+        )
+
+    def __repr__(self) -> str:
+        return f"<RowSync channel={self.channel!r} tables={len(self._tables)}>"
+
+    # -- migration --------------------------------------------------------------------
+
+    def sql(self) -> str:
+        """The complete install DDL, for review, ``rowsync sql`` or an Alembic revision."""
+        return triggers.install_sql(self.triggers, schema=self.schema, channel=self.channel).as_string()
+
+    def install(self, *, prune: bool = False) -> triggers.Status:
+        """Create or upgrade rowsync's schema and triggers; returns the status found before."""
+        with psycopg.connect(self.conninfo) as conn:
+            return triggers.install(conn, self.triggers, schema=self.schema, channel=self.channel, prune=prune)
+
+    def uninstall(self, *, drop_schema: bool = False) -> int:
+        with psycopg.connect(self.conninfo) as conn:
+            return triggers.uninstall(conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema)
+
+    def status(self) -> triggers.Status:
+        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+            return triggers.status(conn, self.triggers, schema=self.schema, channel=self.channel)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> RowSync:
+        """Start the listener; returns once it LISTENs, so no change after this call is missed."""
+        self.listener.start()
+        if not self.listener.connected.wait(self.start_timeout):
+            self.listener.stop()
+            raise NotRunningError(f"the listener could not connect within {self.start_timeout} s")
+        _started.add(self)
+        return self
+
+    def stop(self) -> None:
+        _started.discard(self)
+        self.listener.stop()
+
+    @property
+    def running(self) -> bool:
+        return self in _started
+
+    def __enter__(self) -> RowSync:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> RowSync:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # -- subscriptions ----------------------------------------------------------------
+
+    def subscribe(
+        self, target: Any, event: str | None = None, /, *, assocs: Assocs = (), maxsize: int | None = None, **filters: Any
+    ) -> Subscription:
+        """Subscribe to loaded objects (and what ``assocs`` follows below them), or to a model.
+
+        ``rs.subscribe(person, assocs=["posts"])``: updates and deletes of ``person`` and its
+        loaded posts, and every row entering or leaving its ``posts``.
+        ``rs.subscribe(Post, "inserted", person_id=2)``: every matching change of the model;
+        filters name identifying columns (primary key, foreign keys, ``extra_columns``).
+        """
+        sub = Subscription(self._add, self.router.remove, maxsize or self.queue_size)
+        self._add(sub, target, event, assocs=assocs, **filters)
+        return sub
+
+    def subscriptions(self) -> list[Subscription]:
+        return self.router.subscriptions()
+
+    def _add(self, sub: Subscription, target: Any, event: str | None, *, assocs: Assocs = (), **filters: Any) -> None:
+        if isinstance(target, (type, sa.Table)):
+            table = self._watched(target)
+            if event is not None and event not in EVENTS:
+                raise ConfigurationError(f"unknown event {event!r}; use one of {EVENTS}")
+            columns = {c for w in self.watchers if (w.schema, w.table) == _name(table) for c in w.columns}
+            if unknown := set(filters) - columns:
+                raise ConfigurationError(
+                    f"cannot filter {table.name!r} on {sorted(unknown)}: only identifying columns "
+                    f"{sorted(columns)} are carried by events (add them with extra_columns)"
+                )
+            self.router.add_model(sub, table, event, filters)
+            return
+        if event is not None:
+            raise ConfigurationError("an event filter goes with a model, not with loaded objects")
+        objects = tree.as_list(target)
+        by_mapper: dict[Any, list[Any]] = defaultdict(list)
+        for obj in objects:
+            if not tree.is_model(obj):
+                raise ConfigurationError(f"cannot subscribe to {obj!r}: not a mapped object or model")
+            by_mapper[sa.inspect(obj).mapper].append(obj)
+        for mapper, objs in by_mapper.items():
+            self._watched(mapper.class_)
+            self.router.add_tree(sub, objs, self.router.spec(mapper, assocs))
+
+    def _watched(self, model: Any) -> sa.Table:
+        try:
+            table = table_of(model)
+        except sa.exc.NoInspectionAvailable:
+            raise ConfigurationError(f"{model!r} is not a mapped model or table") from None
+        if _name(table) not in self._tables:
+            raise ConfigurationError(f"{table.name!r} is not watched; add rowsync.watchers({getattr(model, '__name__', table.name)})")
+        return table
+
+    # -- sync -------------------------------------------------------------------------
+
+    def sync(self, value: Any, message: Message, preloads: Preloads | None = None) -> Any:
+        """Apply one message to a loaded tree (see :func:`rowsync.sync`)."""
+        return self.syncer.sync(value, message, preloads)
+
+    def resync(self, value: Any) -> Any:
+        """``value`` made consistent with the database: what it holds, re-read by primary key."""
+        raise NotImplementedError("resync lands with the reliability issue")
+
+    # -- the listener's callbacks (listener thread) -----------------------------------
+
+    def _on_batch(self, batch: Sequence[Notice | Flush]) -> None:
+        wanted: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
+        notices: list[tuple[Notice | Flush, sa.Table | None, Any, dict[str, Any], dict[str, Any] | None]] = []
+        for item in batch:
+            if isinstance(item, Flush):
+                notices.append((item, None, None, {}, None))
+                continue
+            entry = self._tables.get((item.schema, item.table))
+            if entry is None:
+                self.stats["unwatched"] += 1
+                logger.warning("skipping event for unwatched table %s.%s", item.schema, item.table)
+                continue
+            table, model = entry
+            new = coerce(table, item.new)
+            old = coerce(table, item.old) if item.old is not None else None
+            if any(c.name not in new for c in table.primary_key.columns):
+                self.stats["malformed"] += 1
+                logger.warning("skipping event for %s without its primary key: %r", table.name, item.new)
+                continue
+            notices.append((item, table, model, new, old))
+            if item.event != "deleted":
+                wanted[table].append(key_of(table, new))
+        fetched = {table: self.rows.fetch(table, keys) for table, keys in wanted.items()}
+        for item, table, model, new, old in notices:
+            if isinstance(item, Flush):
+                if (event := self._flushes.pop(item.token, None)) is not None:
+                    event.set()
+                continue
+            assert table is not None
+            key = key_of(table, new)
+            if item.event != "deleted":
+                row = fetched[table].get(key)
+                self.cache.put((table, key, item.ref), GONE if row is None else CachedRow(row.values, row.matches, old))
+            change = Change(model, item.event, new, item.ref)  # type: ignore[arg-type]
+            if item.event == "deleted":
+                route_new, route_old = None, new
+            else:
+                route_new, route_old = new, (old if old is not None else (new if item.event == "updated" else None))
+            subs = self.router.route(table, item.event, route_new, route_old)
+            self.stats["dispatched"] += 1
+            for sub in subs:
+                sub.put((Sync, change))
+
+    def _on_gap(self, reason: str) -> None:
+        info = ResyncInfo(reason, time.monotonic())
+        for sub in self.router.subscriptions():
+            sub.put((Resync, info))
+
+    # -- waiting for the listener -----------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Return once every change committed before this call has been dispatched."""
+        if not self.running:
+            raise NotRunningError("flush needs a started RowSync")
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.listener.connected.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"listener not connected within {timeout} s")
+            token = uuid.uuid4().hex
+            done = self._flushes[token] = threading.Event()
+            reconnects = self.listener.stats["reconnects"]
+            send_flush(self.conninfo, self.channel, token)
+            while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    self._flushes.pop(token, None)
+                    raise TimeoutError(f"listener did not reach the flush barrier within {timeout} s")
+                if self.listener.stats["reconnects"] != reconnects:
+                    break  # the barrier may have been sent into the gap: send another
+            else:
+                return
+            self._flushes.pop(token, None)
+
+
+def _name(table: sa.Table) -> tuple[str, str]:
+    return (table.schema or "public", table.name)
+
+
+def _reject_label_clashes(watchers: Sequence[Watcher]) -> None:
+    seen: dict[tuple[str, str, str], str | None] = {}
+    for w in watchers:
+        key = (w.schema, w.table, w.event)
+        if key in seen and seen[key] != w.label:
+            raise ConfigurationError(
+                f"{w.schema}.{w.table} {w.event} is watched under two labels ({seen[key]!r}, {w.label!r}); "
+                "one RowSync delivers each change once: use one label, or a second RowSync with its own channel"
+            )
+        seen[key] = w.label
+
+
+def sync(value: Any, message: Message, preloads: Preloads | None = None) -> Any:
+    """Apply ``message`` to ``value`` with the started :class:`RowSync` that watches its table."""
+    if isinstance(message, tuple) and len(message) == 2 and isinstance(message[1], Change):
+        table = table_of(message[1].model)
+        for rs in list(_started):
+            if _name(table) in rs._tables:
+                return rs.sync(value, message, preloads)
+        raise NotRunningError("no started RowSync watches this message's table")
+    return value

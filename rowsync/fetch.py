@@ -1,0 +1,192 @@
+"""Where rows come from: batched reads by primary key, through the bounded cache.
+
+Every read is keyed by the change it serves (``ref``), so N subscribers handling one
+change share one query (single-flight), and a change that only needs rows already
+fetched by the listener issues none.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapper, Session, selectinload
+from sqlalchemy.orm.strategy_options import _AbstractLoad
+
+from rowsync import tree
+from rowsync.cache import GONE, CachedRow, RowCache
+from rowsync.graph import Edge, Graph
+from rowsync.messages import Change
+
+logger = logging.getLogger(__name__)
+
+BATCH = 1000
+
+
+def key_of(table: sa.Table, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The primary key tuple of a row given as a mapping of column names."""
+    return tuple(values.get(c.name) for c in table.primary_key.columns)
+
+
+def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON values from a payload as the Python values SQLAlchemy would load (UUIDs, dates…)."""
+    result = dict(values)
+    for name, value in values.items():
+        column = table.c.get(name)
+        if column is None or value is None:
+            continue
+        try:
+            python_type = column.type.python_type
+        except NotImplementedError:
+            continue
+        if isinstance(value, python_type) and not isinstance(value, bool) or python_type is bool:
+            continue
+        convert = _FROM_JSON.get(python_type)
+        if convert is not None:
+            try:
+                result[name] = convert(value)
+            except (TypeError, ValueError, ArithmeticError):
+                pass
+    return result
+
+
+_FROM_JSON: dict[type, Any] = {
+    uuid.UUID: uuid.UUID,
+    datetime.datetime: datetime.datetime.fromisoformat,
+    datetime.date: datetime.date.fromisoformat,
+    datetime.time: datetime.time.fromisoformat,
+    decimal.Decimal: lambda v: decimal.Decimal(str(v)),
+    int: int,
+    str: str,
+}
+
+
+def table_of(model: Any) -> sa.Table:
+    return model if isinstance(model, sa.Table) else sa.inspect(model).local_table  # type: ignore[no-any-return]
+
+
+def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnElement[bool]:
+    pk = list(table.primary_key.columns)
+    if len(pk) == 1:
+        return pk[0].in_([k[0] for k in keys])
+    return sa.tuple_(*pk).in_(keys)
+
+
+def _options(mapper: Mapper[Any], spec: tree.LoadSpec) -> list[_AbstractLoad]:
+    """selectinload options reproducing a LoadSpec, so new objects look like their siblings."""
+    options: list[_AbstractLoad] = []
+    for key, nested in spec.items():
+        rel = mapper.relationships[key]
+        option = selectinload(getattr(mapper.class_, key))
+        sub = _options(rel.mapper, nested)
+        options.append(option.options(*sub) if sub else option)
+    return options
+
+
+class RowSource:
+    """Reads rows for the listener, the router and ``sync``, counting queries."""
+
+    def __init__(self, engine: sa.Engine, graph: Graph, cache: RowCache) -> None:
+        self.engine = engine
+        self.graph = graph
+        self.cache = cache
+        self.queries: Counter[str] = Counter()
+
+    # -- the listener: one query per table per batch -----------------------------------
+
+    def fetch(self, table: sa.Table, keys: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], CachedRow]:
+        """Current rows of ``table`` for ``keys``, with their criteria computed; missing keys are absent."""
+        criteria = self.graph.criteria.get(table, ())
+        labels = [clause.label(name) for name, clause in criteria]
+        wanted = list(dict.fromkeys(keys))
+        found: dict[tuple[Any, ...], CachedRow] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(wanted), BATCH):
+                chunk = wanted[start : start + BATCH]
+                self.queries["rows"] += 1
+                stmt = sa.select(*table.columns, *labels).where(_where_key(table, chunk))
+                for row in conn.execute(stmt).mappings():
+                    values = {c.name: row[c] for c in table.columns}
+                    matches = frozenset(name for name, _ in criteria if row[name])
+                    found[key_of(table, values)] = CachedRow(values, matches)
+        return found
+
+    # -- sync and the router: single-flight through the cache --------------------------
+
+    def change_row(self, change: Change) -> CachedRow | Any:
+        """The row a change left behind (``GONE`` when it no longer exists)."""
+        table = table_of(change.model)
+        return self.row(table, key_of(table, change.ids), change.ref)
+
+    def row(self, table: sa.Table, key: tuple[Any, ...], ref: int) -> CachedRow | Any:
+        def load() -> CachedRow | Any:
+            return self.fetch(table, [key]).get(key, GONE)
+
+        return self.cache.load((table, key, ref), load)
+
+    def links(self, edge: Edge, target: tuple[Any, ...], ref: int) -> frozenset[tuple[Any, ...]]:
+        """Parent keys linked to a target row through ``edge``'s association table."""
+        assert edge.secondary is not None
+
+        def load() -> frozenset[tuple[Any, ...]]:
+            where = [s == v for (s, _), v in zip(edge.target_pairs, target)]
+            stmt = sa.select(*(r for _, r in edge.pairs)).where(*where)
+            self.queries["links"] += 1
+            with self.engine.connect() as conn:
+                return frozenset(tuple(r) for r in conn.execute(stmt))
+
+        return self.cache.load(("links", edge, target, ref), load)  # type: ignore[no-any-return]
+
+    def load(self, mapper: Mapper[Any], key: tuple[Any, ...], spec: tree.LoadSpec, ref: int) -> Any:
+        """A detached object with ``spec`` loaded, fetched once per change; callers clone it."""
+
+        def fetch() -> Any:
+            self.queries["objects"] += 1
+            with Session(self.engine, expire_on_commit=False) as session:
+                pk = list(mapper.local_table.primary_key.columns)
+                stmt = sa.select(mapper).where(*(c == v for c, v in zip(pk, key)))
+                return session.scalars(stmt.options(*_options(mapper, spec))).one_or_none()
+
+        return self.cache.load(("object", mapper, key, _freeze(spec), ref), fetch)
+
+    def reload(self, edge: Edge, parents: Sequence[tuple[Any, ...]], spec: tree.LoadSpec, ref: int) -> dict[tuple[Any, ...], list[Any]]:
+        """``edge``'s collection for each parent key, exactly as SQLAlchemy loads it."""
+
+        def fetch() -> dict[tuple[Any, ...], list[Any]]:
+            self.queries["reload"] += 1
+            mapper = edge.parent
+            option = selectinload(getattr(mapper.class_, edge.key))
+            if sub := _options(edge.target, spec):
+                option = option.options(*sub)
+            with Session(self.engine, expire_on_commit=False) as session:
+                stmt = sa.select(mapper).where(_where_key(mapper.local_table, parents)).options(option)  # type: ignore[arg-type]
+                return {tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in session.scalars(stmt)}
+
+        return self.cache.load(("reload", edge, tuple(parents), _freeze(spec), ref), fetch)  # type: ignore[no-any-return]
+
+    # -- the router's Resolver ---------------------------------------------------------
+
+    def members(self, edge: Edge, local: tuple[Any, ...]) -> list[Mapping[str, Any]]:
+        target = edge.target_table
+        stmt = sa.select(*target.columns)
+        if edge.secondary is not None:
+            on = sa.and_(*(s == t for s, t in edge.target_pairs))
+            stmt = stmt.select_from(edge.secondary.join(target, on))
+        stmt = stmt.where(*(r == v for (_, r), v in zip(edge.pairs, local)))
+        self.queries["members"] += 1
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def row_values(self, table: sa.Table, key: tuple[Any, ...]) -> Mapping[str, Any] | None:
+        found = self.fetch(table, [key]).get(key)
+        return None if found is None else found.values
+
+
+def _freeze(spec: tree.LoadSpec) -> tuple[Any, ...]:
+    return tuple(sorted((k, _freeze(v)) for k, v in spec.items()))

@@ -1,0 +1,214 @@
+"""The relationship graph: every SQLAlchemy relationship as an :class:`Edge`, built once.
+
+An edge is a path ``parent -> [secondary ->] target`` with the key-column pairs of each hop
+and, optionally, extra criteria. That is all ``sync`` needs to decide whether a row belongs
+in a loaded collection, whatever the relationship kind:
+
+* direct (many-to-one, one-to-many, one-to-one): the target row belongs to a parent when
+  its ``remote`` columns equal the parent's ``local`` columns and the criteria hold;
+* through an association table or object (``secondary``): a link row pairs a parent key
+  with a target key; the criteria are evaluated on the target row;
+* anything else (a ``secondary`` that is a join, criteria spanning several tables):
+  ``recompute`` - the membership is re-queried for the affected parents.
+
+Criteria are never evaluated in Python: each is compiled into the listener's row fetch as
+a boolean column (``CachedRow.matches``), so Postgres' own semantics (NULLs, collations,
+casts) decide.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import networkx as nx
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapper, RelationshipProperty, configure_mappers
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, ColumnElement
+from sqlalchemy.sql.util import find_tables
+
+Pairs = tuple[tuple[sa.Column[Any], sa.Column[Any]], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Edge:
+    """One relationship, as ``sync`` and the router see it. Compared by identity."""
+
+    parent: Mapper[Any]
+    key: str
+    target: Mapper[Any]
+    uselist: bool
+    pairs: Pairs
+    """``(parent column, remote column)``: remote is in ``secondary`` when there is one, else in the target."""
+    secondary: sa.Table | None
+    target_pairs: Pairs
+    """``(secondary column, target column)``, only with ``secondary``."""
+    criteria: str | None
+    """Name of the boolean the row fetch computes for the extra criteria, if any."""
+    criteria_table: sa.Table | None
+    order_by: tuple[tuple[sa.Column[Any], bool], ...]
+    """``(column of the target, descending)``, in order."""
+    recompute: bool
+    """Membership cannot be read off rows: re-query it for the affected parents."""
+    tables: frozenset[sa.Table] = field(repr=False)
+    """Every table whose change can alter this relationship's contents."""
+
+    def __repr__(self) -> str:
+        return f"<Edge {self.parent.class_.__name__}.{self.key}>"
+
+    @property
+    def target_table(self) -> sa.Table:
+        return self.target.local_table  # type: ignore[return-value]
+
+    @property
+    def parent_table(self) -> sa.Table:
+        return self.parent.local_table  # type: ignore[return-value]
+
+    @cached_property
+    def local_is_key(self) -> bool:
+        """The parent side is its primary key (one-to-many, many-to-many): a parent's own
+        update can never change what it holds. Otherwise (many-to-one) it can."""
+        return {c for c, _ in self.pairs} == set(self.parent_table.primary_key.columns)
+
+
+class Graph:
+    """Every relationship of a registry, indexed by the tables whose changes concern it."""
+
+    def __init__(self, mappers: Iterable[Mapper[Any]]) -> None:
+        configure_mappers()
+        self.digraph: nx.MultiDiGraph = nx.MultiDiGraph()
+        self.edges: list[Edge] = []
+        self.criteria: dict[sa.Table, list[tuple[str, ColumnElement[bool]]]] = defaultdict(list)
+        self._by_table: dict[sa.Table, list[Edge]] = defaultdict(list)
+        self.mappers: dict[sa.Table, Mapper[Any]] = {}
+        counter = itertools.count()
+        for mapper in mappers:
+            if isinstance(mapper.local_table, sa.Table):
+                self.mappers.setdefault(mapper.local_table, mapper)
+            self.digraph.add_node(mapper)
+            for rel in mapper.relationships:
+                edge = _edge(rel, counter)
+                self.edges.append(edge)
+                self.digraph.add_edge(mapper, rel.mapper, key=rel.key, edge=edge)
+                if edge.criteria is not None and edge.criteria_table is not None:
+                    self.criteria[edge.criteria_table].append((edge.criteria, _criteria(rel)))
+                for table in edge.tables:
+                    self._by_table[table].append(edge)
+        self._reachable: dict[Mapper[Any], frozenset[sa.Table]] = {}
+
+    @classmethod
+    def for_models(cls, models: Iterable[Any]) -> Graph:
+        """The graph of every mapper in the registries of ``models``."""
+        configure_mappers()
+        registries = {sa.inspect(m).registry for m in models if not isinstance(m, sa.Table)}
+        return cls(m for r in registries for m in r.mappers)
+
+    def edges_for(self, table: sa.Table) -> Sequence[Edge]:
+        """Relationships a change of a row of ``table`` can alter."""
+        return self._by_table.get(table, ())
+
+    def edge(self, mapper: Mapper[Any], key: str) -> Edge:
+        for _, _, k, data in self.digraph.out_edges(mapper, keys=True, data=True):
+            if k == key:
+                return data["edge"]  # type: ignore[no-any-return]
+        raise KeyError(f"{mapper.class_.__name__}.{key}")
+
+    def reachable(self, mapper: Mapper[Any]) -> frozenset[sa.Table]:
+        """Tables whose changes can reach a tree rooted at ``mapper`` (computed once per root)."""
+        if (found := self._reachable.get(mapper)) is None:
+            roots = {mapper, *nx.descendants(self.digraph, mapper)}
+            found = frozenset(
+                table
+                for m in roots
+                for table in (m.local_table, *(t for e in self._out(m) for t in e.tables))
+                if isinstance(table, sa.Table)
+            )
+            self._reachable[mapper] = found
+        return found
+
+    def _out(self, mapper: Mapper[Any]) -> Iterator[Edge]:
+        for _, _, data in self.digraph.out_edges(mapper, data=True):
+            yield data["edge"]
+
+
+def _conjuncts(clause: ColumnElement[Any] | None) -> list[ColumnElement[Any]]:
+    if clause is None:
+        return []
+    if isinstance(clause, BooleanClauseList) and clause.operator is operators.and_:
+        return [c for part in clause.clauses for c in _conjuncts(part)]  # type: ignore[arg-type]
+    return [clause]
+
+
+def _is_pair(clause: ColumnElement[Any], pairs: Pairs) -> bool:
+    if not (isinstance(clause, BinaryExpression) and clause.operator is operators.eq):
+        return False
+    sides = {clause.left, clause.right}
+    return any(sides == {a, b} for a, b in pairs)
+
+
+def _extra(rel: RelationshipProperty[Any]) -> list[ColumnElement[Any]]:
+    """The conditions of a relationship that are not key equalities."""
+    pairs = tuple(rel.local_remote_pairs or ()) + tuple(rel.synchronize_pairs or ()) + tuple(
+        rel.secondary_synchronize_pairs or ()
+    )
+    return [c for c in _conjuncts(rel.primaryjoin) + _conjuncts(rel.secondaryjoin) if not _is_pair(c, pairs)]
+
+
+def _criteria(rel: RelationshipProperty[Any]) -> ColumnElement[bool]:
+    return sa.and_(*_extra(rel))
+
+
+def _edge(rel: RelationshipProperty[Any], counter: Iterator[int]) -> Edge:
+    parent, target = rel.parent, rel.mapper
+    target_table = target.local_table
+    secondary = rel.secondary if isinstance(rel.secondary, sa.Table) else None
+    extra = _extra(rel)
+    extra_tables = {t for c in extra for t in find_tables(c, check_columns=True)}
+    criteria_table = next(iter(extra_tables)) if len(extra_tables) == 1 else None
+    recompute = (rel.secondary is not None and secondary is None) or (
+        bool(extra) and criteria_table not in {target_table, secondary}
+    )
+    if secondary is not None:
+        pairs: Pairs = tuple(rel.synchronize_pairs)
+        target_pairs: Pairs = tuple((s, t) for t, s in rel.secondary_synchronize_pairs or ())
+    else:
+        pairs, target_pairs = tuple(rel.local_remote_pairs or ()), ()
+    tables = {target_table, *extra_tables}
+    for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
+        if clause is not None:
+            tables.update(find_tables(clause))
+    if not all(c.table is parent.local_table for c, _ in pairs):
+        recompute = True
+    if not {c for c, _ in pairs} <= set(parent.local_table.primary_key.columns):
+        tables.add(parent.local_table)  # many-to-one: the parent's own foreign key picks the target
+    order_by = tuple(
+        (_column(o), _descending(o)) for o in (rel.order_by or ()) if _column(o) is not None
+    )
+    return Edge(
+        parent=parent,
+        key=rel.key,
+        target=target,
+        uselist=bool(rel.uselist),
+        pairs=pairs,
+        secondary=secondary,
+        target_pairs=target_pairs,
+        criteria=f"rowsync_c{next(counter)}" if extra and not recompute else None,
+        criteria_table=criteria_table if extra and not recompute else None,
+        order_by=order_by,  # type: ignore[arg-type]
+        recompute=recompute,
+        tables=frozenset(t for t in tables if isinstance(t, sa.Table)),
+    )
+
+
+def _column(clause: Any) -> sa.Column[Any] | None:
+    element = getattr(clause, "element", clause)
+    return element if isinstance(element, sa.Column) else None
+
+
+def _descending(clause: Any) -> bool:
+    return getattr(clause, "modifier", None) is operators.desc_op

@@ -1,0 +1,245 @@
+"""Where events enter: one dedicated connection that LISTENs, in a thread of its own.
+
+The connection is autocommit and never inside a transaction. The thread waits on the
+socket and on a wake-up pipe (so ``stop`` is immediate), drains notifications in batches,
+parses them into :class:`Notice` values, resolves oversized events from the overflow
+table, and hands each batch to ``on_batch``. A quiet connection is probed with
+``SELECT 1``; a broken one is reopened with exponential backoff, and ``on_gap`` is
+called once it is back: notifications sent meanwhile are lost to NOTIFY, and the
+subscribers must be told.
+
+Bad input never stops the thread: a malformed payload is logged and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import threading
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+logger = logging.getLogger(__name__)
+
+_EVENTS = {"i": "inserted", "u": "updated", "d": "deleted"}
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One parsed row event, as the trigger sent it."""
+
+    ref: int
+    schema: str
+    table: str
+    event: str
+    new: dict[str, Any]
+    old: dict[str, Any] | None
+    label: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """A barrier: everything committed before it has been handed over once it is seen."""
+
+    token: str
+
+
+def parse(payload: str) -> Notice | Flush | dict[str, Any]:
+    """A notice, a flush barrier, or (for an oversized event) ``{"r": ref, "x": True}``.
+
+    Raises ``ValueError`` for anything else.
+    """
+    data = json.loads(payload)
+    if not isinstance(data, dict):
+        raise ValueError("payload is not an object")
+    if set(data) == {"f"} and isinstance(data["f"], str):
+        return Flush(data["f"])
+    ref = data.get("r")
+    if not isinstance(ref, int) or isinstance(ref, bool):
+        raise ValueError("missing ref")
+    if data.get("x") is True:
+        return data
+    schema, table, event, new, old, label = (data.get(k) for k in ("s", "t", "e", "n", "o", "l"))
+    if not (isinstance(schema, str) and isinstance(table, str) and event in _EVENTS and isinstance(new, dict)):
+        raise ValueError("not a rowsync row event")
+    if old is not None and not isinstance(old, dict):
+        raise ValueError("old values are not an object")
+    if label is not None and not isinstance(label, str):
+        raise ValueError("label is not a string")
+    return Notice(ref, schema, table, _EVENTS[event], new, old, label)
+
+
+class Listener:
+    """The LISTEN loop. ``on_batch`` runs in the listener thread, in notification order."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        channel: str,
+        schema: str,
+        on_batch: Callable[[Sequence[Notice | Flush]], None],
+        on_gap: Callable[[str], None],
+        probe_interval: float = 5.0,
+        max_batch: int = 5000,
+        backoff: tuple[float, float] = (0.05, 5.0),
+    ) -> None:
+        self.conninfo = conninfo
+        self.channel = channel
+        self.schema = schema
+        self.on_batch = on_batch
+        self.on_gap = on_gap
+        self.probe_interval = probe_interval
+        self.max_batch = max_batch
+        self.backoff = backoff
+        self.stats: Counter[str] = Counter()
+        self.connected = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name=f"rowsync-listener[{self.channel}]", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stopping.set()
+        os.write(self._wake_w, b"x")
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("listener thread did not stop within %s s", timeout)
+
+    def close(self) -> None:
+        self.stop()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- the thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.backoff[0]
+        first = True
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    self.connected.set()
+                    if not first:
+                        self.stats["reconnects"] += 1
+                        logger.info("listener reconnected on channel %r", self.channel)
+                        self.on_gap("reconnect")
+                    first = False
+                    delay = self.backoff[0]
+                    self._serve(conn)
+            except psycopg.Error as exc:
+                self.stats["connection_errors"] += 1
+                if not self._stopping.is_set():
+                    logger.warning("listener connection lost (%s); retrying in %.2f s", exc, delay)
+            finally:
+                self.connected.clear()
+            if self._stopping.wait(delay):
+                break
+            delay = min(delay * 2, self.backoff[1])
+
+    def _serve(self, conn: psycopg.Connection[Any]) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(conn.fileno(), selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                ready = selector.select(self.probe_interval)
+                self._drain_wake()
+                if self._stopping.is_set():
+                    return
+                batch = self._receive(conn)
+                if batch:
+                    self._handle(conn, batch)
+                elif not ready:
+                    conn.execute("SELECT 1")  # liveness probe: raises if the server is gone
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _receive(self, conn: psycopg.Connection[Any]) -> list[str]:
+        payloads: list[str] = []
+        while len(payloads) < self.max_batch:
+            got = [n.payload for n in conn.notifies(timeout=0, stop_after=self.max_batch - len(payloads))]
+            if not got:
+                break
+            payloads += got
+        return payloads
+
+    def _handle(self, conn: psycopg.Connection[Any], payloads: list[str]) -> None:
+        self.stats["received"] += len(payloads)
+        parsed: list[Notice | Flush | dict[str, Any]] = []
+        for payload in payloads:
+            try:
+                parsed.append(parse(payload))
+            except (ValueError, TypeError) as exc:
+                self.stats["malformed"] += 1
+                logger.warning("skipping malformed notification on %r (%s): %.200r", self.channel, exc, payload)
+        oversized = [p["r"] for p in parsed if isinstance(p, dict)]
+        found = self._overflow(conn, oversized) if oversized else {}
+        batch: list[Notice | Flush] = []
+        for item in parsed:
+            if isinstance(item, dict):
+                resolved = found.get(item["r"])
+                if resolved is None:
+                    self.stats["overflow_missing"] += 1
+                    logger.warning("oversized event %s not found in the overflow table", item["r"])
+                    continue
+                item = resolved
+            batch.append(item)
+        try:
+            self.on_batch(batch)
+        except psycopg.Error:
+            raise
+        except Exception:
+            self.stats["batch_errors"] += 1
+            logger.exception("error while dispatching a batch of %d events", len(batch))
+
+    def _overflow(self, conn: psycopg.Connection[Any], refs: list[int]) -> dict[int, Notice]:
+        """Oversized events, read back from the overflow table where the trigger left them."""
+        self.stats["overflow"] += len(refs)
+        table = sql.Identifier(self.schema, "overflow")
+        rows = conn.execute(sql.SQL("SELECT ref, payload FROM {} WHERE ref = ANY(%s)").format(table), (refs,))
+        result: dict[int, Notice] = {}
+        for ref, payload in rows:
+            try:
+                notice = parse(payload)
+            except ValueError:
+                notice = None
+            if isinstance(notice, Notice):
+                result[ref] = notice
+            else:
+                self.stats["malformed"] += 1
+        return result
+
+
+def send_flush(conninfo: str, channel: str, token: str) -> None:
+    """Commit a flush barrier on ``channel`` from a connection of its own."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, %s)", (channel, json.dumps({"f": token})))
+
+

@@ -1,0 +1,60 @@
+"""rowsync's own schema: versioned SQL files from ``migrations/``, applied in order, once."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+logger = logging.getLogger(__name__)
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """``(version, text)`` of every migration, oldest first.
+
+    In a wheel the files are inside the package; in a checkout they sit beside it.
+    """
+    packaged = resources.files("rowsync").joinpath("migrations")
+    folder = packaged if packaged.is_dir() else Path(__file__).parent.parent / "migrations"
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
+
+
+def render(text: str, schema: str) -> sql.Composed:
+    return sql.SQL(text).format(schema=sql.Identifier(schema))  # type: ignore[arg-type]
+
+
+def migrate(conn: psycopg.Connection[object], schema: str) -> list[str]:
+    """Apply the migrations ``schema`` lacks, inside the caller's transaction; return their versions."""
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.migrations"
+            " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        ).format(sql.Identifier(schema))
+    )
+    done = {
+        row[0]
+        for row in conn.execute(sql.SQL("SELECT version FROM {}.migrations").format(sql.Identifier(schema)))
+    }
+    applied = []
+    for version, text in migration_files():
+        if version in done:
+            continue
+        logger.info("applying rowsync migration %s to schema %s", version, schema)
+        conn.execute(render(text, schema))
+        conn.execute(
+            sql.SQL("INSERT INTO {}.migrations (version) VALUES ({})").format(
+                sql.Identifier(schema), sql.Literal(version)
+            )
+        )
+        applied.append(version)
+    return applied
+
+
+def pending_sql(schema: str) -> list[sql.Composed]:
+    """Every migration as composed SQL, for ``rowsync sql`` and Alembic revisions."""
+    return [render(text, schema) for _, text in migration_files()]

@@ -1,0 +1,318 @@
+"""``sync``: patch a loaded object tree from one change message, instead of re-querying.
+
+One mechanism serves every relationship kind. A change of a row of table ``T`` concerns
+the edges :meth:`Graph.edges_for` returns; for each edge loaded somewhere in the tree, the
+row's place is recomputed from where ``T`` sits on the edge's path:
+
+* ``T`` is the target of a direct edge: the row belongs to a parent when its remote
+  columns equal the parent's local ones and the edge's criteria hold;
+* ``T`` is an association table: a link row pairs one parent with one target;
+* ``T`` is the target of an association: deleted -> gone everywhere; moved into or out of
+  the criteria -> its links decide (one shared query, only when it moves in);
+* ``T`` is the parent of a many-to-one: its own foreign key picks the target;
+* the edge cannot be read off rows (``recompute``): re-query it for the parents in the tree.
+
+Then :meth:`_Patch.ensure` makes the collection (or reference) hold the row or not.
+Everything is idempotent (present stays present, absent stays absent) and attribute patches
+carry the change's ``ref``, so an older change never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapper, attributes
+from sqlalchemy.orm.base import instance_state
+
+from rowsync import tree
+from rowsync.cache import GONE, CachedRow
+from rowsync.fetch import RowSource, key_of, table_of
+from rowsync.graph import Edge, Graph
+from rowsync.messages import Change, Sync
+from rowsync.watchers import Assocs, _items
+
+logger = logging.getLogger(__name__)
+
+Preloads = Mapping[Any, Assocs]
+"""``{Model: assocs}``: what new objects of ``Model`` come back with loaded."""
+
+_REF = "rowsync_ref"
+
+
+class Syncer:
+    """Applies messages to trees; holds what every call shares (graph, row source)."""
+
+    def __init__(self, graph: Graph, rows: RowSource) -> None:
+        self.graph = graph
+        self.rows = rows
+
+    def sync(self, value: Any, message: Any, preloads: Preloads | None = None) -> Any:
+        """Return ``value`` with ``message`` applied (the same list/object, patched in place).
+
+        ``value`` is None, a model object or a list of them; anything else, and any message
+        other than ``(Sync, Change)``, comes back unchanged.
+        """
+        if not (isinstance(message, tuple) and len(message) == 2 and message[0] is Sync):
+            return value
+        change = message[1]
+        if not isinstance(change, Change):
+            return value
+        if value is None:
+            roots: list[Any] = []
+        elif isinstance(value, list):
+            roots = value
+            if not all(tree.is_model(v) for v in roots):
+                return value
+        elif tree.is_model(value):
+            roots = [value]
+        else:
+            return value
+        table = table_of(change.model)
+        if roots and not any(table in self.graph.reachable(instance_state(r).mapper) for r in roots):
+            return value
+        patch = _Patch(self, roots, change, table, preloads or {})
+        patch.apply()
+        if value is None or tree.is_model(value):
+            return roots[0] if roots else None
+        return value
+
+
+class _Patch:
+    """One message applied to one tree."""
+
+    def __init__(self, syncer: Syncer, roots: list[Any], change: Change, table: sa.Table, preloads: Preloads) -> None:
+        self.graph = syncer.graph
+        self.rows = syncer.rows
+        self.roots = roots
+        self.change = change
+        self.table = table
+        self.key = key_of(table, change.ids)
+        self.deleted = change.event == "deleted"
+        self.preloads = preloads
+        self.index = tree.Index.of(roots)
+        self.row: CachedRow | None = None
+        if not self.deleted:
+            found = self.rows.change_row(change)
+            self.row = None if found is GONE else found
+
+    def apply(self) -> None:
+        if not self.deleted and self.row is None:
+            return  # the row was deleted before it could be read; its delete message follows
+        if self.row is not None:
+            for obj in self.index.instances(self.table, self.key):
+                if _ref(obj) < self.change.ref:
+                    tree.patch(obj, self.row.values)
+                    instance_state(obj).info[_REF] = self.change.ref
+        for edge in self.graph.edges_for(self.table):
+            parents = self.index.loaded.get((edge.parent, edge.key))
+            if not parents:
+                continue
+            if edge.recompute:
+                self.recompute(edge, parents)
+                continue
+            if self.table is edge.target_table:
+                if edge.secondary is None:
+                    self.direct(edge, parents)
+                else:
+                    self.association_target(edge, parents)
+            if self.table is edge.secondary:
+                self.link(edge, parents)
+            if self.table is edge.parent_table and not edge.local_is_key and not self.deleted:
+                self.repoint(edge, parents)
+        self.root()
+
+    # -- where the changed row sits on the edge --------------------------------------
+
+    def direct(self, edge: Edge, parents: list[Any]) -> None:
+        row = self.row
+        remote = tuple(row.values.get(r.name) for _, r in edge.pairs) if row else None
+        wanted = row is not None and (edge.criteria is None or edge.criteria in row.matches)
+        for parent in parents:
+            self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
+
+    def association_target(self, edge: Edge, parents: list[Any]) -> None:
+        if self.deleted:
+            for parent in parents:
+                self.ensure(parent, edge, self.key, False)
+            return
+        assert self.row is not None
+        if edge.criteria is None or edge.criteria not in self.row.matches:
+            for parent in parents:
+                self.ensure(parent, edge, self.key, False if edge.criteria else None)
+            return
+        target = tuple(self.row.values.get(t.name) for _, t in edge.target_pairs)
+        linked = self.rows.links(edge, target, self.change.ref)
+        for parent in parents:
+            self.ensure(parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row)
+
+    def link(self, edge: Edge, parents: list[Any]) -> None:
+        new = None if self.deleted or self.row is None else self.row.values
+        old = self.change.ids if self.deleted else (self.row.old if self.row else None)
+        pairs = []
+        if old is not None:
+            pairs.append((old, False))
+        if new is not None:
+            pairs.append((new, True))
+        for values, present in pairs:
+            local = tuple(values.get(r.name) for _, r in edge.pairs)
+            target = key_of(edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs})
+            row = None
+            if present and edge.criteria is not None:
+                found = self.rows.row(edge.target_table, target, self.change.ref)
+                present = found is not GONE and edge.criteria in found.matches
+                row = found if found is not GONE else None
+            for parent in parents:
+                if _local(parent, edge) == local:
+                    self.ensure(parent, edge, target, present, row)
+
+    def repoint(self, edge: Edge, parents: list[Any]) -> None:
+        """A many-to-one whose foreign key lives on the changed row: follow the key."""
+        mine = {id(o) for o in self.index.instances(self.table, self.key)}
+        remote = [r for _, r in edge.pairs]
+        by_target_key = set(remote) == set(edge.target_table.primary_key.columns)
+        for parent in parents:
+            if id(parent) not in mine:
+                continue
+            if not by_target_key or edge.uselist:
+                self.recompute(edge, [parent])
+                continue
+            local = _local(parent, edge)
+            current = tree.loaded_value(parent, edge.key)
+            if any(v is None for v in local):
+                if current is not None:
+                    attributes.set_committed_value(parent, edge.key, None)
+                continue
+            target = key_of(edge.target_table, {r.name: v for r, v in zip(remote, local)})
+            self.ensure(parent, edge, target, True)
+
+    def recompute(self, edge: Edge, parents: list[Any]) -> None:
+        """Re-query the relationship for these parents: SQLAlchemy's own answer, duplicates included."""
+        spec = self.spec_below(edge, parents)
+        keys = [tree.primary_key(p) for p in parents]
+        fresh = self.rows.reload(edge, keys, spec, self.change.ref)
+        memo: dict[int, Any] = {}
+        for parent, key in zip(parents, keys):
+            items = [self.reuse(o, memo) for o in fresh.get(key, [])]
+            attributes.set_committed_value(parent, edge.key, items if edge.uselist else (items[0] if items else None))
+
+    def root(self) -> None:
+        """The roots themselves: a deleted root leaves, an inserted row of the roots' model joins."""
+        mappers = {instance_state(r).mapper for r in self.roots}
+        model = self.change.model
+        if self.roots and not any(m.local_table is self.table for m in mappers):
+            return
+        if self.deleted:
+            self.roots[:] = [r for r in self.roots if not (_table(r) is self.table and tree.primary_key(r) == self.key)]
+        elif self.change.event == "inserted" and not self.index.instances(self.table, self.key):
+            if isinstance(model, sa.Table):
+                return
+            spec = tree.expected_spec(self.roots[0]) if self.roots else {}
+            obj = self.instance(sa.inspect(model), self.key, self.row, spec)
+            if obj is not None:
+                self.roots.append(obj)
+
+    # -- making a collection hold a row, or not ---------------------------------------
+
+    def ensure(self, parent: Any, edge: Edge, target: tuple[Any, ...], present: bool | None, row: CachedRow | None = None) -> None:
+        """``present``: True -> hold it, False -> drop it, None -> leave membership, fix order."""
+        current = tree.loaded_value(parent, edge.key)
+        if not edge.uselist:
+            held = current is not None and tree.primary_key(current) == target
+            if present and not held:
+                obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
+                if obj is not None:
+                    attributes.set_committed_value(parent, edge.key, obj)
+            elif present is False and held:
+                attributes.set_committed_value(parent, edge.key, None)
+            return
+        items = tree.as_list(current)
+        held = any(tree.primary_key(o) == target for o in items)
+        if present and not held:
+            obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
+            if obj is None:
+                return
+            items = [*items, obj]
+        elif present is False and held:
+            items = [o for o in items if tree.primary_key(o) != target]
+        elif not (held and edge.order_by):
+            return
+        if edge.order_by:
+            items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
+        if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
+            attributes.set_committed_value(parent, edge.key, items)
+
+    def instance(self, mapper: Mapper[Any], key: tuple[Any, ...], row: CachedRow | None, spec: tree.LoadSpec) -> Any:
+        """The object for a row joining the tree: the tree's own if it holds one, else new,
+        loaded as a fresh query would load it there (or as ``preloads`` says)."""
+        table: sa.Table = mapper.local_table  # type: ignore[assignment]
+        existing = self.index.instances(table, key)
+        if existing:
+            return existing[0]
+        if mapper.class_ in self.preloads:
+            spec = _preload_spec(self.preloads[mapper.class_]) or {}
+        if spec:
+            loaded = self.rows.load(mapper, key, spec, self.change.ref)
+            obj = None if loaded is None else self.reuse(loaded, {})
+        else:
+            if row is None or key_of(table, row.values) != key:
+                found = self.rows.row(table, key, self.change.ref)
+                row = None if found is GONE else found
+            obj = None if row is None else tree.build(mapper, row.values)
+        if obj is not None:
+            instance_state(obj).info[_REF] = self.change.ref
+            tree.remember_spec(obj, spec)
+            self.index.extend([obj])
+        return obj
+
+    def reuse(self, fetched: Any, memo: dict[int, Any]) -> Any:
+        """The tree's own instance of a fetched row when it has one, else a private copy."""
+        state = instance_state(fetched)
+        existing = self.index.instances(state.mapper.local_table, tree.primary_key(fetched))  # type: ignore[arg-type]
+        return existing[0] if existing else tree.clone(fetched, memo)
+
+    def spec_below(self, edge: Edge, parents: list[Any]) -> tree.LoadSpec:
+        if edge.target.class_ in self.preloads:
+            return _preload_spec(self.preloads[edge.target.class_]) or {}
+        return _child_spec(parents[0], edge) if parents else {}
+
+
+def _child_spec(parent: Any, edge: Edge) -> tree.LoadSpec:
+    return tree.expected_spec(parent).get(edge.key, {})  # type: ignore[no-any-return]
+
+
+def _ref(obj: Any) -> int:
+    return int(instance_state(obj).info.get(_REF, 0))
+
+
+def _table(obj: Any) -> Any:
+    return instance_state(obj).mapper.local_table
+
+
+def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
+    values = tree.column_values(parent)
+    return tuple(values.get(c.name) for c, _ in edge.pairs)
+
+
+def _compare(edge: Edge, a: Any, b: Any) -> int:
+    """Postgres' default ordering: NULLs last ascending, first descending."""
+    va, vb = tree.column_values(a), tree.column_values(b)
+    for column, descending in edge.order_by:
+        x, y = va.get(column.name), vb.get(column.name)
+        if x == y:
+            continue
+        if x is None or y is None:
+            result = 1 if x is None else -1
+        else:
+            result = -1 if x < y else 1
+        return -result if descending else result
+    return 0
+
+
+def _preload_spec(assocs: Assocs | None) -> dict[str, Any] | None:
+    if assocs is None:
+        return None
+    return {name: _preload_spec(nested) or {} for name, nested in _items(assocs)}

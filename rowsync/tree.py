@@ -1,0 +1,223 @@
+"""Loaded object trees: walking what is loaded (never triggering a lazy load), and
+building or cloning detached instances whose attributes look freshly loaded."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapper, attributes, make_transient_to_detached
+from sqlalchemy.orm.base import instance_state
+
+
+class _NotLoaded:
+    def __repr__(self) -> str:
+        return "NOT_LOADED"
+
+
+NOT_LOADED: Final = _NotLoaded()
+
+LoadSpec = Mapping[str, "LoadSpec"]
+"""Relationship keys loaded on an object, each with what is loaded below it."""
+
+
+def is_model(obj: Any) -> bool:
+    try:
+        instance_state(obj)
+    except Exception:  # noqa: BLE001 - SQLAlchemy raises several kinds for non-instances
+        return False
+    return True
+
+
+def as_list(value: Any) -> list[Any]:
+    """The objects in a relationship value or a root: a collection, one object, or None."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, set)):
+        return list(value)
+    return [value]
+
+
+def loaded_value(obj: Any, key: str) -> Any:
+    """A relationship's value when it is loaded, else ``NOT_LOADED`` (never loads it)."""
+    state = instance_state(obj)
+    if key in state.unloaded:
+        return NOT_LOADED
+    return state.dict.get(key)
+
+
+@cache
+def _columns(mapper: Mapper[Any]) -> tuple[tuple[str, str], ...]:
+    """``(attribute key, column name)`` of every column of the mapper's own table."""
+    table = mapper.local_table
+    return tuple(
+        (prop.key, col.name)
+        for prop in mapper.column_attrs
+        for col in prop.columns[:1]
+        if isinstance(col, sa.Column) and col.table is table
+    )
+
+
+def column_values(obj: Any) -> dict[str, Any]:
+    """The loaded column values of ``obj`` by column name; the primary key even when expired."""
+    state = instance_state(obj)
+    values = {name: state.dict[key] for key, name in _columns(state.mapper) if key in state.dict}
+    if state.key is not None:
+        for col, value in zip(state.mapper.local_table.primary_key.columns, state.key[1]):
+            values.setdefault(col.name, value)
+    return values
+
+
+def primary_key(obj: Any) -> tuple[Any, ...]:
+    state = instance_state(obj)
+    if state.key is not None:
+        return tuple(state.key[1])
+    values = column_values(obj)
+    return tuple(values.get(c.name) for c in state.mapper.local_table.primary_key.columns)
+
+
+def patch(obj: Any, values: Mapping[str, Any]) -> None:
+    """Set column attributes as if loaded: nothing is marked dirty, a flush writes nothing."""
+    state = instance_state(obj)
+    for key, name in _columns(state.mapper):
+        if name in values:
+            attributes.set_committed_value(obj, key, values[name])
+
+
+def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
+    """A detached instance of ``mapper`` holding ``values``, as a query would have returned it."""
+    obj = mapper.class_manager.new_instance()
+    patch(obj, values)
+    make_transient_to_detached(obj)
+    return obj
+
+
+def clone(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """A detached copy of ``obj`` and of everything loaded below it (shared rows stay shared)."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    state = instance_state(obj)
+    copy = memo[id(obj)] = build(state.mapper, column_values(obj))
+    for rel in state.mapper.relationships:
+        value = loaded_value(obj, rel.key)
+        if value is NOT_LOADED:
+            continue
+        if rel.uselist:
+            attributes.set_committed_value(copy, rel.key, [clone(v, memo) for v in as_list(value)])
+        else:
+            attributes.set_committed_value(copy, rel.key, None if value is None else clone(value, memo))
+    return copy
+
+
+EAGER = frozenset({"selectin", "joined", "subquery", "immediate"})
+_SPEC = "rowsync_spec"
+
+
+def expected_spec(obj: Any) -> dict[str, Any]:
+    """What a fresh query would load on ``obj``: its loader options (and the mapper's eager
+    defaults) merged with what is loaded on it now. New related objects are loaded like that."""
+    state = instance_state(obj)
+    declared = state.info.get(_SPEC)
+    if declared is None:
+        declared = _from_options(state)
+    return merge_specs(declared, loaded_spec(obj))
+
+
+def remember_spec(obj: Any, spec: LoadSpec) -> None:
+    """Record the spec a built object was loaded with, for the objects that will join below it."""
+    instance_state(obj).info[_SPEC] = spec
+
+
+def _from_options(state: Any) -> dict[str, Any]:
+    here = [p.key for p in state.load_path.path[1::2]] if state.load_path else []
+    paths = []
+    for option in state.load_options or ():
+        for element in getattr(option, "context", ()):
+            keys = [p.key for p in element.path.path[1::2]]
+            if dict(element.strategy or ()).get("lazy") in EAGER and keys[: len(here)] == here and len(keys) > len(here):
+                paths.append(keys[len(here) :])
+    spec: dict[str, Any] = {}
+    for keys in sorted(paths, key=len):
+        node = spec
+        for key in keys[:-1]:
+            if key not in node:
+                break
+            node = node[key]
+        else:
+            node.setdefault(keys[-1], {})
+    return merge_specs(spec, _defaults(state.mapper, 3))
+
+
+def _defaults(mapper: Mapper[Any], depth: int) -> dict[str, Any]:
+    """Relationships the mapper itself loads eagerly (``relationship(lazy="selectin")``)."""
+    if depth == 0:
+        return {}
+    return {r.key: _defaults(r.mapper, depth - 1) for r in mapper.relationships if r.lazy in EAGER}
+
+
+def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
+    merged = {k: dict(v) for k, v in a.items()}
+    for k, v in b.items():
+        merged[k] = merge_specs(merged.get(k, {}), v)
+    return merged
+
+
+def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
+    """What is loaded on ``obj`` (and below, through its first related object), as a LoadSpec."""
+    spec: dict[str, Any] = {}
+    if depth == 0:
+        return spec
+    for rel in instance_state(obj).mapper.relationships:
+        value = loaded_value(obj, rel.key)
+        if value is NOT_LOADED:
+            continue
+        children = as_list(value)
+        spec[rel.key] = loaded_spec(children[0], depth - 1) if children else {}
+    return spec
+
+
+@dataclass
+class Index:
+    """Every object of a tree by row, and every loaded relationship by edge key."""
+
+    objects: dict[tuple[sa.Table, tuple[Any, ...]], list[Any]] = field(default_factory=lambda: defaultdict(list))
+    loaded: dict[tuple[Mapper[Any], str], list[Any]] = field(default_factory=lambda: defaultdict(list))
+    """``(parent mapper, relationship key) -> parents`` that have it loaded."""
+    _seen: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, roots: list[Any]) -> Index:
+        index = cls()
+        index.extend(roots)
+        return index
+
+    def extend(self, roots: list[Any]) -> None:
+        """Add ``roots`` and everything loaded below them (objects already indexed are skipped)."""
+        index = self
+        seen = self._seen
+        stack = list(roots)
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            state = instance_state(obj)
+            mapper = state.mapper
+            index.objects[(mapper.local_table, primary_key(obj))].append(obj)  # type: ignore[index]
+            for rel in mapper.relationships:
+                if rel.key in state.unloaded:
+                    continue
+                index.loaded[(rel.parent, rel.key)].append(obj)
+                stack.extend(as_list(state.dict.get(rel.key)))
+
+    def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
+        return self.objects.get((table, key), [])
+
+    def __iter__(self) -> Iterator[Any]:
+        for objs in self.objects.values():
+            yield from objs

@@ -1,0 +1,267 @@
+"""Trigger DDL generated from watchers, and its lifecycle: install, status, prune, uninstall.
+
+Every identifier is composed with :mod:`psycopg.sql`. Names are ``rowsync_`` + event + table,
+shortened to fit Postgres' 63-byte limit, + a hash of the trigger's identity, so they are
+deterministic and distinct. A ``COMMENT ON TRIGGER`` carries the channel and a hash of the
+definition: ``status`` compares it to detect drift, and only triggers whose name starts with
+the prefix *and* whose comment names this channel are ever dropped as orphans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from rowsync import migrations
+from rowsync.watchers import Watcher
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "rowsync_"
+MAX_IDENTIFIER = 63
+NOTIFY_LIMIT = 7900
+"""Payload bytes above which an event goes through the overflow table (NOTIFY's hard limit is 8000)."""
+
+_EVENT = {"inserted": ("INSERT", "ins", "i"), "updated": ("UPDATE", "upd", "u"), "deleted": ("DELETE", "del", "d")}
+
+
+def short_name(kind: str, table: str, identity: Sequence[object]) -> str:
+    """``rowsync_<kind>_<table…>_<hash>`` cut to 63 bytes on a character boundary."""
+    digest = hashlib.sha256(repr(tuple(identity)).encode()).hexdigest()[:10]
+    head = f"{PREFIX}{kind}_"
+    room = MAX_IDENTIFIER - len(head.encode()) - len(digest) - 1
+    cut = table.encode()[:room].decode("utf-8", errors="ignore")
+    return f"{head}{cut}_{digest}"
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """The installed form of one watcher."""
+
+    watcher: Watcher
+    name: str
+    function: str
+    definition: sql.Composed = field(repr=False)
+    digest: str
+
+    @property
+    def table(self) -> sql.Identifier:
+        return sql.Identifier(self.watcher.schema, self.watcher.table)
+
+
+@dataclass(frozen=True)
+class Status:
+    """What ``install`` would change: triggers by state, as ``(schema, table, trigger)`` names."""
+
+    installed: list[tuple[str, str, str]]
+    outdated: list[tuple[str, str, str]]
+    missing: list[tuple[str, str, str]]
+    orphaned: list[tuple[str, str, str]]
+    schema_ready: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.schema_ready and not (self.outdated or self.missing or self.orphaned)
+
+
+def triggers(watchers: Iterable[Watcher], *, schema: str, channel: str) -> list[Trigger]:
+    """Build one :class:`Trigger` per watcher; refuse if two would share a name."""
+    result = [_trigger(w, schema=schema, channel=channel) for w in watchers]
+    names = [(t.watcher.schema, t.watcher.table, t.name) for t in result]
+    if len(set(names)) != len(names) or len({t.function for t in result}) != len(result):
+        raise ValueError("two watchers produce the same trigger name; give one a label")
+    return result
+
+
+def _json(record: str, columns: Sequence[str]) -> sql.Composable:
+    """``jsonb_build_object('col', NEW."col", …)``, in chunks: the function takes 100 arguments at most."""
+    chunks = [
+        sql.SQL("jsonb_build_object({})").format(
+            sql.SQL(", ").join(
+                sql.SQL("{}, {}.{}").format(sql.Literal(c), sql.SQL(record), sql.Identifier(c))
+                for c in columns[i : i + 50]
+            )
+        )
+        for i in range(0, len(columns), 50)
+    ]
+    return sql.SQL(" || ").join(chunks)
+
+
+def _trigger(w: Watcher, *, schema: str, channel: str) -> Trigger:
+    verb, kind, letter = _EVENT[w.event]
+    identity = (w.schema, w.table, w.event, w.label, channel)
+    name = short_name(kind, w.table, identity)
+    function = short_name(kind, w.table, (*identity, "function"))
+    record = "OLD" if w.event == "deleted" else "NEW"
+    old: sql.Composable = sql.SQL("NULL")
+    if w.event == "updated":
+        old = sql.SQL("CASE WHEN ({}) IS DISTINCT FROM ({}) THEN {} END").format(
+            sql.SQL(", ").join(sql.SQL("OLD.{}").format(sql.Identifier(c)) for c in w.columns),
+            sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in w.columns),
+            _json("OLD", w.columns),
+        )
+    body = sql.SQL(
+        """
+DECLARE
+    ref bigint := nextval({seq});
+    payload text;
+BEGIN
+    payload := jsonb_build_object(
+        'r', ref, 's', {table_schema}, 't', {table_name}, 'e', {letter}, 'l', {label},
+        'n', {new}, 'o', {old}
+    )::text;
+    IF octet_length(payload) > {limit} THEN
+        INSERT INTO {overflow} (ref, payload) VALUES (ref, payload);
+        payload := jsonb_build_object('r', ref, 'x', true)::text;
+    END IF;
+    PERFORM pg_notify({channel}, payload);
+    RETURN NULL;
+END
+"""
+    ).format(
+        seq=sql.Literal(sql.Identifier(schema, "ref_seq").as_string()),
+        table_schema=sql.Literal(w.schema),
+        table_name=sql.Literal(w.table),
+        letter=sql.Literal(letter),
+        label=sql.Literal(w.label),
+        new=_json(record, w.columns),
+        old=old,
+        limit=sql.Literal(NOTIFY_LIMIT),
+        overflow=sql.Identifier(schema, "overflow"),
+        channel=sql.Literal(channel),
+    )
+    definition = sql.SQL(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql"
+        " SET search_path = pg_catalog, pg_temp AS {body};\n"
+        "CREATE OR REPLACE TRIGGER {name} AFTER {verb} ON {table}"
+        " FOR EACH ROW EXECUTE FUNCTION {function}();\n"
+    ).format(
+        function=sql.Identifier(schema, function),
+        body=sql.Literal(body.as_string()),
+        name=sql.Identifier(name),
+        verb=sql.SQL(verb),
+        table=sql.Identifier(w.schema, w.table),
+    )
+    digest = hashlib.sha256(definition.as_string().encode()).hexdigest()[:16]
+    return Trigger(w, name, function, definition, digest)
+
+
+def _comment(t: Trigger, channel: str) -> sql.Composed:
+    return sql.SQL("COMMENT ON TRIGGER {} ON {} IS {};\n").format(
+        sql.Identifier(t.name), t.table, sql.Literal(f"rowsync channel={channel} digest={t.digest}")
+    )
+
+
+def install_sql(trigs: Sequence[Trigger], *, schema: str, channel: str) -> sql.Composed:
+    """The whole DDL as one script, for ``rowsync sql`` and Alembic revisions."""
+    parts: list[sql.Composable] = [_lock(schema)]
+    parts += [m + sql.SQL(";\n") for m in migrations.pending_sql(schema)]
+    for t in trigs:
+        parts += [t.definition, _comment(t, channel)]
+    return sql.Composed(parts)
+
+
+def _lock(schema: str) -> sql.Composed:
+    """A transaction-scoped advisory lock, so app processes installing at once take turns."""
+    key = int.from_bytes(hashlib.sha256(f"rowsync install {schema}".encode()).digest()[:8], "big", signed=True)
+    return sql.SQL("SELECT pg_advisory_xact_lock({});\n").format(sql.Literal(key))
+
+
+_FOUND = """
+SELECT n.nspname, c.relname, t.tgname, coalesce(d.description, ''), p.proname, pn.nspname
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_proc p ON p.oid = t.tgfoid
+JOIN pg_namespace pn ON pn.oid = p.pronamespace
+LEFT JOIN pg_description d ON d.objoid = t.oid AND d.classoid = 'pg_trigger'::regclass
+WHERE NOT t.tgisinternal AND starts_with(t.tgname, %s)
+"""
+
+
+@dataclass(frozen=True)
+class _Found:
+    schema: str
+    table: str
+    name: str
+    comment: str
+    function: str
+    function_schema: str
+
+
+def _found(conn: psycopg.Connection[object], channel: str) -> list[_Found]:
+    """rowsync triggers of this channel in the database; anything else is not ours to touch."""
+    mine = f"rowsync channel={channel} "
+    return [
+        _Found(*row)  # type: ignore[arg-type]
+        for row in conn.execute(_FOUND, (PREFIX,))
+        if str(row[3]).startswith(mine)  # type: ignore[index]
+    ]
+
+
+def _schema_ready(conn: psycopg.Connection[object], schema: str) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "migrations").as_string(),)).fetchone()
+    if not row or not row[0]:  # type: ignore[index]
+        return False
+    done = {r[0] for r in conn.execute(sql.SQL("SELECT version FROM {}.migrations").format(sql.Identifier(schema)))}  # type: ignore[index]
+    return {v for v, _ in migrations.migration_files()} <= done
+
+
+def status(conn: psycopg.Connection[object], trigs: Sequence[Trigger], *, schema: str, channel: str) -> Status:
+    found = {(f.schema, f.table, f.name): f for f in _found(conn, channel)}
+    installed, outdated, missing = [], [], []
+    for t in trigs:
+        key = (t.watcher.schema, t.watcher.table, t.name)
+        f = found.pop(key, None)
+        if f is None:
+            missing.append(key)
+        elif f.comment.endswith(f"digest={t.digest}"):
+            installed.append(key)
+        else:
+            outdated.append(key)
+    return Status(installed, outdated, missing, sorted(found), _schema_ready(conn, schema))
+
+
+def install(
+    conn: psycopg.Connection[object], trigs: Sequence[Trigger], *, schema: str, channel: str, prune: bool = False
+) -> Status:
+    """Create what is missing or outdated (and drop orphans when ``prune``), in one transaction.
+
+    Returns the status found before the change; installing twice changes nothing.
+    """
+    with conn.transaction():
+        conn.execute(_lock(schema))
+        migrations.migrate(conn, schema)
+        before = status(conn, trigs, schema=schema, channel=channel)
+        todo = {*before.missing, *before.outdated}
+        for t in trigs:
+            if (t.watcher.schema, t.watcher.table, t.name) in todo:
+                logger.info("installing trigger %s on %s.%s", t.name, t.watcher.schema, t.watcher.table)
+                conn.execute(t.definition + _comment(t, channel))
+        if prune:
+            _drop(conn, [f for f in _found(conn, channel) if (f.schema, f.table, f.name) in set(before.orphaned)])
+    return before
+
+
+def uninstall(conn: psycopg.Connection[object], *, schema: str, channel: str, drop_schema: bool = False) -> int:
+    """Drop every trigger of this channel (and rowsync's schema when asked); return how many."""
+    with conn.transaction():
+        conn.execute(_lock(schema))
+        found = _found(conn, channel)
+        _drop(conn, found)
+        if drop_schema:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    return len(found)
+
+
+def _drop(conn: psycopg.Connection[object], found: Iterable[_Found]) -> None:
+    for f in found:
+        logger.info("dropping trigger %s on %s.%s", f.name, f.schema, f.table)
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(f.name), sql.Identifier(f.schema, f.table)))
+        if f.function.startswith(PREFIX):
+            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(f.function_schema, f.function)))
