@@ -84,3 +84,7 @@ def _url(drivername: str, conn: psycopg.Connection) -> URL:
         database=info.dbname,
         query={"host": host} if socket_dir else {},
     )
+
+
+# The reference-schema fixtures live in tests/fixtures.py; importing them here shares them.
+from fixtures import rs, schema, sessions, write  # noqa: E402, F401

@@ -1,0 +1,48 @@
+"""The correctness oracle: a loaded tree as plain data, to compare with a fresh query.
+
+Only what is loaded is read (never a lazy load). Collections are compared as multisets
+(sorted by primary key) unless the relationship declares ``order_by``; then in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm.base import instance_state
+
+from rowsync import tree
+
+
+def snapshot(value: Any, depth: int = 6) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return sorted((snapshot(v, depth) for v in value), key=repr)
+    return _object(value, depth)
+
+
+def _object(obj: Any, depth: int) -> dict[str, Any]:
+    state = instance_state(obj)
+    out: dict[str, Any] = {"__class__": state.mapper.class_.__name__}
+    for prop in state.mapper.column_attrs:
+        out[prop.key] = state.dict.get(prop.key)
+    if depth == 0:
+        return out
+    for rel in state.mapper.relationships:
+        value = tree.loaded_value(obj, rel.key)
+        if value is tree.NOT_LOADED:
+            continue
+        if rel.uselist:
+            items = [_object(v, depth - 1) for v in value]
+            out[rel.key] = items if rel.order_by else sorted(items, key=repr)
+        else:
+            out[rel.key] = None if value is None else _object(value, depth - 1)
+    return out
+
+
+def fresh(session_factory: Any, statement: sa.Select[Any], *, many: bool = True) -> Any:
+    """Re-run ``statement`` in a new session: the tree sync must reproduce."""
+    with session_factory() as session:
+        result = session.scalars(statement).unique().all()
+        return list(result) if many else (result[0] if result else None)
