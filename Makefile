@@ -15,6 +15,8 @@ VPY := $(VENV)/bin/python
 # Touched after a successful install; pip re-runs when pyproject.toml is newer.
 STAMP := $(VENV)/.rowsync-installed
 PYTEST_ARGS ?=
+# Extra arguments for examples/demo.py, e.g. DEMO_ARGS="--steps 5" or "--no-writer".
+DEMO_ARGS ?=
 # Set (e.g. by .ci/run) to treat pytest's "no tests collected" (exit 5) as success.
 ALLOW_NO_TESTS ?=
 
@@ -45,7 +47,7 @@ test: venv
 	exit $$rc
 
 demo: venv
-	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) examples/demo.py
+	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) examples/demo.py $(DEMO_ARGS)
 
 bench: venv
 	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) bench/run.py

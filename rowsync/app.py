@@ -149,7 +149,15 @@ class RowSync:
     # -- subscriptions ----------------------------------------------------------------
 
     def subscribe(
-        self, target: Any, event: str | None = None, /, *, assocs: Assocs = (), maxsize: int | None = None, **filters: Any
+        self,
+        target: Any,
+        event: str | None = None,
+        /,
+        *,
+        assocs: Assocs = (),
+        follow: bool = False,
+        maxsize: int | None = None,
+        **filters: Any,
     ) -> Subscription:
         """Subscribe to loaded objects (and what ``assocs`` follows below them), or to a model.
 
@@ -157,15 +165,19 @@ class RowSync:
         loaded posts, and every row entering or leaving its ``posts``.
         ``rs.subscribe(Post, "inserted", person_id=2)``: every matching change of the model;
         filters name identifying columns (primary key, foreign keys, ``extra_columns``).
+        With ``follow=True`` each inserted row is followed from then on (with ``assocs``), as
+        the objects of a root list that ``sync`` grows with inserts must be.
         """
         sub = Subscription(self._add, self.router.remove, maxsize or self.queue_size)
-        self._add(sub, target, event, assocs=assocs, **filters)
+        self._add(sub, target, event, assocs=assocs, follow=follow, **filters)
         return sub
 
     def subscriptions(self) -> list[Subscription]:
         return self.router.subscriptions()
 
-    def _add(self, sub: Subscription, target: Any, event: str | None, *, assocs: Assocs = (), **filters: Any) -> None:
+    def _add(
+        self, sub: Subscription, target: Any, event: str | None, *, assocs: Assocs = (), follow: bool = False, **filters: Any
+    ) -> None:
         if isinstance(target, (type, sa.Table)):
             table = self._watched(target)
             if event is not None and event not in EVENTS:
@@ -176,10 +188,17 @@ class RowSync:
                     f"cannot filter {table.name!r} on {sorted(unknown)}: only identifying columns "
                     f"{sorted(columns)} are carried by events (add them with extra_columns)"
                 )
-            self.router.add_model(sub, table, event, filters)
+            spec = None
+            if follow:
+                if isinstance(target, sa.Table):
+                    raise ConfigurationError("follow needs a mapped model, not a table")
+                spec = self.router.spec(sa.inspect(target), assocs)
+            elif assocs:
+                raise ConfigurationError("assocs on a model-level subscription go with follow=True")
+            self.router.add_model(sub, table, event, filters, spec)
             return
-        if event is not None:
-            raise ConfigurationError("an event filter goes with a model, not with loaded objects")
+        if event is not None or follow or filters:
+            raise ConfigurationError("event, follow and filters go with a model, not with loaded objects")
         objects = tree.as_list(target)
         by_mapper: dict[Any, list[Any]] = defaultdict(list)
         for obj in objects:

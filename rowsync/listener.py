@@ -26,8 +26,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 logger = logging.getLogger(__name__)
+
+APPLICATION_NAME = "rowsync-listener"
+"""``application_name`` of the listener's connection, to find it in ``pg_stat_activity``."""
 
 _EVENTS = {"i": "inserted", "u": "updated", "d": "deleted"}
 
@@ -139,7 +143,7 @@ class Listener:
         first = True
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self.conninfo, autocommit=True) as conn:
+                with psycopg.connect(self.conninfo, autocommit=True, **self._connect_kwargs()) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     self.connected.set()
                     if not first:
@@ -158,6 +162,12 @@ class Listener:
             if self._stopping.wait(delay):
                 break
             delay = min(delay * 2, self.backoff[1])
+
+    def _connect_kwargs(self) -> dict[str, str]:
+        """Name the connection in ``pg_stat_activity`` unless the DSN already names it."""
+        if "application_name" in conninfo_to_dict(self.conninfo):
+            return {}
+        return {"application_name": APPLICATION_NAME}
 
     def _serve(self, conn: psycopg.Connection[Any]) -> None:
         with selectors.DefaultSelector() as selector:

@@ -56,5 +56,24 @@ def migrate(conn: psycopg.Connection[object], schema: str) -> list[str]:
 
 
 def pending_sql(schema: str) -> list[sql.Composed]:
-    """Every migration as composed SQL, for ``rowsync sql`` and Alembic revisions."""
-    return [render(text, schema) for _, text in migration_files()]
+    """Every migration as composed SQL, for ``rowsync sql`` and Alembic revisions.
+
+    Like :func:`migrate`, each runs only if ``<schema>.migrations`` lacks it and is recorded
+    there, so the script leaves the schema as ``install()`` does (``status`` finds it ready)
+    and running it again changes nothing.
+    """
+    ident = sql.Identifier(schema)
+    steps = [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.migrations"
+            " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        ).format(ident),
+    ]
+    for version, text in migration_files():
+        body = sql.SQL(
+            "BEGIN IF NOT EXISTS (SELECT FROM {schema}.migrations WHERE version = {version}) THEN"
+            " EXECUTE {text}; INSERT INTO {schema}.migrations (version) VALUES ({version}); END IF; END"
+        ).format(schema=ident, version=sql.Literal(version), text=sql.Literal(render(text, schema).as_string()))
+        steps.append(sql.SQL("DO {}").format(sql.Literal(body.as_string())))
+    return steps

@@ -76,11 +76,15 @@ class Router:
 
     # -- registering -------------------------------------------------------------------
 
-    def add_model(self, sub: Subscription, table: sa.Table, event: str | None, filters: dict[str, Any]) -> None:
+    def add_model(
+        self, sub: Subscription, table: sa.Table, event: str | None, filters: dict[str, Any], follow: Spec | None = None
+    ) -> None:
+        """A model-level interest; with ``follow``, each inserted row is then held with that spec
+        (a root list that sync grows with inserts keeps receiving its new rows' changes)."""
         with self._lock:
             self._subscriptions[sub.id] = sub
-            if (table, event, filters) not in sub.models:
-                sub.models.append((table, event, filters))
+            if (table, event, filters, follow) not in sub.models:
+                sub.models.append((table, event, filters, follow))
             self._models[table].add(sub)
 
     def add_tree(self, sub: Subscription, objects: Iterable[Any], spec: Spec) -> None:
@@ -98,24 +102,27 @@ class Router:
             for key in list(sub.interests):
                 self._drop_key(sub, key)
             sub.interests.clear()
+            sub.below.clear()
             for table in [t for t, subs in self._models.items() if sub in subs]:
                 self._models[table].discard(sub)
             sub.models.clear()
 
-    def _bump(self, sub: Subscription, key: Interest, reason: Reason, sign: int) -> None:
+    def _bump(self, sub: Subscription, key: Interest, reason: Reason, sign: int) -> int:
+        """Count one more (or one less) reason for ``key``; return the reason's new count."""
         reasons = sub.interests.get(key)
         if reasons is None:
             if sign < 0:
-                return
+                return 0
             reasons = sub.interests[key] = Counter()
             self._index[key].add(sub)
             self._shapes[key[0]][key[1]] += 1
-        reasons[reason] += sign
-        if reasons[reason] <= 0:
+        count = reasons[reason] = reasons[reason] + sign
+        if count <= 0:
             del reasons[reason]
         if not reasons:
             del sub.interests[key]
             self._drop_key(sub, key)
+        return max(count, 0)
 
     def _drop_key(self, sub: Subscription, key: Interest) -> None:
         subs = self._index.get(key)
@@ -131,35 +138,60 @@ class Router:
     def _hold(self, sub: Subscription, values: Values, spec: Spec, sign: int, obj: Any = None) -> None:
         """Register (or, with ``sign=-1``, drop) the interests of a row held with ``spec``.
 
-        With the loaded object at hand its loaded relationships say what lies below;
-        without it (a row that just entered) the resolver reads it, so nothing is missed.
-        Dropping without the object goes one level deep: what is left over only means a
-        few messages that ``sync`` will find nothing to do with.
+        Below each edge, the rows it holds are remembered (``sub.below``) with the values
+        they were registered with, so dropping undoes exactly what holding did, at any depth.
+        With the loaded object at hand its loaded relationships say what lies below; without
+        it (a row that just entered) the resolver reads it, so nothing is missed.
         """
         for edge, nested in spec:
+            reason = (edge, nested)
             if edge.recompute:
                 for table in edge.tables:
-                    self._bump(sub, (table, (), ()), (edge, nested), sign)
+                    self._bump(sub, (table, (), ()), reason, sign)
                 continue
             local = tuple(values.get(c.name) for c, _ in edge.pairs)
             if any(v is None for v in local):
                 continue
-            self._bump(sub, _edge_key(edge, local), (edge, nested), sign)
+            key = _edge_key(edge, local)
+            count = self._bump(sub, key, reason, sign)
             if not nested and edge.secondary is None:
                 continue
-            for child_values, child in self._children(edge, local, obj, sign):
-                if edge.secondary is not None:
-                    self._bump(sub, _row_key(edge.target_table, child_values), (None, nested), sign)
-                self._hold(sub, child_values, nested, sign, child)
+            if sign > 0 and count == 1:
+                for child_values, child in self._children(edge, local, obj):
+                    self._enter(sub, key, edge, nested, child_values, child)
+            elif sign < 0 and count == 0:
+                for child_key in list(sub.below.get((key, reason), ())):
+                    self._leave(sub, key, edge, nested, child_key)
 
-    def _children(self, edge: Edge, local: tuple[Any, ...], obj: Any, sign: int) -> list[tuple[Values, Any]]:
+    def _enter(self, sub: Subscription, key: Interest, edge: Edge, nested: Spec, values: Values, obj: Any = None) -> None:
+        """A row joined the rows ``edge`` holds under ``key``: follow it (once)."""
+        below = sub.below.setdefault((key, (edge, nested)), {})
+        child_key = _pk(edge.target_table, values)
+        if child_key in below:
+            return
+        below[child_key] = values
+        if edge.secondary is not None:
+            self._bump(sub, _row_key(edge.target_table, values), (edge, nested), +1)
+        self._hold(sub, values, nested, +1, obj)
+
+    def _leave(self, sub: Subscription, key: Interest, edge: Edge, nested: Spec, child_key: tuple[Any, ...]) -> None:
+        """A row left: undo its registration with the values it was registered with."""
+        below = sub.below.get((key, (edge, nested)))
+        values = None if below is None else below.pop(child_key, None)
+        if below is not None and not below:
+            del sub.below[(key, (edge, nested))]
+        if values is None:
+            return
+        if edge.secondary is not None:
+            self._bump(sub, _row_key(edge.target_table, values), (edge, nested), -1)
+        self._hold(sub, values, nested, -1)
+
+    def _children(self, edge: Edge, local: tuple[Any, ...], obj: Any) -> list[tuple[Values, Any]]:
         if obj is not None and not (edge.secondary is not None and edge.criteria):
             loaded = tree.loaded_value(obj, edge.key)
             if loaded is tree.NOT_LOADED:
                 return []
             return [(tree.column_values(child), child) for child in tree.as_list(loaded)]
-        if sign < 0:
-            return []
         return [(values, None) for values in self.resolver.members(edge, local)]
 
     # -- routing -----------------------------------------------------------------------
@@ -186,47 +218,64 @@ class Router:
                         self._upkeep(sub, key, edge, nested, event, new, old)
             result = list(matched)
             for sub in self._models.get(table, ()):
-                if sub not in matched and _model_match(sub, table, event, new, old):
+                follow = _model_match(sub, table, event, new, old)
+                if follow is False:
+                    continue
+                if sub not in matched:
                     result.append(sub)
+                if follow is not None and event == "inserted" and new is not None:
+                    self._bump(sub, _row_key(table, new), (None, follow), +1)
+                    self._hold(sub, new, follow, +1)
             return result
 
     def _upkeep(
         self, sub: Subscription, key: Interest, edge: Edge | None, nested: Spec,
         event: str, new: Values | None, old: Values | None,
     ) -> None:
+        """Keep a subscription's interests in step with a change that matched ``key``."""
         table, cols, values = key
         if not cols:
             return  # a table-wide interest (re-queried relationship): nothing to follow
         inside_new = new is not None and tuple(new.get(c) for c in cols) == values
         inside_old = old is not None and tuple(old.get(c) for c in cols) == values
-        if edge is None:  # the row itself is held
+        if edge is None:  # a root row
             if event == "deleted":
                 self._hold(sub, old or {}, nested, -1)
-                self._bump(sub, key, (None, nested), -sub.interests.get(key, Counter())[(None, nested)])
+                while self._bump(sub, key, (None, nested), -1):
+                    pass
             elif old is not None and new is not None and old != new:
                 self._hold(sub, old, nested, -1)
                 self._hold(sub, new, nested, +1)
             return
-        if edge.secondary is not None and table is edge.secondary:
-            for values_, sign in ((new, +1), (old, -1)):
-                if values_ is not None and (inside_new, inside_old) == ((True, False) if sign > 0 else (False, True)):
-                    target = {t.name: values_.get(s.name) for s, t in edge.target_pairs}
-                    self._bump(sub, _row_key(edge.target_table, target), (None, nested), sign)
-                    if nested:
-                        pk = tuple(target.get(c.name) for c in edge.target_table.primary_key.columns)
-                        row = self.resolver.row_values(edge.target_table, pk) if sign > 0 else target
-                        if row is not None:
-                            self._hold(sub, row, nested, sign)
-            return
-        if not nested:
-            return
-        if inside_new and not inside_old and new is not None:
-            self._hold(sub, new, nested, +1)
-        elif inside_old and not inside_new and old is not None:
-            self._hold(sub, old, nested, -1)
-        elif inside_new and inside_old and old is not None and new is not None and old != new:
-            self._hold(sub, old, nested, -1)
-            self._hold(sub, new, nested, +1)
+        if edge.secondary is not None and table is not edge.secondary:
+            return  # an association's target row: its links decide whether it stays
+        if edge.secondary is None and not nested:
+            return  # nothing is followed below this edge's rows
+        reason_key = key
+        if inside_old and old is not None and (not inside_new or old != new):
+            self._leave(sub, reason_key, edge, nested, self._child_key(edge, old))
+        if inside_new and new is not None and (not inside_old or old != new):
+            self._enter(sub, reason_key, edge, nested, self._child_values(edge, new, nested))
+
+    def _child_key(self, edge: Edge, values: Values) -> tuple[Any, ...]:
+        if edge.secondary is None:
+            return _pk(edge.target_table, values)
+        return _pk(edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs})
+
+    def _child_values(self, edge: Edge, values: Values, nested: Spec) -> Values:
+        """The row an edge's change brings in: the row itself, or a link's target."""
+        if edge.secondary is None:
+            return values
+        target = {t.name: values.get(s.name) for s, t in edge.target_pairs}
+        if nested:
+            row = self.resolver.row_values(edge.target_table, _pk(edge.target_table, target))
+            if row is not None:
+                return row
+        return target
+
+
+def _pk(table: Any, values: Values) -> tuple[Any, ...]:
+    return tuple(values.get(c.name) for c in table.primary_key.columns)
 
 
 def _row_key(table: Any, values: Values) -> Interest:
@@ -239,12 +288,18 @@ def _edge_key(edge: Edge, local: tuple[Any, ...]) -> Interest:
     return (where, tuple(r.name for _, r in edge.pairs), local)
 
 
-def _model_match(sub: Subscription, table: sa.Table, event: str, new: Values | None, old: Values | None) -> bool:
-    for model_table, wanted, filters in sub.models:
+def _model_match(
+    sub: Subscription, table: sa.Table, event: str, new: Values | None, old: Values | None
+) -> Spec | bool | None:
+    """False when no model-level interest matches; else the spec to follow the row with, if any."""
+    found: Spec | bool | None = False
+    for model_table, wanted, filters, follow in sub.models:
         if model_table is not table or (wanted is not None and wanted != event):
             continue
         if all(any(v is not None and k in v and v[k] == f for v in (new, old)) for k, f in filters.items()):
-            return True
-    return False
+            if follow is not None:
+                return follow
+            found = None
+    return found
 
 

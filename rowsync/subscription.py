@@ -42,16 +42,22 @@ class Subscription:
         self._closed = False
         # Routing state, owned by the router (under its lock).
         self.interests: dict[Interest, Counter[Reason]] = {}
-        self.models: list[tuple[Any, str | None, dict[str, Any]]] = []
+        self.models: list[tuple[Any, str | None, dict[str, Any], Any]] = []
+        self.below: dict[Any, dict[tuple[Any, ...], Any]] = {}
 
     def __repr__(self) -> str:
         return f"<Subscription #{self.id} queued={len(self._queue)} interests={len(self.interests) + len(self.models)}>"
 
     # -- what to receive ---------------------------------------------------------------
 
-    def add(self, target: Any, event: str | None = None, /, *, assocs: Any = (), **filters: Any) -> Subscription:
-        """Receive more on this same queue; overlapping interests still deliver each change once."""
-        self._subscribe(self, target, event, assocs=assocs, **filters)
+    def add(
+        self, target: Any, event: str | None = None, /, *, assocs: Any = (), follow: bool = False, **filters: Any
+    ) -> Subscription:
+        """Receive more on this same queue; overlapping interests still deliver each change once.
+
+        Same arguments as ``rs.subscribe``.
+        """
+        self._subscribe(self, target, event, assocs=assocs, follow=follow, **filters)
         return self
 
     def close(self) -> None:

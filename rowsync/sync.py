@@ -210,7 +210,7 @@ class _Patch:
         elif self.change.event == "inserted" and not self.index.instances(self.table, self.key):
             if isinstance(model, sa.Table):
                 return
-            spec = tree.expected_spec(self.roots[0]) if self.roots else {}
+            spec = tree.expected_spec(self.roots[0]) if self.roots else None
             obj = self.instance(sa.inspect(model), self.key, self.row, spec)
             if obj is not None:
                 self.roots.append(obj)
@@ -245,15 +245,16 @@ class _Patch:
         if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
             attributes.set_committed_value(parent, edge.key, items)
 
-    def instance(self, mapper: Mapper[Any], key: tuple[Any, ...], row: CachedRow | None, spec: tree.LoadSpec) -> Any:
+    def instance(self, mapper: Mapper[Any], key: tuple[Any, ...], row: CachedRow | None, spec: tree.LoadSpec | None) -> Any:
         """The object for a row joining the tree: the tree's own if it holds one, else new,
-        loaded as a fresh query would load it there (or as ``preloads`` says)."""
+        loaded as a fresh query would load it there: like its parent's loader options say,
+        or like its sibling roots; with nothing to go by (an empty root), as ``preloads`` says."""
         table: sa.Table = mapper.local_table  # type: ignore[assignment]
         existing = self.index.instances(table, key)
         if existing:
             return existing[0]
-        if mapper.class_ in self.preloads:
-            spec = _preload_spec(self.preloads[mapper.class_]) or {}
+        if spec is None:
+            spec = _preload_spec(self.preloads.get(mapper.class_)) or {}
         if spec:
             loaded = self.rows.load(mapper, key, spec, self.change.ref)
             obj = None if loaded is None else self.reuse(loaded, {})
@@ -269,14 +270,17 @@ class _Patch:
         return obj
 
     def reuse(self, fetched: Any, memo: dict[int, Any]) -> Any:
-        """The tree's own instance of a fetched row when it has one, else a private copy."""
+        """The tree's own instance of a fetched row when it has one, else a private copy;
+        likewise for every row loaded below it (one instance per row, as one session gives)."""
+        return tree.clone(fetched, memo, self.own)
+
+    def own(self, fetched: Any) -> Any:
+        """The tree's instance of the row ``fetched`` holds, if it has one."""
         state = instance_state(fetched)
         existing = self.index.instances(state.mapper.local_table, tree.primary_key(fetched))  # type: ignore[arg-type]
-        return existing[0] if existing else tree.clone(fetched, memo)
+        return existing[0] if existing else None
 
     def spec_below(self, edge: Edge, parents: list[Any]) -> tree.LoadSpec:
-        if edge.target.class_ in self.preloads:
-            return _preload_spec(self.preloads[edge.target.class_]) or {}
         return _child_spec(parents[0], edge) if parents else {}
 
 

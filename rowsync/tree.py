@@ -4,7 +4,7 @@ building or cloning detached instances whose attributes look freshly loaded."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Final
@@ -96,21 +96,26 @@ def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
     return obj
 
 
-def clone(obj: Any, memo: dict[int, Any] | None = None) -> Any:
-    """A detached copy of ``obj`` and of everything loaded below it (shared rows stay shared)."""
+def clone(obj: Any, memo: dict[int, Any] | None = None, own: Callable[[Any], Any] | None = None) -> Any:
+    """A detached copy of ``obj`` and of everything loaded below it (shared rows stay shared).
+
+    ``own(row)`` gives the tree's own instance of a row, if any: it is used instead of a copy
+    (one instance per row, as one session gives) and only gets what it has not loaded yet.
+    """
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
     state = instance_state(obj)
-    copy = memo[id(obj)] = build(state.mapper, column_values(obj))
+    mine = own(obj) if own is not None else None
+    copy = memo[id(obj)] = mine if mine is not None else build(state.mapper, column_values(obj))
     for rel in state.mapper.relationships:
         value = loaded_value(obj, rel.key)
-        if value is NOT_LOADED:
+        if value is NOT_LOADED or (mine is not None and loaded_value(mine, rel.key) is not NOT_LOADED):
             continue
         if rel.uselist:
-            attributes.set_committed_value(copy, rel.key, [clone(v, memo) for v in as_list(value)])
+            attributes.set_committed_value(copy, rel.key, [clone(v, memo, own) for v in as_list(value)])
         else:
-            attributes.set_committed_value(copy, rel.key, None if value is None else clone(value, memo))
+            attributes.set_committed_value(copy, rel.key, None if value is None else clone(value, memo, own))
     return copy
 
 
@@ -129,8 +134,15 @@ def expected_spec(obj: Any) -> dict[str, Any]:
 
 
 def remember_spec(obj: Any, spec: LoadSpec) -> None:
-    """Record the spec a built object was loaded with, for the objects that will join below it."""
+    """Record the spec a built object (and what is loaded below it) was loaded with, for the
+    objects that will join below it later."""
     instance_state(obj).info[_SPEC] = spec
+    for key, nested in spec.items():
+        value = loaded_value(obj, key)
+        if value is not NOT_LOADED:
+            for child in as_list(value):
+                if _SPEC not in instance_state(child).info:
+                    remember_spec(child, nested)
 
 
 def _from_options(state: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
@@ -236,8 +236,9 @@ def install(
     """
     with conn.transaction():
         conn.execute(_lock(schema))
+        ready = _schema_ready(conn, schema)
         migrations.migrate(conn, schema)
-        before = status(conn, trigs, schema=schema, channel=channel)
+        before = replace(status(conn, trigs, schema=schema, channel=channel), schema_ready=ready)
         todo = {*before.missing, *before.outdated}
         for t in trigs:
             if (t.watcher.schema, t.watcher.table, t.name) in todo:
@@ -265,3 +266,18 @@ def _drop(conn: psycopg.Connection[object], found: Iterable[_Found]) -> None:
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(f.name), sql.Identifier(f.schema, f.table)))
         if f.function.startswith(PREFIX):
             conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(f.function_schema, f.function)))
+
+
+def uninstall_sql(trigs: Sequence[Trigger], *, schema: str, drop_schema: bool = False) -> sql.Composed:
+    """DROP statements for these triggers and their functions (and rowsync's schema when asked).
+
+    The static counterpart of :func:`uninstall`, for Alembic downgrades: it names the given
+    triggers instead of looking them up, so it undoes exactly what ``install_sql`` created.
+    """
+    parts: list[sql.Composable] = [_lock(schema)]
+    for t in trigs:
+        parts.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {};\n").format(sql.Identifier(t.name), t.table))
+        parts.append(sql.SQL("DROP FUNCTION IF EXISTS {}();\n").format(sql.Identifier(schema, t.function)))
+    if drop_schema:
+        parts.append(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE;\n").format(sql.Identifier(schema)))
+    return sql.Composed(parts)

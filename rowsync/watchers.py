@@ -143,10 +143,16 @@ def _local_table(mapper: Mapper[Any]) -> sa.Table:
 def _column_name(mapper: Mapper[Any], column: Any) -> str:
     if isinstance(column, str):
         return column
+    if isinstance(column, sa.Column) and column.table is mapper.local_table:
+        return column.name
+    # A mapped attribute counts only if it is this model's (``Person.name`` is not ``Post.name``).
+    owner = getattr(column, "parent", None)
     key = getattr(column, "key", None)
-    if key is not None and key in mapper.columns:
+    if isinstance(owner, Mapper) and mapper.isa(owner) and key is not None and key in mapper.columns:
         return str(mapper.columns[key].name)
-    raise ConfigurationError(f"{column!r} is not a column of {mapper.class_.__name__}")
+    owner_class = getattr(column, "class_", None)
+    what = f"{owner_class.__name__}.{key}" if owner_class is not None and key else repr(column)
+    raise ConfigurationError(f"{what} is not a column of {mapper.class_.__name__}")
 
 
 def _tables_reached(mapper: Mapper[Any], assocs: Assocs) -> Iterator[sa.Table]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -73,3 +75,72 @@ def apply_all(rs: RowSync, sub: rowsync.Subscription, value: Any, timeout: float
     for message in sub.drain():
         value = rs.sync(value, message)
     return value
+
+
+def messages(rs: RowSync, sub: rowsync.Subscription, timeout: float = 5.0) -> list[Any]:
+    """Flush the listener, then take every message queued for ``sub`` (without applying them)."""
+    rs.flush(timeout)
+    return sub.drain()
+
+
+def sync_each(rs: RowSync, value: Any, msgs: Iterable[Any]) -> Any:
+    """Apply ``msgs`` to ``value`` in the given order."""
+    for message in msgs:
+        value = rs.sync(value, message)
+    return value
+
+
+@contextmanager
+def counting_queries(engine: sa.Engine) -> Iterator[list[str]]:
+    """The SQL statements ``engine`` sends while the block runs, from any thread."""
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        statements.append(statement)  # list.append is atomic: safe from several threads
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+
+def returning(call: Callable[[], Any], limit: float = 60.0) -> Any:
+    """``call()``'s result, failing (instead of hanging the suite) if it never returns.
+
+    A guard against infinite loops, not a performance assertion: ``limit`` is generous.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        pytest.fail(f"call did not return within {limit} s (infinite loop?)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def db_triggers(engine: sa.Engine) -> dict[tuple[str, str, str], str]:
+    """Every user trigger in the database: ``(schema, table, trigger) -> comment`` (``""`` if none)."""
+    query = sa.text(
+        "SELECT n.nspname, c.relname, t.tgname, coalesce(obj_description(t.oid, 'pg_trigger'), '')"
+        " FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal"
+    )
+    with engine.connect() as conn:
+        return {(s, t, n): comment for s, t, n, comment in conn.execute(query)}
+
+
+def db_functions(engine: sa.Engine, schema: str = "rowsync") -> set[str]:
+    """Names of the functions in ``schema``."""
+    query = sa.text("SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :s")
+    with engine.connect() as conn:
+        return set(conn.scalars(query, {"s": schema}))

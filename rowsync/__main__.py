@@ -1,0 +1,5 @@
+"""``python -m rowsync``: the ``rowsync`` command."""
+
+from rowsync.cli import main
+
+raise SystemExit(main())

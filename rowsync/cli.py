@@ -1,0 +1,449 @@
+"""The ``rowsync`` command: print, install, check and remove the triggers; watch events live.
+
+    rowsync --app myapp.live:watchers sql        # the install DDL (--alembic: a revision body)
+    rowsync --app myapp.live:watchers install    # create or upgrade (--prune: drop orphans)
+    rowsync --app myapp.live:watchers status     # exit 1 when the database has drifted
+    rowsync --app myapp.live:watchers listen     # print each event as it arrives
+    rowsync uninstall                            # drop every trigger of the channel
+
+``--app module:attribute`` names a :class:`~rowsync.RowSync`, a list of watchers, or a
+function returning either. The CLI configures logging (``-v``, ``-vv``); the library only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, TextIO
+
+import psycopg
+import sqlalchemy as sa
+
+from rowsync import triggers
+from rowsync.alembic import install_text, revision_body
+from rowsync.app import RowSync
+from rowsync.errors import ConfigurationError, RowsyncError
+from rowsync.messages import Change, Message, ResyncInfo
+from rowsync.watchers import Watcher
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_DRIFT = 1
+"""``status`` found triggers missing, outdated or orphaned (or rowsync's schema missing)."""
+EXIT_USAGE = 2
+"""A bad command line, ``--app``, DSN or watcher configuration."""
+EXIT_FAILED = 3
+"""The database refused: unreachable, permission denied, an SQL error."""
+
+DEFAULT_CHANNEL = "rowsync"
+DEFAULT_SCHEMA = "rowsync"
+
+App = RowSync | list[Watcher]
+OnListening = Callable[[RowSync], None]
+
+
+class UsageError(Exception):
+    """A problem with what the command was given; reported on one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None, *, on_listening: OnListening | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    ``on_listening`` is called by ``listen`` once it is listening and subscribed, so a
+    caller (a test) can make changes knowing none will be missed.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad option (argparse printed why)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    _configure_logging(args.verbose)
+    try:
+        command: Callable[[argparse.Namespace, OnListening | None], int] = args.command
+        return command(args, on_listening)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except ConfigurationError as exc:
+        return _fail(f"configuration: {exc}", EXIT_USAGE)
+    except RowsyncError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except (psycopg.Error, sa.exc.DBAPIError) as exc:
+        return _fail(_database_message(exc), EXIT_FAILED)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rowsync: error: {message}", file=sys.stderr)
+    logger.debug("failed", exc_info=True)
+    return code
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rowsync",
+        description="Install, check and remove rowsync's triggers; print row events live.",
+        epilog="exit status: 0 ok, 1 drift (status), 2 usage/configuration error, 3 database error",
+        parents=[_common(top=True)],
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    common = [_common(top=False)]
+
+    sql = commands.add_parser(
+        "sql", parents=common, help="print the install DDL (no database needed)"
+    )
+    sql.add_argument(
+        "--alembic",
+        action="store_true",
+        help="print an Alembic revision body with the SQL frozen in it",
+    )
+    sql.set_defaults(command=_sql)
+
+    install = commands.add_parser(
+        "install", parents=common, help="create or upgrade rowsync's schema and triggers"
+    )
+    install.add_argument(
+        "--prune", action="store_true", help="also drop orphaned rowsync triggers of this channel"
+    )
+    install.set_defaults(command=_install)
+
+    uninstall = commands.add_parser(
+        "uninstall",
+        parents=common,
+        help="drop every rowsync trigger of the channel (--app not needed)",
+    )
+    uninstall.add_argument(
+        "--drop-schema", action="store_true", help="also drop rowsync's own schema"
+    )
+    uninstall.set_defaults(command=_uninstall)
+
+    status = commands.add_parser(
+        "status", parents=common, help="compare the database with the watchers"
+    )
+    status.set_defaults(command=_status)
+
+    listen = commands.add_parser(
+        "listen", parents=common, help="print each event as it arrives, until Ctrl-C"
+    )
+    listen.add_argument("--count", type=_positive, metavar="N", help="exit after N messages")
+    listen.add_argument("--json", action="store_true", help="one JSON object per line")
+    listen.set_defaults(command=_listen)
+    return parser
+
+
+def _common(*, top: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the command (after it, they win)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("common options")
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        default=default(os.environ.get("ROWSYNC_APP") or None),
+        help="a RowSync, a list of watchers, or a function returning one (default: $ROWSYNC_APP)",
+    )
+    group.add_argument(
+        "--dsn", metavar="URL", default=default(None), help="database URL (default: $DATABASE_URL)"
+    )
+    group.add_argument(
+        "--channel",
+        default=default(None),
+        help=f"NOTIFY channel (default: the app's, or {DEFAULT_CHANNEL})",
+    )
+    group.add_argument(
+        "--schema",
+        default=default(None),
+        help=f"rowsync's schema (default: the app's, or {DEFAULT_SCHEMA})",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="log more (-v info, -vv debug) to stderr",
+    )
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("rowsync").setLevel(level)
+
+
+# -- finding the app, the database, the RowSync ------------------------------------------
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attribute``: a RowSync, watchers, or a no-argument callable returning one."""
+    module_name, sep, attribute = spec.partition(":")
+    if not (sep and module_name and attribute):
+        raise UsageError(f"--app {spec!r}: expected module:attribute, e.g. myapp.live:watchers")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: the app is usually next to the caller
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from None
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(
+                f"--app {spec!r}: {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    if callable(obj) and not isinstance(obj, RowSync):
+        obj = obj()
+    if isinstance(obj, RowSync):
+        return obj
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(w, Watcher) for w in obj):
+        return list(obj)
+    raise UsageError(
+        f"--app {spec!r}: expected a RowSync, a non-empty list of rowsync.Watcher, or a function "
+        f"returning one; got {type(obj).__name__}"
+    )
+
+
+def _app(args: argparse.Namespace) -> App:
+    if not args.app:
+        raise UsageError(
+            "--app MODULE:ATTR is needed (or $ROWSYNC_APP): it names your RowSync or watchers"
+        )
+    return load_app(args.app)
+
+
+def _database(args: argparse.Namespace, app: App | None) -> str | sa.Engine:
+    if args.dsn:
+        return str(args.dsn)
+    if isinstance(app, RowSync):
+        return app.engine
+    if url := os.environ.get("DATABASE_URL"):
+        return url
+    raise UsageError("no database given: pass --dsn URL or set DATABASE_URL")
+
+
+def _channel_schema(args: argparse.Namespace, app: App | None) -> tuple[str, str]:
+    if isinstance(app, RowSync):
+        return args.channel or app.channel, args.schema or app.schema
+    return args.channel or DEFAULT_CHANNEL, args.schema or DEFAULT_SCHEMA
+
+
+def _conninfo(database: str | sa.Engine) -> str:
+    url = database.url if isinstance(database, sa.Engine) else _url(database)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _url(text: str) -> sa.URL:
+    try:
+        return sa.make_url(text)
+    except sa.exc.ArgumentError:
+        raise UsageError(
+            "the database URL (--dsn or DATABASE_URL) is not a URL like postgresql://user@host/db"
+        ) from None
+
+
+@contextmanager
+def _rowsync(args: argparse.Namespace) -> Iterator[RowSync]:
+    """The app's RowSync, or one built from its watchers and the options; ours are cleaned up."""
+    app = _app(args)
+    if isinstance(app, RowSync) and not (args.dsn or args.channel or args.schema):
+        yield app
+        return
+    database = _database(args, app)
+    channel, schema = _channel_schema(args, app)
+    watchers = app.watchers if isinstance(app, RowSync) else app
+    if isinstance(database, str):
+        _url(database)  # a clear error for a malformed URL
+    rs = RowSync(database, watchers, channel=channel, schema=schema)
+    try:
+        yield rs
+    finally:
+        rs.stop()
+        rs.listener.close()
+        if not isinstance(database, sa.Engine):
+            rs.engine.dispose()
+
+
+def _where(rs: RowSync) -> str:
+    return f'schema "{rs.schema}", channel "{rs.channel}"'
+
+
+def _database_message(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    text = lines[0] if lines else type(orig).__name__
+    if isinstance(orig, psycopg.OperationalError) and "connection" in text:
+        return f"cannot connect to the database: {text.removeprefix('connection failed: ')}"
+    return f"database error: {text}"
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+
+def _sql(args: argparse.Namespace, on_listening: OnListening | None) -> int:
+    app = _app(args)
+    if args.alembic:
+        print(revision_body(app, channel=args.channel, schema=args.schema), end="")
+    else:
+        print(install_text(app, channel=args.channel, schema=args.schema), end="")
+    return EXIT_OK
+
+
+def _install(args: argparse.Namespace, on_listening: OnListening | None) -> int:
+    with _rowsync(args) as rs:
+        before = rs.install(prune=args.prune)
+    summary = (
+        f"rowsync install: {len(before.missing)} created, {len(before.outdated)} upgraded, "
+        f"{len(before.installed)} unchanged"
+    )
+    if before.orphaned:
+        if args.prune:
+            summary += f", {len(before.orphaned)} orphaned dropped"
+        else:
+            summary += f"; {len(before.orphaned)} orphaned left in place (--prune drops them)"
+    print(f"{summary} ({_where(rs)})")
+    return EXIT_OK
+
+
+def _uninstall(args: argparse.Namespace, on_listening: OnListening | None) -> int:
+    app = load_app(args.app) if args.app else None
+    channel, schema = _channel_schema(args, app)
+    with psycopg.connect(_conninfo(_database(args, app))) as conn:
+        dropped = triggers.uninstall(
+            conn, schema=schema, channel=channel, drop_schema=args.drop_schema
+        )
+    also = f' and schema "{schema}"' if args.drop_schema else ""
+    print(f'rowsync uninstall: {dropped} triggers of channel "{channel}" dropped{also}')
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, on_listening: OnListening | None) -> int:
+    with _rowsync(args) as rs:
+        status = rs.status()
+    print(f"rowsync status ({_where(rs)})")
+    print(f"  schema     {'ready' if status.schema_ready else 'missing or not up to date'}")
+    for state in ("installed", "outdated", "missing", "orphaned"):
+        names: list[tuple[str, str, str]] = getattr(status, state)
+        print(f"  {state:<10} {len(names)}")
+        for schema, table, name in names:
+            print(f"    {schema}.{table}  {name}")
+    if status.ok:
+        print("ok: the database matches the watchers")
+        return EXIT_OK
+    hint = "run `rowsync install`" + (" --prune" if status.orphaned else "")
+    print(f"drift: {hint}")
+    return EXIT_DRIFT
+
+
+def _listen(args: argparse.Namespace, on_listening: OnListening | None) -> int:
+    with _rowsync(args) as rs, _sigterm_interrupts():
+        status = rs.status()  # fails fast (and clearly) when the database is unreachable
+        if not status.ok:
+            print(
+                f"rowsync: warning: triggers not up to date ({len(status.missing)} missing, "
+                f"{len(status.outdated)} outdated): some events will not arrive; "
+                "run `rowsync install`",
+                file=sys.stderr,
+            )
+        models = list(dict.fromkeys(w.model for w in rs.watchers))
+        seen = 0
+        try:
+            with rs, rs.subscribe(models[0]) as sub:
+                for model in models[1:]:
+                    sub.add(model)
+                names = ", ".join(_model_name(m) for m in models)
+                print(
+                    f"rowsync: listening on {_where(rs)} for {names}; Ctrl-C to stop",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if on_listening is not None:
+                    on_listening(rs)
+                while args.count is None or seen < args.count:
+                    try:
+                        message = sub.get(
+                            timeout=1.0
+                        )  # wakes up now and then, so signals get handled
+                    except TimeoutError:
+                        if sub.closed:
+                            break
+                        continue
+                    _print_message(message, sys.stdout, as_json=args.json)
+                    seen += 1
+        except KeyboardInterrupt:
+            print(f"rowsync: stopped after {seen} messages", file=sys.stderr)
+    return EXIT_OK
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops ``listen`` like Ctrl-C does (only the main thread can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _model_name(model: Any) -> str:
+    return str(getattr(model, "__name__", None) or getattr(model, "name", model))
+
+
+def _print_message(message: Message, out: TextIO, *, as_json: bool) -> None:
+    marker, body = message
+    if isinstance(body, Change):
+        if as_json:
+            data = {
+                "model": _model_name(body.model),
+                "event": body.event,
+                "ids": body.ids,
+                "ref": body.ref,
+            }
+            line = json.dumps(data, default=str)
+        else:
+            ids = " ".join(
+                f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in body.ids.items()
+            )
+            line = f"{_model_name(body.model)} {body.event} {ids} ref={body.ref}"
+    elif isinstance(body, ResyncInfo):
+        line = (
+            json.dumps({"resync": body.reason})
+            if as_json
+            else f"{marker!r} {body.reason}: changes may have been missed"
+        )
+    else:
+        line = repr(message)
+    print(line, file=out, flush=True)

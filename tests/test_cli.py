@@ -1,0 +1,272 @@
+"""The ``rowsync`` command, run in-process (``main([...])``) and as ``python -m rowsync``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fixtures import reference_watchers
+from models import Person, Post, Tag
+
+from rowsync import RowSync
+from rowsync.alembic import install_text
+from rowsync.cli import main
+
+APP = ["--app", "cli_app:watchers"]
+TESTS = Path(__file__).parent
+TRIGGERS = len(RowSync("postgresql://localhost/unused", reference_watchers()).triggers)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def python_m_rowsync(*argv: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    env.pop("DATABASE_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rowsync", *argv],
+        env=env,
+        cwd=TESTS.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def counts(out: str) -> dict[str, int]:
+    return {
+        m[1]: int(m[2])
+        for m in re.finditer(r"^  (installed|outdated|missing|orphaned) +(\d+)$", out, re.M)
+    }
+
+
+# -- sql -------------------------------------------------------------------------------------
+
+
+def test_sql_prints_the_install_ddl_with_quoted_identifiers_without_a_database(capsys, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    code, out, err = run(capsys, *APP, "sql")
+    assert code == 0, err
+    assert re.search(
+        r'CREATE OR REPLACE TRIGGER "rowsync_ins_posts_\w+" AFTER INSERT ON "public"."posts"', out
+    )
+    assert 'CREATE OR REPLACE FUNCTION "rowsync"."rowsync_' in out
+    assert out == install_text(reference_watchers())
+
+
+def test_sql_channel_and_schema_options_reach_the_ddl(capsys):
+    code, out, _ = run(capsys, *APP, "sql", "--channel", "other", "--schema", "my schema")
+    assert code == 0
+    assert 'CREATE SCHEMA IF NOT EXISTS "my schema"' in out
+    assert "pg_notify(''other''" in out
+
+
+def test_sql_alembic_prints_a_revision_body_that_compiles(capsys):
+    code, out, _ = run(capsys, *APP, "sql", "--alembic")
+    assert code == 0
+    compile(out, "revision.py", "exec")
+    assert "def upgrade() -> None:" in out and "def downgrade() -> None:" in out
+    assert "op.execute(verbatim(ROWSYNC_INSTALL))" in out
+
+
+# -- install / status / uninstall --------------------------------------------------------------
+
+
+def test_status_exits_1_before_install_and_0_after(schema, dsn, capsys):
+    code, out, _ = run(capsys, *APP, "--dsn", dsn, "status")
+    assert code == 1
+    assert counts(out) == {"installed": 0, "outdated": 0, "missing": TRIGGERS, "orphaned": 0}
+    assert "drift: run `rowsync install`" in out
+
+    assert run(capsys, *APP, "--dsn", dsn, "install")[0] == 0
+
+    code, out, _ = run(capsys, *APP, "--dsn", dsn, "status")
+    assert code == 0
+    assert counts(out) == {"installed": TRIGGERS, "outdated": 0, "missing": 0, "orphaned": 0}
+    assert re.search(r"^    public\.posts  rowsync_ins_posts_\w+$", out, re.M)
+    assert "ok: the database matches the watchers" in out
+
+
+def test_install_twice_creates_then_changes_nothing(schema, dsn, capsys):
+    code, out, _ = run(capsys, *APP, "--dsn", dsn, "install")
+    assert code == 0
+    assert f"{TRIGGERS} created, 0 upgraded, 0 unchanged" in out
+    code, out, _ = run(capsys, *APP, "--dsn", dsn, "install")
+    assert code == 0
+    assert f"0 created, 0 upgraded, {TRIGGERS} unchanged" in out
+
+
+def test_install_prune_drops_the_triggers_of_tables_no_longer_watched(schema, dsn, capsys):
+    run(capsys, *APP, "--dsn", dsn, "install")
+    smaller = ["--app", "cli_app:posts_only", "--dsn", dsn]
+    code, out, _ = run(capsys, *smaller, "status")
+    assert code == 1
+    assert counts(out)["orphaned"] == TRIGGERS - 3
+    assert "run `rowsync install` --prune" in out
+
+    code, out, _ = run(capsys, *smaller, "install")
+    assert code == 0 and f"{TRIGGERS - 3} orphaned left in place (--prune drops them)" in out
+    code, out, _ = run(capsys, *smaller, "install", "--prune")
+    assert code == 0 and f"{TRIGGERS - 3} orphaned dropped" in out
+    assert run(capsys, *smaller, "status")[0] == 0
+
+
+def test_uninstall_drops_every_trigger_of_the_channel_and_the_schema_when_asked(
+    schema, dsn, capsys
+):
+    run(capsys, *APP, "--dsn", dsn, "install")
+    code, out, _ = run(capsys, "--dsn", dsn, "uninstall")  # no --app needed
+    assert code == 0
+    assert f'{TRIGGERS} triggers of channel "rowsync" dropped' in out
+    code, out, _ = run(capsys, *APP, "--dsn", dsn, "status")
+    assert code == 1 and counts(out)["missing"] == TRIGGERS
+
+    code, out, _ = run(capsys, "uninstall", "--dsn", dsn, "--drop-schema")
+    assert code == 0 and '0 triggers of channel "rowsync" dropped and schema "rowsync"' in out
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'rowsync'"
+        ).fetchone() == (0,)
+
+
+def test_dsn_defaults_to_DATABASE_URL_and_options_may_follow_the_command(
+    schema, dsn, capsys, monkeypatch
+):
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    assert run(capsys, "install", *APP)[0] == 0
+    assert run(capsys, "status", *APP)[0] == 0
+
+
+def test_app_may_be_a_function_returning_a_rowsync_with_its_own_channel(
+    schema, dsn, capsys, monkeypatch
+):
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    code, out, _ = run(capsys, "--app", "cli_app:make_rowsync", "install")
+    assert code == 0 and 'channel "cli_app"' in out
+    assert run(capsys, "--app", "cli_app:make_rowsync", "status")[0] == 0
+    # The default channel has nothing installed: the app's channel is the one used above.
+    assert run(capsys, *APP, "status")[0] == 1
+
+
+def test_status_runs_as_python_m_rowsync(schema, dsn):
+    before = python_m_rowsync(*APP, "--dsn", dsn, "status")
+    out, err = before.communicate(timeout=60)
+    assert before.returncode == 1, err
+    assert "drift" in out
+    assert main([*APP, "--dsn", dsn, "install"]) == 0
+    after = python_m_rowsync(*APP, "--dsn", dsn, "status")
+    out, err = after.communicate(timeout=60)
+    assert after.returncode == 0, err
+    assert "ok: the database matches the watchers" in out
+
+
+# -- listen ----------------------------------------------------------------------------------------
+
+
+def test_listen_count_2_prints_two_events_written_from_another_connection(
+    schema, dsn, write, capsys
+):
+    assert main([*APP, "--dsn", dsn, "install"]) == 0
+    capsys.readouterr()
+    listening = threading.Event()
+    result: dict[str, int] = {}
+
+    def listen() -> None:
+        result["code"] = main(
+            [*APP, "--dsn", dsn, "listen", "--count", "2"], on_listening=lambda rs: listening.set()
+        )
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert listening.wait(30), "the listener never started"
+    write(Person(id=1, name="a"))
+    write(Post(id=10, name="p", person_id=1))
+    thread.join(30)
+    assert not thread.is_alive(), "listen --count 2 did not exit"
+    assert result["code"] == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    assert re.fullmatch(r"Person inserted id=1 ref=\d+", lines[0])
+    assert re.fullmatch(r"Post inserted id=10 other_id=None person_id=1 ref=\d+", lines[1])
+    assert "listening on" in err
+
+
+def test_listen_in_a_subprocess_prints_json_and_stops_cleanly_on_sigterm(schema, dsn, write):
+    assert main([*APP, "--dsn", dsn, "install"]) == 0
+    proc = python_m_rowsync(*APP, "--dsn", dsn, "listen", "--json")
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        ready = proc.stderr.readline()  # printed once it LISTENs and is subscribed
+        assert "listening on" in ready, ready
+        write(Tag(id=5, name="x"))
+        event = json.loads(proc.stdout.readline())
+        assert {k: v for k, v in event.items() if k != "ref"} == {
+            "model": "Tag",
+            "event": "inserted",
+            "ids": {"id": 5},
+        }
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "stopped after 1 messages" in err
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        ("cli_app", "expected module:attribute"),
+        ("no_such_module:watchers", "cannot import 'no_such_module'"),
+        ("cli_app:nothing", "'cli_app' has no attribute 'nothing'"),
+        ("cli_app:not_watchers", "expected a RowSync, a non-empty list of rowsync.Watcher"),
+    ],
+)
+def test_a_bad_app_is_one_clear_line_and_exit_code_2(capsys, app, message):
+    code, out, err = run(capsys, "--app", app, "--dsn", "postgresql://localhost/unused", "status")
+    assert code == 2
+    assert err.startswith("rowsync: error: --app ") and message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_no_dsn_and_no_DATABASE_URL_is_a_clear_error_with_exit_code_2(capsys, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    code, _, err = run(capsys, *APP, "status")
+    assert code == 2
+    assert err == "rowsync: error: no database given: pass --dsn URL or set DATABASE_URL\n"
+
+
+def test_no_app_is_a_clear_error_with_exit_code_2(capsys, monkeypatch):
+    monkeypatch.delenv("ROWSYNC_APP", raising=False)
+    code, _, err = run(capsys, "--dsn", "postgresql://localhost/unused", "install")
+    assert code == 2 and "--app MODULE:ATTR is needed" in err
+
+
+def test_an_unreachable_database_is_one_line_and_exit_code_3(capsys):
+    code, _, err = run(capsys, *APP, "--dsn", "postgresql://postgres@127.0.0.1:1/nowhere", "status")
+    assert code == 3
+    assert err.startswith("rowsync: error: cannot connect to the database: ")
+    assert len(err.splitlines()) == 1
+
+
+def test_a_bad_option_is_argparse_usage_and_exit_code_2(capsys):
+    code, _, err = run(capsys, "install", "--no-such-option")
+    assert code == 2 and "unrecognized arguments: --no-such-option" in err

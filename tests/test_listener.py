@@ -1,0 +1,251 @@
+"""The listener: oversized events, reconnects, batching and bad input (SCENARIO 5 and the
+listener's own promises)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import rowsync
+from models import Person, Post, PostTag, Tag
+from rowsync import NotRunningError, Resync, RowSync, Sync
+from rowsync.listener import APPLICATION_NAME, Flush, Notice, parse
+
+
+def changes(messages: list[Any]) -> list[rowsync.Change]:
+    assert all(kind is Sync for kind, _ in messages), messages
+    return [change for _, change in messages]
+
+
+def notify(rs: RowSync, *payloads: str) -> None:
+    """Send raw payloads on rowsync's channel, each committed on its own."""
+    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+        for payload in payloads:
+            conn.execute("SELECT pg_notify(%s, %s)", (rs.channel, payload))
+
+
+# -- scenario 5: oversized events ------------------------------------------------------
+
+
+def test_row_with_identifying_columns_beyond_the_notify_limit_is_written_and_delivered(schema, write) -> None:
+    rs = RowSync(schema, rowsync.watchers(Post, extra_columns=["body"]))
+    rs.install()
+    big = "é" * 5000 + "x" * 1000  # 11 kB of UTF-8
+    with rs:
+        sub = rs.subscribe(Post)
+        write(Post(id=1, body=big))
+        write(sa.update(Post).values(body=big + "!"))
+        write(sa.delete(Post))
+        rs.flush()
+        got = changes(sub.drain())
+
+    assert [(c.event, c.ids["id"], c.ids["body"]) for c in got] == [
+        ("inserted", 1, big),
+        ("updated", 1, big + "!"),
+        ("deleted", 1, big + "!"),
+    ]
+    assert rs.listener.stats["overflow"] == 3
+    assert rs.listener.stats["overflow_missing"] == 0
+
+
+def test_oversized_and_small_events_of_one_transaction_keep_their_order(schema, write) -> None:
+    rs = RowSync(schema, rowsync.watchers(Post, extra_columns=["body"]))
+    rs.install()
+    with rs:
+        sub = rs.subscribe(Post)
+        write(Post(id=1, body="small"), Post(id=2, body="x" * 9000), Post(id=3, body="small"))
+        rs.flush()
+        got = changes(sub.drain())
+
+    assert [c.ids["id"] for c in got] == [1, 2, 3]
+    assert len(got[1].ids["body"]) == 9000
+    assert got[0].ref < got[1].ref < got[2].ref
+    assert rs.listener.stats["overflow"] == 1
+
+
+class DocBase(DeclarativeBase):
+    pass
+
+
+class Doc(DocBase):
+    """A table whose primary key alone can exceed the NOTIFY limit."""
+
+    __tablename__ = "docs"
+    key: Mapped[str] = mapped_column(primary_key=True)
+    title: Mapped[str | None]
+
+
+def test_text_primary_key_beyond_the_notify_limit_is_delivered(engine) -> None:
+    DocBase.metadata.create_all(engine)
+    key = "doc-" + "k" * 9000
+    rs = RowSync(engine, rowsync.watchers(Doc))
+    rs.install()
+    with rs:
+        sub = rs.subscribe(Doc)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(Doc).values(key=key, title="a"))
+        with engine.begin() as conn:
+            conn.execute(sa.update(Doc).values(title="b"))
+        rs.flush()
+        got = changes(sub.drain())
+
+    assert [(c.model, c.event, c.ids) for c in got] == [
+        (Doc, "inserted", {"key": key}),
+        (Doc, "updated", {"key": key}),
+    ]
+    assert rs.listener.stats["overflow"] == 2
+
+
+# -- reconnect -------------------------------------------------------------------------
+
+
+def listener_pids(engine: sa.Engine) -> list[int]:
+    query = sa.text(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = :name"
+    )
+    with engine.connect() as conn:
+        return list(conn.scalars(query, {"name": APPLICATION_NAME}))
+
+
+def test_listener_reconnects_by_itself_and_tells_subscribers_to_resync(rs, write) -> None:
+    sub = rs.subscribe(Post)
+    [pid] = listener_pids(rs.engine)
+
+    with rs.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+    rs.flush(timeout=30)  # waits for the listener to be back
+    gap = sub.drain()
+    write(Person(id=1), Post(id=1, person_id=1))
+    rs.flush()
+    after = sub.drain()
+
+    [(kind, info)] = gap
+    assert kind is Resync and info.reason == "reconnect"
+    assert [(c.event, c.ids["id"]) for c in changes(after)] == [("inserted", 1)]
+    assert rs.listener.stats["reconnects"] == 1
+    [new_pid] = listener_pids(rs.engine)
+    assert new_pid != pid
+
+
+def test_every_subscription_gets_the_reconnect_resync_once(rs, write) -> None:
+    first, second = rs.subscribe(Post), rs.subscribe(Tag, "inserted")
+    [pid] = listener_pids(rs.engine)
+
+    with rs.engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+    rs.flush(timeout=30)
+
+    for sub in (first, second):
+        assert [(kind, info.reason) for kind, info in sub.drain()] == [(Resync, "reconnect")]
+
+
+# -- batching --------------------------------------------------------------------------
+
+
+def test_burst_of_one_transaction_is_fetched_with_one_row_query_per_table(rs, write) -> None:
+    write(Person(id=1), *[Tag(id=i) for i in range(1, 51)])
+    rs.flush()
+    sub = rs.subscribe(Post, "inserted")
+    links = rs.subscribe(PostTag, "inserted")
+    queries = rs.rows.queries["rows"]
+
+    write(
+        sa.insert(Post).values([{"id": i, "person_id": 1} for i in range(1, 151)]),
+        sa.insert(PostTag).values([{"post_id": i, "tag_id": i} for i in range(1, 51)]),
+    )
+    rs.flush()
+
+    assert len(sub.drain()) == 150
+    assert len(links.drain()) == 50
+    assert 1 <= rs.rows.queries["rows"] - queries <= 2  # posts and post_tags: one query each
+
+
+# -- malformed input -------------------------------------------------------------------
+
+GARBAGE = [
+    "not json",
+    "",
+    "null",
+    '"a string"',
+    "[1, 2]",
+    "{}",
+    '{"f": 5}',
+    '{"r": 1}',
+    '{"r": "1", "s": "public", "t": "posts", "e": "i", "n": {"id": 1}}',
+    '{"r": true, "s": "public", "t": "posts", "e": "i", "n": {"id": 1}}',
+    '{"r": 1, "s": "public", "t": "posts", "e": "x", "n": {"id": 1}}',
+    '{"r": 1, "s": "public", "t": "posts", "e": "i", "n": [1]}',
+    '{"r": 1, "s": "public", "t": "posts", "e": "u", "n": {"id": 1}, "o": 5}',
+    '{"r": 1, "s": "public", "t": "posts", "e": "i", "n": {"id": 1}, "l": 7}',
+]
+
+
+@pytest.mark.parametrize("payload", GARBAGE)
+def test_parse_rejects_what_is_not_a_rowsync_payload(payload: str) -> None:
+    with pytest.raises(ValueError):
+        parse(payload)
+
+
+def test_parse_reads_events_barriers_and_overflow_references() -> None:
+    event = {"r": 7, "s": "public", "t": "posts", "e": "u", "l": None, "n": {"id": 1}, "o": {"id": 2}}
+
+    assert parse(json.dumps(event)) == Notice(7, "public", "posts", "updated", {"id": 1}, {"id": 2}, None)
+    assert parse('{"f": "token"}') == Flush("token")
+    assert parse('{"r": 9, "x": true}') == {"r": 9, "x": True}
+
+
+def test_malformed_notifications_are_counted_and_the_listener_keeps_delivering(rs, write) -> None:
+    sub = rs.subscribe(Post)
+    unknown_table = '{"r": 1, "s": "public", "t": "nope", "e": "i", "n": {"id": 1}}'
+    without_key = '{"r": 2, "s": "public", "t": "posts", "e": "i", "n": {"name": "x"}}'
+    lost_overflow = '{"r": 3, "x": true}'
+
+    notify(rs, *GARBAGE, unknown_table, without_key, lost_overflow)
+    write(Post(id=1))
+    rs.flush()
+
+    assert [(c.event, c.ids["id"]) for c in changes(sub.drain())] == [("inserted", 1)]
+    assert rs.listener.stats["malformed"] == len(GARBAGE)
+    assert rs.stats["unwatched"] == 1
+    assert rs.stats["malformed"] == 1
+    assert rs.listener.stats["overflow_missing"] == 1
+    assert rs.listener.stats["reconnects"] == 0
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+def test_flush_needs_a_started_rowsync(schema) -> None:
+    rs = RowSync(schema, rowsync.watchers(Post))
+
+    with pytest.raises(NotRunningError):
+        rs.flush()
+
+
+def test_start_fails_clearly_when_the_listener_cannot_connect() -> None:
+    rs = RowSync("postgresql://rowsync@127.0.0.1:1/nowhere", rowsync.watchers(Post), start_timeout=0.5)
+
+    with pytest.raises(NotRunningError, match="could not connect"):
+        rs.start()
+    assert not rs.running
+
+
+def test_stopped_rowsync_no_longer_delivers_and_can_start_again(schema, write) -> None:
+    rs = RowSync(schema, rowsync.watchers(Post))
+    rs.install()
+    sub = rs.subscribe(Post)
+    with rs:
+        assert rs.running
+    assert not rs.running
+
+    write(Post(id=1))
+    with rs:
+        write(Post(id=2))
+        rs.flush()
+
+    assert [c.ids["id"] for c in changes(sub.drain())] == [2]
