@@ -248,21 +248,26 @@ def _loaded(obj: Any, key: str) -> bool:
 
 
 def render(data: list[tuple[Any, ...]]) -> list[str]:
-    lines = []
+    return [line for _, line in _lines(data)]
+
+
+def _lines(data: list[tuple[Any, ...]]) -> list[tuple[Any, str]]:
+    """Each line with its person's id, so a post moving between people shows as a change."""
+    lines: list[tuple[Any, str]] = []
     for person_id, name, posts in data:
-        lines.append(f"{name} ({person_id})" + ("" if posts else ": no posts"))
+        lines.append((person_id, f"{name} ({person_id})" + ("" if posts else ": no posts")))
         for post_id, title, tags in posts:
             named = ", ".join(tag for _, tag in tags)
-            lines.append(f"    #{post_id} {title}" + (f"  [{named}]" if named else ""))
+            lines.append((person_id, f"    #{post_id} {title}" + (f"  [{named}]" if named else "")))
     return lines
 
 
-def show(data: list[tuple[Any, ...]], previous: list[str]) -> list[str]:
+def show(data: list[tuple[Any, ...]], previous: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
     """Print the tree; lines that changed since last time are marked with ›."""
-    lines = render(data)
+    lines = _lines(data)
     seen = set(previous)
     for line in lines:
-        print(f"  {'›' if previous and line not in seen else ' '} {line}")
+        print(f"  {'›' if previous and line not in seen else ' '} {line[1]}")
     return lines
 
 
@@ -281,7 +286,7 @@ class Demo:
         self.sessions = sessions
         self.people: list[Person] = []
         self.sub: rowsync.Subscription | None = None
-        self.lines: list[str] = []
+        self.lines: list[tuple[Any, str]] = []
         self.mismatches = 0
         self.queries = 0  # rowsync's row queries counted so far
 
@@ -291,7 +296,8 @@ class Demo:
             self.sub.close()
         self.people = self.fresh()
         self.sub = self.rs.subscribe(self.people, assocs=ASSOCS)
-        self.sub.add(Person, "inserted")  # new people join the root list
+        # New people join the root list, and are followed like the others from then on.
+        self.sub.add(Person, "inserted", assocs=ASSOCS, follow=True)
         self.lines = show(plain(self.people), [])
 
     def fresh(self) -> list[Person]:
@@ -390,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = rs.install()
     created = len(before.missing) + len(before.outdated)
     print(
-        f"rowsync installed: {created} triggers created or upgraded, {len(before.installed)} there"
+        f"rowsync install: {created} triggers created or upgraded, {len(before.installed)} current"
     )
     print("\nMake your own changes from another terminal, e.g.:")
     print(f'  psql "{url.set(drivername="postgresql").render_as_string(hide_password=True)}" \\')

@@ -15,4 +15,6 @@ CREATE TABLE IF NOT EXISTS {schema}.overflow (
     payload text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-GRANT INSERT ON {schema}.overflow TO PUBLIC;
+CREATE INDEX IF NOT EXISTS overflow_created_at ON {schema}.overflow (created_at);
+-- Writers' triggers park and prune oversized events; listeners only read them.
+GRANT SELECT, INSERT, DELETE ON {schema}.overflow TO PUBLIC;

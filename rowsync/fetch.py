@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapper, Session, selectinload
+from sqlalchemy.orm import Mapper, Session, immediateload, joinedload, selectinload, subqueryload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
 from rowsync import tree
@@ -27,6 +27,7 @@ from rowsync.messages import Change
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+_LOADERS = {"selectin": selectinload, "joined": joinedload, "subquery": subqueryload}
 
 
 def key_of(table: sa.Table, values: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -155,20 +156,25 @@ class RowSource:
 
         return self.cache.load(("object", mapper, key, _freeze(spec), ref), fetch)
 
-    def reload(self, edge: Edge, parents: Sequence[tuple[Any, ...]], spec: tree.LoadSpec, ref: int) -> dict[tuple[Any, ...], list[Any]]:
-        """``edge``'s collection for each parent key, exactly as SQLAlchemy loads it."""
+    def reload(
+        self, edge: Edge, parents: Sequence[tuple[Any, ...]], spec: tree.LoadSpec, strategy: str, ref: int
+    ) -> dict[tuple[Any, ...], list[Any]]:
+        """``edge``'s collection for each parent key, exactly as SQLAlchemy loads it with
+        ``strategy`` (selectin keeps a row reached twice twice; joined and lazy do not)."""
 
         def fetch() -> dict[tuple[Any, ...], list[Any]]:
             self.queries["reload"] += 1
             mapper = edge.parent
-            option = selectinload(getattr(mapper.class_, edge.key))
+            loader = _LOADERS.get(strategy, immediateload)
+            option = loader(getattr(mapper.class_, edge.key))
             if sub := _options(edge.target, spec):
                 option = option.options(*sub)
             with Session(self.engine, expire_on_commit=False) as session:
                 stmt = sa.select(mapper).where(_where_key(mapper.local_table, parents)).options(option)  # type: ignore[arg-type]
-                return {tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in session.scalars(stmt)}
+                found = session.scalars(stmt).unique()
+                return {tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in found}
 
-        return self.cache.load(("reload", edge, tuple(parents), _freeze(spec), ref), fetch)  # type: ignore[no-any-return]
+        return self.cache.load(("reload", edge, tuple(parents), _freeze(spec), strategy, ref), fetch)  # type: ignore[no-any-return]
 
     # -- the router's Resolver ---------------------------------------------------------
 

@@ -99,7 +99,7 @@ class Graph:
                     self.criteria[edge.criteria_table].append((edge.criteria, _criteria(rel)))
                 for table in edge.tables:
                     self._by_table[table].append(edge)
-        self._reachable: dict[Mapper[Any], frozenset[sa.Table]] = {}
+        self._reachable = self._tables_below()
 
     @classmethod
     def for_models(cls, models: Iterable[Any]) -> Graph:
@@ -119,21 +119,26 @@ class Graph:
         raise KeyError(f"{mapper.class_.__name__}.{key}")
 
     def reachable(self, mapper: Mapper[Any]) -> frozenset[sa.Table]:
-        """Tables whose changes can reach a tree rooted at ``mapper`` (computed once per root)."""
-        if (found := self._reachable.get(mapper)) is None:
-            roots = {mapper, *nx.descendants(self.digraph, mapper)}
-            found = frozenset(
-                table
-                for m in roots
-                for table in (m.local_table, *(t for e in self._out(m) for t in e.tables))
-                if isinstance(table, sa.Table)
-            )
-            self._reachable[mapper] = found
-        return found
+        """Tables whose changes can reach a tree rooted at ``mapper``."""
+        return self._reachable.get(mapper, frozenset())
 
-    def _out(self, mapper: Mapper[Any]) -> Iterator[Edge]:
-        for _, _, data in self.digraph.out_edges(mapper, data=True):
-            yield data["edge"]
+    def _tables_below(self) -> dict[Mapper[Any], frozenset[sa.Table]]:
+        """Every mapper's reachable tables, in one pass over the strongly connected components
+        in reverse topological order: linear in the schema, not in paths or roots x schema."""
+        dag = nx.condensation(self.digraph)
+        own: dict[int, set[sa.Table]] = {}
+        for component in dag.nodes:
+            tables = own[component] = set()
+            for mapper in dag.nodes[component]["members"]:
+                if isinstance(mapper.local_table, sa.Table):
+                    tables.add(mapper.local_table)
+                for _, _, data in self.digraph.out_edges(mapper, data=True):
+                    tables.update(data["edge"].tables)
+        below: dict[int, frozenset[sa.Table]] = {}
+        for component in reversed(list(nx.topological_sort(dag))):
+            below[component] = frozenset(own[component].union(*(below[c] for c in dag.successors(component))))
+        mapping = dag.graph["mapping"]
+        return {mapper: below[mapping[mapper]] for mapper in self.digraph.nodes}
 
 
 def _conjuncts(clause: ColumnElement[Any] | None) -> list[ColumnElement[Any]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Listener:
         first = True
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self.conninfo, autocommit=True, **self._connect_kwargs()) as conn:
+                with psycopg.connect(self._named_conninfo(), autocommit=True) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     self.connected.set()
                     if not first:
@@ -163,11 +163,11 @@ class Listener:
                 break
             delay = min(delay * 2, self.backoff[1])
 
-    def _connect_kwargs(self) -> dict[str, str]:
-        """Name the connection in ``pg_stat_activity`` unless the DSN already names it."""
+    def _named_conninfo(self) -> str:
+        """The DSN, naming the connection in ``pg_stat_activity`` unless it already does."""
         if "application_name" in conninfo_to_dict(self.conninfo):
-            return {}
-        return {"application_name": APPLICATION_NAME}
+            return self.conninfo
+        return make_conninfo(self.conninfo, application_name=APPLICATION_NAME)
 
     def _serve(self, conn: psycopg.Connection[Any]) -> None:
         with selectors.DefaultSelector() as selector:

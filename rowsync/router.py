@@ -241,8 +241,12 @@ class Router:
         if edge is None:  # a root row
             if event == "deleted":
                 self._hold(sub, old or {}, nested, -1)
-                while self._bump(sub, key, (None, nested), -1):
-                    pass
+                if any(m[0] is table and m[3] is not None for m in sub.models):
+                    while self._bump(sub, key, (None, nested), -1):
+                        pass  # a followed model brings the row back if it is inserted again
+                # else the key stays: a query for this row returns it again if it comes back
+            elif event == "inserted" and new is not None:
+                self._hold(sub, new, nested, +1)
             elif old is not None and new is not None and old != new:
                 self._hold(sub, old, nested, -1)
                 self._hold(sub, new, nested, +1)

@@ -65,14 +65,14 @@ class Syncer:
             roots: list[Any] = []
         elif isinstance(value, list):
             roots = value
-            if not all(tree.is_model(v) for v in roots):
+            if roots and not tree.is_model(roots[0]):
                 return value
         elif tree.is_model(value):
             roots = [value]
         else:
             return value
         table = table_of(change.model)
-        if roots and not any(table in self.graph.reachable(instance_state(r).mapper) for r in roots):
+        if roots and table not in self.graph.reachable(instance_state(roots[0]).mapper):
             return value
         patch = _Patch(self, roots, change, table, preloads or {})
         patch.apply()
@@ -94,6 +94,8 @@ class _Patch:
         self.deleted = change.event == "deleted"
         self.preloads = preloads
         self.index = tree.Index.of(roots)
+        self.placed: list[Any] = []
+        """Objects of the tree that a change put in a new place: they must look loaded as there."""
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.change_row(change)
@@ -124,6 +126,8 @@ class _Patch:
             if self.table is edge.parent_table and not edge.local_is_key and not self.deleted:
                 self.repoint(edge, parents)
         self.root()
+        if self.placed:
+            self.conform()
 
     # -- where the changed row sits on the edge --------------------------------------
 
@@ -191,19 +195,21 @@ class _Patch:
 
     def recompute(self, edge: Edge, parents: list[Any]) -> None:
         """Re-query the relationship for these parents: SQLAlchemy's own answer, duplicates included."""
-        spec = self.spec_below(edge, parents)
-        keys = [tree.primary_key(p) for p in parents]
-        fresh = self.rows.reload(edge, keys, spec, self.change.ref)
+        by_strategy: dict[str, list[Any]] = {}
+        for parent in parents:
+            by_strategy.setdefault(tree.strategy(parent, edge.key), []).append(parent)
         memo: dict[int, Any] = {}
-        for parent, key in zip(parents, keys):
-            items = [self.reuse(o, memo) for o in fresh.get(key, [])]
-            attributes.set_committed_value(parent, edge.key, items if edge.uselist else (items[0] if items else None))
+        for strategy, group in by_strategy.items():
+            keys = [tree.primary_key(p) for p in group]
+            fresh = self.rows.reload(edge, keys, self.spec_below(edge, group), strategy, self.change.ref)
+            for parent, key in zip(group, keys):
+                items = [self.reuse(o, memo) for o in fresh.get(key, [])]
+                attributes.set_committed_value(parent, edge.key, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
         """The roots themselves: a deleted root leaves, an inserted row of the roots' model joins."""
-        mappers = {instance_state(r).mapper for r in self.roots}
         model = self.change.model
-        if self.roots and not any(m.local_table is self.table for m in mappers):
+        if self.roots and instance_state(self.roots[0]).mapper.local_table is not self.table:
             return
         if self.deleted:
             self.roots[:] = [r for r in self.roots if not (_table(r) is self.table and tree.primary_key(r) == self.key)]
@@ -252,6 +258,7 @@ class _Patch:
         table: sa.Table = mapper.local_table  # type: ignore[assignment]
         existing = self.index.instances(table, key)
         if existing:
+            self.placed.append(existing[0])
             return existing[0]
         if spec is None:
             spec = _preload_spec(self.preloads.get(mapper.class_)) or {}
@@ -268,6 +275,43 @@ class _Patch:
             tree.remember_spec(obj, spec)
             self.index.extend([obj])
         return obj
+
+    def conform(self) -> None:
+        """Make each moved object loaded as a fresh query would load it where it now is: the
+        union of what its places' loader options load. What none of them loads is unloaded
+        (it would go stale: nobody follows it any more), what one loads and it lacks is loaded."""
+        index = tree.Index.of(self.roots)
+        done: set[int] = set()
+        for obj in self.placed:
+            self._conform(obj, index, done)
+
+    def _conform(self, obj: Any, index: tree.Index, done: set[int]) -> None:
+        if id(obj) in done or id(obj) not in index.holders:
+            return
+        done.add(id(obj))
+        spec: dict[str, Any] = {}
+        for parent, key in index.holders[id(obj)]:
+            declared = tree.declared_spec(obj if parent is None else parent)
+            if declared is None:
+                return  # a place loaded without options: what is loaded is all we know
+            spec = tree.merge_specs(spec, declared if parent is None else declared.get(key or "", {}))
+        state = instance_state(obj)
+        for rel in state.mapper.relationships:
+            if rel.key in state.dict and rel.key not in spec:
+                del state.dict[rel.key]  # unloaded again, as a fresh query leaves it
+        missing = {k: v for k, v in spec.items() if k not in state.dict}
+        if missing:
+            fetched = self.rows.load(state.mapper, tree.primary_key(obj), missing, self.change.ref)
+            memo: dict[int, Any] = {}
+            for key in missing:
+                value = None if fetched is None else tree.loaded_value(fetched, key)
+                rel = state.mapper.relationships[key]
+                items = [self.reuse(o, memo) for o in tree.as_list(value if value is not tree.NOT_LOADED else None)]
+                attributes.set_committed_value(obj, key, items if rel.uselist else (items[0] if items else None))
+        for key in spec:
+            for child in tree.as_list(tree.loaded_value(obj, key)):
+                if len(index.holders.get(id(child), ())) == 1:
+                    self._conform(child, index, done)
 
     def reuse(self, fetched: Any, memo: dict[int, Any]) -> Any:
         """The tree's own instance of a fetched row when it has one, else a private copy;

@@ -44,10 +44,8 @@ def as_list(value: Any) -> list[Any]:
 
 def loaded_value(obj: Any, key: str) -> Any:
     """A relationship's value when it is loaded, else ``NOT_LOADED`` (never loads it)."""
-    state = instance_state(obj)
-    if key in state.unloaded:
-        return NOT_LOADED
-    return state.dict.get(key)
+    data = instance_state(obj).dict
+    return data[key] if key in data else NOT_LOADED
 
 
 @cache
@@ -125,12 +123,19 @@ _SPEC = "rowsync_spec"
 
 def expected_spec(obj: Any) -> dict[str, Any]:
     """What a fresh query would load on ``obj``: its loader options (and the mapper's eager
-    defaults) merged with what is loaded on it now. New related objects are loaded like that."""
+    defaults); without options, what is loaded on it now. New related objects are loaded so."""
+    declared = declared_spec(obj)
+    return declared if declared is not None else loaded_spec(obj)
+
+
+def declared_spec(obj: Any) -> dict[str, Any] | None:
+    """What ``obj``'s loader options load below it; None when it was not loaded with options
+    (lazy loading in a session, say), so only what is loaded now can tell."""
     state = instance_state(obj)
     declared = state.info.get(_SPEC)
-    if declared is None:
+    if declared is None and (state.load_options or _defaults(state.mapper, 1)):
         declared = _from_options(state)
-    return merge_specs(declared, loaded_spec(obj))
+    return declared
 
 
 def remember_spec(obj: Any, spec: LoadSpec) -> None:
@@ -143,6 +148,20 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
             for child in as_list(value):
                 if _SPEC not in instance_state(child).info:
                     remember_spec(child, nested)
+
+
+def strategy(obj: Any, key: str) -> str:
+    """How the relationship ``key`` of ``obj`` was (or would be) loaded: "selectin", "joined",
+    "subquery", or "select" (lazy). It matters: SQLAlchemy's strategies differ in whether a
+    row reached twice appears twice."""
+    state = instance_state(obj)
+    here = [p.key for p in state.load_path.path[1::2]] if state.load_path else []
+    for option in state.load_options or ():
+        for element in getattr(option, "context", ()):
+            keys = [p.key for p in element.path.path[1::2]]
+            if keys == [*here, key]:
+                return str(dict(element.strategy or ()).get("lazy", "select"))
+    return str(state.mapper.relationships[key].lazy)
 
 
 def _from_options(state: Any) -> dict[str, Any]:
@@ -200,6 +219,8 @@ class Index:
     objects: dict[tuple[sa.Table, tuple[Any, ...]], list[Any]] = field(default_factory=lambda: defaultdict(list))
     loaded: dict[tuple[Mapper[Any], str], list[Any]] = field(default_factory=lambda: defaultdict(list))
     """``(parent mapper, relationship key) -> parents`` that have it loaded."""
+    holders: dict[int, list[tuple[Any, str | None]]] = field(default_factory=lambda: defaultdict(list))
+    """``id(object) -> (parent, relationship key)`` of every place it is held; ``(None, None)`` for a root."""
     _seen: set[int] = field(default_factory=set)
 
     @classmethod
@@ -212,20 +233,24 @@ class Index:
         """Add ``roots`` and everything loaded below them (objects already indexed are skipped)."""
         index = self
         seen = self._seen
-        stack = list(roots)
+        stack: list[tuple[Any, Any, str | None]] = [(root, None, None) for root in roots]
         while stack:
-            obj = stack.pop()
+            obj, parent, key = stack.pop()
+            self.holders[id(obj)].append((parent, key))
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
             state = instance_state(obj)
             mapper = state.mapper
             index.objects[(mapper.local_table, primary_key(obj))].append(obj)  # type: ignore[index]
+            data = state.dict
             for rel in mapper.relationships:
-                if rel.key in state.unloaded:
-                    continue
+                if rel.key not in data:
+                    continue  # not loaded (or expired): what a lazy load would fetch is not in the tree
                 index.loaded[(rel.parent, rel.key)].append(obj)
-                stack.extend(as_list(state.dict.get(rel.key)))
+                value = data[rel.key]
+                if value is not None:
+                    stack.extend((child, obj, rel.key) for child in (value if rel.uselist else (value,)))
 
     def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
         return self.objects.get((table, key), [])

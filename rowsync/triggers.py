@@ -116,7 +116,12 @@ BEGIN
         'n', {new}, 'o', {old}
     )::text;
     IF octet_length(payload) > {limit} THEN
+        -- Too large for NOTIFY: park it, notify its ref, and drop parked events old enough
+        -- that every listener has read them (SKIP LOCKED: writers never wait on each other).
         INSERT INTO {overflow} (ref, payload) VALUES (ref, payload);
+        DELETE FROM {overflow} WHERE ref IN (
+            SELECT o.ref FROM {overflow} o WHERE o.created_at < now() - interval '1 hour'
+            FOR UPDATE SKIP LOCKED);
         payload := jsonb_build_object('r', ref, 'x', true)::text;
     END IF;
     PERFORM pg_notify({channel}, payload);

@@ -148,7 +148,8 @@ def _column_name(mapper: Mapper[Any], column: Any) -> str:
     # A mapped attribute counts only if it is this model's (``Person.name`` is not ``Post.name``).
     owner = getattr(column, "parent", None)
     key = getattr(column, "key", None)
-    if isinstance(owner, Mapper) and mapper.isa(owner) and key is not None and key in mapper.columns:
+    mine = isinstance(owner, Mapper) and mapper.isa(owner)
+    if mine and isinstance(key, str) and key in mapper.columns:
         return str(mapper.columns[key].name)
     owner_class = getattr(column, "class_", None)
     what = f"{owner_class.__name__}.{key}" if owner_class is not None and key else repr(column)

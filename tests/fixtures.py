@@ -95,7 +95,9 @@ def counting_queries(engine: sa.Engine) -> Iterator[list[str]]:
     """The SQL statements ``engine`` sends while the block runs, from any thread."""
     statements: list[str] = []
 
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    def record(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
         statements.append(statement)  # list.append is atomic: safe from several threads
 
     sa.event.listen(engine, "before_cursor_execute", record)
@@ -129,7 +131,7 @@ def returning(call: Callable[[], Any], limit: float = 60.0) -> Any:
 
 
 def db_triggers(engine: sa.Engine) -> dict[tuple[str, str, str], str]:
-    """Every user trigger in the database: ``(schema, table, trigger) -> comment`` (``""`` if none)."""
+    """Every user trigger: ``(schema, table, trigger) -> comment`` (``""`` if none)."""
     query = sa.text(
         "SELECT n.nspname, c.relname, t.tgname, coalesce(obj_description(t.oid, 'pg_trigger'), '')"
         " FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
@@ -141,6 +143,9 @@ def db_triggers(engine: sa.Engine) -> dict[tuple[str, str, str], str]:
 
 def db_functions(engine: sa.Engine, schema: str = "rowsync") -> set[str]:
     """Names of the functions in ``schema``."""
-    query = sa.text("SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :s")
+    query = sa.text(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE n.nspname = :s"
+    )
     with engine.connect() as conn:
         return set(conn.scalars(query, {"s": schema}))

@@ -46,3 +46,22 @@ def fresh(session_factory: Any, statement: sa.Select[Any], *, many: bool = True)
     with session_factory() as session:
         result = session.scalars(statement).unique().all()
         return list(result) if many else (result[0] if result else None)
+
+
+def differences(actual: Any, expected: Any, path: str = "") -> list[str]:
+    """Where two snapshots differ, as readable paths (for failure messages)."""
+    if type(actual) is not type(expected):
+        return [f"{path or '.'}: {actual!r} != {expected!r}"]
+    if isinstance(actual, dict):
+        out: list[str] = []
+        for key in sorted(set(actual) | set(expected), key=str):
+            if key not in actual or key not in expected:
+                out.append(f"{path}.{key}: {'missing' if key not in actual else 'extra'} in synced tree")
+            else:
+                out += differences(actual[key], expected[key], f"{path}.{key}")
+        return out
+    if isinstance(actual, list):
+        if len(actual) != len(expected):
+            return [f"{path}: {len(actual)} items != {len(expected)}: {actual!r} != {expected!r}"]
+        return [d for i, (a, e) in enumerate(zip(actual, expected)) for d in differences(a, e, f"{path}[{i}]")]
+    return [] if actual == expected else [f"{path or '.'}: {actual!r} != {expected!r}"]

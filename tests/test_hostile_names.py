@@ -4,14 +4,21 @@ allows: triggers install under exact, bounded names and events carry the right i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload, sessionmaker
+from fixtures import db_triggers
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 
 import rowsync
-from fixtures import db_triggers
 from rowsync import Change, RowSync, Sync
 from rowsync.triggers import MAX_IDENTIFIER
 
@@ -29,7 +36,7 @@ class HostileBase(DeclarativeBase):
 class Keyword(HostileBase):
     __tablename__ = "select"
     select: Mapped[int] = mapped_column("select", primary_key=True)
-    weird: Mapped[Optional[str]] = mapped_column('weird "name"')
+    weird: Mapped[str | None] = mapped_column('weird "name"')
 
     quoted: Mapped[list[Quoted]] = relationship(back_populates="keyword", order_by="Quoted.id")
     weirds: Mapped[list[Weird]] = relationship()
@@ -38,29 +45,29 @@ class Keyword(HostileBase):
 class Quoted(HostileBase):
     __tablename__ = 'a"b'
     id: Mapped[int] = mapped_column(primary_key=True)
-    keyword_id: Mapped[Optional[int]] = mapped_column('weird "name"', sa.ForeignKey("select.select"))
-    injection: Mapped[Optional[str]] = mapped_column("x; drop table y")
+    keyword_id: Mapped[int | None] = mapped_column('weird "name"', sa.ForeignKey("select.select"))
+    injection: Mapped[str | None] = mapped_column("x; drop table y")
 
-    keyword: Mapped[Optional[Keyword]] = relationship(back_populates="quoted")
+    keyword: Mapped[Keyword | None] = relationship(back_populates="quoted")
     injected: Mapped[list[Injection]] = relationship()
 
 
 class Injection(HostileBase):
     __tablename__ = "x; drop table y"
     id: Mapped[int] = mapped_column(primary_key=True)
-    quoted_id: Mapped[Optional[int]] = mapped_column('a"b', sa.ForeignKey('a"b.id'))
+    quoted_id: Mapped[int | None] = mapped_column('a"b', sa.ForeignKey('a"b.id'))
 
 
 class Weird(HostileBase):
     __tablename__ = 'weird "name"'
     id: Mapped[int] = mapped_column(primary_key=True)
-    select: Mapped[Optional[int]] = mapped_column("select", sa.ForeignKey("select.select"))
+    select: Mapped[int | None] = mapped_column("select", sa.ForeignKey("select.select"))
 
 
 class Elephant(HostileBase):
     __tablename__ = "🐘"
     key: Mapped[int] = mapped_column("🔑", primary_key=True)
-    name: Mapped[Optional[str]] = mapped_column("名前")
+    name: Mapped[str | None] = mapped_column("名前")
 
     tables: Mapped[list[Unicode]] = relationship()
 
@@ -68,7 +75,7 @@ class Elephant(HostileBase):
 class Unicode(HostileBase):
     __tablename__ = "tâble_ü"
     id: Mapped[int] = mapped_column("ü", primary_key=True)
-    elephant: Mapped[Optional[int]] = mapped_column("🦄", sa.ForeignKey("🐘.🔑"))
+    elephant: Mapped[int | None] = mapped_column("🦄", sa.ForeignKey("🐘.🔑"))
 
 
 class Long(HostileBase):
@@ -82,13 +89,13 @@ class Long(HostileBase):
 class LongA(HostileBase):
     __tablename__ = LONG_A
     id: Mapped[int] = mapped_column(primary_key=True)
-    long_id: Mapped[Optional[int]] = mapped_column(sa.ForeignKey(f"{LONG_63}.id"))
+    long_id: Mapped[int | None] = mapped_column(sa.ForeignKey(f"{LONG_63}.id"))
 
 
 class LongB(HostileBase):
     __tablename__ = LONG_B
     id: Mapped[int] = mapped_column(primary_key=True)
-    long_id: Mapped[Optional[int]] = mapped_column(sa.ForeignKey(f"{LONG_63}.id"))
+    long_id: Mapped[int | None] = mapped_column(sa.ForeignKey(f"{LONG_63}.id"))
 
 
 class Sentinel(HostileBase):
@@ -157,6 +164,7 @@ def test_trigger_names_are_bounded_distinct_and_deterministic() -> None:
 
 def test_long_names_equal_up_to_the_cut_get_distinct_trigger_names() -> None:
     rs = RowSync(OFFLINE, rowsync.watchers(LongA) + rowsync.watchers(LongB))
+    assert len(LONG_63.encode()) == MAX_IDENTIFIER and len(SHARED_40.encode()) == 40
     by_table = {(t.watcher.table, t.watcher.event): t.name for t in rs.triggers}
 
     for event in ("inserted", "updated", "deleted"):
@@ -183,7 +191,9 @@ def test_install_creates_every_trigger_under_its_exact_name(hostile: sa.Engine) 
 # -- events ----------------------------------------------------------------------------
 
 
-def test_changes_to_hostile_tables_are_delivered_with_the_right_ids(hrs: RowSync, hostile: sa.Engine) -> None:
+def test_changes_to_hostile_tables_are_delivered_with_the_right_ids(
+    hrs: RowSync, hostile: sa.Engine
+) -> None:
     subs = {model: hrs.subscribe(model) for model in MODELS}
 
     write(
@@ -198,7 +208,11 @@ def test_changes_to_hostile_tables_are_delivered_with_the_right_ids(hrs: RowSync
         LongA(id=8, long_id=7),
         LongB(id=9, long_id=7),
     )
-    write(hostile, sa.update(Quoted).values(injection="changed"), sa.update(Unicode).values(elephant=None))
+    write(
+        hostile,
+        sa.update(Quoted).values(injection="changed"),
+        sa.update(Unicode).values(elephant=None),
+    )
     write(hostile, sa.delete(LongB), sa.delete(Injection))
     hrs.flush()
     got = {model: seen(sub.drain()) for model, sub in subs.items()}
@@ -206,7 +220,11 @@ def test_changes_to_hostile_tables_are_delivered_with_the_right_ids(hrs: RowSync
     assert got == {
         Keyword: [(Keyword, "inserted", {"select": 1})],
         Quoted: [
-            (Quoted, "inserted", {"id": 2, 'weird "name"': 1, "x; drop table y": "'; drop table y; --"}),
+            (
+                Quoted,
+                "inserted",
+                {"id": 2, 'weird "name"': 1, "x; drop table y": "'; drop table y; --"},
+            ),
             (Quoted, "updated", {"id": 2, 'weird "name"': 1, "x; drop table y": "changed"}),
         ],
         Injection: [
@@ -221,7 +239,10 @@ def test_changes_to_hostile_tables_are_delivered_with_the_right_ids(hrs: RowSync
         ],
         Long: [(Long, "inserted", {"id": 7})],
         LongA: [(LongA, "inserted", {"id": 8, "long_id": 7})],
-        LongB: [(LongB, "inserted", {"id": 9, "long_id": 7}), (LongB, "deleted", {"id": 9, "long_id": 7})],
+        LongB: [
+            (LongB, "inserted", {"id": 9, "long_id": 7}),
+            (LongB, "deleted", {"id": 9, "long_id": 7}),
+        ],
     }
     assert sa.inspect(hostile).has_table("y")
 
@@ -250,7 +271,9 @@ def test_tree_subscriptions_follow_hostile_relationships(hrs: RowSync, hostile: 
     hrs.flush()
     with sessionmaker(hostile, expire_on_commit=False)() as session:
         keyword = session.scalars(
-            sa.select(Keyword).where(Keyword.select == 1).options(selectinload(Keyword.quoted).selectinload(Quoted.injected))
+            sa.select(Keyword)
+            .where(Keyword.select == 1)
+            .options(selectinload(Keyword.quoted).selectinload(Quoted.injected))
         ).one()
         elephant = session.get(Elephant, 5, options=[selectinload(Elephant.tables)])
         long = session.get(Long, 7, options=[selectinload(Long.alphas), selectinload(Long.betas)])
@@ -260,10 +283,18 @@ def test_tree_subscriptions_follow_hostile_relationships(hrs: RowSync, hostile: 
 
     write(hostile, Quoted(id=10, keyword_id=1), Quoted(id=20, keyword_id=2), Weird(id=30, select=1))
     write(hostile, Injection(id=11, quoted_id=10), Injection(id=21, quoted_id=20))
-    write(hostile, Unicode(id=40, elephant=5), LongA(id=50, long_id=7), LongB(id=60, long_id=7), LongB(id=61))
+    write(
+        hostile,
+        Unicode(id=40, elephant=5),
+        LongA(id=50, long_id=7),
+        LongB(id=60, long_id=7),
+        LongB(id=61),
+    )
     hrs.flush()
 
-    assert [(model, event, next(iter(ids.values()))) for model, event, ids in seen(sub.drain())] == [
+    assert [
+        (model, event, next(iter(ids.values()))) for model, event, ids in seen(sub.drain())
+    ] == [
         (Quoted, "inserted", 10),
         (Weird, "inserted", 30),
         (Injection, "inserted", 11),
@@ -275,7 +306,10 @@ def test_tree_subscriptions_follow_hostile_relationships(hrs: RowSync, hostile: 
 
 def test_hostile_rowsync_schema_and_channel_names_work(hostile: sa.Engine) -> None:
     rs = RowSync(
-        hostile, hostile_watchers(), schema='rowsync "ü"; drop table y', channel='chan "ü" 🐘; select'
+        hostile,
+        hostile_watchers(),
+        schema='rowsync "ü"; drop table y',
+        channel='chan "ü" 🐘; select',
     )
     rs.install()
     with rs:
@@ -287,4 +321,9 @@ def test_hostile_rowsync_schema_and_channel_names_work(hostile: sa.Engine) -> No
     assert rs.uninstall(drop_schema=True) == len(rs.triggers)
     assert sa.inspect(hostile).has_table("y")
     with hostile.connect() as conn:
-        assert conn.scalar(sa.text("SELECT to_regnamespace(:s)"), {"s": '"rowsync ""ü""; drop table y"'}) is None
+        assert (
+            conn.scalar(
+                sa.text("SELECT to_regnamespace(:s)"), {"s": '"rowsync ""ü""; drop table y"'}
+            )
+            is None
+        )

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import selectinload
-
-import rowsync
 from fixtures import messages
 from models import Label, Person, Post, PostTag, Profile, Tag, posts_labels
 from oracle import fresh
+from sqlalchemy.orm import selectinload
+
+import rowsync
 from rowsync import Change, Resync, RowSync, Sync
 
 
@@ -53,7 +53,9 @@ def people(rs, write) -> None:
 # -- scenario 7 ------------------------------------------------------------------------
 
 
-def test_object_subscription_delivers_changes_of_the_object_and_its_loaded_rows_only(rs, sessions, write, people) -> None:
+def test_object_subscription_delivers_changes_of_the_object_and_its_loaded_rows_only(
+    rs, sessions, write, people
+) -> None:
     person = load_person(sessions, selectinload(Person.posts))
     sub = rs.subscribe(person, assocs=["posts"])
 
@@ -78,10 +80,16 @@ def test_deleting_the_subscribed_object_is_delivered(rs, sessions, write, people
 
     got = seen(messages(rs, sub))
     assert ("persons", "deleted", 1) in got
-    assert set(got) <= {("persons", "deleted", 1), ("posts", "updated", 10), ("posts", "updated", 11)}
+    assert set(got) <= {
+        ("persons", "deleted", 1),
+        ("posts", "updated", 10),
+        ("posts", "updated", 11),
+    }
 
 
-def test_inserts_into_collections_are_delivered_even_when_not_loaded(rs, sessions, write, people) -> None:
+def test_inserts_into_collections_are_delivered_even_when_not_loaded(
+    rs, sessions, write, people
+) -> None:
     person = load_person(sessions)  # nothing below it is loaded
     sub = rs.subscribe(person, assocs=["posts", "other_posts", "profile"])
 
@@ -117,7 +125,9 @@ def test_nested_assocs_follow_links_as_they_come_and_go(rs, sessions, write, peo
 
 
 def test_many_to_one_assoc_delivers_changes_of_the_parent(rs, sessions, write, people) -> None:
-    [post] = fresh(sessions, sa.select(Post).where(Post.id == 10).options(selectinload(Post.person)))
+    [post] = fresh(
+        sessions, sa.select(Post).where(Post.id == 10).options(selectinload(Post.person))
+    )
     sub = rs.subscribe(post, assocs=["person"])
 
     write(sa.update(Person).where(Person.id == 1).values(name="parent renamed"))
@@ -138,7 +148,9 @@ def test_subscribing_a_list_covers_each_object(rs, sessions, write, people) -> N
 # -- scenario 8 ------------------------------------------------------------------------
 
 
-def test_subscribing_twice_to_the_same_thing_delivers_each_change_once(rs, sessions, write, people) -> None:
+def test_subscribing_twice_to_the_same_thing_delivers_each_change_once(
+    rs, sessions, write, people
+) -> None:
     person = load_person(sessions, selectinload(Person.posts))
     same_row = load_person(sessions, selectinload(Person.posts))
     sub = rs.subscribe(person, assocs=["posts"])
@@ -151,14 +163,17 @@ def test_subscribing_twice_to_the_same_thing_delivers_each_change_once(rs, sessi
     assert seen(messages(rs, sub)) == [("posts", "updated", 10), ("posts", "inserted", 12)]
 
 
-def test_overlapping_interests_of_one_subscription_deliver_each_change_once(rs, sessions, write, people) -> None:
-    person = load_person(sessions, selectinload(Person.posts))
+def test_overlapping_interests_of_one_subscription_deliver_each_change_once(
+    rs, sessions, write, people
+) -> None:
+    person = load_person(sessions, selectinload(Person.posts).selectinload(Post.tags))
     sub = rs.subscribe(person, assocs=["posts"])
+    sub.add(person, assocs=[{"posts": ["tags"]}, "other_posts"])
     sub.add(Post)
     sub.add(Post, "inserted", person_id=1)
 
-    write(Post(id=12, person_id=1))
-    write(sa.update(Post).where(Post.id == 10).values(body="x"))
+    write(Post(id=12, person_id=1, other_id=1))  # in both of person 1's collections
+    write(sa.update(Post).where(Post.id == 10).values(other_id=1))
     write(Post(id=21, person_id=2))
 
     assert seen(messages(rs, sub)) == [
@@ -203,14 +218,23 @@ def test_model_subscription_without_event_gets_every_event(rs, write) -> None:
     write(sa.update(Tag).values(name="b"))
     write(sa.delete(Tag))
 
-    assert seen(messages(rs, sub)) == [("tags", "inserted", 1), ("tags", "updated", 1), ("tags", "deleted", 1)]
+    assert seen(messages(rs, sub)) == [
+        ("tags", "inserted", 1),
+        ("tags", "updated", 1),
+        ("tags", "deleted", 1),
+    ]
 
 
 def test_model_subscription_filters_on_identifying_columns(rs, write, people) -> None:
     hers = rs.subscribe(Post, "inserted", person_id=2)
     both = rs.subscribe(Post, "inserted", person_id=2, other_id=1)
 
-    write(Post(id=30, person_id=1), Post(id=31, person_id=2), Post(id=32, person_id=2, other_id=1), Post(id=33))
+    write(
+        Post(id=30, person_id=1),
+        Post(id=31, person_id=2),
+        Post(id=32, person_id=2, other_id=1),
+        Post(id=33),
+    )
     rs.flush()
 
     assert seen(hers.drain()) == [("posts", "inserted", 31), ("posts", "inserted", 32)]
@@ -271,7 +295,11 @@ def test_unsubscribing_stops_inserts_and_updates(rs, sessions, write, people) ->
 
     assert seen(tree.drain()) == [("posts", "inserted", 12)]  # queued before close: still readable
     assert seen(model.drain()) == [("posts", "inserted", 12)]
-    assert seen(kept.drain()) == [("posts", "inserted", 12), ("posts", "inserted", 13), ("posts", "updated", 10)]
+    assert seen(kept.drain()) == [
+        ("posts", "inserted", 12),
+        ("posts", "inserted", 13),
+        ("posts", "updated", 10),
+    ]
     assert rs.subscriptions() == [kept]
 
 
@@ -288,7 +316,9 @@ def test_subscription_used_as_context_manager_is_closed_on_exit(rs, write) -> No
 # -- scenario 11 -----------------------------------------------------------------------
 
 
-def test_message_is_sync_and_a_change_with_primary_key_and_identifying_columns(rs, write, people) -> None:
+def test_message_is_sync_and_a_change_with_primary_key_and_identifying_columns(
+    rs, write, people
+) -> None:
     sub = rs.subscribe(Post)
 
     write(Post(id=30, name="n", body="b", person_id=1, other_id=2))

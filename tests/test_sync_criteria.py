@@ -6,11 +6,10 @@ conditions crash, and a "through" relationship cannot be watched.
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import joinedload, selectinload
-
 from fixtures import apply_all
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
+from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 
@@ -105,7 +104,11 @@ def test_row_matching_the_where_moving_to_another_parent(rs, sessions, write, pe
 def test_where_and_plain_collection_loaded_side_by_side(rs, sessions, write, person):
     write(Post(id=10, name="test", person_id=1), Post(id=11, name="x", person_id=1))
     rs.flush()
-    query = sa.select(Person).order_by(Person.id).options(selectinload(Person.posts), selectinload(Person.test_posts))
+    query = (
+        sa.select(Person)
+        .order_by(Person.id)
+        .options(selectinload(Person.posts), selectinload(Person.test_posts))
+    )
     people = fresh(sessions, query)
     sub = rs.subscribe(people, assocs=["posts", "test_posts"])
 
@@ -123,8 +126,13 @@ def test_where_and_plain_collection_loaded_side_by_side(rs, sessions, write, per
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_multi_condition_where_row_enters_when_all_conditions_hold(rs, sessions, write, person, loader):
-    write(Post(id=10, name="bad", body="other", person_id=1), Post(id=11, name="fine", body="blabla", person_id=1))
+def test_multi_condition_where_row_enters_when_all_conditions_hold(
+    rs, sessions, write, person, loader
+):
+    write(
+        Post(id=10, name="bad", body="other", person_id=1),
+        Post(id=11, name="fine", body="blabla", person_id=1),
+    )
     rs.flush()
     query = query_of(Person.bad_posts, loader)
     people = fresh(sessions, query)
@@ -141,7 +149,9 @@ def test_multi_condition_where_row_enters_when_all_conditions_hold(rs, sessions,
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_multi_condition_where_row_leaves_when_any_condition_fails(rs, sessions, write, person, loader):
+def test_multi_condition_where_row_leaves_when_any_condition_fails(
+    rs, sessions, write, person, loader
+):
     write(
         Post(id=10, name="bad", body="blabla", person_id=1),
         Post(id=11, name="worst", body="blabla", person_id=1),
@@ -302,7 +312,9 @@ def test_through_follows_links_posts_moving_and_tag_updates(rs, sessions, write,
     assert snapshot(people) == snapshot(fresh(sessions, query))
 
 
-def test_through_tag_reached_by_two_posts_stays_until_both_paths_are_gone(rs, sessions, write, person):
+def test_through_tag_reached_by_two_posts_stays_until_both_paths_are_gone(
+    rs, sessions, write, person
+):
     """The relationship yields a tag once per path to it, like the query it is."""
     write(
         Tag(id=1, name="t1"),
@@ -327,4 +339,18 @@ def test_through_tag_reached_by_two_posts_stays_until_both_paths_are_gone(rs, se
     write(sa.delete(Post).where(Post.id == 11))
     people = apply_all(rs, sub, people)
     assert people[0].all_tags == []
+    assert snapshot(people) == snapshot(fresh(sessions, query))
+
+
+def test_row_leaving_the_where_and_its_parent_at_once_enters_nowhere(rs, sessions, write, person):
+    write(Post(id=10, name="test", person_id=1))
+    rs.flush()
+    query = query_of(Person.test_posts)
+    people = fresh(sessions, query)
+    sub = rs.subscribe(people, assocs=["test_posts"])
+
+    write(sa.update(Post).where(Post.id == 10).values(person_id=2, name="other"))
+    people = apply_all(rs, sub, people)
+
+    assert (people[0].test_posts, people[1].test_posts) == ([], [])
     assert snapshot(people) == snapshot(fresh(sessions, query))

@@ -3,13 +3,16 @@ values, an older message never overwrites a newer one; and patching leaves a liv
 with nothing to flush."""
 
 import sqlalchemy as sa
-from sqlalchemy.orm import selectinload
-
 from fixtures import apply_all, counting_queries, messages, sync_each
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
+from sqlalchemy.orm import selectinload
 
-TREE = sa.select(Person).order_by(Person.id).options(selectinload(Person.posts).selectinload(Post.tags))
+TREE = (
+    sa.select(Person)
+    .order_by(Person.id)
+    .options(selectinload(Person.posts).selectinload(Post.tags))
+)
 
 
 def seed(rs, write):
@@ -179,4 +182,6 @@ def test_commit_after_patching_writes_nothing(rs, sessions, write):
 
         with counting_queries(rs.engine) as statements:
             session.commit()
-        assert not [s for s in statements if s.lstrip().upper().startswith(("UPDATE", "INSERT", "DELETE"))]
+        assert not [
+            s for s in statements if s.lstrip().upper().startswith(("UPDATE", "INSERT", "DELETE"))
+        ]

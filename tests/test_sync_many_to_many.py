@@ -8,11 +8,10 @@ EctoSync loops forever on one of the orders; here both orders give the fresh tre
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import joinedload, selectinload
-
 from fixtures import messages, returning, sync_each
 from models import Label, Person, Post, PostTag, Tag, favourite_people, posts_labels
 from oracle import fresh, snapshot
+from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 ORDERS = [pytest.param(False, id="delivered-order"), pytest.param(True, id="reversed-order")]
@@ -41,7 +40,11 @@ def tagged(rs, write):
         Label(id=2, name="l2"),
         Label(id=3, name="l3"),
     )
-    write(posts_labels.insert().values([{"post_id": 10, "label_id": 1}, {"post_id": 11, "label_id": 1}]))
+    write(
+        posts_labels.insert().values(
+            [{"post_id": 10, "label_id": 1}, {"post_id": 11, "label_id": 1}]
+        )
+    )
     rs.flush()
 
 
@@ -96,14 +99,18 @@ def test_linked_tag_updated_is_refreshed(rs, sessions, write, tagged, loader):
 
 @pytest.mark.parametrize("reverse", ORDERS)
 @pytest.mark.parametrize("loader", LOADERS)
-def test_tag_deleted_with_its_links_cascading_leaves_in_either_order(rs, sessions, write, tagged, loader, reverse):
+def test_tag_deleted_with_its_links_cascading_leaves_in_either_order(
+    rs, sessions, write, tagged, loader, reverse
+):
     posts = fresh(sessions, tags_query(loader))
     sub = rs.subscribe(posts, assocs=["tags"])
 
     write(sa.delete(Tag).where(Tag.id == 1))
     msgs = messages(rs, sub)
     assert sorted((m[1].model.__name__, m[1].event) for m in msgs) == [
-        ("PostTag", "deleted"), ("PostTag", "deleted"), ("Tag", "deleted"),
+        ("PostTag", "deleted"),
+        ("PostTag", "deleted"),
+        ("Tag", "deleted"),
     ]
     ordered = msgs[::-1] if reverse else msgs
     posts = returning(lambda: sync_each(rs, posts, ordered))
@@ -116,7 +123,11 @@ def test_tag_deleted_with_its_links_cascading_leaves_in_either_order(rs, session
 def test_cascade_order_both_orders_give_the_fresh_tree(rs, sessions, write, tagged):
     """Tag deleted, its post_tags links cascading: one tree gets the events as delivered,
     the other reversed; sync returns for both and both equal a fresh query."""
-    query = sa.select(Post).order_by(Post.id).options(selectinload(Post.tags), selectinload(Post.post_tags))
+    query = (
+        sa.select(Post)
+        .order_by(Post.id)
+        .options(selectinload(Post.tags), selectinload(Post.post_tags))
+    )
     delivered = fresh(sessions, query)
     reversed_ = fresh(sessions, query)
     delivered_sub = rs.subscribe(delivered, assocs=["tags", "post_tags"])
@@ -169,7 +180,11 @@ def test_link_moved_to_another_tag_swaps_the_tags(rs, sessions, write, tagged):
 
 
 def test_association_object_collection_follows_its_rows(rs, sessions, write, tagged):
-    query = sa.select(Post).order_by(Post.id).options(selectinload(Post.post_tags).selectinload(PostTag.tag))
+    query = (
+        sa.select(Post)
+        .order_by(Post.id)
+        .options(selectinload(Post.post_tags).selectinload(PostTag.tag))
+    )
     posts = fresh(sessions, query)
     sub = rs.subscribe(posts, assocs=[{"post_tags": ["tag"]}])
 
@@ -178,7 +193,10 @@ def test_association_object_collection_follows_its_rows(rs, sessions, write, tag
     write(sa.delete(PostTag).where(PostTag.post_id == 10, PostTag.tag_id == 3))
     posts = synced(rs, sub, posts)
 
-    assert sorted((pt.tag_id, pt.tag.name) for pt in posts[1].post_tags) == [(1, "t1"), (2, "renamed")]
+    assert sorted((pt.tag_id, pt.tag.name) for pt in posts[1].post_tags) == [
+        (1, "t1"),
+        (2, "renamed"),
+    ]
     assert snapshot(posts) == snapshot(fresh(sessions, query))
 
 
@@ -249,7 +267,11 @@ def test_plain_table_label_deleted_with_links_cascading_leaves_in_either_order(
 @pytest.fixture
 def friends(rs, write):
     write(Person(id=1, name="a"), Person(id=2, name="b"), Person(id=3, name="c"))
-    write(favourite_people.insert().values([{"person_id": 1, "favourite_id": 2}, {"person_id": 2, "favourite_id": 1}]))
+    write(
+        favourite_people.insert().values(
+            [{"person_id": 1, "favourite_id": 2}, {"person_id": 2, "favourite_id": 1}]
+        )
+    )
     rs.flush()
 
 
@@ -284,7 +306,9 @@ def test_self_referential_favourite_updated_is_refreshed_everywhere(rs, sessions
 
 
 @pytest.mark.parametrize("reverse", ORDERS)
-def test_self_referential_person_deleted_leaves_roots_and_favourites(rs, sessions, write, friends, reverse):
+def test_self_referential_person_deleted_leaves_roots_and_favourites(
+    rs, sessions, write, friends, reverse
+):
     people = fresh(sessions, favourites_query())
     sub = rs.subscribe(people, assocs=["favourite_people"])
 
@@ -297,8 +321,10 @@ def test_self_referential_person_deleted_leaves_roots_and_favourites(rs, session
 
 
 def test_self_referential_nested_two_levels(rs, sessions, write, friends):
-    query = sa.select(Person).where(Person.id == 1).options(
-        selectinload(Person.favourite_people).selectinload(Person.favourite_people)
+    query = (
+        sa.select(Person)
+        .where(Person.id == 1)
+        .options(selectinload(Person.favourite_people).selectinload(Person.favourite_people))
     )
     person = fresh(sessions, query, many=False)
     sub = rs.subscribe(person, assocs=[{"favourite_people": ["favourite_people"]}])

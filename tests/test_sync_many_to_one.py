@@ -2,11 +2,10 @@
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import joinedload, selectinload
-
 from fixtures import apply_all
 from models import Person, Post
 from oracle import fresh, snapshot
+from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 
@@ -43,7 +42,9 @@ def test_parent_row_updated_is_refreshed(rs, sessions, write, two_people_three_p
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_parent_row_deleted_sets_the_attribute_to_none(rs, sessions, write, two_people_three_posts, loader):
+def test_parent_row_deleted_sets_the_attribute_to_none(
+    rs, sessions, write, two_people_three_posts, loader
+):
     posts = fresh(sessions, posts_query(loader))
     sub = rs.subscribe(posts, assocs=["person"])
 
@@ -55,7 +56,9 @@ def test_parent_row_deleted_sets_the_attribute_to_none(rs, sessions, write, two_
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_foreign_key_changed_brings_the_new_parent(rs, sessions, write, two_people_three_posts, loader):
+def test_foreign_key_changed_brings_the_new_parent(
+    rs, sessions, write, two_people_three_posts, loader
+):
     posts = fresh(sessions, posts_query(loader))
     sub = rs.subscribe(posts, assocs=["person"])
 
@@ -69,7 +72,9 @@ def test_foreign_key_changed_brings_the_new_parent(rs, sessions, write, two_peop
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_foreign_key_set_from_null_brings_a_parent(rs, sessions, write, two_people_three_posts, loader):
+def test_foreign_key_set_from_null_brings_a_parent(
+    rs, sessions, write, two_people_three_posts, loader
+):
     posts = fresh(sessions, posts_query(loader))
     assert posts[2].person is None
     sub = rs.subscribe(posts, assocs=["person"])
@@ -82,7 +87,9 @@ def test_foreign_key_set_from_null_brings_a_parent(rs, sessions, write, two_peop
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_foreign_key_set_to_null_drops_the_parent(rs, sessions, write, two_people_three_posts, loader):
+def test_foreign_key_set_to_null_drops_the_parent(
+    rs, sessions, write, two_people_three_posts, loader
+):
     posts = fresh(sessions, posts_query(loader))
     sub = rs.subscribe(posts, assocs=["person"])
 
@@ -94,10 +101,16 @@ def test_foreign_key_set_to_null_drops_the_parent(rs, sessions, write, two_peopl
     assert snapshot(posts) == snapshot(fresh(sessions, posts_query(loader)))
 
 
-def test_new_parent_comes_loaded_like_the_query_loads_it(rs, sessions, write, two_people_three_posts):
+def test_new_parent_comes_loaded_like_the_query_loads_it(
+    rs, sessions, write, two_people_three_posts
+):
     write(Post(id=20, name="s", person_id=2))
     rs.flush()
-    query = sa.select(Post).where(Post.id == 10).options(selectinload(Post.person).selectinload(Person.posts))
+    query = (
+        sa.select(Post)
+        .where(Post.id == 10)
+        .options(selectinload(Post.person).selectinload(Person.posts))
+    )
     post = fresh(sessions, query, many=False)
     sub = rs.subscribe(post, assocs=[{"person": ["posts"]}])
 
@@ -108,8 +121,14 @@ def test_new_parent_comes_loaded_like_the_query_loads_it(rs, sessions, write, tw
     assert snapshot(post) == snapshot(fresh(sessions, query, many=False))
 
 
-def test_other_many_to_one_on_a_second_foreign_key_is_independent(rs, sessions, write, two_people_three_posts):
-    query = sa.select(Post).order_by(Post.id).options(selectinload(Post.person), selectinload(Post.other_person))
+def test_other_many_to_one_on_a_second_foreign_key_is_independent(
+    rs, sessions, write, two_people_three_posts
+):
+    query = (
+        sa.select(Post)
+        .order_by(Post.id)
+        .options(selectinload(Post.person), selectinload(Post.other_person))
+    )
     posts = fresh(sessions, query)
     sub = rs.subscribe(posts, assocs=["person", "other_person"])
 

@@ -2,11 +2,10 @@
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import joinedload, selectinload
-
 from fixtures import apply_all, messages, sync_each
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
+from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 
@@ -83,7 +82,9 @@ def test_delete_removes_from_the_collection(rs, sessions, write, two_people, loa
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_child_moving_to_another_parent_leaves_one_tree_and_enters_the_other(rs, sessions, write, two_people, loader):
+def test_child_moving_to_another_parent_leaves_one_tree_and_enters_the_other(
+    rs, sessions, write, two_people, loader
+):
     first = fresh(sessions, people_query(loader, 1))
     second = fresh(sessions, people_query(loader, 2))
     first_sub = rs.subscribe(first, assocs=["posts"])
@@ -160,7 +161,11 @@ def test_unordered_one_to_many_on_a_second_foreign_key(rs, sessions, write, two_
 def test_nested_person_posts_tags_follows_every_level(rs, sessions, write, two_people, loader):
     write(Tag(id=1, name="t1"), Tag(id=2, name="t2"), PostTag(post_id=10, tag_id=1))
     rs.flush()
-    query = sa.select(Person).order_by(Person.id).options(loader(Person.posts).options(loader(Post.tags)))
+    query = (
+        sa.select(Person)
+        .order_by(Person.id)
+        .options(loader(Person.posts).options(loader(Post.tags)))
+    )
     people = fresh(sessions, query)
     sub = rs.subscribe(people, assocs=[{"posts": ["tags"]}])
 
@@ -170,7 +175,11 @@ def test_nested_person_posts_tags_follows_every_level(rs, sessions, write, two_p
     write(sa.delete(PostTag).where(PostTag.post_id == 10))
     people = apply_all(rs, sub, people)
 
-    assert [(p.id, [t.id for t in p.tags]) for p in people[0].posts] == [(10, []), (20, [2]), (30, [1, 2])]
+    assert [(p.id, [t.id for t in p.tags]) for p in people[0].posts] == [
+        (10, []),
+        (20, [2]),
+        (30, [1, 2]),
+    ]
     assert people[0].posts[2].tags[0].name == "renamed"
     assert snapshot(people) == snapshot(fresh(sessions, query))
 
@@ -180,7 +189,9 @@ def test_new_child_comes_loaded_like_the_query_loads_it(rs, sessions, write, two
     (empty or not), so reading them on the detached tree never raises."""
     write(Tag(id=1, name="t1"))
     rs.flush()
-    query = people_query(selectinload, 1).options(selectinload(Person.posts).selectinload(Post.tags))
+    query = people_query(selectinload, 1).options(
+        selectinload(Person.posts).selectinload(Post.tags)
+    )
     people = fresh(sessions, query)
     sub = rs.subscribe(people, assocs=[{"posts": ["tags"]}])
 
@@ -194,12 +205,16 @@ def test_new_child_comes_loaded_like_the_query_loads_it(rs, sessions, write, two
     assert snapshot(people) == snapshot(fresh(sessions, query))
 
 
-def test_child_moving_with_its_tags_arrives_loaded_in_the_other_tree(rs, sessions, write, two_people):
+def test_child_moving_with_its_tags_arrives_loaded_in_the_other_tree(
+    rs, sessions, write, two_people
+):
     write(Tag(id=1, name="t1"), PostTag(post_id=10, tag_id=1))
     rs.flush()
 
     def query(person_id):
-        return people_query(selectinload, person_id).options(selectinload(Person.posts).selectinload(Post.tags))
+        return people_query(selectinload, person_id).options(
+            selectinload(Person.posts).selectinload(Post.tags)
+        )
 
     first = fresh(sessions, query(1))
     second = fresh(sessions, query(2))
@@ -211,6 +226,9 @@ def test_child_moving_with_its_tags_arrives_loaded_in_the_other_tree(rs, session
     first = apply_all(rs, first_sub, first)
     second = apply_all(rs, second_sub, second)
 
-    assert [(p.id, [t.name for t in p.tags]) for p in second[0].posts] == [(10, ["renamed"]), (40, [])]
+    assert [(p.id, [t.name for t in p.tags]) for p in second[0].posts] == [
+        (10, ["renamed"]),
+        (40, []),
+    ]
     assert snapshot(first) == snapshot(fresh(sessions, query(1)))
     assert snapshot(second) == snapshot(fresh(sessions, query(2)))

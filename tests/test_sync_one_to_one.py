@@ -2,11 +2,10 @@
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import joinedload, selectinload
-
 from fixtures import apply_all, messages, returning, sync_each
 from models import Person, Profile
 from oracle import fresh, snapshot
+from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 
@@ -40,15 +39,21 @@ def test_one_to_one_related_row_replaced_in_one_transaction(rs, sessions, write,
     people = fresh(sessions, people_query(loader))
     sub = rs.subscribe(people, assocs=["profile"])
 
-    write(sa.delete(Profile).where(Profile.id == 100), Profile(id=101, person_id=1, bio="replacement"))
+    write(
+        sa.delete(Profile).where(Profile.id == 100), Profile(id=101, person_id=1, bio="replacement")
+    )
     people = apply_all(rs, sub, people)
 
     assert (people[0].profile.id, people[0].profile.bio) == (101, "replacement")
     assert snapshot(people) == snapshot(fresh(sessions, people_query(loader)))
 
 
-@pytest.mark.parametrize("reverse", [pytest.param(False, id="delivered-order"), pytest.param(True, id="reversed-order")])
-def test_one_to_one_replaced_gives_the_new_row_whatever_the_order(rs, sessions, write, profiled, reverse):
+@pytest.mark.parametrize(
+    "reverse", [pytest.param(False, id="delivered-order"), pytest.param(True, id="reversed-order")]
+)
+def test_one_to_one_replaced_gives_the_new_row_whatever_the_order(
+    rs, sessions, write, profiled, reverse
+):
     people = fresh(sessions, people_query(selectinload))
     sub = rs.subscribe(people, assocs=["profile"])
 
@@ -87,7 +92,9 @@ def test_one_to_one_related_row_deleted_becomes_none(rs, sessions, write, profil
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_one_to_one_related_row_inserted_where_there_was_none(rs, sessions, write, profiled, loader):
+def test_one_to_one_related_row_inserted_where_there_was_none(
+    rs, sessions, write, profiled, loader
+):
     people = fresh(sessions, people_query(loader))
     assert people[1].profile is None
     sub = rs.subscribe(people, assocs=["profile"])

@@ -9,18 +9,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import joinedload, selectinload
-
 from fixtures import counting_queries, messages, sync_each
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
+from sqlalchemy.orm import joinedload, selectinload
 
 SUBSCRIBERS = 100
 THREADS = 8
 
 
 def nested(loader):
-    return sa.select(Person).order_by(Person.id).options(loader(Person.posts).options(loader(Post.tags)))
+    return (
+        sa.select(Person)
+        .order_by(Person.id)
+        .options(loader(Person.posts).options(loader(Post.tags)))
+    )
 
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
@@ -57,7 +60,9 @@ CHANGES_OF_FETCHED_ROWS = {
 
 @pytest.mark.parametrize("change", list(CHANGES_OF_FETCHED_ROWS))
 @pytest.mark.parametrize("loader", LOADERS)
-def test_change_of_a_row_already_fetched_costs_no_query(rs, sessions, write, seeded, loader, change):
+def test_change_of_a_row_already_fetched_costs_no_query(
+    rs, sessions, write, seeded, loader, change
+):
     people = fresh(sessions, nested(loader))
     sub = rs.subscribe(people, assocs=[{"posts": ["tags"]}])
 
@@ -116,7 +121,9 @@ MODES = [pytest.param(True, id="thread-pool"), pytest.param(False, id="sequentia
 
 
 @pytest.mark.parametrize("concurrently", MODES)
-def test_many_subscribers_applying_one_update_cost_no_query(rs, sessions, write, seeded, concurrently):
+def test_many_subscribers_applying_one_update_cost_no_query(
+    rs, sessions, write, seeded, concurrently
+):
     query = nested(selectinload)
     trees, subs = subscribers(rs, sessions, query, [{"posts": ["tags"]}])
 
@@ -129,7 +136,9 @@ def test_many_subscribers_applying_one_update_cost_no_query(rs, sessions, write,
 
 
 @pytest.mark.parametrize("concurrently", MODES)
-def test_many_subscribers_applying_an_update_into_a_where_share_one_query(rs, sessions, write, seeded, concurrently):
+def test_many_subscribers_applying_an_update_into_a_where_share_one_query(
+    rs, sessions, write, seeded, concurrently
+):
     """A tag renamed into Post.test_tags' criteria: its links must be read, once for all."""
     query = sa.select(Post).order_by(Post.id).options(selectinload(Post.test_tags))
     trees, subs = subscribers(rs, sessions, query, ["test_tags"])
@@ -144,7 +153,9 @@ def test_many_subscribers_applying_an_update_into_a_where_share_one_query(rs, se
 
 
 @pytest.mark.parametrize("concurrently", MODES)
-def test_many_subscribers_receiving_a_new_child_share_one_load(rs, sessions, write, seeded, concurrently):
+def test_many_subscribers_receiving_a_new_child_share_one_load(
+    rs, sessions, write, seeded, concurrently
+):
     """A new post joins Person.posts loaded with their tags: one object load for all
     subscribers - the post and, with one selectin, its tags."""
     query = nested(selectinload).where(Person.id == 1)
@@ -157,4 +168,6 @@ def test_many_subscribers_receiving_a_new_child_share_one_load(rs, sessions, wri
     expected = snapshot(fresh(sessions, query))
     assert all(snapshot(r) == expected for r in results)
     new_posts = {id(r[0].posts[2]) for r in results}
-    assert len(new_posts) == SUBSCRIBERS  # shared query, private objects: trees never share instances
+    assert (
+        len(new_posts) == SUBSCRIBERS
+    )  # shared query, private objects: trees never share instances

@@ -1,12 +1,13 @@
 """Scenarios 12 and 21: the roots of a tree - a list, an empty list, None, a single object."""
 
+import pytest
 import sqlalchemy as sa
+from fixtures import apply_all, messages
+from models import Label, Person, Post, Tag, posts_labels
+from oracle import fresh, snapshot
 from sqlalchemy.orm import joinedload, selectinload
 
 import rowsync
-from fixtures import apply_all, messages
-from models import Person, Post, Tag
-from oracle import fresh, snapshot
 from rowsync import Change, Resync, ResyncInfo, Sync
 
 PEOPLE = sa.select(Person).order_by(Person.id)
@@ -206,3 +207,31 @@ def test_change_of_a_table_unreachable_from_the_roots_leaves_them_alone(rs, sess
 
     assert rs.sync(tags, message) is tags
     assert [t.id for t in tags] == [1]
+
+
+def test_update_delete_or_link_into_none_stays_none(rs, write):
+    write(Person(id=1, name="a"), Post(id=10, name="p"), Label(id=1, name="l"))
+    rs.flush()
+    sub = rs.subscribe(Person).add(posts_labels)
+
+    write(sa.update(Person).values(name="b"))
+    write(posts_labels.insert().values(post_id=10, label_id=1))
+    write(sa.delete(Person))
+    msgs = messages(rs, sub)
+
+    assert [m[1].event for m in msgs] == ["updated", "inserted", "deleted"]
+    assert all(rs.sync(None, m) is None for m in msgs)
+
+
+def test_module_level_sync_without_a_started_rowsync_raises(rs, sessions, write):
+    write(Person(id=1, name="a"))
+    rs.flush()
+    person = fresh(sessions, PEOPLE, many=False)
+    sub = rs.subscribe(person)
+    write(sa.update(Person).values(name="b"))
+    [message] = messages(rs, sub)
+
+    rs.stop()
+    with pytest.raises(rowsync.NotRunningError):
+        rowsync.sync(person, message)
+    assert rowsync.sync("x", (Resync, ResyncInfo("overflow", 0.0))) == "x"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import threading
 
 import psycopg
-import pytest
 import sqlalchemy as sa
-
-import rowsync
 from fixtures import db_functions, db_triggers, reference_watchers
 from models import Person, Post, Tag
+
+import rowsync
 from rowsync import RowSync, Sync
 from rowsync.migrations import migration_files
 from rowsync.triggers import MAX_IDENTIFIER, PREFIX, short_name, triggers
@@ -23,7 +22,11 @@ def names(rs: RowSync) -> set[tuple[str, str, str]]:
 
 
 def rowsync_triggers(engine: sa.Engine) -> set[tuple[str, str, str]]:
-    return {key for key, comment in db_triggers(engine).items() if comment.startswith("rowsync channel=")}
+    return {
+        key
+        for key, comment in db_triggers(engine).items()
+        if comment.startswith("rowsync channel=")
+    }
 
 
 # -- scenario 3: names -----------------------------------------------------------------
@@ -49,10 +52,14 @@ def test_trigger_names_are_deterministic() -> None:
 def test_trigger_names_differ_by_table_event_label_and_channel() -> None:
     plain = triggers(rowsync.watchers(Post), schema="rowsync", channel="rowsync")
     labelled = triggers(rowsync.watchers(Post, label="feed"), schema="rowsync", channel="rowsync")
-    other_label = triggers(rowsync.watchers(Post, label='feed "2"'), schema="rowsync", channel="rowsync")
+    other_label = triggers(
+        rowsync.watchers(Post, label='feed "2"'), schema="rowsync", channel="rowsync"
+    )
     other_channel = triggers(rowsync.watchers(Post), schema="rowsync", channel="other")
     tags = triggers(rowsync.watchers(Tag), schema="rowsync", channel="rowsync")
-    sets = [{t.name for t in trigs} for trigs in (plain, labelled, other_label, other_channel, tags)]
+    sets = [
+        {t.name for t in trigs} for trigs in (plain, labelled, other_label, other_channel, tags)
+    ]
 
     assert sum(len(s) for s in sets) == len(set().union(*sets)) == 15
     assert len({t.name for t in plain}) == 3
@@ -73,7 +80,9 @@ def test_long_names_are_cut_on_a_character_boundary_and_kept_apart_by_a_hash() -
 
 
 def test_names_keep_the_table_name_readable_when_it_fits() -> None:
-    (trig,) = triggers(rowsync.watchers(Post, events=["updated"]), schema="rowsync", channel="rowsync")
+    (trig,) = triggers(
+        rowsync.watchers(Post, events=["updated"]), schema="rowsync", channel="rowsync"
+    )
 
     assert trig.name.startswith("rowsync_upd_posts_")
 
@@ -106,9 +115,10 @@ def test_install_creates_one_commented_trigger_per_watcher(schema) -> None:
 
 
 def _versions(engine: sa.Engine) -> list[tuple[str, str, str]]:
-    """Row versions (xmin) of rowsync's triggers and functions: they change if anything is rewritten."""
+    """Row versions (xmin) of rowsync's triggers and functions: rewriting one changes them."""
     query = sa.text(
-        "SELECT t.tgname, t.xmin::text, p.xmin::text FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+        "SELECT t.tgname, t.xmin::text, p.xmin::text"
+        " FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
         " WHERE starts_with(t.tgname, 'rowsync_') ORDER BY t.tgname"
     )
     with engine.connect() as conn:
@@ -147,7 +157,9 @@ def test_changed_watcher_is_reported_outdated_and_upgraded_by_install(schema, wr
     assert change.ids == {"id": 1, "other_id": None, "person_id": None, "name": "now identifying"}
 
 
-def test_rowsync_triggers_left_from_older_watchers_are_orphaned_and_pruned_on_request(schema, write) -> None:
+def test_rowsync_triggers_left_from_older_watchers_are_orphaned_and_pruned_on_request(
+    schema, write
+) -> None:
     old = RowSync(schema, rowsync.watchers(Post) + rowsync.watchers(Tag))
     old.install()
     new = RowSync(schema, rowsync.watchers(Post))
@@ -188,14 +200,18 @@ CREATE FUNCTION audit_fn() RETURNS trigger LANGUAGE plpgsql AS
 CREATE FUNCTION rowsync_lookalike_fn() RETURNS trigger LANGUAGE plpgsql AS
   $$ BEGIN INSERT INTO audit (what) VALUES (TG_NAME); RETURN NULL; END $$;
 CREATE TRIGGER audit_trg AFTER INSERT ON posts FOR EACH ROW EXECUTE FUNCTION audit_fn();
-CREATE TRIGGER rowsync_ins_posts_lookalike AFTER INSERT ON posts FOR EACH ROW EXECUTE FUNCTION rowsync_lookalike_fn();
-CREATE TRIGGER rowsync_ins_tags_commented AFTER INSERT ON tags FOR EACH ROW EXECUTE FUNCTION rowsync_lookalike_fn();
+CREATE TRIGGER rowsync_ins_posts_lookalike AFTER INSERT ON posts
+  FOR EACH ROW EXECUTE FUNCTION rowsync_lookalike_fn();
+CREATE TRIGGER rowsync_ins_tags_commented AFTER INSERT ON tags
+  FOR EACH ROW EXECUTE FUNCTION rowsync_lookalike_fn();
 COMMENT ON TRIGGER rowsync_ins_tags_commented ON tags IS 'made by hand, not by rowsync';
 """
 
 
 def test_another_librarys_triggers_are_never_touched(schema, write) -> None:
-    with psycopg.connect(schema.url.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
+    with psycopg.connect(
+        schema.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    ) as conn:
         conn.execute(FOREIGN)
     foreign = {
         ("public", "posts", "audit_trg"),
@@ -217,7 +233,9 @@ def test_another_librarys_triggers_are_never_touched(schema, write) -> None:
     assert fired == ["audit_trg", "rowsync_ins_posts_lookalike", "rowsync_ins_tags_commented"]
 
 
-def test_uninstall_drops_triggers_and_functions_and_keeps_the_schema_unless_asked(schema, write) -> None:
+def test_uninstall_drops_triggers_and_functions_and_keeps_the_schema_unless_asked(
+    schema, write
+) -> None:
     rs = RowSync(schema, reference_watchers())
     rs.install()
 
@@ -287,21 +305,32 @@ def test_concurrent_installs_all_succeed_and_leave_one_set_of_triggers(schema) -
     assert sorted(bool(status.missing) for status in results) == [False] * (count - 1) + [True]
     assert rowsync_triggers(schema) == names(rs)
     with schema.connect() as conn:
-        versions = list(conn.scalars(sa.text("SELECT version FROM rowsync.migrations ORDER BY version")))
+        versions = list(
+            conn.scalars(sa.text("SELECT version FROM rowsync.migrations ORDER BY version"))
+        )
     assert versions == [v for v, _ in migration_files()]
     assert rs.status().ok
 
 
-@pytest.mark.parametrize("event", ["inserted", "updated", "deleted"])
-def test_installed_trigger_fires_only_for_its_event(schema, write, event) -> None:
-    rs = RowSync(schema, rowsync.watchers(Tag, events=[event]))
-    rs.install()
-    with rs:
-        sub = rs.subscribe(Tag)
+def test_installed_trigger_fires_only_for_its_event(schema, write) -> None:
+    """One RowSync per event (each on its own channel), so each sees only its trigger fire."""
+    events = ("inserted", "updated", "deleted")
+    each = {e: RowSync(schema, rowsync.watchers(Tag, events=[e]), channel=e) for e in events}
+    subs = {}
+    for event, rs in each.items():
+        rs.install()
+        rs.start()
+        subs[event] = rs.subscribe(Tag)
+    try:
         write(Tag(id=1, name="a"))
         write(sa.update(Tag).values(name="b"))
         write(sa.delete(Tag))
-        rs.flush()
-        got = [change.event for _, change in sub.drain()]
+        got = {}
+        for event, rs in each.items():
+            rs.flush()
+            got[event] = [change.event for _, change in subs[event].drain()]
+    finally:
+        for rs in each.values():
+            rs.stop()
 
-    assert got == [event]
+    assert got == {e: [e] for e in events}
