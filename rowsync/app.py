@@ -225,8 +225,9 @@ class RowSync:
         return self.syncer.sync(value, message, preloads)
 
     def resync(self, value: Any) -> Any:
-        """``value`` made consistent with the database: what it holds, re-read by primary key."""
-        raise NotImplementedError("resync lands with the reliability issue")
+        """``value`` made consistent with the database after a ``(Resync, info)`` message:
+        what it holds, re-read by primary key in batches, loaded as it was loaded."""
+        return self.syncer.resync(value)
 
     # -- the listener's callbacks (listener thread) -----------------------------------
 

@@ -176,6 +176,17 @@ class RowSource:
 
         return self.cache.load(("reload", edge, tuple(parents), _freeze(spec), strategy, ref), fetch)  # type: ignore[no-any-return]
 
+    def objects(self, mapper: Mapper[Any], keys: Sequence[tuple[Any, ...]], spec: tree.LoadSpec) -> dict[tuple[Any, ...], Any]:
+        """Detached objects by primary key with ``spec`` loaded, ``BATCH`` keys per query."""
+        found: dict[tuple[Any, ...], Any] = {}
+        with Session(self.engine, expire_on_commit=False) as session:
+            for start in range(0, len(keys), BATCH):
+                self.queries["objects"] += 1
+                stmt = sa.select(mapper).where(_where_key(mapper.local_table, keys[start : start + BATCH]))  # type: ignore[arg-type]
+                for obj in session.scalars(stmt.options(*_options(mapper, spec))).unique():
+                    found[tree.primary_key(obj)] = obj
+        return found
+
     # -- the router's Resolver ---------------------------------------------------------
 
     def members(self, edge: Edge, local: tuple[Any, ...]) -> list[Mapping[str, Any]]:

@@ -81,6 +81,36 @@ class Syncer:
         return value
 
 
+    def resync(self, value: Any) -> Any:
+        """``value`` re-read from the database by primary key, loaded as it was loaded.
+
+        Roots deleted meanwhile are gone; rows inserted meanwhile cannot be known from the
+        tree (re-run the query for those). Lists are updated in place.
+        """
+        roots = value if isinstance(value, list) else tree.as_list(value)
+        if not roots or not tree.is_model(roots[0]):
+            return value
+        groups: dict[Any, list[Any]] = {}
+        for obj in roots:
+            groups.setdefault(instance_state(obj).mapper, []).append(obj)
+        fresh: dict[tuple[Any, tuple[Any, ...]], Any] = {}
+        for mapper, objs in groups.items():
+            spec = tree.expected_spec(objs[0])
+            found = self.rows.objects(mapper, [tree.primary_key(o) for o in objs], spec)
+            for key, obj in found.items():
+                tree.remember_spec(obj, spec)
+                fresh[(mapper, key)] = obj
+        result = [
+            fresh[key]
+            for key in ((instance_state(o).mapper, tree.primary_key(o)) for o in roots)
+            if key in fresh
+        ]
+        if isinstance(value, list):
+            value[:] = result
+            return value
+        return result[0] if result else None
+
+
 class _Patch:
     """One message applied to one tree."""
 
@@ -213,7 +243,8 @@ class _Patch:
             return
         if self.deleted:
             self.roots[:] = [r for r in self.roots if not (_table(r) is self.table and tree.primary_key(r) == self.key)]
-        elif self.change.event == "inserted" and not self.index.instances(self.table, self.key):
+        elif self.change.event == "inserted" and not any(tree.primary_key(r) == self.key for r in self.roots):
+            # held below already (it entered a collection first): that instance joins the roots too
             if isinstance(model, sa.Table):
                 return
             spec = tree.expected_spec(self.roots[0]) if self.roots else None

@@ -119,7 +119,7 @@ BEGIN
         -- Too large for NOTIFY: park it, notify its ref, and drop parked events old enough
         -- that every listener has read them (SKIP LOCKED: writers never wait on each other).
         INSERT INTO {overflow} (ref, payload) VALUES (ref, payload);
-        DELETE FROM {overflow} WHERE ref IN (
+        DELETE FROM {overflow} AS d WHERE d.ref IN (
             SELECT o.ref FROM {overflow} o WHERE o.created_at < now() - interval '1 hour'
             FOR UPDATE SKIP LOCKED);
         payload := jsonb_build_object('r', ref, 'x', true)::text;

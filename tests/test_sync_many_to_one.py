@@ -2,8 +2,8 @@
 
 import pytest
 import sqlalchemy as sa
-from fixtures import apply_all
-from models import Person, Post
+from fixtures import apply_all, messages, sync_each
+from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
 from sqlalchemy.orm import joinedload, selectinload
 
@@ -136,4 +136,44 @@ def test_other_many_to_one_on_a_second_foreign_key_is_independent(
     posts = apply_all(rs, sub, posts)
 
     assert (posts[0].person.id, posts[0].other_person.id) == (1, 2)
+    assert snapshot(posts) == snapshot(fresh(sessions, query))
+
+
+@pytest.mark.parametrize(
+    "reverse", [pytest.param(False, id="delivered"), pytest.param(True, id="reversed")]
+)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_roots_moving_between_parents_loaded_below_them_look_freshly_loaded(
+    rs, sessions, write, loader, reverse
+):
+    """Root posts, each with its person and that person's posts and their tags: a post that
+    enters a person's posts gets its tags there, and loses them again when it leaves (a
+    fresh query would not load them on a root post: nobody would keep them in sync)."""
+    write(
+        Person(id=1, name="a"),
+        Person(id=2, name="b"),
+        Person(id=3, name="c"),
+        Tag(id=1, name="x"),
+        Post(id=10, name="test", person_id=1),
+        Post(id=11, name="p", person_id=2),
+        PostTag(post_id=10, tag_id=1),
+    )
+    rs.flush()
+    query = (
+        sa.select(Post)
+        .order_by(Post.id)
+        .options(loader(Post.person).options(loader(Person.posts).options(loader(Post.tags))))
+    )
+    posts = fresh(sessions, query)
+    sub = rs.subscribe(posts, assocs=[{"person": [{"posts": ["tags"]}]}]).add(Post, "inserted")
+
+    write(sa.update(Post).where(Post.id == 11).values(person_id=1))
+    write(Post(id=12, name="n", person_id=3), PostTag(post_id=12, tag_id=1))
+    write(sa.update(Post).where(Post.id == 10).values(person_id=3))
+    write(sa.delete(Person).where(Person.id == 1))
+    write(sa.update(Tag).values(name="y"))
+    msgs = messages(rs, sub)
+    posts = sync_each(rs, posts, msgs[::-1] if reverse else msgs)
+
+    assert [p.id for p in posts] == [10, 11, 12]
     assert snapshot(posts) == snapshot(fresh(sessions, query))

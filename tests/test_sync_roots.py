@@ -235,3 +235,21 @@ def test_module_level_sync_without_a_started_rowsync_raises(rs, sessions, write)
     with pytest.raises(rowsync.NotRunningError):
         rowsync.sync(person, message)
     assert rowsync.sync("x", (Resync, ResyncInfo("overflow", 0.0))) == "x"
+
+
+def test_insert_joins_the_roots_even_when_the_tree_already_holds_it_below(rs, sessions, write):
+    """Post 12 enters person 1's posts (loaded below root post 10) and the root list: one instance."""
+    write(Person(id=1, name="a"), Post(id=10, name="p", person_id=1))
+    rs.flush()
+    query = (
+        sa.select(Post).order_by(Post.id).options(selectinload(Post.person).selectinload(Person.posts))
+    )
+    posts = fresh(sessions, query)
+    sub = rs.subscribe(posts, assocs=[{"person": ["posts"]}]).add(Post, "inserted")
+
+    write(Post(id=12, name="q", person_id=1))
+    posts = apply_all(rs, sub, posts)
+
+    assert [p.id for p in posts] == [10, 12]
+    assert posts[1] is posts[0].person.posts[1]
+    assert snapshot(posts) == snapshot(fresh(sessions, query))

@@ -1,0 +1,47 @@
+"""The gap signal: a reconnect or an overflow is announced by (Resync, info), and
+rs.resync(tree) brings the tree back to what a fresh query gives."""
+
+import sqlalchemy as sa
+from sqlalchemy.orm import selectinload
+
+import rowsync
+from models import Person, Post, Tag
+from oracle import fresh, snapshot
+
+
+def test_resync_rereads_what_the_tree_holds(rs, sessions, write):
+    write(Person(id=1, name="a"), Person(id=2, name="b"), Tag(id=1, name="t"), Post(id=10, person_id=1))
+    query = sa.select(Person).options(selectinload(Person.posts).selectinload(Post.tags))
+    people = fresh(sessions, query)
+
+    # Changes nobody was told about (as if sent while the listener was away).
+    write(sa.update(Person).where(Person.id == 1).values(name="renamed"), Post(id=11, person_id=1))
+    write(sa.delete(Person).where(Person.id == 2))
+
+    same_list = people
+    people = rs.resync(people)
+
+    assert people is same_list
+    assert snapshot(people) == snapshot(fresh(sessions, query))
+    assert [p.name for p in people] == ["renamed"]
+
+
+def test_resync_of_a_deleted_single_object_is_none(rs, sessions, write):
+    write(Person(id=1, name="a"))
+    person = fresh(sessions, sa.select(Person), many=False)
+    write(sa.delete(Person))
+    assert rs.resync(person) is None
+    assert rs.resync(None) is None
+
+
+def test_an_overflowing_subscription_is_told_to_resync(rs, sessions, write):
+    write(Person(id=1, name="a"))
+    person = fresh(sessions, sa.select(Person), many=False)
+    sub = rs.subscribe(person, maxsize=2)
+    for name in "bcdef":
+        write(sa.update(Person).values(name=name))
+    rs.flush()
+    messages = sub.drain()
+    assert messages[0][0] is rowsync.Resync and messages[0][1].reason == "overflow"
+    person = rs.resync(person)
+    assert person.name == "f"
