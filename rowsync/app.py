@@ -246,14 +246,23 @@ class RowSync:
             table, model = entry
             new = coerce(table, item.new)
             old = coerce(table, item.old) if item.old is not None else None
-            if any(c.name not in new for c in table.primary_key.columns):
+            if any(new.get(c.name) is None for c in table.primary_key.columns):
                 self.stats["malformed"] += 1
                 logger.warning("skipping event for %s without its primary key: %r", table.name, item.new)
                 continue
             notices.append((item, table, model, new, old))
             if item.event != "deleted":
                 wanted[table].append(key_of(table, new))
-        fetched = {table: self.rows.fetch(table, keys) for table, keys in wanted.items()}
+        fetched: dict[sa.Table, dict[tuple[Any, ...], CachedRow] | None] = {}
+        for table, keys in wanted.items():
+            try:
+                fetched[table] = self.rows.fetch(table, keys)
+            except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
+                # The table no longer matches its mapper (a column dropped, renamed, retyped):
+                # the changes cannot be followed, so their subscribers are told to resync.
+                self.stats["fetch_errors"] += 1
+                logger.error("cannot read changed rows of %s: %s", table.name, exc.orig or exc)
+                fetched[table] = None
         for item, table, model, new, old in notices:
             if isinstance(item, Flush):
                 if (event := self._flushes.pop(item.token, None)) is not None:
@@ -261,18 +270,23 @@ class RowSync:
                 continue
             assert table is not None
             key = key_of(table, new)
-            if item.event != "deleted":
-                row = fetched[table].get(key)
+            rows = fetched.get(table, {})
+            if item.event != "deleted" and rows is not None:
+                row = rows.get(key)
                 self.cache.put((table, key, item.ref), GONE if row is None else CachedRow(row.values, row.matches, old))
-            change = Change(model, item.event, new, item.ref)  # type: ignore[arg-type]
             if item.event == "deleted":
                 route_new, route_old = None, new
             else:
                 route_new, route_old = new, (old if old is not None else (new if item.event == "updated" else None))
             subs = self.router.route(table, item.event, route_new, route_old)
             self.stats["dispatched"] += 1
+            message: Message = (
+                (Sync, Change(model, item.event, new, item.ref))  # type: ignore[arg-type]
+                if rows is not None
+                else (Resync, ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()))
+            )
             for sub in subs:
-                sub.put((Sync, change))
+                sub.put(message)
 
     def _on_gap(self, reason: str) -> None:
         info = ResyncInfo(reason, time.monotonic())

@@ -78,12 +78,14 @@ def triggers(watchers: Iterable[Watcher], *, schema: str, channel: str) -> list[
     return result
 
 
-def _json(record: str, columns: Sequence[str]) -> sql.Composable:
-    """``jsonb_build_object('col', NEW."col", …)``, in chunks: the function takes 100 arguments at most."""
+def _ids(record: sql.Composable, columns: Sequence[str]) -> sql.Composable:
+    """``jsonb_build_object('col', new_row -> 'col', …)``, in chunks of 50 pairs (the function
+    takes 100 arguments at most). Columns are read from the row as jsonb, so a column dropped
+    or renamed under the trigger gives a null, never an error in the writer's transaction."""
     chunks = [
         sql.SQL("jsonb_build_object({})").format(
             sql.SQL(", ").join(
-                sql.SQL("{}, {}.{}").format(sql.Literal(c), sql.SQL(record), sql.Identifier(c))
+                sql.SQL("{}, {} -> {}").format(sql.Literal(c), record, sql.Literal(c))
                 for c in columns[i : i + 50]
             )
         )
@@ -97,32 +99,33 @@ def _trigger(w: Watcher, *, schema: str, channel: str) -> Trigger:
     identity = (w.schema, w.table, w.event, w.label, channel)
     name = short_name(kind, w.table, identity)
     function = short_name(kind, w.table, (*identity, "function"))
-    record = "OLD" if w.event == "deleted" else "NEW"
+    record = sql.SQL("to_jsonb(OLD)" if w.event == "deleted" else "to_jsonb(NEW)")
     old: sql.Composable = sql.SQL("NULL")
     if w.event == "updated":
-        old = sql.SQL("CASE WHEN ({}) IS DISTINCT FROM ({}) THEN {} END").format(
-            sql.SQL(", ").join(sql.SQL("OLD.{}").format(sql.Identifier(c)) for c in w.columns),
-            sql.SQL(", ").join(sql.SQL("NEW.{}").format(sql.Identifier(c)) for c in w.columns),
-            _json("OLD", w.columns),
-        )
+        old = _ids(sql.SQL("to_jsonb(OLD)"), w.columns)
     body = sql.SQL(
         """
 DECLARE
-    ref bigint := nextval({seq});
+    rowsync_ref bigint := nextval({seq});
+    new_ids jsonb := {new};
+    old_ids jsonb := {old};
     payload text;
 BEGIN
+    IF old_ids = new_ids THEN
+        old_ids := NULL;  -- identifying columns unchanged: the new ones say it all
+    END IF;
     payload := jsonb_build_object(
-        'r', ref, 's', {table_schema}, 't', {table_name}, 'e', {letter}, 'l', {label},
-        'n', {new}, 'o', {old}
+        'r', rowsync_ref, 's', {table_schema}, 't', {table_name}, 'e', {letter}, 'l', {label},
+        'n', new_ids, 'o', old_ids
     )::text;
     IF octet_length(payload) > {limit} THEN
         -- Too large for NOTIFY: park it, notify its ref, and drop parked events old enough
         -- that every listener has read them (SKIP LOCKED: writers never wait on each other).
-        INSERT INTO {overflow} (ref, payload) VALUES (ref, payload);
+        INSERT INTO {overflow} (ref, payload) VALUES (rowsync_ref, payload);
         DELETE FROM {overflow} AS d WHERE d.ref IN (
             SELECT o.ref FROM {overflow} o WHERE o.created_at < now() - interval '1 hour'
             FOR UPDATE SKIP LOCKED);
-        payload := jsonb_build_object('r', ref, 'x', true)::text;
+        payload := jsonb_build_object('r', rowsync_ref, 'x', true)::text;
     END IF;
     PERFORM pg_notify({channel}, payload);
     RETURN NULL;
@@ -134,7 +137,7 @@ END
         table_name=sql.Literal(w.table),
         letter=sql.Literal(letter),
         label=sql.Literal(w.label),
-        new=_json(record, w.columns),
+        new=_ids(record, w.columns),
         old=old,
         limit=sql.Literal(NOTIFY_LIMIT),
         overflow=sql.Identifier(schema, "overflow"),

@@ -238,11 +238,14 @@ def test_module_level_sync_without_a_started_rowsync_raises(rs, sessions, write)
 
 
 def test_insert_joins_the_roots_even_when_the_tree_already_holds_it_below(rs, sessions, write):
-    """Post 12 enters person 1's posts (loaded below root post 10) and the root list: one instance."""
+    """Post 12 enters person 1's posts (loaded below root post 10) and the root list:
+    one instance in both places, loaded as a root is."""
     write(Person(id=1, name="a"), Post(id=10, name="p", person_id=1))
     rs.flush()
     query = (
-        sa.select(Post).order_by(Post.id).options(selectinload(Post.person).selectinload(Person.posts))
+        sa.select(Post)
+        .order_by(Post.id)
+        .options(selectinload(Post.person).selectinload(Person.posts))
     )
     posts = fresh(sessions, query)
     sub = rs.subscribe(posts, assocs=[{"person": ["posts"]}]).add(Post, "inserted")
