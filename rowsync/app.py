@@ -9,6 +9,7 @@ watchers -> :mod:`~rowsync.triggers` (install) ; :mod:`~rowsync.listener` (event
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -250,6 +251,12 @@ class RowSync:
                 self.stats["malformed"] += 1
                 logger.warning("skipping event for %s without its primary key: %r", table.name, item.new)
                 continue
+            if item.event == "updated" and old is not None and key_of(table, old) != key_of(table, new):
+                # A primary key changed: for every tree it is another row. The old one goes,
+                # the new one comes (the same ref: they are two rows, each changed once).
+                notices.append((dataclasses.replace(item, event="deleted"), table, model, old, None))
+                item = dataclasses.replace(item, event="inserted")
+                old = None
             notices.append((item, table, model, new, old))
             if item.event != "deleted":
                 wanted[table].append(key_of(table, new))

@@ -173,16 +173,23 @@ class Listener:
         with selectors.DefaultSelector() as selector:
             selector.register(conn.fileno(), selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
+            # A query on this connection (overflow read, probe) can take in notifications that
+            # then wait in psycopg's backlog, not in the socket: look again before sleeping.
+            queried = False
             while not self._stopping.is_set():
-                ready = selector.select(self.probe_interval)
+                ready = selector.select(0 if queried else self.probe_interval)
                 self._drain_wake()
                 if self._stopping.is_set():
                     return
                 batch = self._receive(conn)
                 if batch:
                     self._handle(conn, batch)
-                elif not ready:
+                    queried = True
+                elif not ready and not queried:
                     conn.execute("SELECT 1")  # liveness probe: raises if the server is gone
+                    queried = True
+                else:
+                    queried = False
 
     def _drain_wake(self) -> None:
         try:

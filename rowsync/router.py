@@ -218,8 +218,8 @@ class Router:
                         self._upkeep(sub, key, edge, nested, event, new, old)
             result = list(matched)
             for sub in self._models.get(table, ()):
-                follow = _model_match(sub, table, event, new, old)
-                if follow is False:
+                hit, follow = _model_match(sub, table, event, new, old)
+                if not hit:
                     continue
                 if sub not in matched:
                     result.append(sub)
@@ -294,16 +294,15 @@ def _edge_key(edge: Edge, local: tuple[Any, ...]) -> Interest:
 
 def _model_match(
     sub: Subscription, table: sa.Table, event: str, new: Values | None, old: Values | None
-) -> Spec | bool | None:
-    """False when no model-level interest matches; else the spec to follow the row with, if any."""
-    found: Spec | bool | None = False
+) -> tuple[bool, Spec | None]:
+    """Whether a model-level interest of ``sub`` matches, and the spec to follow the row with."""
+    hit, spec = False, None
     for model_table, wanted, filters, follow in sub.models:
         if model_table is not table or (wanted is not None and wanted != event):
             continue
         if all(any(v is not None and k in v and v[k] == f for v in (new, old)) for k, f in filters.items()):
-            if follow is not None:
-                return follow
-            found = None
-    return found
+            hit = True
+            spec = follow if follow is not None else spec
+    return hit, spec
 
 

@@ -124,8 +124,10 @@ class _Patch:
         self.deleted = change.event == "deleted"
         self.preloads = preloads
         self.index = tree.Index.of(roots)
-        self.placed: list[Any] = []
-        """Objects of the tree that a change put in a new place: they must look loaded as there."""
+        self.touched: list[Any] = []
+        """Objects a change put in a new place or took from one: they must look loaded as a
+        fresh query would load them where they now are."""
+        self.root_spec = tree.declared_spec(roots[0]) if roots else None
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.change_row(change)
@@ -156,7 +158,7 @@ class _Patch:
             if self.table is edge.parent_table and not edge.local_is_key and not self.deleted:
                 self.repoint(edge, parents)
         self.root()
-        if self.placed:
+        if self.touched:
             self.conform()
 
     # -- where the changed row sits on the edge --------------------------------------
@@ -218,7 +220,7 @@ class _Patch:
             current = tree.loaded_value(parent, edge.key)
             if any(v is None for v in local):
                 if current is not None:
-                    attributes.set_committed_value(parent, edge.key, None)
+                    self.set(parent, edge, None)
                 continue
             target = key_of(edge.target_table, {r.name: v for r, v in zip(remote, local)})
             self.ensure(parent, edge, target, True)
@@ -234,7 +236,7 @@ class _Patch:
             fresh = self.rows.reload(edge, keys, self.spec_below(edge, group), strategy, self.change.ref)
             for parent, key in zip(group, keys):
                 items = [self.reuse(o, memo) for o in fresh.get(key, [])]
-                attributes.set_committed_value(parent, edge.key, items if edge.uselist else (items[0] if items else None))
+                self.set(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
         """The roots themselves: a deleted root leaves, an inserted row of the roots' model joins."""
@@ -242,7 +244,9 @@ class _Patch:
         if self.roots and instance_state(self.roots[0]).mapper.local_table is not self.table:
             return
         if self.deleted:
-            self.roots[:] = [r for r in self.roots if not (_table(r) is self.table and tree.primary_key(r) == self.key)]
+            gone = [r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key]
+            self.roots[:] = [r for r in self.roots if r not in gone]
+            self.touched += gone
         elif self.change.event == "inserted" and not any(tree.primary_key(r) == self.key for r in self.roots):
             # held below already (it entered a collection first): that instance joins the roots too
             if isinstance(model, sa.Table):
@@ -251,6 +255,7 @@ class _Patch:
             obj = self.instance(sa.inspect(model), self.key, self.row, spec)
             if obj is not None:
                 self.roots.append(obj)
+                self.touched.append(obj)
 
     # -- making a collection hold a row, or not ---------------------------------------
 
@@ -262,9 +267,9 @@ class _Patch:
             if present and not held:
                 obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
                 if obj is not None:
-                    attributes.set_committed_value(parent, edge.key, obj)
+                    self.set(parent, edge, obj)
             elif present is False and held:
-                attributes.set_committed_value(parent, edge.key, None)
+                self.set(parent, edge, None)
             return
         items = tree.as_list(current)
         held = any(tree.primary_key(o) == target for o in items)
@@ -280,7 +285,16 @@ class _Patch:
         if edge.order_by:
             items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
         if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
-            attributes.set_committed_value(parent, edge.key, items)
+            self.set(parent, edge, items)
+
+    def set(self, parent: Any, edge: Edge, value: Any) -> None:
+        """Set a relationship as if loaded (nothing marked dirty), noting who came and went."""
+        before = tree.loaded_value(parent, edge.key)
+        before_ids = {id(o) for o in tree.as_list(None if before is tree.NOT_LOADED else before)}
+        after_ids = {id(o) for o in tree.as_list(value)}
+        self.touched += [o for o in tree.as_list(None if before is tree.NOT_LOADED else before) if id(o) not in after_ids]
+        self.touched += [o for o in tree.as_list(value) if id(o) not in before_ids]
+        attributes.set_committed_value(parent, edge.key, value)
 
     def instance(self, mapper: Mapper[Any], key: tuple[Any, ...], row: CachedRow | None, spec: tree.LoadSpec | None) -> Any:
         """The object for a row joining the tree: the tree's own if it holds one, else new,
@@ -289,7 +303,6 @@ class _Patch:
         table: sa.Table = mapper.local_table  # type: ignore[assignment]
         existing = self.index.instances(table, key)
         if existing:
-            self.placed.append(existing[0])
             return existing[0]
         if spec is None:
             spec = _preload_spec(self.preloads.get(mapper.class_)) or {}
@@ -313,16 +326,28 @@ class _Patch:
         (it would go stale: nobody follows it any more), what one loads and it lacks is loaded."""
         index = tree.Index.of(self.roots)
         done: set[int] = set()
-        for obj in self.placed:
+        for obj in self.touched:
             self._conform(obj, index, done)
 
     def _conform(self, obj: Any, index: tree.Index, done: set[int]) -> None:
-        if id(obj) in done or id(obj) not in index.holders:
+        if id(obj) in done:
             return
         done.add(id(obj))
+        if id(obj) not in index.holders:
+            # Gone from the tree: what it held may have lost a place (or its last one).
+            for rel in instance_state(obj).mapper.relationships:
+                value = tree.loaded_value(obj, rel.key)
+                for child in tree.as_list(None if value is tree.NOT_LOADED else value):
+                    self._conform(child, index, done)
+            return
         spec: dict[str, Any] = {}
         for parent, key in index.holders[id(obj)]:
-            declared = tree.declared_spec(obj if parent is None else parent)
+            if parent is None:
+                declared = self.root_spec
+                if declared is None and state_class(obj) in self.preloads:
+                    declared = _preload_spec(self.preloads[state_class(obj)])
+            else:
+                declared = tree.declared_spec(parent)
             if declared is None:
                 return  # a place loaded without options: what is loaded is all we know
             spec = tree.merge_specs(spec, declared if parent is None else declared.get(key or "", {}))
@@ -361,6 +386,10 @@ class _Patch:
 
 def _child_spec(parent: Any, edge: Edge) -> tree.LoadSpec:
     return tree.expected_spec(parent).get(edge.key, {})  # type: ignore[no-any-return]
+
+
+def state_class(obj: Any) -> Any:
+    return instance_state(obj).class_
 
 
 def _ref(obj: Any) -> int:

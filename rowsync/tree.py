@@ -146,7 +146,8 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
         value = loaded_value(obj, key)
         if value is not NOT_LOADED:
             for child in as_list(value):
-                if _SPEC not in instance_state(child).info:
+                state = instance_state(child)
+                if _SPEC not in state.info and not state.load_options:  # not the tree's own
                     remember_spec(child, nested)
 
 

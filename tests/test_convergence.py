@@ -31,8 +31,8 @@ IDS = st.integers(min_value=1, max_value=5)
 NAMES = st.sampled_from(["test", "bad", "worst", "x", None])
 BODIES = st.sampled_from(["blabla", "y", None])
 TAG_NAMES = st.sampled_from(["test", "t1", "t2"])
-EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_EXAMPLES", "12"))
-STEPS = int(os.environ.get("ROWSYNC_ORACLE_STEPS", "20"))
+EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_EXAMPLES", "20"))
+STEPS = int(os.environ.get("ROWSYNC_ORACLE_STEPS", "25"))
 SHRINK = os.environ.get("ROWSYNC_ORACLE_SHRINK", "1") != "0"
 
 
@@ -105,8 +105,9 @@ class Convergence(RuleBasedStateMachine):
         for sub in self.rs.subscriptions():
             sub.close()
         with self.sessions() as s, s.begin():
-            tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-            s.execute(sa.text(f"TRUNCATE {tables} CASCADE"))
+            # TRUNCATE fires no row trigger: the next example starts without a flood of events.
+            quote = s.get_bind().dialect.identifier_preparer.format_table
+            s.execute(sa.text("TRUNCATE " + ", ".join(quote(t) for t in Base.metadata.sorted_tables)))
             s.add_all([Person(id=i, name="p") for i in (1, 2, 3)] + [Tag(id=i, name="t1") for i in (1, 2)])
             s.add_all([Label(id=1, name="l")])
             s.flush()
