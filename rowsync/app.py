@@ -312,14 +312,14 @@ class RowSync:
                 raise TimeoutError(f"listener not connected within {timeout} s")
             token = uuid.uuid4().hex
             done = self._flushes[token] = threading.Event()
-            reconnects = self.listener.stats["reconnects"]
+            gaps = self.listener.stats["gaps"]
             send_flush(self.conninfo, self.channel, token)
             while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
                     self._flushes.pop(token, None)
                     raise TimeoutError(f"listener did not reach the flush barrier within {timeout} s")
-                if self.listener.stats["reconnects"] != reconnects:
-                    break  # the barrier may have been sent into the gap: send another
+                if self.listener.stats["gaps"] != gaps:
+                    break  # the barrier may have fallen into the gap: send another
             else:
                 return
             self._flushes.pop(token, None)

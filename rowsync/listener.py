@@ -149,7 +149,7 @@ class Listener:
                     if not first:
                         self.stats["reconnects"] += 1
                         logger.info("listener reconnected on channel %r", self.channel)
-                        self.on_gap("reconnect")
+                        self._gap("reconnect")
                     first = False
                     delay = self.backoff[0]
                     self._serve(conn)
@@ -228,13 +228,22 @@ class Listener:
                     continue
                 item = resolved
             batch.append(item)
+        if lost := len(oversized) - len(found):
+            self._gap(f"{lost} oversized event(s) could not be read back")
         try:
             self.on_batch(batch)
         except psycopg.Error:
             raise
         except Exception:
+            # The batch's changes were not delivered: nobody may go on believing they are current.
             self.stats["batch_errors"] += 1
             logger.exception("error while dispatching a batch of %d events", len(batch))
+            self._gap("a batch of changes could not be dispatched")
+
+    def _gap(self, reason: str) -> None:
+        """Changes may have been missed: count it and let ``on_gap`` tell the subscribers."""
+        self.stats["gaps"] += 1
+        self.on_gap(reason)
 
     def _overflow(self, conn: psycopg.Connection[Any], refs: list[int]) -> dict[int, Notice]:
         """Oversized events, read back from the overflow table where the trigger left them."""

@@ -45,3 +45,23 @@ def test_an_overflowing_subscription_is_told_to_resync(rs, sessions, write):
     assert messages[0][0] is rowsync.Resync and messages[0][1].reason == "overflow"
     person = rs.resync(person)
     assert person.name == "f"
+
+
+def test_a_batch_that_cannot_be_dispatched_is_announced_and_the_listener_goes_on(rs, sessions, write, monkeypatch):
+    write(Person(id=1, name="a"))
+    sub = rs.subscribe(Person)
+    route = rs.router.route
+
+    def broken(*args, **kwargs):
+        monkeypatch.setattr(rs.router, "route", route)  # fails once, then works again
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rs.router, "route", broken)
+    write(sa.update(Person).values(name="b"))
+    rs.flush()
+    write(sa.update(Person).values(name="c"))
+    rs.flush()
+
+    kinds = [(kind, getattr(info, "reason", None) or info.event) for kind, info in sub.drain()]
+    assert kinds == [(rowsync.Resync, "a batch of changes could not be dispatched"), (rowsync.Sync, "updated")]
+    assert rs.listener.stats["batch_errors"] == 1
