@@ -49,6 +49,7 @@ def test_an_overflowing_subscription_is_told_to_resync(rs, sessions, write):
 
 def test_a_batch_that_cannot_be_dispatched_is_announced_and_the_listener_goes_on(rs, sessions, write, monkeypatch):
     write(Person(id=1, name="a"))
+    rs.flush()  # the insert is behind us
     sub = rs.subscribe(Person)
     route = rs.router.route
 
