@@ -52,10 +52,12 @@ demo: venv
 bench: venv
 	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) bench/run.py
 
-# Run both linters even if the first one fails, then fail if either did.
+# Run every check even if an earlier one fails, then fail if any did.
+LINT_PATHS := rowsync tests bench examples
 lint: venv
 	@rc=0; \
-	$(VENV)/bin/ruff check rowsync tests || rc=1; \
+	$(VENV)/bin/ruff check $(LINT_PATHS) || rc=1; \
+	$(VENV)/bin/ruff format --check $(LINT_PATHS) || rc=1; \
 	$(VENV)/bin/mypy || rc=1; \
 	exit $$rc
 

@@ -64,14 +64,18 @@ class RowSync:
         else:
             url = sa.make_url(dsn_or_engine)
             self.engine = sa.create_engine(url.set(drivername="postgresql+psycopg"))
-        self.conninfo = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
         self.channel = channel
         self.schema = schema
         self.queue_size = queue_size
         self.start_timeout = start_timeout
         self.watchers = merge(watchers)
         if not self.watchers:
-            raise ConfigurationError("RowSync needs at least one watcher (rowsync.watchers(Model, ...))")
+            raise ConfigurationError(
+                "RowSync needs at least one watcher (rowsync.watchers(Model, ...))"
+            )
         _reject_label_clashes(self.watchers)
         self.triggers = triggers.triggers(self.watchers, schema=schema, channel=channel)
         self._tables: dict[tuple[str, str], tuple[sa.Table, Any]] = {
@@ -100,16 +104,22 @@ class RowSync:
 
     def sql(self) -> str:
         """The complete install DDL, for review, ``rowsync sql`` or an Alembic revision."""
-        return triggers.install_sql(self.triggers, schema=self.schema, channel=self.channel).as_string()
+        return triggers.install_sql(
+            self.triggers, schema=self.schema, channel=self.channel
+        ).as_string()
 
     def install(self, *, prune: bool = False) -> triggers.Status:
         """Create or upgrade rowsync's schema and triggers; returns the status found before."""
         with psycopg.connect(self.conninfo) as conn:
-            return triggers.install(conn, self.triggers, schema=self.schema, channel=self.channel, prune=prune)
+            return triggers.install(
+                conn, self.triggers, schema=self.schema, channel=self.channel, prune=prune
+            )
 
     def uninstall(self, *, drop_schema: bool = False) -> int:
         with psycopg.connect(self.conninfo) as conn:
-            return triggers.uninstall(conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema)
+            return triggers.uninstall(
+                conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema
+            )
 
     def status(self) -> triggers.Status:
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
@@ -177,13 +187,22 @@ class RowSync:
         return self.router.subscriptions()
 
     def _add(
-        self, sub: Subscription, target: Any, event: str | None, *, assocs: Assocs = (), follow: bool = False, **filters: Any
+        self,
+        sub: Subscription,
+        target: Any,
+        event: str | None,
+        *,
+        assocs: Assocs = (),
+        follow: bool = False,
+        **filters: Any,
     ) -> None:
         if isinstance(target, (type, sa.Table)):
             table = self._watched(target)
             if event is not None and event not in EVENTS:
                 raise ConfigurationError(f"unknown event {event!r}; use one of {EVENTS}")
-            columns = {c for w in self.watchers if (w.schema, w.table) == _name(table) for c in w.columns}
+            columns = {
+                c for w in self.watchers if (w.schema, w.table) == _name(table) for c in w.columns
+            }
             if unknown := set(filters) - columns:
                 raise ConfigurationError(
                     f"cannot filter {table.name!r} on {sorted(unknown)}: only identifying columns "
@@ -199,12 +218,16 @@ class RowSync:
             self.router.add_model(sub, table, event, filters, spec)
             return
         if event is not None or follow or filters:
-            raise ConfigurationError("event, follow and filters go with a model, not with loaded objects")
+            raise ConfigurationError(
+                "event, follow and filters go with a model, not with loaded objects"
+            )
         objects = tree.as_list(target)
         by_mapper: dict[Any, list[Any]] = defaultdict(list)
         for obj in objects:
             if not tree.is_model(obj):
-                raise ConfigurationError(f"cannot subscribe to {obj!r}: not a mapped object or model")
+                raise ConfigurationError(
+                    f"cannot subscribe to {obj!r}: not a mapped object or model"
+                )
             by_mapper[sa.inspect(obj).mapper].append(obj)
         for mapper, objs in by_mapper.items():
             self._watched(mapper.class_)
@@ -216,7 +239,8 @@ class RowSync:
         except sa.exc.NoInspectionAvailable:
             raise ConfigurationError(f"{model!r} is not a mapped model or table") from None
         if _name(table) not in self._tables:
-            raise ConfigurationError(f"{table.name!r} is not watched; add rowsync.watchers({getattr(model, '__name__', table.name)})")
+            name = getattr(model, "__name__", table.name)
+            raise ConfigurationError(f"{table.name!r} is not watched; add rowsync.watchers({name})")
         return table
 
     # -- sync -------------------------------------------------------------------------
@@ -234,10 +258,13 @@ class RowSync:
 
     def _on_batch(self, batch: Sequence[Notice | Flush]) -> None:
         wanted: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
-        notices: list[tuple[Notice | Flush, sa.Table | None, Any, dict[str, Any], dict[str, Any] | None]] = []
+        # In batch order, so a flush barrier is released after the changes sent before it.
+        notices: list[
+            Flush | tuple[Notice, sa.Table, Any, dict[str, Any], dict[str, Any] | None]
+        ] = []
         for item in batch:
             if isinstance(item, Flush):
-                notices.append((item, None, None, {}, None))
+                notices.append(item)
                 continue
             entry = self._tables.get((item.schema, item.table))
             if entry is None:
@@ -249,12 +276,20 @@ class RowSync:
             old = coerce(table, item.old) if item.old is not None else None
             if any(new.get(c.name) is None for c in table.primary_key.columns):
                 self.stats["malformed"] += 1
-                logger.warning("skipping event for %s without its primary key: %r", table.name, item.new)
+                logger.warning(
+                    "skipping event for %s without its primary key: %r", table.name, item.new
+                )
                 continue
-            if item.event == "updated" and old is not None and key_of(table, old) != key_of(table, new):
+            if (
+                item.event == "updated"
+                and old is not None
+                and key_of(table, old) != key_of(table, new)
+            ):
                 # A primary key changed: for every tree it is another row. The old one goes,
                 # the new one comes (the same ref: they are two rows, each changed once).
-                notices.append((dataclasses.replace(item, event="deleted"), table, model, old, None))
+                notices.append(
+                    (dataclasses.replace(item, event="deleted"), table, model, old, None)
+                )
                 item = dataclasses.replace(item, event="inserted")
                 old = None
             notices.append((item, table, model, new, old))
@@ -270,27 +305,38 @@ class RowSync:
                 self.stats["fetch_errors"] += 1
                 logger.error("cannot read changed rows of %s: %s", table.name, exc.orig or exc)
                 fetched[table] = None
-        for item, table, model, new, old in notices:
-            if isinstance(item, Flush):
-                if (event := self._flushes.pop(item.token, None)) is not None:
+        for notice in notices:
+            if isinstance(notice, Flush):
+                if (event := self._flushes.pop(notice.token, None)) is not None:
                     event.set()
                 continue
-            assert table is not None
+            item, table, model, new, old = notice
             key = key_of(table, new)
             rows = fetched.get(table, {})
             if item.event != "deleted" and rows is not None:
                 row = rows.get(key)
-                self.cache.put((table, key, item.ref), GONE if row is None else CachedRow(row.values, row.matches, old))
+                self.cache.put(
+                    (table, key, item.ref),
+                    GONE if row is None else CachedRow(row.values, row.matches, old),
+                )
+            route_new: dict[str, Any] | None
+            route_old: dict[str, Any] | None
             if item.event == "deleted":
                 route_new, route_old = None, new
             else:
-                route_new, route_old = new, (old if old is not None else (new if item.event == "updated" else None))
+                route_new, route_old = (
+                    new,
+                    (old if old is not None else (new if item.event == "updated" else None)),
+                )
             subs = self.router.route(table, item.event, route_new, route_old)
             self.stats["dispatched"] += 1
             message: Message = (
-                (Sync, Change(model, item.event, new, item.ref))  # type: ignore[arg-type]
+                (Sync, Change(model, item.event, new, item.ref))
                 if rows is not None
-                else (Resync, ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()))
+                else (
+                    Resync,
+                    ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
+                )
             )
             for sub in subs:
                 sub.put(message)
@@ -317,7 +363,9 @@ class RowSync:
             while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
                     self._flushes.pop(token, None)
-                    raise TimeoutError(f"listener did not reach the flush barrier within {timeout} s")
+                    raise TimeoutError(
+                        f"listener did not reach the flush barrier within {timeout} s"
+                    )
                 if self.listener.stats["gaps"] != gaps:
                     break  # the barrier may have fallen into the gap: send another
             else:
@@ -335,8 +383,9 @@ def _reject_label_clashes(watchers: Sequence[Watcher]) -> None:
         key = (w.schema, w.table, w.event)
         if key in seen and seen[key] != w.label:
             raise ConfigurationError(
-                f"{w.schema}.{w.table} {w.event} is watched under two labels ({seen[key]!r}, {w.label!r}); "
-                "one RowSync delivers each change once: use one label, or a second RowSync with its own channel"
+                f"{w.schema}.{w.table} {w.event} is watched under two labels "
+                f"({seen[key]!r}, {w.label!r}); one RowSync delivers each change once: "
+                "use one label, or a second RowSync with its own channel"
             )
         seen[key] = w.label
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from cachetools import TTLCache
 
@@ -65,13 +65,13 @@ class RowCache:
         """The cached value, or ``loader()``'s; concurrent callers of one key share one call."""
         with self._lock:
             if key in self._data:
-                return self._data[key]  # type: ignore[no-any-return]
+                return cast(T, self._data[key])
             future = self._inflight.get(key)
             owner = future is None
             if future is None:
                 future = self._inflight[key] = Future()
         if not owner:
-            return future.result()  # type: ignore[no-any-return]
+            return cast(T, future.result())
         try:
             value = loader()
         except BaseException as exc:

@@ -7,6 +7,7 @@ fetched by the listener issues none.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import logging
@@ -50,10 +51,8 @@ def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
             continue
         convert = _FROM_JSON.get(python_type)
         if convert is not None:
-            try:
+            with contextlib.suppress(TypeError, ValueError, ArithmeticError):
                 result[name] = convert(value)
-            except (TypeError, ValueError, ArithmeticError):
-                pass
     return result
 
 
@@ -69,7 +68,7 @@ _FROM_JSON: dict[type, Any] = {
 
 
 def table_of(model: Any) -> sa.Table:
-    return model if isinstance(model, sa.Table) else sa.inspect(model).local_table  # type: ignore[no-any-return]
+    return model if isinstance(model, sa.Table) else tree.mapped_table(sa.inspect(model))
 
 
 def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnElement[bool]:
@@ -101,8 +100,11 @@ class RowSource:
 
     # -- the listener: one query per table per batch -----------------------------------
 
-    def fetch(self, table: sa.Table, keys: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], CachedRow]:
-        """Current rows of ``table`` for ``keys``, with their criteria computed; missing keys are absent."""
+    def fetch(
+        self, table: sa.Table, keys: Iterable[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], CachedRow]:
+        """Current rows of ``table`` for ``keys``, with their criteria computed; missing keys
+        are absent."""
         criteria = self.graph.criteria.get(table, ())
         labels = [clause.label(name) for name, clause in criteria]
         wanted = list(dict.fromkeys(keys))
@@ -136,13 +138,13 @@ class RowSource:
         assert edge.secondary is not None
 
         def load() -> frozenset[tuple[Any, ...]]:
-            where = [s == v for (s, _), v in zip(edge.target_pairs, target)]
+            where = [s == v for (s, _), v in zip(edge.target_pairs, target, strict=True)]
             stmt = sa.select(*(r for _, r in edge.pairs)).where(*where)
             self.queries["links"] += 1
             with self.engine.connect() as conn:
                 return frozenset(tuple(r) for r in conn.execute(stmt))
 
-        return self.cache.load(("links", edge, target, ref), load)  # type: ignore[no-any-return]
+        return self.cache.load(("links", edge, target, ref), load)
 
     def load(self, mapper: Mapper[Any], key: tuple[Any, ...], spec: tree.LoadSpec, ref: int) -> Any:
         """A detached object with ``spec`` loaded, fetched once per change; callers clone it."""
@@ -150,14 +152,19 @@ class RowSource:
         def fetch() -> Any:
             self.queries["objects"] += 1
             with Session(self.engine, expire_on_commit=False) as session:
-                pk = list(mapper.local_table.primary_key.columns)
-                stmt = sa.select(mapper).where(*(c == v for c, v in zip(pk, key)))
+                pk = tree.mapped_table(mapper).primary_key.columns
+                stmt = sa.select(mapper).where(*(c == v for c, v in zip(pk, key, strict=False)))
                 return session.scalars(stmt.options(*_options(mapper, spec))).one_or_none()
 
         return self.cache.load(("object", mapper, key, _freeze(spec), ref), fetch)
 
     def reload(
-        self, edge: Edge, parents: Sequence[tuple[Any, ...]], spec: tree.LoadSpec, strategy: str, ref: int
+        self,
+        edge: Edge,
+        parents: Sequence[tuple[Any, ...]],
+        spec: tree.LoadSpec,
+        strategy: str,
+        ref: int,
     ) -> dict[tuple[Any, ...], list[Any]]:
         """``edge``'s collection for each parent key, exactly as SQLAlchemy loads it with
         ``strategy`` (selectin keeps a row reached twice twice; joined and lazy do not)."""
@@ -170,19 +177,27 @@ class RowSource:
             if sub := _options(edge.target, spec):
                 option = option.options(*sub)
             with Session(self.engine, expire_on_commit=False) as session:
-                stmt = sa.select(mapper).where(_where_key(mapper.local_table, parents)).options(option)  # type: ignore[arg-type]
+                where = _where_key(tree.mapped_table(mapper), parents)
+                stmt = sa.select(mapper).where(where).options(option)
                 found = session.scalars(stmt).unique()
-                return {tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in found}
+                return {
+                    tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in found
+                }
 
-        return self.cache.load(("reload", edge, tuple(parents), _freeze(spec), strategy, ref), fetch)  # type: ignore[no-any-return]
+        return self.cache.load(
+            ("reload", edge, tuple(parents), _freeze(spec), strategy, ref), fetch
+        )
 
-    def objects(self, mapper: Mapper[Any], keys: Sequence[tuple[Any, ...]], spec: tree.LoadSpec) -> dict[tuple[Any, ...], Any]:
+    def objects(
+        self, mapper: Mapper[Any], keys: Sequence[tuple[Any, ...]], spec: tree.LoadSpec
+    ) -> dict[tuple[Any, ...], Any]:
         """Detached objects by primary key with ``spec`` loaded, ``BATCH`` keys per query."""
         found: dict[tuple[Any, ...], Any] = {}
         with Session(self.engine, expire_on_commit=False) as session:
             for start in range(0, len(keys), BATCH):
                 self.queries["objects"] += 1
-                stmt = sa.select(mapper).where(_where_key(mapper.local_table, keys[start : start + BATCH]))  # type: ignore[arg-type]
+                where = _where_key(tree.mapped_table(mapper), keys[start : start + BATCH])
+                stmt = sa.select(mapper).where(where)
                 for obj in session.scalars(stmt.options(*_options(mapper, spec))).unique():
                     found[tree.primary_key(obj)] = obj
         return found
@@ -195,7 +210,7 @@ class RowSource:
         if edge.secondary is not None:
             on = sa.and_(*(s == t for s, t in edge.target_pairs))
             stmt = stmt.select_from(edge.secondary.join(target, on))
-        stmt = stmt.where(*(r == v for (_, r), v in zip(edge.pairs, local)))
+        stmt = stmt.where(*(r == v for (_, r), v in zip(edge.pairs, local, strict=True)))
         self.queries["members"] += 1
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]

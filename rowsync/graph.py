@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 import sqlalchemy as sa
@@ -31,6 +31,8 @@ from sqlalchemy.orm import Mapper, RelationshipProperty, configure_mappers
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, ColumnElement
 from sqlalchemy.sql.util import find_tables
+
+from rowsync.tree import mapped_table
 
 Pairs = tuple[tuple[sa.Column[Any], sa.Column[Any]], ...]
 
@@ -44,7 +46,8 @@ class Edge:
     target: Mapper[Any]
     uselist: bool
     pairs: Pairs
-    """``(parent column, remote column)``: remote is in ``secondary`` when there is one, else in the target."""
+    """``(parent column, remote column)``: remote is in ``secondary`` when there is one, else
+    in the target."""
     secondary: sa.Table | None
     target_pairs: Pairs
     """``(secondary column, target column)``, only with ``secondary``."""
@@ -63,11 +66,11 @@ class Edge:
 
     @property
     def target_table(self) -> sa.Table:
-        return self.target.local_table  # type: ignore[return-value]
+        return mapped_table(self.target)
 
     @property
     def parent_table(self) -> sa.Table:
-        return self.parent.local_table  # type: ignore[return-value]
+        return mapped_table(self.parent)
 
     @cached_property
     def local_is_key(self) -> bool:
@@ -85,11 +88,8 @@ class Graph:
         self.edges: list[Edge] = []
         self.criteria: dict[sa.Table, list[tuple[str, ColumnElement[bool]]]] = defaultdict(list)
         self._by_table: dict[sa.Table, list[Edge]] = defaultdict(list)
-        self.mappers: dict[sa.Table, Mapper[Any]] = {}
         counter = itertools.count()
         for mapper in mappers:
-            if isinstance(mapper.local_table, sa.Table):
-                self.mappers.setdefault(mapper.local_table, mapper)
             self.digraph.add_node(mapper)
             for rel in mapper.relationships:
                 edge = _edge(rel, counter)
@@ -115,7 +115,8 @@ class Graph:
     def edge(self, mapper: Mapper[Any], key: str) -> Edge:
         for _, _, k, data in self.digraph.out_edges(mapper, keys=True, data=True):
             if k == key:
-                return data["edge"]  # type: ignore[no-any-return]
+                edge: Edge = data["edge"]
+                return edge
         raise KeyError(f"{mapper.class_.__name__}.{key}")
 
     def reachable(self, mapper: Mapper[Any]) -> frozenset[sa.Table]:
@@ -136,7 +137,9 @@ class Graph:
                     tables.update(data["edge"].tables)
         below: dict[int, frozenset[sa.Table]] = {}
         for component in reversed(list(nx.topological_sort(dag))):
-            below[component] = frozenset(own[component].union(*(below[c] for c in dag.successors(component))))
+            below[component] = frozenset(
+                own[component].union(*(below[c] for c in dag.successors(component)))
+            )
         mapping = dag.graph["mapping"]
         return {mapper: below[mapping[mapper]] for mapper in self.digraph.nodes}
 
@@ -145,11 +148,13 @@ def _conjuncts(clause: ColumnElement[Any] | None) -> list[ColumnElement[Any]]:
     if clause is None:
         return []
     if isinstance(clause, BooleanClauseList) and clause.operator is operators.and_:
-        return [c for part in clause.clauses for c in _conjuncts(part)]  # type: ignore[arg-type]
+        return [c for part in clause.clauses for c in _conjuncts(part)]
     return [clause]
 
 
-def _is_pair(clause: ColumnElement[Any], pairs: Pairs) -> bool:
+def _is_pair(
+    clause: ColumnElement[Any], pairs: Iterable[tuple[ColumnElement[Any], ColumnElement[Any]]]
+) -> bool:
     if not (isinstance(clause, BinaryExpression) and clause.operator is operators.eq):
         return False
     sides = {clause.left, clause.right}
@@ -158,10 +163,16 @@ def _is_pair(clause: ColumnElement[Any], pairs: Pairs) -> bool:
 
 def _extra(rel: RelationshipProperty[Any]) -> list[ColumnElement[Any]]:
     """The conditions of a relationship that are not key equalities."""
-    pairs = tuple(rel.local_remote_pairs or ()) + tuple(rel.synchronize_pairs or ()) + tuple(
-        rel.secondary_synchronize_pairs or ()
+    pairs = (
+        tuple(rel.local_remote_pairs or ())
+        + tuple(rel.synchronize_pairs or ())
+        + tuple(rel.secondary_synchronize_pairs or ())
     )
-    return [c for c in _conjuncts(rel.primaryjoin) + _conjuncts(rel.secondaryjoin) if not _is_pair(c, pairs)]
+    return [
+        c
+        for c in _conjuncts(rel.primaryjoin) + _conjuncts(rel.secondaryjoin)
+        if not _is_pair(c, pairs)
+    ]
 
 
 def _criteria(rel: RelationshipProperty[Any]) -> ColumnElement[bool]:
@@ -179,20 +190,20 @@ def _edge(rel: RelationshipProperty[Any], counter: Iterator[int]) -> Edge:
         bool(extra) and criteria_table not in {target_table, secondary}
     )
     if secondary is not None:
-        pairs: Pairs = tuple(rel.synchronize_pairs)
-        target_pairs: Pairs = tuple((s, t) for t, s in rel.secondary_synchronize_pairs or ())
+        pairs = _columns(rel.synchronize_pairs)
+        target_pairs = tuple((s, t) for t, s in _columns(rel.secondary_synchronize_pairs))
     else:
-        pairs, target_pairs = tuple(rel.local_remote_pairs or ()), ()
+        pairs, target_pairs = _columns(rel.local_remote_pairs), ()
     tables = {target_table, *extra_tables}
     for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
         if clause is not None:
             tables.update(find_tables(clause))
     if not all(c.table is parent.local_table for c, _ in pairs):
         recompute = True
-    if not {c for c, _ in pairs} <= set(parent.local_table.primary_key.columns):
+    if not {c for c, _ in pairs} <= set(mapped_table(parent).primary_key.columns):
         tables.add(parent.local_table)  # many-to-one: the parent's own foreign key picks the target
     order_by = tuple(
-        (_column(o), _descending(o)) for o in (rel.order_by or ()) if _column(o) is not None
+        (column, _descending(o)) for o in (rel.order_by or ()) if (column := _column(o)) is not None
     )
     return Edge(
         parent=parent,
@@ -203,11 +214,18 @@ def _edge(rel: RelationshipProperty[Any], counter: Iterator[int]) -> Edge:
         secondary=secondary,
         target_pairs=target_pairs,
         criteria=f"rowsync_c{next(counter)}" if extra and not recompute else None,
-        criteria_table=criteria_table if extra and not recompute else None,
-        order_by=order_by,  # type: ignore[arg-type]
+        # Without recompute, the criteria's one table is the target's or the association's.
+        criteria_table=cast("sa.Table | None", criteria_table) if extra and not recompute else None,
+        order_by=order_by,
         recompute=recompute,
         tables=frozenset(t for t in tables if isinstance(t, sa.Table)),
     )
+
+
+def _columns(pairs: Iterable[tuple[ColumnElement[Any], ColumnElement[Any]]] | None) -> Pairs:
+    """A relationship's key-column pairs. The stubs say column elements; they are the
+    tables' own columns, read as such (``.name``, ``.table``) by sync and the router."""
+    return cast(Pairs, tuple(pairs or ()))
 
 
 def _column(clause: Any) -> sa.Column[Any] | None:

@@ -13,12 +13,12 @@ Bad input never stops the thread: a malformed payload is logged and counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import selectors
 import threading
-
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,13 +27,16 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from rowsync.messages import Event
 
 logger = logging.getLogger(__name__)
 
 APPLICATION_NAME = "rowsync-listener"
 """``application_name`` of the listener's connection, to find it in ``pg_stat_activity``."""
 
-_EVENTS = {"i": "inserted", "u": "updated", "d": "deleted"}
+_EVENTS: dict[str, Event] = {"i": "inserted", "u": "updated", "d": "deleted"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +46,7 @@ class Notice:
     ref: int
     schema: str
     table: str
-    event: str
+    event: Event
     new: dict[str, Any]
     old: dict[str, Any] | None
     label: str | None
@@ -72,7 +75,12 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
     if data.get("x") is True:
         return data
     schema, table, event, new, old, label = (data.get(k) for k in ("s", "t", "e", "n", "o", "l"))
-    if not (isinstance(schema, str) and isinstance(table, str) and event in _EVENTS and isinstance(new, dict)):
+    if not (
+        isinstance(schema, str)
+        and isinstance(table, str)
+        and event in _EVENTS
+        and isinstance(new, dict)
+    ):
         raise ValueError("not a rowsync row event")
     if old is not None and not isinstance(old, dict):
         raise ValueError("old values are not an object")
@@ -115,7 +123,9 @@ class Listener:
         if self._thread is not None:
             return
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name=f"rowsync-listener[{self.channel}]", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"rowsync-listener[{self.channel}]", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -131,10 +141,8 @@ class Listener:
     def close(self) -> None:
         self.stop()
         for fd in (self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     # -- the thread --------------------------------------------------------------------
 
@@ -169,7 +177,7 @@ class Listener:
             return self.conninfo
         return make_conninfo(self.conninfo, application_name=APPLICATION_NAME)
 
-    def _serve(self, conn: psycopg.Connection[Any]) -> None:
+    def _serve(self, conn: psycopg.Connection[TupleRow]) -> None:
         with selectors.DefaultSelector() as selector:
             selector.register(conn.fileno(), selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
@@ -198,16 +206,19 @@ class Listener:
         except BlockingIOError:
             pass
 
-    def _receive(self, conn: psycopg.Connection[Any]) -> list[str]:
+    def _receive(self, conn: psycopg.Connection[TupleRow]) -> list[str]:
         payloads: list[str] = []
         while len(payloads) < self.max_batch:
-            got = [n.payload for n in conn.notifies(timeout=0, stop_after=self.max_batch - len(payloads))]
+            got = [
+                n.payload
+                for n in conn.notifies(timeout=0, stop_after=self.max_batch - len(payloads))
+            ]
             if not got:
                 break
             payloads += got
         return payloads
 
-    def _handle(self, conn: psycopg.Connection[Any], payloads: list[str]) -> None:
+    def _handle(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
         self.stats["received"] += len(payloads)
         parsed: list[Notice | Flush | dict[str, Any]] = []
         for payload in payloads:
@@ -215,7 +226,9 @@ class Listener:
                 parsed.append(parse(payload))
             except (ValueError, TypeError) as exc:
                 self.stats["malformed"] += 1
-                logger.warning("skipping malformed notification on %r (%s): %.200r", self.channel, exc, payload)
+                logger.warning(
+                    "skipping malformed notification on %r (%s): %.200r", self.channel, exc, payload
+                )
         oversized = [p["r"] for p in parsed if isinstance(p, dict)]
         found = self._overflow(conn, oversized) if oversized else {}
         batch: list[Notice | Flush] = []
@@ -245,11 +258,13 @@ class Listener:
         self.stats["gaps"] += 1
         self.on_gap(reason)
 
-    def _overflow(self, conn: psycopg.Connection[Any], refs: list[int]) -> dict[int, Notice]:
+    def _overflow(self, conn: psycopg.Connection[TupleRow], refs: list[int]) -> dict[int, Notice]:
         """Oversized events, read back from the overflow table where the trigger left them."""
         self.stats["overflow"] += len(refs)
         table = sql.Identifier(self.schema, "overflow")
-        rows = conn.execute(sql.SQL("SELECT ref, payload FROM {} WHERE ref = ANY(%s)").format(table), (refs,))
+        rows = conn.execute(
+            sql.SQL("SELECT ref, payload FROM {} WHERE ref = ANY(%s)").format(table), (refs,)
+        )
         result: dict[int, Notice] = {}
         for ref, payload in rows:
             try:
@@ -267,5 +282,3 @@ def send_flush(conninfo: str, channel: str, token: str) -> None:
     """Commit a flush barrier on ``channel`` from a connection of its own."""
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SELECT pg_notify(%s, %s)", (channel, json.dumps({"f": token})))
-
-

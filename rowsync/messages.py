@@ -27,7 +27,8 @@ Sync: Final = _Marker("Sync")
 """Marks a ``(Sync, Change)`` message: one committed row change."""
 
 Resync: Final = _Marker("Resync")
-"""Marks a ``(Resync, ResyncInfo)`` message: changes may have been missed; call ``rs.resync(tree)``."""
+"""Marks a ``(Resync, ResyncInfo)`` message: changes may have been missed; call
+``rs.resync(tree)``."""
 
 
 class Change(NamedTuple):

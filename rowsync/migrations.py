@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +25,12 @@ def migration_files() -> list[tuple[str, str]]:
 
 
 def render(text: str, schema: str) -> sql.Composed:
-    return sql.SQL(text).format(schema=sql.Identifier(schema))  # type: ignore[arg-type]
+    return sql.SQL(text).format(schema=sql.Identifier(schema))
 
 
-def migrate(conn: psycopg.Connection[object], schema: str) -> list[str]:
-    """Apply the migrations ``schema`` lacks, inside the caller's transaction; return their versions."""
+def migrate(conn: psycopg.Connection[TupleRow], schema: str) -> list[str]:
+    """Apply the migrations ``schema`` lacks, inside the caller's transaction; return their
+    versions."""
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     conn.execute(
         sql.SQL(
@@ -38,7 +40,9 @@ def migrate(conn: psycopg.Connection[object], schema: str) -> list[str]:
     )
     done = {
         row[0]
-        for row in conn.execute(sql.SQL("SELECT version FROM {}.migrations").format(sql.Identifier(schema)))
+        for row in conn.execute(
+            sql.SQL("SELECT version FROM {}.migrations").format(sql.Identifier(schema))
+        )
     }
     applied = []
     for version, text in migration_files():
@@ -73,7 +77,12 @@ def pending_sql(schema: str) -> list[sql.Composed]:
     for version, text in migration_files():
         body = sql.SQL(
             "BEGIN IF NOT EXISTS (SELECT FROM {schema}.migrations WHERE version = {version}) THEN"
-            " EXECUTE {text}; INSERT INTO {schema}.migrations (version) VALUES ({version}); END IF; END"
-        ).format(schema=ident, version=sql.Literal(version), text=sql.Literal(render(text, schema).as_string()))
+            " EXECUTE {text}; INSERT INTO {schema}.migrations (version) VALUES ({version});"
+            " END IF; END"
+        ).format(
+            schema=ident,
+            version=sql.Literal(version),
+            text=sql.Literal(render(text, schema).as_string()),
+        )
         steps.append(sql.SQL("DO {}").format(sql.Literal(body.as_string())))
     return steps

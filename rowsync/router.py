@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, TypeAlias
 
 import sqlalchemy as sa
@@ -77,7 +77,12 @@ class Router:
     # -- registering -------------------------------------------------------------------
 
     def add_model(
-        self, sub: Subscription, table: sa.Table, event: str | None, filters: dict[str, Any], follow: Spec | None = None
+        self,
+        sub: Subscription,
+        table: sa.Table,
+        event: str | None,
+        filters: dict[str, Any],
+        follow: Spec | None = None,
     ) -> None:
         """A model-level interest; with ``follow``, each inserted row is then held with that spec
         (a root list that sync grows with inserts keeps receiving its new rows' changes)."""
@@ -135,7 +140,9 @@ class Router:
             if shapes[key[1]] <= 0:
                 del shapes[key[1]]
 
-    def _hold(self, sub: Subscription, values: Values, spec: Spec, sign: int, obj: Any = None) -> None:
+    def _hold(
+        self, sub: Subscription, values: Values, spec: Spec, sign: int, obj: Any = None
+    ) -> None:
         """Register (or, with ``sign=-1``, drop) the interests of a row held with ``spec``.
 
         Below each edge, the rows it holds are remembered (``sub.below``) with the values
@@ -163,7 +170,15 @@ class Router:
                 for child_key in list(sub.below.get((key, reason), ())):
                     self._leave(sub, key, edge, nested, child_key)
 
-    def _enter(self, sub: Subscription, key: Interest, edge: Edge, nested: Spec, values: Values, obj: Any = None) -> None:
+    def _enter(
+        self,
+        sub: Subscription,
+        key: Interest,
+        edge: Edge,
+        nested: Spec,
+        values: Values,
+        obj: Any = None,
+    ) -> None:
         """A row joined the rows ``edge`` holds under ``key``: follow it (once)."""
         below = sub.below.setdefault((key, (edge, nested)), {})
         child_key = _pk(edge.target_table, values)
@@ -174,7 +189,9 @@ class Router:
             self._bump(sub, _row_key(edge.target_table, values), (edge, nested), +1)
         self._hold(sub, values, nested, +1, obj)
 
-    def _leave(self, sub: Subscription, key: Interest, edge: Edge, nested: Spec, child_key: tuple[Any, ...]) -> None:
+    def _leave(
+        self, sub: Subscription, key: Interest, edge: Edge, nested: Spec, child_key: tuple[Any, ...]
+    ) -> None:
         """A row left: undo its registration with the values it was registered with."""
         below = sub.below.get((key, (edge, nested)))
         values = None if below is None else below.pop(child_key, None)
@@ -196,7 +213,9 @@ class Router:
 
     # -- routing -----------------------------------------------------------------------
 
-    def route(self, table: sa.Table, event: str, new: Values | None, old: Values | None) -> list[Subscription]:
+    def route(
+        self, table: sa.Table, event: str, new: Values | None, old: Values | None
+    ) -> list[Subscription]:
         """Subscriptions concerned by a change (each once), after updating their interests.
 
         ``new`` is None for a delete, ``old`` None for an insert.
@@ -229,8 +248,14 @@ class Router:
             return result
 
     def _upkeep(
-        self, sub: Subscription, key: Interest, edge: Edge | None, nested: Spec,
-        event: str, new: Values | None, old: Values | None,
+        self,
+        sub: Subscription,
+        key: Interest,
+        edge: Edge | None,
+        nested: Spec,
+        event: str,
+        new: Values | None,
+        old: Values | None,
     ) -> None:
         """Keep a subscription's interests in step with a change that matched ``key``."""
         table, cols, values = key
@@ -300,9 +325,10 @@ def _model_match(
     for model_table, wanted, filters, follow in sub.models:
         if model_table is not table or (wanted is not None and wanted != event):
             continue
-        if all(any(v is not None and k in v and v[k] == f for v in (new, old)) for k, f in filters.items()):
+        if all(
+            any(v is not None and k in v and v[k] == f for v in (new, old))
+            for k, f in filters.items()
+        ):
             hit = True
             spec = follow if follow is not None else spec
     return hit, spec
-
-

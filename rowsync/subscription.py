@@ -30,7 +30,12 @@ _ids = itertools.count(1)
 class Subscription:
     """Messages for one subscriber. Create with ``rs.subscribe(...)``; extend with ``add``."""
 
-    def __init__(self, subscribe: Callable[..., None], unsubscribe: Callable[[Subscription], None], maxsize: int) -> None:
+    def __init__(
+        self,
+        subscribe: Callable[..., None],
+        unsubscribe: Callable[[Subscription], None],
+        maxsize: int,
+    ) -> None:
         self.id = next(_ids)
         self.maxsize = maxsize
         self.overflows = 0
@@ -46,12 +51,20 @@ class Subscription:
         self.below: dict[Any, dict[tuple[Any, ...], Any]] = {}
 
     def __repr__(self) -> str:
-        return f"<Subscription #{self.id} queued={len(self._queue)} interests={len(self.interests) + len(self.models)}>"
+        interests = len(self.interests) + len(self.models)
+        return f"<Subscription #{self.id} queued={len(self._queue)} interests={interests}>"
 
     # -- what to receive ---------------------------------------------------------------
 
     def add(
-        self, target: Any, event: str | None = None, /, *, assocs: Any = (), follow: bool = False, **filters: Any
+        self,
+        target: Any,
+        event: str | None = None,
+        /,
+        *,
+        assocs: Any = (),
+        follow: bool = False,
+        **filters: Any,
     ) -> Subscription:
         """Receive more on this same queue; overlapping interests still deliver each change once.
 
@@ -91,7 +104,11 @@ class Subscription:
                 return
             if len(self._queue) >= self.maxsize:
                 self.overflows += 1
-                logger.warning("subscription #%d overflowed (%d queued): replaced by a resync", self.id, len(self._queue))
+                logger.warning(
+                    "subscription #%d overflowed (%d queued): replaced by a resync",
+                    self.id,
+                    len(self._queue),
+                )
                 self._queue.clear()
                 self._queue.append((Resync, ResyncInfo("overflow", time.monotonic())))
             self._queue.append(message)
@@ -148,7 +165,7 @@ class Subscription:
                 raise TimeoutError(f"no message within {timeout} s")
             try:
                 await asyncio.wait_for(future, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(f"no message within {timeout} s") from None
 
     def __iter__(self) -> Iterator[Message]:

@@ -80,7 +80,6 @@ class Syncer:
             return roots[0] if roots else None
         return value
 
-
     def resync(self, value: Any) -> Any:
         """``value`` re-read from the database by primary key, loaded as it was loaded.
 
@@ -114,7 +113,9 @@ class Syncer:
 class _Patch:
     """One message applied to one tree."""
 
-    def __init__(self, syncer: Syncer, roots: list[Any], change: Change, table: sa.Table, preloads: Preloads) -> None:
+    def __init__(
+        self, syncer: Syncer, roots: list[Any], change: Change, table: sa.Table, preloads: Preloads
+    ) -> None:
         self.graph = syncer.graph
         self.rows = syncer.rows
         self.roots = roots
@@ -183,7 +184,9 @@ class _Patch:
         target = tuple(self.row.values.get(t.name) for _, t in edge.target_pairs)
         linked = self.rows.links(edge, target, self.change.ref)
         for parent in parents:
-            self.ensure(parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row)
+            self.ensure(
+                parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
+            )
 
     def link(self, edge: Edge, parents: list[Any]) -> None:
         new = None if self.deleted or self.row is None else self.row.values
@@ -195,7 +198,9 @@ class _Patch:
             pairs.append((new, True))
         for values, present in pairs:
             local = tuple(values.get(r.name) for _, r in edge.pairs)
-            target = key_of(edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs})
+            target = key_of(
+                edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs}
+            )
             row = None
             if present and edge.criteria is not None:
                 found = self.rows.row(edge.target_table, target, self.change.ref)
@@ -220,34 +225,44 @@ class _Patch:
             current = tree.loaded_value(parent, edge.key)
             if any(v is None for v in local):
                 if current is not None:
-                    self.set(parent, edge, None)
+                    self.assign(parent, edge, None)
                 continue
-            target = key_of(edge.target_table, {r.name: v for r, v in zip(remote, local)})
+            target = key_of(
+                edge.target_table, {r.name: v for r, v in zip(remote, local, strict=True)}
+            )
             self.ensure(parent, edge, target, True)
 
     def recompute(self, edge: Edge, parents: list[Any]) -> None:
-        """Re-query the relationship for these parents: SQLAlchemy's own answer, duplicates included."""
+        """Re-query the relationship for these parents: SQLAlchemy's own answer, duplicates
+        included."""
         by_strategy: dict[str, list[Any]] = {}
         for parent in parents:
             by_strategy.setdefault(tree.strategy(parent, edge.key), []).append(parent)
         memo: dict[int, Any] = {}
         for strategy, group in by_strategy.items():
             keys = [tree.primary_key(p) for p in group]
-            fresh = self.rows.reload(edge, keys, self.spec_below(edge, group), strategy, self.change.ref)
-            for parent, key in zip(group, keys):
+            fresh = self.rows.reload(
+                edge, keys, self.spec_below(edge, group), strategy, self.change.ref
+            )
+            for parent, key in zip(group, keys, strict=True):
                 items = [self.reuse(o, memo) for o in fresh.get(key, [])]
-                self.set(parent, edge, items if edge.uselist else (items[0] if items else None))
+                self.assign(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
-        """The roots themselves: a deleted root leaves, an inserted row of the roots' model joins."""
+        """The roots themselves: a deleted root leaves, an inserted row of the roots' model
+        joins."""
         model = self.change.model
         if self.roots and instance_state(self.roots[0]).mapper.local_table is not self.table:
             return
         if self.deleted:
-            gone = [r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key]
+            gone = [
+                r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key
+            ]
             self.roots[:] = [r for r in self.roots if r not in gone]
             self.touched += gone
-        elif self.change.event == "inserted" and not any(tree.primary_key(r) == self.key for r in self.roots):
+        elif self.change.event == "inserted" and not any(
+            tree.primary_key(r) == self.key for r in self.roots
+        ):
             # held below already (it entered a collection first): that instance joins the roots too
             if isinstance(model, sa.Table):
                 return
@@ -259,7 +274,14 @@ class _Patch:
 
     # -- making a collection hold a row, or not ---------------------------------------
 
-    def ensure(self, parent: Any, edge: Edge, target: tuple[Any, ...], present: bool | None, row: CachedRow | None = None) -> None:
+    def ensure(
+        self,
+        parent: Any,
+        edge: Edge,
+        target: tuple[Any, ...],
+        present: bool | None,
+        row: CachedRow | None = None,
+    ) -> None:
         """``present``: True -> hold it, False -> drop it, None -> leave membership, fix order."""
         current = tree.loaded_value(parent, edge.key)
         if not edge.uselist:
@@ -267,9 +289,9 @@ class _Patch:
             if present and not held:
                 obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
                 if obj is not None:
-                    self.set(parent, edge, obj)
+                    self.assign(parent, edge, obj)
             elif present is False and held:
-                self.set(parent, edge, None)
+                self.assign(parent, edge, None)
             return
         items = tree.as_list(current)
         held = any(tree.primary_key(o) == target for o in items)
@@ -285,22 +307,32 @@ class _Patch:
         if edge.order_by:
             items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
         if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
-            self.set(parent, edge, items)
+            self.assign(parent, edge, items)
 
-    def set(self, parent: Any, edge: Edge, value: Any) -> None:
+    def assign(self, parent: Any, edge: Edge, value: Any) -> None:
         """Set a relationship as if loaded (nothing marked dirty), noting who came and went."""
         before = tree.loaded_value(parent, edge.key)
         before_ids = {id(o) for o in tree.as_list(None if before is tree.NOT_LOADED else before)}
         after_ids = {id(o) for o in tree.as_list(value)}
-        self.touched += [o for o in tree.as_list(None if before is tree.NOT_LOADED else before) if id(o) not in after_ids]
+        self.touched += [
+            o
+            for o in tree.as_list(None if before is tree.NOT_LOADED else before)
+            if id(o) not in after_ids
+        ]
         self.touched += [o for o in tree.as_list(value) if id(o) not in before_ids]
         attributes.set_committed_value(parent, edge.key, value)
 
-    def instance(self, mapper: Mapper[Any], key: tuple[Any, ...], row: CachedRow | None, spec: tree.LoadSpec | None) -> Any:
+    def instance(
+        self,
+        mapper: Mapper[Any],
+        key: tuple[Any, ...],
+        row: CachedRow | None,
+        spec: tree.LoadSpec | None,
+    ) -> Any:
         """The object for a row joining the tree: the tree's own if it holds one, else new,
         loaded as a fresh query would load it there: like its parent's loader options say,
         or like its sibling roots; with nothing to go by (an empty root), as ``preloads`` says."""
-        table: sa.Table = mapper.local_table  # type: ignore[assignment]
+        table = tree.mapped_table(mapper)
         existing = self.index.instances(table, key)
         if existing:
             return existing[0]
@@ -350,7 +382,9 @@ class _Patch:
                 declared = tree.declared_spec(parent)
             if declared is None:
                 return  # a place loaded without options: what is loaded is all we know
-            spec = tree.merge_specs(spec, declared if parent is None else declared.get(key or "", {}))
+            spec = tree.merge_specs(
+                spec, declared if parent is None else declared.get(key or "", {})
+            )
         state = instance_state(obj)
         for rel in state.mapper.relationships:
             if rel.key in state.dict and rel.key not in spec:
@@ -362,8 +396,13 @@ class _Patch:
             for key in missing:
                 value = None if fetched is None else tree.loaded_value(fetched, key)
                 rel = state.mapper.relationships[key]
-                items = [self.reuse(o, memo) for o in tree.as_list(value if value is not tree.NOT_LOADED else None)]
-                attributes.set_committed_value(obj, key, items if rel.uselist else (items[0] if items else None))
+                items = [
+                    self.reuse(o, memo)
+                    for o in tree.as_list(value if value is not tree.NOT_LOADED else None)
+                ]
+                attributes.set_committed_value(
+                    obj, key, items if rel.uselist else (items[0] if items else None)
+                )
         for key in spec:
             for child in tree.as_list(tree.loaded_value(obj, key)):
                 if len(index.holders.get(id(child), ())) == 1:
@@ -377,7 +416,8 @@ class _Patch:
     def own(self, fetched: Any) -> Any:
         """The tree's instance of the row ``fetched`` holds, if it has one."""
         state = instance_state(fetched)
-        existing = self.index.instances(state.mapper.local_table, tree.primary_key(fetched))  # type: ignore[arg-type]
+        table = tree.mapped_table(state.mapper)
+        existing = self.index.instances(table, tree.primary_key(fetched))
         return existing[0] if existing else None
 
     def spec_below(self, edge: Edge, parents: list[Any]) -> tree.LoadSpec:
@@ -385,7 +425,8 @@ class _Patch:
 
 
 def _child_spec(parent: Any, edge: Edge) -> tree.LoadSpec:
-    return tree.expected_spec(parent).get(edge.key, {})  # type: ignore[no-any-return]
+    spec: tree.LoadSpec = tree.expected_spec(parent)
+    return spec.get(edge.key, {})
 
 
 def state_class(obj: Any) -> Any:
@@ -396,8 +437,8 @@ def _ref(obj: Any) -> int:
     return int(instance_state(obj).info.get(_REF, 0))
 
 
-def _table(obj: Any) -> Any:
-    return instance_state(obj).mapper.local_table
+def _table(obj: Any) -> sa.Table:
+    return tree.mapped_table(instance_state(obj).mapper)
 
 
 def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
@@ -412,8 +453,10 @@ def _compare(edge: Edge, a: Any, b: Any) -> int:
         x, y = va.get(column.name), vb.get(column.name)
         if x == y:
             continue
-        if x is None or y is None:
-            result = 1 if x is None else -1
+        if x is None:
+            result = 1
+        elif y is None:
+            result = -1
         else:
             result = -1 if x < y else 1
         return -result if descending else result

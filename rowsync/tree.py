@@ -4,14 +4,15 @@ building or cloning detached instances whose attributes look freshly loaded."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapper, attributes, make_transient_to_detached
+from sqlalchemy.orm import Mapper, MapperProperty, attributes, make_transient_to_detached
 from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.path_registry import PathRegistry
 
 
 class _NotLoaded:
@@ -23,6 +24,12 @@ NOT_LOADED: Final = _NotLoaded()
 
 LoadSpec = Mapping[str, "LoadSpec"]
 """Relationship keys loaded on an object, each with what is loaded below it."""
+
+
+def mapped_table(mapper: Mapper[Any]) -> sa.Table:
+    """The table ``mapper`` maps. The stubs say any ``FromClause``; rowsync reads mappers as
+    mapped to a :class:`~sqlalchemy.Table` (``watchers()`` refuses a model mapped otherwise)."""
+    return cast(sa.Table, mapper.local_table)
 
 
 def is_model(obj: Any) -> bool:
@@ -45,7 +52,7 @@ def as_list(value: Any) -> list[Any]:
 def loaded_value(obj: Any, key: str) -> Any:
     """A relationship's value when it is loaded, else ``NOT_LOADED`` (never loads it)."""
     data = instance_state(obj).dict
-    return data[key] if key in data else NOT_LOADED
+    return data.get(key, NOT_LOADED)
 
 
 @cache
@@ -65,7 +72,8 @@ def column_values(obj: Any) -> dict[str, Any]:
     state = instance_state(obj)
     values = {name: state.dict[key] for key, name in _columns(state.mapper) if key in state.dict}
     if state.key is not None:
-        for col, value in zip(state.mapper.local_table.primary_key.columns, state.key[1]):
+        pk = mapped_table(state.mapper).primary_key.columns
+        for col, value in zip(pk, state.key[1], strict=False):
             values.setdefault(col.name, value)
     return values
 
@@ -75,7 +83,7 @@ def primary_key(obj: Any) -> tuple[Any, ...]:
     if state.key is not None:
         return tuple(state.key[1])
     values = column_values(obj)
-    return tuple(values.get(c.name) for c in state.mapper.local_table.primary_key.columns)
+    return tuple(values.get(c.name) for c in mapped_table(state.mapper).primary_key.columns)
 
 
 def patch(obj: Any, values: Mapping[str, Any]) -> None:
@@ -94,7 +102,9 @@ def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
     return obj
 
 
-def clone(obj: Any, memo: dict[int, Any] | None = None, own: Callable[[Any], Any] | None = None) -> Any:
+def clone(
+    obj: Any, memo: dict[int, Any] | None = None, own: Callable[[Any], Any] | None = None
+) -> Any:
     """A detached copy of ``obj`` and of everything loaded below it (shared rows stay shared).
 
     ``own(row)`` gives the tree's own instance of a row, if any: it is used instead of a copy
@@ -108,12 +118,18 @@ def clone(obj: Any, memo: dict[int, Any] | None = None, own: Callable[[Any], Any
     copy = memo[id(obj)] = mine if mine is not None else build(state.mapper, column_values(obj))
     for rel in state.mapper.relationships:
         value = loaded_value(obj, rel.key)
-        if value is NOT_LOADED or (mine is not None and loaded_value(mine, rel.key) is not NOT_LOADED):
+        if value is NOT_LOADED or (
+            mine is not None and loaded_value(mine, rel.key) is not NOT_LOADED
+        ):
             continue
         if rel.uselist:
-            attributes.set_committed_value(copy, rel.key, [clone(v, memo, own) for v in as_list(value)])
+            attributes.set_committed_value(
+                copy, rel.key, [clone(v, memo, own) for v in as_list(value)]
+            )
         else:
-            attributes.set_committed_value(copy, rel.key, None if value is None else clone(value, memo, own))
+            attributes.set_committed_value(
+                copy, rel.key, None if value is None else clone(value, memo, own)
+            )
     return copy
 
 
@@ -156,22 +172,31 @@ def strategy(obj: Any, key: str) -> str:
     "subquery", or "select" (lazy). It matters: SQLAlchemy's strategies differ in whether a
     row reached twice appears twice."""
     state = instance_state(obj)
-    here = [p.key for p in state.load_path.path[1::2]] if state.load_path else []
+    here = _path_keys(state.load_path) if state.load_path else []
     for option in state.load_options or ():
         for element in getattr(option, "context", ()):
-            keys = [p.key for p in element.path.path[1::2]]
+            keys = _path_keys(element.path)
             if keys == [*here, key]:
                 return str(dict(element.strategy or ()).get("lazy", "select"))
     return str(state.mapper.relationships[key].lazy)
 
 
+def _path_keys(path: PathRegistry) -> list[str]:
+    """The relationship keys along a loader path: every other element is a property."""
+    return [cast("MapperProperty[Any]", p).key for p in path.path[1::2]]
+
+
 def _from_options(state: Any) -> dict[str, Any]:
-    here = [p.key for p in state.load_path.path[1::2]] if state.load_path else []
+    here = _path_keys(state.load_path) if state.load_path else []
     paths = []
     for option in state.load_options or ():
         for element in getattr(option, "context", ()):
-            keys = [p.key for p in element.path.path[1::2]]
-            if dict(element.strategy or ()).get("lazy") in EAGER and keys[: len(here)] == here and len(keys) > len(here):
+            keys = _path_keys(element.path)
+            if (
+                dict(element.strategy or ()).get("lazy") in EAGER
+                and keys[: len(here)] == here
+                and len(keys) > len(here)
+            ):
                 paths.append(keys[len(here) :])
     spec: dict[str, Any] = {}
     for keys in sorted(paths, key=len):
@@ -217,11 +242,18 @@ def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
 class Index:
     """Every object of a tree by row, and every loaded relationship by edge key."""
 
-    objects: dict[tuple[sa.Table, tuple[Any, ...]], list[Any]] = field(default_factory=lambda: defaultdict(list))
-    loaded: dict[tuple[Mapper[Any], str], list[Any]] = field(default_factory=lambda: defaultdict(list))
+    objects: dict[tuple[sa.Table, tuple[Any, ...]], list[Any]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    loaded: dict[tuple[Mapper[Any], str], list[Any]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     """``(parent mapper, relationship key) -> parents`` that have it loaded."""
-    holders: dict[int, list[tuple[Any, str | None]]] = field(default_factory=lambda: defaultdict(list))
-    """``id(object) -> (parent, relationship key)`` of every place it is held; ``(None, None)`` for a root."""
+    holders: dict[int, list[tuple[Any, str | None]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    """``id(object) -> (parent, relationship key)`` of every place it is held; ``(None, None)``
+    for a root."""
     _seen: set[int] = field(default_factory=set)
 
     @classmethod
@@ -243,19 +275,18 @@ class Index:
             seen.add(id(obj))
             state = instance_state(obj)
             mapper = state.mapper
-            index.objects[(mapper.local_table, primary_key(obj))].append(obj)  # type: ignore[index]
+            index.objects[(mapped_table(mapper), primary_key(obj))].append(obj)
             data = state.dict
             for rel in mapper.relationships:
                 if rel.key not in data:
-                    continue  # not loaded (or expired): what a lazy load would fetch is not in the tree
+                    # not loaded (or expired): what a lazy load would fetch is not in the tree
+                    continue
                 index.loaded[(rel.parent, rel.key)].append(obj)
                 value = data[rel.key]
                 if value is not None:
-                    stack.extend((child, obj, rel.key) for child in (value if rel.uselist else (value,)))
+                    stack.extend(
+                        (child, obj, rel.key) for child in (value if rel.uselist else (value,))
+                    )
 
     def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
         return self.objects.get((table, key), [])
-
-    def __iter__(self) -> Iterator[Any]:
-        for objs in self.objects.values():
-            yield from objs

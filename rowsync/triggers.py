@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from rowsync import migrations
 from rowsync.watchers import Watcher
@@ -25,9 +26,14 @@ logger = logging.getLogger(__name__)
 PREFIX = "rowsync_"
 MAX_IDENTIFIER = 63
 NOTIFY_LIMIT = 7900
-"""Payload bytes above which an event goes through the overflow table (NOTIFY's hard limit is 8000)."""
+"""Payload bytes above which an event goes through the overflow table (NOTIFY's hard limit is
+8000)."""
 
-_EVENT = {"inserted": ("INSERT", "ins", "i"), "updated": ("UPDATE", "upd", "u"), "deleted": ("DELETE", "del", "d")}
+_EVENT = {
+    "inserted": ("INSERT", "ins", "i"),
+    "updated": ("UPDATE", "upd", "u"),
+    "deleted": ("DELETE", "del", "d"),
+}
 
 
 def short_name(kind: str, table: str, identity: Sequence[object]) -> str:
@@ -176,7 +182,9 @@ def install_sql(trigs: Sequence[Trigger], *, schema: str, channel: str) -> sql.C
 
 def _lock(schema: str) -> sql.Composed:
     """A transaction-scoped advisory lock, so app processes installing at once take turns."""
-    key = int.from_bytes(hashlib.sha256(f"rowsync install {schema}".encode()).digest()[:8], "big", signed=True)
+    key = int.from_bytes(
+        hashlib.sha256(f"rowsync install {schema}".encode()).digest()[:8], "big", signed=True
+    )
     return sql.SQL("SELECT pg_advisory_xact_lock({});\n").format(sql.Literal(key))
 
 
@@ -202,25 +210,30 @@ class _Found:
     function_schema: str
 
 
-def _found(conn: psycopg.Connection[object], channel: str) -> list[_Found]:
+def _found(conn: psycopg.Connection[TupleRow], channel: str) -> list[_Found]:
     """rowsync triggers of this channel in the database; anything else is not ours to touch."""
     mine = f"rowsync channel={channel} "
-    return [
-        _Found(*row)  # type: ignore[arg-type]
-        for row in conn.execute(_FOUND, (PREFIX,))
-        if str(row[3]).startswith(mine)  # type: ignore[index]
-    ]
+    return [_Found(*row) for row in conn.execute(_FOUND, (PREFIX,)) if str(row[3]).startswith(mine)]
 
 
-def _schema_ready(conn: psycopg.Connection[object], schema: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "migrations").as_string(),)).fetchone()
-    if not row or not row[0]:  # type: ignore[index]
+def _schema_ready(conn: psycopg.Connection[TupleRow], schema: str) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "migrations").as_string(),)
+    ).fetchone()
+    if not row or not row[0]:
         return False
-    done = {r[0] for r in conn.execute(sql.SQL("SELECT version FROM {}.migrations").format(sql.Identifier(schema)))}  # type: ignore[index]
+    done = {
+        r[0]
+        for r in conn.execute(
+            sql.SQL("SELECT version FROM {}.migrations").format(sql.Identifier(schema))
+        )
+    }
     return {v for v, _ in migrations.migration_files()} <= done
 
 
-def status(conn: psycopg.Connection[object], trigs: Sequence[Trigger], *, schema: str, channel: str) -> Status:
+def status(
+    conn: psycopg.Connection[TupleRow], trigs: Sequence[Trigger], *, schema: str, channel: str
+) -> Status:
     found = {(f.schema, f.table, f.name): f for f in _found(conn, channel)}
     installed, outdated, missing = [], [], []
     for t in trigs:
@@ -236,7 +249,12 @@ def status(conn: psycopg.Connection[object], trigs: Sequence[Trigger], *, schema
 
 
 def install(
-    conn: psycopg.Connection[object], trigs: Sequence[Trigger], *, schema: str, channel: str, prune: bool = False
+    conn: psycopg.Connection[TupleRow],
+    trigs: Sequence[Trigger],
+    *,
+    schema: str,
+    channel: str,
+    prune: bool = False,
 ) -> Status:
     """Create what is missing or outdated (and drop orphans when ``prune``), in one transaction.
 
@@ -250,14 +268,25 @@ def install(
         todo = {*before.missing, *before.outdated}
         for t in trigs:
             if (t.watcher.schema, t.watcher.table, t.name) in todo:
-                logger.info("installing trigger %s on %s.%s", t.name, t.watcher.schema, t.watcher.table)
+                logger.info(
+                    "installing trigger %s on %s.%s", t.name, t.watcher.schema, t.watcher.table
+                )
                 conn.execute(t.definition + _comment(t, channel))
         if prune:
-            _drop(conn, [f for f in _found(conn, channel) if (f.schema, f.table, f.name) in set(before.orphaned)])
+            _drop(
+                conn,
+                [
+                    f
+                    for f in _found(conn, channel)
+                    if (f.schema, f.table, f.name) in set(before.orphaned)
+                ],
+            )
     return before
 
 
-def uninstall(conn: psycopg.Connection[object], *, schema: str, channel: str, drop_schema: bool = False) -> int:
+def uninstall(
+    conn: psycopg.Connection[TupleRow], *, schema: str, channel: str, drop_schema: bool = False
+) -> int:
     """Drop every trigger of this channel (and rowsync's schema when asked); return how many."""
     with conn.transaction():
         conn.execute(_lock(schema))
@@ -268,15 +297,25 @@ def uninstall(conn: psycopg.Connection[object], *, schema: str, channel: str, dr
     return len(found)
 
 
-def _drop(conn: psycopg.Connection[object], found: Iterable[_Found]) -> None:
+def _drop(conn: psycopg.Connection[TupleRow], found: Iterable[_Found]) -> None:
     for f in found:
         logger.info("dropping trigger %s on %s.%s", f.name, f.schema, f.table)
-        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(f.name), sql.Identifier(f.schema, f.table)))
+        conn.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(f.name), sql.Identifier(f.schema, f.table)
+            )
+        )
         if f.function.startswith(PREFIX):
-            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(f.function_schema, f.function)))
+            conn.execute(
+                sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
+                    sql.Identifier(f.function_schema, f.function)
+                )
+            )
 
 
-def uninstall_sql(trigs: Sequence[Trigger], *, schema: str, drop_schema: bool = False) -> sql.Composed:
+def uninstall_sql(
+    trigs: Sequence[Trigger], *, schema: str, drop_schema: bool = False
+) -> sql.Composed:
     """DROP statements for these triggers and their functions (and rowsync's schema when asked).
 
     The static counterpart of :func:`uninstall`, for Alembic downgrades: it names the given
@@ -284,8 +323,12 @@ def uninstall_sql(trigs: Sequence[Trigger], *, schema: str, drop_schema: bool = 
     """
     parts: list[sql.Composable] = [_lock(schema)]
     for t in trigs:
-        parts.append(sql.SQL("DROP TRIGGER IF EXISTS {} ON {};\n").format(sql.Identifier(t.name), t.table))
-        parts.append(sql.SQL("DROP FUNCTION IF EXISTS {}();\n").format(sql.Identifier(schema, t.function)))
+        parts.append(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {};\n").format(sql.Identifier(t.name), t.table)
+        )
+        parts.append(
+            sql.SQL("DROP FUNCTION IF EXISTS {}();\n").format(sql.Identifier(schema, t.function))
+        )
     if drop_schema:
         parts.append(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE;\n").format(sql.Identifier(schema)))
     return sql.Composed(parts)

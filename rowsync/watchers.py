@@ -104,7 +104,9 @@ def primary_key(table: sa.Table) -> tuple[str, ...]:
     return tuple(c.name for c in table.primary_key.columns)
 
 
-def identifying_columns(table: sa.Table, mapper: Mapper[Any], extra: Sequence[str] = ()) -> tuple[str, ...]:
+def identifying_columns(
+    table: sa.Table, mapper: Mapper[Any], extra: Sequence[str] = ()
+) -> tuple[str, ...]:
     """Primary key, then every column a relationship joins on, then ``extra``; no repeats.
 
     Relationship columns are taken from foreign keys and from every relationship's join
@@ -175,10 +177,11 @@ def _items(assocs: Assocs) -> Iterator[tuple[str, Assocs]]:
         if isinstance(item, str):
             yield item, ()
         elif isinstance(item, Mapping):
-            for name, nested in item.items():
-                yield name, nested
+            yield from item.items()
         else:
-            raise ConfigurationError(f"assocs items are names or {{name: nested}} dicts, not {item!r}")
+            raise ConfigurationError(
+                f"assocs items are names or {{name: nested}} dicts, not {item!r}"
+            )
 
 
 def _resolve(
@@ -191,11 +194,16 @@ def _resolve(
     proxy = mapper.all_orm_descriptors.get(name)
     if isinstance(proxy, AssociationProxy):
         via = mapper.relationships[proxy.target_collection]
-        yield via, [{proxy.value_attr: nested}] if proxy.value_attr in via.mapper.relationships else nested
+        yield (
+            via,
+            [{proxy.value_attr: nested}]
+            if proxy.value_attr in via.mapper.relationships
+            else nested,
+        )
         return
-    known = sorted(mapper.relationships.keys())
+    known = ", ".join(sorted(mapper.relationships.keys())) or "none"
     raise ConfigurationError(
-        f"{mapper.class_.__name__} has no relationship {name!r}; known: {', '.join(known) or 'none'}"
+        f"{mapper.class_.__name__} has no relationship {name!r}; known: {known}"
     )
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from models import Base, Person, Post, Tag
 from sqlalchemy.orm import Session, sessionmaker
 
 import rowsync
-from models import Base, Person, Post, Tag
 from rowsync import RowSync
 
 ALL_ASSOCS: list[Any] = [
@@ -28,7 +28,11 @@ ALL_ASSOCS: list[Any] = [
 
 def reference_watchers() -> list[rowsync.Watcher]:
     """Watchers covering every table and relationship of the reference schema."""
-    return rowsync.watchers(Person, ALL_ASSOCS) + rowsync.watchers(Post, ["tags", "labels"]) + rowsync.watchers(Tag)
+    return (
+        rowsync.watchers(Person, ALL_ASSOCS)
+        + rowsync.watchers(Post, ["tags", "labels"])
+        + rowsync.watchers(Tag)
+    )
 
 
 @pytest.fixture

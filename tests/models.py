@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import sqlalchemy as sa
 from sqlalchemy.ext.associationproxy import AssociationProxy, association_proxy
-from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class Base(DeclarativeBase):
@@ -31,7 +29,7 @@ posts_labels = sa.Table(
 class Person(Base):
     __tablename__ = "persons"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[Optional[str]]
+    name: Mapped[str | None]
 
     posts: Mapped[list[Post]] = relationship(
         back_populates="person", foreign_keys="Post.person_id", order_by="Post.id"
@@ -53,7 +51,7 @@ class Person(Base):
         secondaryjoin=lambda: PostTag.tag_id == Tag.id,
         viewonly=True,
     )
-    profile: Mapped[Optional[Profile]] = relationship(back_populates="person")
+    profile: Mapped[Profile | None] = relationship(back_populates="person")
     favourite_people: Mapped[list[Person]] = relationship(
         secondary=favourite_people,
         primaryjoin=lambda: Person.id == favourite_people.c.person_id,
@@ -64,13 +62,15 @@ class Person(Base):
 class Post(Base):
     __tablename__ = "posts"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[Optional[str]]
-    body: Mapped[Optional[str]]
-    person_id: Mapped[Optional[int]] = mapped_column(sa.ForeignKey("persons.id", ondelete="SET NULL"))
-    other_id: Mapped[Optional[int]] = mapped_column(sa.ForeignKey("persons.id", ondelete="SET NULL"))
+    name: Mapped[str | None]
+    body: Mapped[str | None]
+    person_id: Mapped[int | None] = mapped_column(sa.ForeignKey("persons.id", ondelete="SET NULL"))
+    other_id: Mapped[int | None] = mapped_column(sa.ForeignKey("persons.id", ondelete="SET NULL"))
 
-    person: Mapped[Optional[Person]] = relationship(back_populates="posts", foreign_keys=[person_id])
-    other_person: Mapped[Optional[Person]] = relationship(back_populates="other_posts", foreign_keys=[other_id])
+    person: Mapped[Person | None] = relationship(back_populates="posts", foreign_keys=[person_id])
+    other_person: Mapped[Person | None] = relationship(
+        back_populates="other_posts", foreign_keys=[other_id]
+    )
     post_tags: Mapped[list[PostTag]] = relationship(back_populates="post", viewonly=True)
     tags: Mapped[list[Tag]] = relationship(secondary="post_tags", order_by="Tag.id", viewonly=True)
     test_tags: Mapped[list[Tag]] = relationship(
@@ -85,13 +85,17 @@ class Post(Base):
 class Tag(Base):
     __tablename__ = "tags"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[Optional[str]]
+    name: Mapped[str | None]
 
 
 class PostTag(Base):
     __tablename__ = "post_tags"
-    post_id: Mapped[int] = mapped_column(sa.ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True)
-    tag_id: Mapped[int] = mapped_column(sa.ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True)
+    post_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True
+    )
 
     post: Mapped[Post] = relationship(back_populates="post_tags")
     tag: Mapped[Tag] = relationship()
@@ -100,15 +104,15 @@ class PostTag(Base):
 class Label(Base):
     __tablename__ = "labels"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[Optional[str]]
+    name: Mapped[str | None]
 
 
 class Profile(Base):
     __tablename__ = "profiles"
     id: Mapped[int] = mapped_column(primary_key=True)
-    person_id: Mapped[Optional[int]] = mapped_column(
+    person_id: Mapped[int | None] = mapped_column(
         sa.ForeignKey("persons.id", ondelete="CASCADE"), unique=True
     )
-    bio: Mapped[Optional[str]]
+    bio: Mapped[str | None]
 
-    person: Mapped[Optional[Person]] = relationship(back_populates="profile")
+    person: Mapped[Person | None] = relationship(back_populates="profile")

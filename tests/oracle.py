@@ -56,12 +56,18 @@ def differences(actual: Any, expected: Any, path: str = "") -> list[str]:
         out: list[str] = []
         for key in sorted(set(actual) | set(expected), key=str):
             if key not in actual or key not in expected:
-                out.append(f"{path}.{key}: {'missing' if key not in actual else 'extra'} in synced tree")
+                out.append(
+                    f"{path}.{key}: {'missing' if key not in actual else 'extra'} in synced tree"
+                )
             else:
                 out += differences(actual[key], expected[key], f"{path}.{key}")
         return out
     if isinstance(actual, list):
         if len(actual) != len(expected):
             return [f"{path}: {len(actual)} items != {len(expected)}: {actual!r} != {expected!r}"]
-        return [d for i, (a, e) in enumerate(zip(actual, expected)) for d in differences(a, e, f"{path}[{i}]")]
+        return [
+            d
+            for i, (a, e) in enumerate(zip(actual, expected, strict=True))
+            for d in differences(a, e, f"{path}[{i}]")
+        ]
     return [] if actual == expected else [f"{path or '.'}: {actual!r} != {expected!r}"]

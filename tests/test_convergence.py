@@ -15,17 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
+from fixtures import ALL_ASSOCS
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+from models import Base, Label, Person, Post, PostTag, Profile, Tag, favourite_people, posts_labels
+from oracle import differences, fresh, snapshot
 from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
 import rowsync
-from fixtures import ALL_ASSOCS
-from models import Base, Label, Person, Post, PostTag, Profile, Tag, favourite_people, posts_labels
-from oracle import differences, fresh, snapshot
 
 IDS = st.integers(min_value=1, max_value=5)
 NAMES = st.sampled_from(["test", "bad", "worst", "x", None])
@@ -63,8 +68,17 @@ def trees() -> list[Tree]:
                 joinedload(Person.profile),
             ),
             True,
-            {Person: [{"posts": ["tags", "labels"]}, "test_posts", "bad_posts", "other_posts", "all_tags",
-                      "favourite_people", "profile"]},
+            {
+                Person: [
+                    {"posts": ["tags", "labels"]},
+                    "test_posts",
+                    "bad_posts",
+                    "other_posts",
+                    "all_tags",
+                    "favourite_people",
+                    "profile",
+                ]
+            },
         ),
         Tree(
             "posts with joined parents",
@@ -77,12 +91,24 @@ def trees() -> list[Tree]:
                 selectinload(Post.post_tags).joinedload(PostTag.tag),
             ),
             True,
-            {Post: [{"person": ["profile"]}, "other_person", "tags", "test_tags", "labels", {"post_tags": ["tag"]}]},
+            {
+                Post: [
+                    {"person": ["profile"]},
+                    "other_person",
+                    "tags",
+                    "test_tags",
+                    "labels",
+                    {"post_tags": ["tag"]},
+                ]
+            },
         ),
         Tree(
             "person 1, nested",
-            sa.select(Person).where(Person.id == 1).options(
-                selectinload(Person.posts).selectinload(Post.test_tags), selectinload(Person.profile)
+            sa.select(Person)
+            .where(Person.id == 1)
+            .options(
+                selectinload(Person.posts).selectinload(Post.test_tags),
+                selectinload(Person.profile),
             ),
             False,
             {Person: [{"posts": ["test_tags"]}, "profile"]},
@@ -107,8 +133,12 @@ class Convergence(RuleBasedStateMachine):
         with self.sessions() as s, s.begin():
             # TRUNCATE fires no row trigger: the next example starts without a flood of events.
             quote = s.get_bind().dialect.identifier_preparer.format_table
-            s.execute(sa.text("TRUNCATE " + ", ".join(quote(t) for t in Base.metadata.sorted_tables)))
-            s.add_all([Person(id=i, name="p") for i in (1, 2, 3)] + [Tag(id=i, name="t1") for i in (1, 2)])
+            s.execute(
+                sa.text("TRUNCATE " + ", ".join(quote(t) for t in Base.metadata.sorted_tables))
+            )
+            s.add_all(
+                [Person(id=i, name="p") for i in (1, 2, 3)] + [Tag(id=i, name="t1") for i in (1, 2)]
+            )
             s.add_all([Label(id=1, name="l")])
             s.flush()
             for post_id, person_id in seed:
@@ -120,7 +150,12 @@ class Convergence(RuleBasedStateMachine):
             t.value = fresh(self.sessions, t.statement, many=t.many)
             t.sub = self.rs.subscribe(t.value, assocs=_assocs(t))
             if t.many:
-                t.sub.add(t.statement.column_descriptions[0]["entity"], "inserted", follow=True, assocs=_assocs(t))
+                t.sub.add(
+                    t.statement.column_descriptions[0]["entity"],
+                    "inserted",
+                    follow=True,
+                    assocs=_assocs(t),
+                )
 
     # -- writes ------------------------------------------------------------------------
 
@@ -134,7 +169,12 @@ class Convergence(RuleBasedStateMachine):
 
     @rule(id=IDS, name=st.sampled_from(["p", "q"]))
     def upsert_person(self, id: int, name: str) -> None:
-        self._write(sa.text("INSERT INTO persons (id, name) VALUES (:i, :n) ON CONFLICT (id) DO UPDATE SET name = :n").bindparams(i=id, n=name))
+        self._write(
+            sa.text(
+                "INSERT INTO persons (id, name) VALUES (:i, :n)"
+                " ON CONFLICT (id) DO UPDATE SET name = :n"
+            ).bindparams(i=id, n=name)
+        )
 
     @rule(id=IDS)
     def delete_person(self, id: int) -> None:
@@ -158,7 +198,12 @@ class Convergence(RuleBasedStateMachine):
 
     @rule(id=IDS, name=TAG_NAMES)
     def upsert_tag(self, id: int, name: str) -> None:
-        self._write(sa.text("INSERT INTO tags (id, name) VALUES (:i, :n) ON CONFLICT (id) DO UPDATE SET name = :n").bindparams(i=id, n=name))
+        self._write(
+            sa.text(
+                "INSERT INTO tags (id, name) VALUES (:i, :n)"
+                " ON CONFLICT (id) DO UPDATE SET name = :n"
+            ).bindparams(i=id, n=name)
+        )
 
     @rule(id=IDS)
     def delete_tag(self, id: int) -> None:
@@ -174,16 +219,27 @@ class Convergence(RuleBasedStateMachine):
     @rule(post=IDS, label=st.integers(1, 2), link=st.booleans())
     def label_post(self, post: int, label: int, link: bool) -> None:
         if link:
-            self._write(sa.text("INSERT INTO labels (id, name) VALUES (:l, 'l') ON CONFLICT DO NOTHING").bindparams(l=label),
-                        sa.insert(posts_labels).values(post_id=post, label_id=label))
+            self._write(
+                sa.text(
+                    "INSERT INTO labels (id, name) VALUES (:l, 'l') ON CONFLICT DO NOTHING"
+                ).bindparams(l=label),
+                sa.insert(posts_labels).values(post_id=post, label_id=label),
+            )
         else:
-            self._write(sa.delete(posts_labels).where(posts_labels.c.post_id == post, posts_labels.c.label_id == label))
+            self._write(
+                sa.delete(posts_labels).where(
+                    posts_labels.c.post_id == post, posts_labels.c.label_id == label
+                )
+            )
 
     @rule(id=st.integers(1, 3), person=IDS, bio=st.sampled_from(["a", "b"]))
     def upsert_profile(self, id: int, person: int, bio: str) -> None:
-        self._write(sa.text(
-            "INSERT INTO profiles (id, person_id, bio) VALUES (:i, :p, :b)"
-            " ON CONFLICT (id) DO UPDATE SET person_id = :p, bio = :b").bindparams(i=id, p=person, b=bio))
+        self._write(
+            sa.text(
+                "INSERT INTO profiles (id, person_id, bio) VALUES (:i, :p, :b)"
+                " ON CONFLICT (id) DO UPDATE SET person_id = :p, bio = :b"
+            ).bindparams(i=id, p=person, b=bio)
+        )
 
     @rule(id=st.integers(1, 3))
     def delete_profile(self, id: int) -> None:
@@ -195,15 +251,25 @@ class Convergence(RuleBasedStateMachine):
         if link:
             self._write(sa.insert(table).values(person_id=person, favourite_id=favourite))
         else:
-            self._write(sa.delete(table).where(table.c.person_id == person, table.c.favourite_id == favourite))
+            self._write(
+                sa.delete(table).where(
+                    table.c.person_id == person, table.c.favourite_id == favourite
+                )
+            )
 
     @rule(data=st.data())
     def concurrent_writers(self, data: st.DataObject) -> None:
         """Two writers commit at the same time: their events interleave in commit order."""
         moves = [
             (self.move_post, dict(id=data.draw(IDS), person=data.draw(IDS), other=None)),
-            (self.tag_post, dict(post=data.draw(IDS), tag=data.draw(IDS), link=data.draw(st.booleans()))),
-            (self.update_post, dict(id=data.draw(IDS), name=data.draw(NAMES), body=data.draw(BODIES))),
+            (
+                self.tag_post,
+                dict(post=data.draw(IDS), tag=data.draw(IDS), link=data.draw(st.booleans())),
+            ),
+            (
+                self.update_post,
+                dict(id=data.draw(IDS), name=data.draw(NAMES), body=data.draw(BODIES)),
+            ),
             (self.delete_tag, dict(id=data.draw(IDS))),
         ]
         picked = data.draw(st.lists(st.sampled_from(moves), min_size=2, max_size=3))
@@ -229,12 +295,20 @@ class Convergence(RuleBasedStateMachine):
             expected = fresh(self.sessions, t.statement, many=t.many)
             if os.environ.get("ROWSYNC_ORACLE_DUMP") and snapshot(t.value) != snapshot(expected):
                 import pprint
+
                 with open(os.environ["ROWSYNC_ORACLE_DUMP"], "w") as f:
-                    pprint.pprint({"synced": snapshot(t.value), "fresh": snapshot(expected)}, f, width=150)
-            assert snapshot(t.value) == snapshot(expected), (t.name, differences(snapshot(t.value), snapshot(expected)))
+                    pprint.pprint(
+                        {"synced": snapshot(t.value), "fresh": snapshot(expected)}, f, width=150
+                    )
+            assert snapshot(t.value) == snapshot(expected), (
+                t.name,
+                differences(snapshot(t.value), snapshot(expected)),
+            )
 
 
-def _after(barrier: threading.Barrier, fn: Callable[..., None], kwargs: dict[str, Any]) -> Callable[[], None]:
+def _after(
+    barrier: threading.Barrier, fn: Callable[..., None], kwargs: dict[str, Any]
+) -> Callable[[], None]:
     def run() -> None:
         barrier.wait()
         fn(**kwargs)
@@ -249,11 +323,21 @@ def _assocs(t: Tree) -> list[Any]:
     if entity is Person:
         return ALL_ASSOCS
     if entity is Post:
-        return ["person", "other_person", "tags", "test_tags", "labels", {"post_tags": ["tag"]}, {"person": ["profile"]}]
+        return [
+            "person",
+            "other_person",
+            "tags",
+            "test_tags",
+            "labels",
+            {"post_tags": ["tag"]},
+            {"person": ["profile"]},
+        ]
     return []
 
 
-def test_synced_trees_converge_to_a_fresh_query(rs: rowsync.RowSync, sessions: sessionmaker[Session]) -> None:
+def test_synced_trees_converge_to_a_fresh_query(
+    rs: rowsync.RowSync, sessions: sessionmaker[Session]
+) -> None:
     run_state_machine_as_test(
         lambda: Convergence(rs, sessions),
         settings=settings(

@@ -281,7 +281,9 @@ def test_malformed_notifications_are_counted_and_the_listener_keeps_delivering(r
     # The lost oversized event cannot be delivered: the subscription is told to resync.
     resyncs = [info.reason for kind, info in messages if kind is rowsync.Resync]
     assert resyncs == ["1 oversized event(s) could not be read back"]
-    assert [(c.event, c.ids["id"]) for c in changes([m for m in messages if m[0] is Sync])] == [("inserted", 1)]
+    assert [(c.event, c.ids["id"]) for c in changes([m for m in messages if m[0] is Sync])] == [
+        ("inserted", 1)
+    ]
     assert rs.listener.stats["malformed"] == len(GARBAGE)
     assert rs.stats["unwatched"] == 1
     assert rs.stats["malformed"] == 1

@@ -2,15 +2,20 @@
 rs.resync(tree) brings the tree back to what a fresh query gives."""
 
 import sqlalchemy as sa
+from models import Person, Post, Tag
+from oracle import fresh, snapshot
 from sqlalchemy.orm import selectinload
 
 import rowsync
-from models import Person, Post, Tag
-from oracle import fresh, snapshot
 
 
 def test_resync_rereads_what_the_tree_holds(rs, sessions, write):
-    write(Person(id=1, name="a"), Person(id=2, name="b"), Tag(id=1, name="t"), Post(id=10, person_id=1))
+    write(
+        Person(id=1, name="a"),
+        Person(id=2, name="b"),
+        Tag(id=1, name="t"),
+        Post(id=10, person_id=1),
+    )
     query = sa.select(Person).options(selectinload(Person.posts).selectinload(Post.tags))
     people = fresh(sessions, query)
 
@@ -47,7 +52,9 @@ def test_an_overflowing_subscription_is_told_to_resync(rs, sessions, write):
     assert person.name == "f"
 
 
-def test_a_batch_that_cannot_be_dispatched_is_announced_and_the_listener_goes_on(rs, sessions, write, monkeypatch):
+def test_a_batch_that_cannot_be_dispatched_is_announced_and_the_listener_goes_on(
+    rs, sessions, write, monkeypatch
+):
     write(Person(id=1, name="a"))
     rs.flush()  # the insert is behind us
     sub = rs.subscribe(Person)
@@ -64,5 +71,8 @@ def test_a_batch_that_cannot_be_dispatched_is_announced_and_the_listener_goes_on
     rs.flush()
 
     kinds = [(kind, getattr(info, "reason", None) or info.event) for kind, info in sub.drain()]
-    assert kinds == [(rowsync.Resync, "a batch of changes could not be dispatched"), (rowsync.Sync, "updated")]
+    assert kinds == [
+        (rowsync.Resync, "a batch of changes could not be dispatched"),
+        (rowsync.Sync, "updated"),
+    ]
     assert rs.listener.stats["batch_errors"] == 1

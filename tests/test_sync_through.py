@@ -8,16 +8,20 @@ joinedload and lazy loading keep it once.
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import joinedload, selectinload
-
 from fixtures import apply_all
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
+from sqlalchemy.orm import joinedload, selectinload
 
 
 @pytest.mark.parametrize("loader", [selectinload, joinedload], ids=["selectin", "joined"])
 def test_tag_reached_through_two_posts_appears_as_a_fresh_query_has_it(rs, sessions, write, loader):
-    write(Person(id=1, name="a"), Tag(id=1, name="t"), Post(id=10, person_id=1), PostTag(post_id=10, tag_id=1))
+    write(
+        Person(id=1, name="a"),
+        Tag(id=1, name="t"),
+        Post(id=10, person_id=1),
+        PostTag(post_id=10, tag_id=1),
+    )
     query = sa.select(Person).options(loader(Person.all_tags))
     people = fresh(sessions, query)
     sub = rs.subscribe(people, assocs=["all_tags"])
@@ -47,7 +51,13 @@ def test_inserting_a_tagged_post_adds_the_tag_and_deleting_the_tag_removes_it(rs
 
 
 def test_a_post_moving_to_another_person_moves_its_tags_between_all_tags(rs, sessions, write):
-    write(Person(id=1), Person(id=2), Tag(id=1, name="t"), Post(id=10, person_id=1), PostTag(post_id=10, tag_id=1))
+    write(
+        Person(id=1),
+        Person(id=2),
+        Tag(id=1, name="t"),
+        Post(id=10, person_id=1),
+        PostTag(post_id=10, tag_id=1),
+    )
     query = sa.select(Person).options(selectinload(Person.all_tags))
     people = fresh(sessions, query)
     sub = rs.subscribe(people, assocs=["all_tags"])
