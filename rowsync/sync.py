@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
+from cachetools import LRUCache
 from sqlalchemy.orm import Mapper, attributes
 from sqlalchemy.orm.base import instance_state
 
@@ -46,9 +48,39 @@ _REF = "rowsync_ref"
 class Syncer:
     """Applies messages to trees; holds what every call shares (graph, row source)."""
 
-    def __init__(self, graph: Graph, rows: RowSource) -> None:
+    def __init__(self, graph: Graph, rows: RowSource, index_cache: int = 1024) -> None:
         self.graph = graph
         self.rows = rows
+        self._indexes: LRUCache[int, tuple[Any, tuple[int, ...], tree.Index]] = LRUCache(
+            index_cache
+        )
+        self._lock = threading.Lock()
+        tree.watch_mutations(graph.digraph.nodes)
+
+    def index(self, value: Any, roots: list[Any]) -> tree.Index:
+        """The index of a tree, reused while neither its roots nor any tree's shape changed.
+
+        A tree's shape changes when rowsync adds, removes or moves a row, or when the
+        application appends, removes, assigns or expires a relationship (SQLAlchemy events):
+        each bumps :class:`tree.Generation`. An update that only patches attributes does not,
+        so a stream of updates pays for one walk of the tree, not one per message.
+        """
+        if not roots:
+            return tree.Index.of(roots)
+        fingerprint = tuple(map(id, roots))
+        with self._lock:
+            cached = self._indexes.get(id(value))
+        if (
+            cached is not None
+            and cached[0] is value
+            and cached[1] == fingerprint
+            and cached[2].generation == tree.Generation.value
+        ):
+            return cached[2]
+        index = tree.Index.of(roots)
+        with self._lock:
+            self._indexes[id(value)] = (value, fingerprint, index)
+        return index
 
     def sync(self, value: Any, message: Any, preloads: Preloads | None = None) -> Any:
         """Return ``value`` with ``message`` applied (the same list/object, patched in place).
@@ -74,7 +106,7 @@ class Syncer:
         table = table_of(change.model)
         if roots and table not in self.graph.reachable(instance_state(roots[0]).mapper):
             return value
-        patch = _Patch(self, roots, change, table, preloads or {})
+        patch = _Patch(self, value, roots, change, table, preloads or {})
         patch.apply()
         if value is None or tree.is_model(value):
             return roots[0] if roots else None
@@ -114,7 +146,13 @@ class _Patch:
     """One message applied to one tree."""
 
     def __init__(
-        self, syncer: Syncer, roots: list[Any], change: Change, table: sa.Table, preloads: Preloads
+        self,
+        syncer: Syncer,
+        value: Any,
+        roots: list[Any],
+        change: Change,
+        table: sa.Table,
+        preloads: Preloads,
     ) -> None:
         self.graph = syncer.graph
         self.rows = syncer.rows
@@ -124,7 +162,7 @@ class _Patch:
         self.key = key_of(table, change.ids)
         self.deleted = change.event == "deleted"
         self.preloads = preloads
-        self.index = tree.Index.of(roots)
+        self.index = syncer.index(value, roots)
         self.touched: list[Any] = []
         """Objects a change put in a new place or took from one: they must look loaded as a
         fresh query would load them where they now are."""
@@ -168,22 +206,46 @@ class _Patch:
         row = self.row
         remote = tuple(row.values.get(r.name) for _, r in edge.pairs) if row else None
         wanted = row is not None and (edge.criteria is None or edge.criteria in row.matches)
-        for parent in parents:
+        for parent in self.candidates(edge, parents, remote):
             self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
+
+    def candidates(
+        self, edge: Edge, parents: list[Any], *locals_: tuple[Any, ...] | None
+    ) -> list[Any]:
+        """Parents whose membership can change: those holding the row now, and those whose
+        local columns are one of ``locals_``. Found through the index when the local columns
+        are a primary key (they never change); otherwise every parent is looked at."""
+        if not edge.local_is_key:
+            return parents
+        found: dict[int, Any] = {}
+        by_local = self.index.by_local(edge.parent, edge.key, _local_names(edge))
+        for local in locals_:
+            if local is not None:
+                found.update((id(p), p) for p in by_local.get(local, ()))
+        for obj in self.index.instances(edge.target_table, self.target_key(edge)):
+            found.update((id(p), p) for p in self.index.held_by(obj, edge.parent, edge.key))
+        return list(found.values())
+
+    def target_key(self, edge: Edge) -> tuple[Any, ...]:
+        """The key of the target row this change is about (for a link row: its target's)."""
+        if self.table is not edge.secondary:
+            return self.key
+        values = self.change.ids
+        return key_of(edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs})
 
     def association_target(self, edge: Edge, parents: list[Any]) -> None:
         if self.deleted:
-            for parent in parents:
+            for parent in self.candidates(edge, parents):
                 self.ensure(parent, edge, self.key, False)
             return
         assert self.row is not None
         if edge.criteria is None or edge.criteria not in self.row.matches:
-            for parent in parents:
+            for parent in self.candidates(edge, parents):
                 self.ensure(parent, edge, self.key, False if edge.criteria else None)
             return
         target = tuple(self.row.values.get(t.name) for _, t in edge.target_pairs)
         linked = self.rows.links(edge, target, self.change.ref)
-        for parent in parents:
+        for parent in self.candidates(edge, parents, *linked):
             self.ensure(
                 parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
             )
@@ -206,7 +268,7 @@ class _Patch:
                 found = self.rows.row(edge.target_table, target, self.change.ref)
                 present = found is not GONE and edge.criteria in found.matches
                 row = found if found is not GONE else None
-            for parent in parents:
+            for parent in self.candidates(edge, parents, local):
                 if _local(parent, edge) == local:
                     self.ensure(parent, edge, target, present, row)
 
@@ -260,6 +322,7 @@ class _Patch:
             ]
             self.roots[:] = [r for r in self.roots if r not in gone]
             self.touched += gone
+            tree.Generation.bump()
         elif self.change.event == "inserted" and not any(
             tree.primary_key(r) == self.key for r in self.roots
         ):
@@ -271,6 +334,7 @@ class _Patch:
             if obj is not None:
                 self.roots.append(obj)
                 self.touched.append(obj)
+                tree.Generation.bump()
 
     # -- making a collection hold a row, or not ---------------------------------------
 
@@ -284,6 +348,8 @@ class _Patch:
     ) -> None:
         """``present``: True -> hold it, False -> drop it, None -> leave membership, fix order."""
         current = tree.loaded_value(parent, edge.key)
+        if current is tree.NOT_LOADED:
+            return  # expired since the tree was indexed: nothing loaded to keep current
         if not edge.uselist:
             held = current is not None and tree.primary_key(current) == target
             if present and not held:
@@ -321,6 +387,7 @@ class _Patch:
         ]
         self.touched += [o for o in tree.as_list(value) if id(o) not in before_ids]
         attributes.set_committed_value(parent, edge.key, value)
+        tree.Generation.bump()
 
     def instance(
         self,
@@ -441,9 +508,12 @@ def _table(obj: Any) -> sa.Table:
     return tree.mapped_table(instance_state(obj).mapper)
 
 
+def _local_names(edge: Edge) -> tuple[str, ...]:
+    return tuple(c.name for c, _ in edge.pairs)
+
+
 def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
-    values = tree.column_values(parent)
-    return tuple(values.get(c.name) for c, _ in edge.pairs)
+    return tree.values_of(parent, _local_names(edge))
 
 
 def _compare(edge: Edge, a: Any, b: Any) -> int:

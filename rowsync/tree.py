@@ -67,6 +67,51 @@ def _columns(mapper: Mapper[Any]) -> tuple[tuple[str, str], ...]:
     )
 
 
+@cache
+def _attribute_keys(mapper: Mapper[Any]) -> dict[str, str]:
+    """Column name -> attribute key, for the mapper's own table."""
+    return {name: key for key, name in _columns(mapper)}
+
+
+def values_of(obj: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
+    """The values of a few columns of ``obj``, read straight from its loaded state."""
+    state = instance_state(obj)
+    keys = _attribute_keys(state.mapper)
+    data = state.dict
+    if all(keys.get(c) in data for c in columns):
+        return tuple(data[keys[c]] for c in columns)
+    values = column_values(obj)  # expired or primary key only: the slow, complete way
+    return tuple(values.get(c) for c in columns)
+
+
+class Generation:
+    """A counter of structural changes to loaded trees, made by rowsync or by the application
+    (relationship appends, removals, assignments, expiry). A cached :class:`Index` built at
+    an older generation is rebuilt: it may no longer describe its tree."""
+
+    value = 0
+
+    @classmethod
+    def bump(cls, *args: Any, **kwargs: Any) -> None:
+        cls.value += 1
+
+
+_watched: set[Any] = set()
+
+
+def watch_mutations(mappers: Any) -> None:
+    """Listen, once per mapper, for what changes the shape of a tree behind rowsync's back."""
+    for mapper in mappers:
+        if mapper in _watched:
+            continue
+        _watched.add(mapper)
+        for event in ("expire", "refresh", "refresh_flush"):
+            sa.event.listen(mapper, event, Generation.bump)
+        for rel in mapper.relationships:
+            for event in ("append", "remove", "set", "bulk_replace"):
+                sa.event.listen(rel.class_attribute, event, Generation.bump)
+
+
 def column_values(obj: Any) -> dict[str, Any]:
     """The loaded column values of ``obj`` by column name; the primary key even when expired."""
     state = instance_state(obj)
@@ -254,13 +299,36 @@ class Index:
     )
     """``id(object) -> (parent, relationship key)`` of every place it is held; ``(None, None)``
     for a root."""
+    generation: int = -1
+    """:class:`Generation` when built; stale once it moved on."""
     _seen: set[int] = field(default_factory=set)
+    _by_local: dict[Any, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, roots: list[Any]) -> Index:
-        index = cls()
+        index = cls(generation=Generation.value)
         index.extend(roots)
         return index
+
+    def by_local(
+        self, mapper: Mapper[Any], key: str, columns: tuple[str, ...]
+    ) -> dict[tuple[Any, ...], list[Any]]:
+        """Parents having ``key`` loaded, by the values of ``columns`` (built once per index;
+        only for columns that never change on a row: its primary key)."""
+        found = self._by_local.get((mapper, key))
+        if found is None:
+            found = self._by_local[(mapper, key)] = defaultdict(list)
+            for parent in self.loaded.get((mapper, key), ()):
+                found[values_of(parent, columns)].append(parent)
+        return found
+
+    def held_by(self, obj: Any, mapper: Mapper[Any], key: str) -> list[Any]:
+        """The parents holding ``obj`` under their relationship ``key``."""
+        return [
+            p
+            for p, k in self.holders.get(id(obj), ())
+            if k == key and p is not None and instance_state(p).mapper.isa(mapper)
+        ]
 
     def extend(self, roots: list[Any]) -> None:
         """Add ``roots`` and everything loaded below them (objects already indexed are skipped)."""

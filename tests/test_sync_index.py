@@ -1,0 +1,49 @@
+"""sync reuses a tree's index between messages while the tree keeps its shape, so a stream
+of updates costs one walk of the tree, not one per message. Whatever changes the shape - a
+row added or moved by rowsync, or the application appending to a collection by hand - makes
+the next sync walk the tree again."""
+
+import sqlalchemy as sa
+from sqlalchemy.orm import selectinload
+
+from fixtures import apply_all
+from models import Person, Post
+from oracle import fresh, snapshot
+
+QUERY = sa.select(Person).order_by(Person.id).options(selectinload(Person.posts))
+
+
+def test_updates_reuse_the_index_and_structural_changes_rebuild_it(rs, sessions, write):
+    write(Person(id=1), Person(id=2), Post(id=10, person_id=1))
+    people = fresh(sessions, QUERY)
+    sub = rs.subscribe(people, assocs=["posts"])
+
+    write(sa.update(Post).values(name="a"))
+    people = apply_all(rs, sub, people)
+    first = rs.syncer.index(people, people)
+    write(sa.update(Post).values(name="b"))
+    people = apply_all(rs, sub, people)
+    assert rs.syncer.index(people, people) is first
+
+    write(sa.update(Post).values(person_id=2))
+    people = apply_all(rs, sub, people)
+    assert rs.syncer.index(people, people) is not first
+    assert snapshot(people) == snapshot(fresh(sessions, QUERY))
+
+
+def test_a_collection_changed_by_hand_is_seen_by_the_next_sync(rs, sessions, write):
+    write(Person(id=1), Person(id=2), Post(id=10, person_id=1), Post(id=99, name="x"))
+    people = fresh(sessions, QUERY)
+    sub = rs.subscribe(people, assocs=["posts"])
+    write(sa.update(Post).where(Post.id == 10).values(name="a"))
+    people = apply_all(rs, sub, people)  # the index is built and cached
+
+    # The application puts post 99 under person 1 itself (say, an optimistic UI update)...
+    post_99 = fresh(sessions, sa.select(Post).where(Post.id == 99), many=False)
+    people[0].posts.append(post_99)
+    # ...then the database gives it to person 2: it must leave person 1's posts.
+    write(sa.update(Post).where(Post.id == 99).values(person_id=2))
+    people = apply_all(rs, sub, people)
+
+    assert [p.id for p in people[0].posts] == [10]
+    assert [p.id for p in people[1].posts] == [99]
