@@ -166,7 +166,6 @@ class _Patch:
         self.touched: list[Any] = []
         """Objects a change put in a new place or took from one: they must look loaded as a
         fresh query would load them where they now are."""
-        self.root_spec = tree.declared_spec(roots[0]) if roots else None
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.change_row(change)
@@ -419,6 +418,11 @@ class _Patch:
             self.index.extend([obj])
         return obj
 
+    @functools.cached_property
+    def root_spec(self) -> tree.LoadSpec | None:
+        """What the roots' loader options load (read before any root changed)."""
+        return tree.declared_spec(self.roots[0]) if self.roots else None
+
     def conform(self) -> None:
         """Make each moved object loaded as a fresh query would load it where it now is: the
         union of what its places' loader options load. What none of them loads is unloaded
@@ -518,9 +522,9 @@ def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
 
 def _compare(edge: Edge, a: Any, b: Any) -> int:
     """Postgres' default ordering: NULLs last ascending, first descending."""
-    va, vb = tree.column_values(a), tree.column_values(b)
-    for column, descending in edge.order_by:
-        x, y = va.get(column.name), vb.get(column.name)
+    names = tuple(column.name for column, _ in edge.order_by)
+    va, vb = tree.values_of(a, names), tree.values_of(b, names)
+    for (_, descending), x, y in zip(edge.order_by, va, vb, strict=True):
         if x == y:
             continue
         if x is None:
