@@ -73,11 +73,17 @@ def write(sessions: sessionmaker[Session]) -> Callable[..., None]:
     return run
 
 
-def apply_all(rs: RowSync, sub: rowsync.Subscription, value: Any, timeout: float = 5.0) -> Any:
+def apply_all(
+    rs: RowSync,
+    sub: rowsync.Subscription,
+    value: Any,
+    timeout: float = 5.0,
+    preloads: dict[Any, Any] | None = None,
+) -> Any:
     """Flush the listener, then apply every queued message to ``value``."""
     rs.flush(timeout)
     for message in sub.drain():
-        value = rs.sync(value, message)
+        value = rs.sync(value, message, preloads)
     return value
 
 
