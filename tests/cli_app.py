@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 
+import rowsync
 from fixtures import reference_watchers
 from models import Post
-
-import rowsync
 from rowsync import RowSync
 
 watchers = reference_watchers()

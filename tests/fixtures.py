@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from models import Base, Person, Post, Tag
 from sqlalchemy.orm import Session, sessionmaker
 
 import rowsync
+from models import Base, Person, Post, Tag
 from rowsync import RowSync
 
 ALL_ASSOCS: list[Any] = [

@@ -10,11 +10,11 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from fixtures import reference_watchers
-from models import Person
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import rowsync
+from fixtures import reference_watchers
+from models import Person
 from rowsync import RowSync, Sync
 from rowsync.alembic import install_sql
 from rowsync.cli import main

@@ -14,9 +14,9 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from fixtures import reference_watchers
 from models import Person, Post, Tag
-
 from rowsync import RowSync
 from rowsync.alembic import install_text
 from rowsync.cli import main

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from fixtures import ALL_ASSOCS
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -26,11 +25,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from models import Base, Label, Person, Post, PostTag, Profile, Tag, favourite_people, posts_labels
-from oracle import differences, fresh, snapshot
 from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
 import rowsync
+from fixtures import ALL_ASSOCS
+from models import Base, Label, Person, Post, PostTag, Profile, Tag, favourite_people, posts_labels
+from oracle import differences, fresh, snapshot
 
 IDS = st.integers(min_value=1, max_value=5)
 NAMES = st.sampled_from(["test", "bad", "worst", "x", None])

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fixtures import db_triggers
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -19,6 +18,7 @@ from sqlalchemy.orm import (
 )
 
 import rowsync
+from fixtures import db_triggers
 from rowsync import Change, RowSync, Sync
 from rowsync.triggers import MAX_IDENTIFIER
 

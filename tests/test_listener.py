@@ -11,10 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from models import Person, Post, PostTag, Tag
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import rowsync
+from models import Person, Post, PostTag, Tag
 from rowsync import NotRunningError, Resync, RowSync, Sync
 from rowsync.listener import APPLICATION_NAME, Flush, Notice, parse
 

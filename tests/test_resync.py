@@ -2,11 +2,11 @@
 rs.resync(tree) brings the tree back to what a fresh query gives."""
 
 import sqlalchemy as sa
-from models import Person, Post, Tag
-from oracle import fresh, snapshot
 from sqlalchemy.orm import selectinload
 
 import rowsync
+from models import Person, Post, Tag
+from oracle import fresh, snapshot
 
 
 def test_resync_rereads_what_the_tree_holds(rs, sessions, write):

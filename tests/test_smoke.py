@@ -2,10 +2,11 @@
 fresh query."""
 
 import sqlalchemy as sa
+from sqlalchemy.orm import selectinload
+
 from fixtures import apply_all
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
-from sqlalchemy.orm import selectinload
 
 
 def test_tree_follows_inserts_links_and_updates(rs, sessions, write):

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fixtures import messages
-from models import Label, Person, Post, PostTag, Profile, Tag, posts_labels
-from oracle import fresh
 from sqlalchemy.orm import selectinload
 
 import rowsync
+from fixtures import messages
+from models import Label, Person, Post, PostTag, Profile, Tag, posts_labels
+from oracle import fresh
 from rowsync import Change, Resync, RowSync, Sync
 
 

@@ -6,10 +6,11 @@ conditions crash, and a "through" relationship cannot be watched.
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload, selectinload
+
 from fixtures import apply_all
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
-from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 

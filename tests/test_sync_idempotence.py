@@ -3,10 +3,11 @@ values, an older message never overwrites a newer one; and patching leaves a liv
 with nothing to flush."""
 
 import sqlalchemy as sa
+from sqlalchemy.orm import selectinload
+
 from fixtures import apply_all, counting_queries, messages, sync_each
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
-from sqlalchemy.orm import selectinload
 
 TREE = (
     sa.select(Person)

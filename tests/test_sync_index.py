@@ -4,10 +4,11 @@ row added or moved by rowsync, or the application appending to a collection by h
 the next sync walk the tree again."""
 
 import sqlalchemy as sa
+from sqlalchemy.orm import selectinload
+
 from fixtures import apply_all
 from models import Person, Post
 from oracle import fresh, snapshot
-from sqlalchemy.orm import selectinload
 
 QUERY = sa.select(Person).order_by(Person.id).options(selectinload(Person.posts))
 

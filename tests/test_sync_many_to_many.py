@@ -8,10 +8,11 @@ EctoSync loops forever on one of the orders; here both orders give the fresh tre
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload, selectinload
+
 from fixtures import messages, returning, sync_each
 from models import Label, Person, Post, PostTag, Tag, favourite_people, posts_labels
 from oracle import fresh, snapshot
-from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 ORDERS = [pytest.param(False, id="delivered-order"), pytest.param(True, id="reversed-order")]

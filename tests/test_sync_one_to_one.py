@@ -2,10 +2,11 @@
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload, selectinload
+
 from fixtures import apply_all, messages, returning, sync_each
 from models import Person, Profile
 from oracle import fresh, snapshot
-from sqlalchemy.orm import joinedload, selectinload
 
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 

@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload, selectinload
+
 from fixtures import counting_queries, messages, sync_each
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
-from sqlalchemy.orm import joinedload, selectinload
 
 SUBSCRIBERS = 100
 THREADS = 8

@@ -69,7 +69,9 @@ def test_a_new_parent_is_loaded_as_its_place_says_not_as_its_siblings_are(rs, se
 def test_rows_inserted_into_a_followed_root_list_keep_being_synced(rs, sessions, write):
     query = sa.select(Post).options(joinedload(Post.person))
     posts = fresh(sessions, query)
-    sub = rs.subscribe(posts, assocs=["person"]).add(Post, "inserted", follow=True, assocs=["person"])
+    sub = rs.subscribe(posts, assocs=["person"]).add(
+        Post, "inserted", follow=True, assocs=["person"]
+    )
 
     write(Person(id=1, name="a"), Post(id=1, name="new", person_id=1))
     posts = apply_all(rs, sub, posts, preloads={Post: ["person"]})

@@ -2,12 +2,12 @@
 
 import pytest
 import sqlalchemy as sa
-from fixtures import apply_all, messages
-from models import Label, Person, Post, Tag, posts_labels
-from oracle import fresh, snapshot
 from sqlalchemy.orm import joinedload, selectinload
 
 import rowsync
+from fixtures import apply_all, messages
+from models import Label, Person, Post, Tag, posts_labels
+from oracle import fresh, snapshot
 from rowsync import Change, Resync, ResyncInfo, Sync
 
 PEOPLE = sa.select(Person).order_by(Person.id)

@@ -8,10 +8,11 @@ joinedload and lazy loading keep it once.
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload, selectinload
+
 from fixtures import apply_all
 from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
-from sqlalchemy.orm import joinedload, selectinload
 
 
 @pytest.mark.parametrize("loader", [selectinload, joinedload], ids=["selectin", "joined"])

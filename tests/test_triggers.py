@@ -6,10 +6,10 @@ import threading
 
 import psycopg
 import sqlalchemy as sa
-from fixtures import db_functions, db_triggers, reference_watchers
-from models import Person, Post, Tag
 
 import rowsync
+from fixtures import db_functions, db_triggers, reference_watchers
+from models import Person, Post, Tag
 from rowsync import RowSync, Sync
 from rowsync.migrations import migration_files
 from rowsync.triggers import MAX_IDENTIFIER, PREFIX, short_name, triggers

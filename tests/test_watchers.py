@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+
+import rowsync
 from fixtures import reference_watchers
 from models import Label, Person, Post, PostTag, Profile, Tag, posts_labels
 from oracle import fresh
-
-import rowsync
 from rowsync import ConfigurationError, RowSync, Sync
 from rowsync.watchers import merge
 

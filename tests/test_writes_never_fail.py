@@ -3,9 +3,9 @@ column dropped or renamed under it yields a null, never an error in the writer's
 The listener survives and says what it could not follow."""
 
 import sqlalchemy as sa
-from models import Person, Post, Tag
 
 import rowsync
+from models import Person, Post, Tag
 
 
 def test_dropping_a_column_under_the_trigger_fails_no_write_and_asks_for_a_resync(rs, write):
