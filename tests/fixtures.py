@@ -60,9 +60,12 @@ def rs(schema: sa.Engine) -> Iterator[RowSync]:
 @pytest.fixture
 def write(sessions: sessionmaker[Session]) -> Callable[..., None]:
     """Run statements or add objects in one committed transaction, on its own connection."""
+    return writer(sessions)
 
+
+def writer(factory: sessionmaker[Session]) -> Callable[..., None]:
     def run(*items: Any) -> None:
-        with sessions() as session, session.begin():
+        with factory() as session, session.begin():
             for item in items:
                 if isinstance(item, sa.Executable):
                     session.execute(item)
@@ -159,3 +162,16 @@ def db_functions(engine: sa.Engine, schema: str = "rowsync") -> set[str]:
     )
     with engine.connect() as conn:
         return set(conn.scalars(query, {"s": schema}))
+
+
+@pytest.fixture
+def write_to() -> Callable[[sa.Engine], Any]:
+    """``write_to(engine)``: a ``write`` for a schema of a test's own (``.sessions`` too)."""
+
+    def make(engine: sa.Engine) -> Any:
+        factory = sessionmaker(engine, expire_on_commit=False)
+        run = writer(factory)
+        run.sessions = factory  # type: ignore[attr-defined]
+        return run
+
+    return make
