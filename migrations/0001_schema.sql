@@ -16,5 +16,6 @@ CREATE TABLE IF NOT EXISTS {schema}.overflow (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS overflow_created_at ON {schema}.overflow (created_at);
--- Writers' triggers park and prune oversized events; listeners only read them.
-GRANT SELECT, INSERT, DELETE ON {schema}.overflow TO PUBLIC;
+-- Listeners read parked events (identifiers only, as NOTIFY payloads are); writers park them
+-- through {schema}.park() (migration 0002), never touching the table themselves.
+GRANT SELECT ON {schema}.overflow TO PUBLIC;

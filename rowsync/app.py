@@ -9,6 +9,8 @@ watchers -> :mod:`~rowsync.triggers` (install) ; :mod:`~rowsync.listener` (event
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -16,7 +18,7 @@ import time
 import uuid
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -58,6 +60,7 @@ class RowSync:
         queue_size: int = 10_000,
         probe_interval: float = 5.0,
         start_timeout: float = 10.0,
+        origin: str | None = None,
     ) -> None:
         if isinstance(dsn_or_engine, sa.Engine):
             self.engine = dsn_or_engine
@@ -71,6 +74,11 @@ class RowSync:
         self.schema = schema
         self.queue_size = queue_size
         self.start_timeout = start_timeout
+        self.default_origin = origin
+        self._origin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            f"rowsync_origin_{id(self)}", default=origin
+        )
+        sa.event.listen(self.engine, "begin", self._tag_transaction)
         self.watchers = merge(watchers)
         if not self.watchers:
             raise ConfigurationError(
@@ -168,6 +176,7 @@ class RowSync:
         assocs: Assocs = (),
         follow: bool = False,
         maxsize: int | None = None,
+        ignore_origin: str | Iterable[str] | None = None,
         **filters: Any,
     ) -> Subscription:
         """Subscribe to loaded objects (and what ``assocs`` follows below them), or to a model.
@@ -178,8 +187,17 @@ class RowSync:
         filters name identifying columns (primary key, foreign keys, ``extra_columns``).
         With ``follow=True`` each inserted row is followed from then on (with ``assocs``), as
         the objects of a root list that ``sync`` grows with inserts must be.
+        ``ignore_origin``: skip changes written under that origin (see :meth:`origin`): the
+        echo of the subscriber's own writes.
         """
-        sub = Subscription(self._add, self.router.remove, maxsize or self.queue_size)
+        ignored = frozenset(
+            ()
+            if ignore_origin is None
+            else [ignore_origin]
+            if isinstance(ignore_origin, str)
+            else ignore_origin
+        )
+        sub = Subscription(self._add, self.router.remove, maxsize or self.queue_size, ignored)
         self._add(sub, target, event, assocs=assocs, follow=follow, **filters)
         return sub
 
@@ -339,7 +357,29 @@ class RowSync:
                 )
             )
             for sub in subs:
-                sub.put(message)
+                if item.origin is None or item.origin not in sub.ignore_origins:
+                    sub.put(message)
+
+    # -- self-write suppression -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def origin(self, name: str | None) -> Iterator[None]:
+        """Tag the writes made through this RowSync's engine in this block (thread or task)
+        with ``name``: their events carry it, and ``subscribe(..., ignore_origin=name)``
+        skips them. Deterministic: the tag is a transaction-local setting the trigger reads
+        (``set_config('rowsync.origin', name, true)``), not a counter of expected echoes.
+        """
+        token = self._origin.set(name)
+        try:
+            yield
+        finally:
+            self._origin.reset(token)
+
+    def _tag_transaction(self, conn: sa.Connection) -> None:
+        if (name := self._origin.get()) is not None:
+            conn.exec_driver_sql(
+                "SELECT set_config('rowsync.origin', %(name)s, true)", {"name": name}
+            )
 
     def _on_gap(self, reason: str) -> None:
         info = ResyncInfo(reason, time.monotonic())

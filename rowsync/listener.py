@@ -50,6 +50,8 @@ class Notice:
     new: dict[str, Any]
     old: dict[str, Any] | None
     label: str | None
+    origin: str | None = None
+    """The writer's ``rowsync.origin`` setting, if it tagged its transaction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +76,9 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
         raise ValueError("missing ref")
     if data.get("x") is True:
         return data
-    schema, table, event, new, old, label = (data.get(k) for k in ("s", "t", "e", "n", "o", "l"))
+    schema, table, event, new, old, label, origin = (
+        data.get(k) for k in ("s", "t", "e", "n", "o", "l", "g")
+    )
     if not (
         isinstance(schema, str)
         and isinstance(table, str)
@@ -86,7 +90,9 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
         raise ValueError("old values are not an object")
     if label is not None and not isinstance(label, str):
         raise ValueError("label is not a string")
-    return Notice(ref, schema, table, _EVENTS[event], new, old, label)
+    if origin is not None and not isinstance(origin, str):
+        raise ValueError("origin is not a string")
+    return Notice(ref, schema, table, _EVENTS[event], new, old, label, origin)
 
 
 class Listener:

@@ -35,9 +35,12 @@ class Subscription:
         subscribe: Callable[..., None],
         unsubscribe: Callable[[Subscription], None],
         maxsize: int,
+        ignore_origins: frozenset[str] = frozenset(),
     ) -> None:
         self.id = next(_ids)
         self.maxsize = maxsize
+        self.ignore_origins = ignore_origins
+        """Origins whose writes this subscriber made itself and does not want echoed."""
         self.overflows = 0
         self._subscribe = subscribe
         self._unsubscribe = unsubscribe

@@ -122,15 +122,12 @@ BEGIN
     END IF;
     payload := jsonb_build_object(
         'r', rowsync_ref, 's', {table_schema}, 't', {table_name}, 'e', {letter}, 'l', {label},
+        'g', nullif(current_setting('rowsync.origin', true), ''),
         'n', new_ids, 'o', old_ids
     )::text;
     IF octet_length(payload) > {limit} THEN
-        -- Too large for NOTIFY: park it, notify its ref, and drop parked events old enough
-        -- that every listener has read them (SKIP LOCKED: writers never wait on each other).
-        INSERT INTO {overflow} (ref, payload) VALUES (rowsync_ref, payload);
-        DELETE FROM {overflow} AS d WHERE d.ref IN (
-            SELECT o.ref FROM {overflow} o WHERE o.created_at < now() - interval '1 hour'
-            FOR UPDATE SKIP LOCKED);
+        -- Too large for NOTIFY: park it (migration 0002) and notify its ref only.
+        PERFORM {park}(rowsync_ref, payload);
         payload := jsonb_build_object('r', rowsync_ref, 'x', true)::text;
     END IF;
     PERFORM pg_notify({channel}, payload);
@@ -146,7 +143,7 @@ END
         new=_ids(record, w.columns),
         old=old,
         limit=sql.Literal(NOTIFY_LIMIT),
-        overflow=sql.Identifier(schema, "overflow"),
+        park=sql.Identifier(schema, "park"),
         channel=sql.Literal(channel),
     )
     definition = sql.SQL(

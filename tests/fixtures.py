@@ -155,10 +155,10 @@ def db_triggers(engine: sa.Engine) -> dict[tuple[str, str, str], str]:
 
 
 def db_functions(engine: sa.Engine, schema: str = "rowsync") -> set[str]:
-    """Names of the functions in ``schema``."""
+    """Names of the trigger functions in ``schema`` (not rowsync's own helpers, like park)."""
     query = sa.text(
         "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-        " WHERE n.nspname = :s"
+        " WHERE n.nspname = :s AND p.prorettype = 'trigger'::regtype"
     )
     with engine.connect() as conn:
         return set(conn.scalars(query, {"s": schema}))
