@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from rowsync import tree, triggers
 from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.errors import ConfigurationError, NotRunningError
-from rowsync.fetch import RowSource, coerce, key_of, table_of
+from rowsync.fetch import RowSource, coerce, key_of, table_of, usable_key
 from rowsync.graph import Graph
 from rowsync.listener import Flush, Listener, Notice, send_flush
 from rowsync.messages import EVENTS, Change, Message, Resync, ResyncInfo, Sync
@@ -292,10 +292,12 @@ class RowSync:
             table, model = entry
             new = coerce(table, item.new)
             old = coerce(table, item.old) if item.old is not None else None
-            if any(new.get(c.name) is None for c in table.primary_key.columns):
+            if not usable_key(table, new) or (old is not None and not usable_key(table, old)):
                 self.stats["malformed"] += 1
                 logger.warning(
-                    "skipping event for %s without its primary key: %r", table.name, item.new
+                    "skipping event for %s without a usable primary key: %.200r",
+                    table.name,
+                    item.new,
                 )
                 continue
             if (

@@ -56,14 +56,42 @@ def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+def usable_key(table: sa.Table, values: Mapping[str, Any]) -> bool:
+    """Whether ``values`` hold a primary key of the right types (anyone may NOTIFY on a
+    channel: a forged or damaged event must not reach a query, let alone a tree)."""
+    for column in table.primary_key.columns:
+        value = values.get(column.name)
+        if value is None or (isinstance(value, bool) and not _is_bool(column)):
+            return False
+        try:
+            python_type = column.type.python_type
+        except NotImplementedError:
+            continue
+        if not isinstance(value, python_type):
+            return False
+    return True
+
+
+def _is_bool(column: sa.Column[Any]) -> bool:
+    try:
+        return column.type.python_type is bool
+    except NotImplementedError:
+        return False
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"not an integer: {value!r}")
+    return int(value)
+
+
 _FROM_JSON: dict[type, Any] = {
     uuid.UUID: uuid.UUID,
     datetime.datetime: datetime.datetime.fromisoformat,
     datetime.date: datetime.date.fromisoformat,
     datetime.time: datetime.time.fromisoformat,
     decimal.Decimal: lambda v: decimal.Decimal(str(v)),
-    int: int,
-    str: str,
+    int: _to_int,
 }
 
 

@@ -82,6 +82,7 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
     if not (
         isinstance(schema, str)
         and isinstance(table, str)
+        and isinstance(event, str)
         and event in _EVENTS
         and isinstance(new, dict)
     ):
@@ -133,6 +134,10 @@ class Listener:
             target=self._run, name=f"rowsync-listener[{self.channel}]", daemon=True
         )
         self._thread.start()
+
+    def is_alive(self) -> bool:
+        """Whether the listener thread runs (it reconnects by itself; only ``stop`` ends it)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
         thread, self._thread = self._thread, None
