@@ -32,7 +32,7 @@ from rowsync.graph import Graph
 from rowsync.listener import Flush, Listener, Notice, send_flush
 from rowsync.messages import EVENTS, Change, Message, Resync, ResyncInfo, Sync
 from rowsync.router import Router
-from rowsync.subscription import Subscription
+from rowsync.subscription import Authorizer, Subscription
 from rowsync.sync import Preloads, Syncer
 from rowsync.watchers import Assocs, Watcher, merge
 
@@ -177,6 +177,8 @@ class RowSync:
         follow: bool = False,
         maxsize: int | None = None,
         ignore_origin: str | Iterable[str] | None = None,
+        authorize: Authorizer | None = None,
+        context: Any = None,
         **filters: Any,
     ) -> Subscription:
         """Subscribe to loaded objects (and what ``assocs`` follows below them), or to a model.
@@ -189,6 +191,9 @@ class RowSync:
         the objects of a root list that ``sync`` grows with inserts must be.
         ``ignore_origin``: skip changes written under that origin (see :meth:`origin`): the
         echo of the subscriber's own writes.
+        ``authorize(context, change, row) -> bool`` decides, before delivery, whether this
+        subscriber may receive a change (``row`` is the fetched row; None for a delete). A
+        denial, or an exception (logged), withholds the change.
         """
         ignored = frozenset(
             ()
@@ -197,7 +202,9 @@ class RowSync:
             if isinstance(ignore_origin, str)
             else ignore_origin
         )
-        sub = Subscription(self._add, self.router.remove, maxsize or self.queue_size, ignored)
+        sub = Subscription(
+            self._add, self.router.remove, maxsize or self.queue_size, ignored, authorize, context
+        )
         self._add(sub, target, event, assocs=assocs, follow=follow, **filters)
         return sub
 
@@ -333,6 +340,7 @@ class RowSync:
             item, table, model, new, old = notice
             key = key_of(table, new)
             rows = fetched.get(table, {})
+            row = None
             if item.event != "deleted" and rows is not None:
                 row = rows.get(key)
                 self.cache.put(
@@ -359,8 +367,26 @@ class RowSync:
                 )
             )
             for sub in subs:
-                if item.origin is None or item.origin not in sub.ignore_origins:
-                    sub.put(message)
+                if item.origin is not None and item.origin in sub.ignore_origins:
+                    continue
+                if sub.authorize is not None and not self._authorized(sub, message, row):
+                    continue
+                sub.put(message)
+
+    def _authorized(self, sub: Subscription, message: Message, row: CachedRow | None) -> bool:
+        change = message[1]
+        if not isinstance(change, Change):
+            return True  # a Resync carries no row: everyone may know they must resync
+        assert sub.authorize is not None
+        try:
+            allowed = bool(sub.authorize(sub.context, change, None if row is None else row.values))
+        except Exception:
+            self.stats["authorizer_errors"] += 1
+            logger.exception("authorizer of subscription #%d failed: change withheld", sub.id)
+            return False
+        if not allowed:
+            self.stats["denied"] += 1
+        return allowed
 
     # -- self-write suppression -------------------------------------------------------
 

@@ -14,15 +14,20 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from rowsync.messages import Message, Resync, ResyncInfo
+from rowsync.messages import Change, Message, Resync, ResyncInfo
 
 if TYPE_CHECKING:
     from rowsync.router import Interest, Reason
 
 logger = logging.getLogger(__name__)
+
+Authorizer = Callable[[Any, Change, Mapping[str, Any] | None], bool]
+"""Decides whether a subscriber may receive a change: sees the subscription's ``context``,
+the change, and the row as fetched (None for a delete). Runs in the listener thread: keep it
+quick and free of I/O."""
 
 _ids = itertools.count(1)
 
@@ -36,11 +41,16 @@ class Subscription:
         unsubscribe: Callable[[Subscription], None],
         maxsize: int,
         ignore_origins: frozenset[str] = frozenset(),
+        authorize: Authorizer | None = None,
+        context: Any = None,
     ) -> None:
         self.id = next(_ids)
         self.maxsize = maxsize
         self.ignore_origins = ignore_origins
         """Origins whose writes this subscriber made itself and does not want echoed."""
+        self.authorize = authorize
+        """``authorize(context, change, row) -> bool``, asked before each change is queued."""
+        self.context = context
         self.overflows = 0
         self._subscribe = subscribe
         self._unsubscribe = unsubscribe
