@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from rowsync import tree, triggers
 from rowsync.cache import GONE, CachedRow, RowCache
+from rowsync.columns import ColumnPolicy, ColumnsArg
 from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.fetch import RowSource, coerce, key_of, table_of, usable_key
 from rowsync.graph import Graph
@@ -61,6 +62,8 @@ class RowSync:
         probe_interval: float = 5.0,
         start_timeout: float = 10.0,
         origin: str | None = None,
+        exclude: ColumnsArg | None = None,
+        allow: ColumnsArg | None = None,
     ) -> None:
         if isinstance(dsn_or_engine, sa.Engine):
             self.engine = dsn_or_engine
@@ -91,7 +94,10 @@ class RowSync:
         }
         self.graph = Graph.for_models(w.model for w in self.watchers)
         self.cache = RowCache(cache_size, cache_ttl)
-        self.rows = RowSource(self.engine, self.graph, self.cache)
+        self.columns = ColumnPolicy(exclude, allow)
+        for w in self.watchers:
+            self.columns.check(self._tables[(w.schema, w.table)][0], w.columns)
+        self.rows = RowSource(self.engine, self.graph, self.cache, self.columns)
         self.router = Router(self.graph, self.rows)
         self.syncer = Syncer(self.graph, self.rows)
         self.stats: Counter[str] = Counter()

@@ -22,6 +22,7 @@ from sqlalchemy.orm.strategy_options import _AbstractLoad
 
 from rowsync import tree
 from rowsync.cache import GONE, CachedRow, RowCache
+from rowsync.columns import ColumnPolicy
 from rowsync.graph import Edge, Graph
 from rowsync.messages import Change
 
@@ -106,13 +107,14 @@ def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnEle
     return sa.tuple_(*pk).in_(keys)
 
 
-def _options(mapper: Mapper[Any], spec: tree.LoadSpec) -> list[_AbstractLoad]:
-    """selectinload options reproducing a LoadSpec, so new objects look like their siblings."""
+def _options(mapper: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy) -> list[_AbstractLoad]:
+    """selectinload options reproducing a LoadSpec, so new objects look like their siblings,
+    with the withheld columns of every level left unloaded."""
     options: list[_AbstractLoad] = []
     for key, nested in spec.items():
         rel = mapper.relationships[key]
         option = selectinload(getattr(mapper.class_, key))
-        sub = _options(rel.mapper, nested)
+        sub = [*policy.defer(rel.mapper), *_options(rel.mapper, nested, policy)]
         options.append(option.options(*sub) if sub else option)
     return options
 
@@ -120,10 +122,13 @@ def _options(mapper: Mapper[Any], spec: tree.LoadSpec) -> list[_AbstractLoad]:
 class RowSource:
     """Reads rows for the listener, the router and ``sync``, counting queries."""
 
-    def __init__(self, engine: sa.Engine, graph: Graph, cache: RowCache) -> None:
+    def __init__(
+        self, engine: sa.Engine, graph: Graph, cache: RowCache, policy: ColumnPolicy
+    ) -> None:
         self.engine = engine
         self.graph = graph
         self.cache = cache
+        self.policy = policy
         self.queries: Counter[str] = Counter()
 
     # -- the listener: one query per table per batch -----------------------------------
@@ -141,9 +146,10 @@ class RowSource:
             for start in range(0, len(wanted), BATCH):
                 chunk = wanted[start : start + BATCH]
                 self.queries["rows"] += 1
-                stmt = sa.select(*table.columns, *labels).where(_where_key(table, chunk))
+                columns = self.policy.columns(table)
+                stmt = sa.select(*columns, *labels).where(_where_key(table, chunk))
                 for row in conn.execute(stmt).mappings():
-                    values = {c.name: row[c] for c in table.columns}
+                    values = {c.name: row[c] for c in columns}
                     matches = frozenset(name for name, _ in criteria if row[name])
                     found[key_of(table, values)] = CachedRow(values, matches)
         return found
@@ -182,7 +188,8 @@ class RowSource:
             with Session(self.engine, expire_on_commit=False) as session:
                 pk = tree.mapped_table(mapper).primary_key.columns
                 stmt = sa.select(mapper).where(*(c == v for c, v in zip(pk, key, strict=False)))
-                return session.scalars(stmt.options(*_options(mapper, spec))).one_or_none()
+                options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
+                return session.scalars(stmt.options(*options)).one_or_none()
 
         return self.cache.load(("object", mapper, key, _freeze(spec), ref), fetch)
 
@@ -202,11 +209,11 @@ class RowSource:
             mapper = edge.parent
             loader = _LOADERS.get(strategy, immediateload)
             option = loader(getattr(mapper.class_, edge.key))
-            if sub := _options(edge.target, spec):
+            if sub := [*self.policy.defer(edge.target), *_options(edge.target, spec, self.policy)]:
                 option = option.options(*sub)
             with Session(self.engine, expire_on_commit=False) as session:
                 where = _where_key(tree.mapped_table(mapper), parents)
-                stmt = sa.select(mapper).where(where).options(option)
+                stmt = sa.select(mapper).where(where).options(*self.policy.defer(mapper), option)
                 found = session.scalars(stmt).unique()
                 return {
                     tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in found
@@ -226,7 +233,8 @@ class RowSource:
                 self.queries["objects"] += 1
                 where = _where_key(tree.mapped_table(mapper), keys[start : start + BATCH])
                 stmt = sa.select(mapper).where(where)
-                for obj in session.scalars(stmt.options(*_options(mapper, spec))).unique():
+                options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
+                for obj in session.scalars(stmt.options(*options)).unique():
                     found[tree.primary_key(obj)] = obj
         return found
 
@@ -234,7 +242,7 @@ class RowSource:
 
     def members(self, edge: Edge, local: tuple[Any, ...]) -> list[Mapping[str, Any]]:
         target = edge.target_table
-        stmt = sa.select(*target.columns)
+        stmt = sa.select(*self.policy.columns(target))
         if edge.secondary is not None:
             on = sa.and_(*(s == t for s, t in edge.target_pairs))
             stmt = stmt.select_from(edge.secondary.join(target, on))
