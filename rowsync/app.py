@@ -1,9 +1,10 @@
 """``RowSync``: the one object an application holds. It wires the pieces together:
 
 watchers -> :mod:`~rowsync.triggers` (install) ; :mod:`~rowsync.listener` (events enter)
--> :mod:`~rowsync.fetch` / :mod:`~rowsync.cache` (rows fetched once, kept bounded)
--> :mod:`~rowsync.router` (who gets what) -> :mod:`~rowsync.subscription` (queues)
--> :mod:`~rowsync.sync` (trees patched), over the :mod:`~rowsync.graph` of relationships.
+-> :mod:`~rowsync.dispatch` (per batch: :mod:`~rowsync.fetch` reads the rows once,
+:mod:`~rowsync.cache` keeps them bounded, :mod:`~rowsync.router` says who gets what)
+-> :mod:`~rowsync.subscription` (queues) -> :mod:`~rowsync.sync` (trees patched), over the
+:mod:`~rowsync.graph` of relationships.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import logging
 import threading
 import time
@@ -25,13 +25,14 @@ import psycopg
 import sqlalchemy as sa
 
 from rowsync import tree, triggers
-from rowsync.cache import GONE, CachedRow, RowCache
+from rowsync.cache import RowCache
 from rowsync.columns import ColumnPolicy, ColumnsArg
+from rowsync.dispatch import Dispatcher
 from rowsync.errors import ConfigurationError, NotRunningError
-from rowsync.fetch import RowSource, coerce, key_of, table_of, usable_key
+from rowsync.fetch import RowSource, table_of
 from rowsync.graph import Graph
-from rowsync.listener import Flush, Listener, Notice, send_flush
-from rowsync.messages import EVENTS, Change, Message, Resync, ResyncInfo, Sync
+from rowsync.listener import Listener, send_flush
+from rowsync.messages import EVENTS, Change, Message
 from rowsync.router import Router
 from rowsync.subscription import Authorizer, Subscription
 from rowsync.sync import Preloads, Syncer
@@ -101,13 +102,13 @@ class RowSync:
         self.router = Router(self.graph, self.rows)
         self.syncer = Syncer(self.graph, self.rows)
         self.stats: Counter[str] = Counter()
-        self._flushes: dict[str, threading.Event] = {}
+        self.dispatcher = Dispatcher(self._tables, self.rows, self.cache, self.router, self.stats)
         self.listener = Listener(
             self.conninfo,
             channel=channel,
             schema=schema,
-            on_batch=self._on_batch,
-            on_gap=self._on_gap,
+            on_batch=self.dispatcher.batch,
+            on_gap=self.dispatcher.gap,
             probe_interval=probe_interval,
         )
 
@@ -285,115 +286,6 @@ class RowSync:
         what it holds, re-read by primary key in batches, loaded as it was loaded."""
         return self.syncer.resync(value)
 
-    # -- the listener's callbacks (listener thread) -----------------------------------
-
-    def _on_batch(self, batch: Sequence[Notice | Flush]) -> None:
-        wanted: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
-        # In batch order, so a flush barrier is released after the changes sent before it.
-        notices: list[
-            Flush | tuple[Notice, sa.Table, Any, dict[str, Any], dict[str, Any] | None]
-        ] = []
-        for item in batch:
-            if isinstance(item, Flush):
-                notices.append(item)
-                continue
-            entry = self._tables.get((item.schema, item.table))
-            if entry is None:
-                self.stats["unwatched"] += 1
-                logger.warning("skipping event for unwatched table %s.%s", item.schema, item.table)
-                continue
-            table, model = entry
-            new = coerce(table, item.new)
-            old = coerce(table, item.old) if item.old is not None else None
-            if not usable_key(table, new) or (old is not None and not usable_key(table, old)):
-                self.stats["malformed"] += 1
-                logger.warning(
-                    "skipping event for %s without a usable primary key: %.200r",
-                    table.name,
-                    item.new,
-                )
-                continue
-            if (
-                item.event == "updated"
-                and old is not None
-                and key_of(table, old) != key_of(table, new)
-            ):
-                # A primary key changed: for every tree it is another row. The old one goes,
-                # the new one comes (the same ref: they are two rows, each changed once).
-                notices.append(
-                    (dataclasses.replace(item, event="deleted"), table, model, old, None)
-                )
-                item = dataclasses.replace(item, event="inserted")
-                old = None
-            notices.append((item, table, model, new, old))
-            if item.event != "deleted":
-                wanted[table].append(key_of(table, new))
-        fetched: dict[sa.Table, dict[tuple[Any, ...], CachedRow] | None] = {}
-        for table, keys in wanted.items():
-            try:
-                fetched[table] = self.rows.fetch(table, keys)
-            except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
-                # The table no longer matches its mapper (a column dropped, renamed, retyped):
-                # the changes cannot be followed, so their subscribers are told to resync.
-                self.stats["fetch_errors"] += 1
-                logger.error("cannot read changed rows of %s: %s", table.name, exc.orig or exc)
-                fetched[table] = None
-        for notice in notices:
-            if isinstance(notice, Flush):
-                if (event := self._flushes.pop(notice.token, None)) is not None:
-                    event.set()
-                continue
-            item, table, model, new, old = notice
-            key = key_of(table, new)
-            rows = fetched.get(table, {})
-            row = None
-            if item.event != "deleted" and rows is not None:
-                row = rows.get(key)
-                self.cache.put(
-                    (table, key, item.ref),
-                    GONE if row is None else CachedRow(row.values, row.matches, old),
-                )
-            route_new: dict[str, Any] | None
-            route_old: dict[str, Any] | None
-            if item.event == "deleted":
-                route_new, route_old = None, new
-            else:
-                route_new, route_old = (
-                    new,
-                    (old if old is not None else (new if item.event == "updated" else None)),
-                )
-            subs = self.router.route(table, item.event, route_new, route_old)
-            self.stats["dispatched"] += 1
-            message: Message = (
-                (Sync, Change(model, item.event, new, item.ref))
-                if rows is not None
-                else (
-                    Resync,
-                    ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
-                )
-            )
-            for sub in subs:
-                if item.origin is not None and item.origin in sub.ignore_origins:
-                    continue
-                if sub.authorize is not None and not self._authorized(sub, message, row):
-                    continue
-                sub.put(message)
-
-    def _authorized(self, sub: Subscription, message: Message, row: CachedRow | None) -> bool:
-        change = message[1]
-        if not isinstance(change, Change):
-            return True  # a Resync carries no row: everyone may know they must resync
-        assert sub.authorize is not None
-        try:
-            allowed = bool(sub.authorize(sub.context, change, None if row is None else row.values))
-        except Exception:
-            self.stats["authorizer_errors"] += 1
-            logger.exception("authorizer of subscription #%d failed: change withheld", sub.id)
-            return False
-        if not allowed:
-            self.stats["denied"] += 1
-        return allowed
-
     # -- self-write suppression -------------------------------------------------------
 
     @contextlib.contextmanager
@@ -415,11 +307,6 @@ class RowSync:
                 "SELECT set_config('rowsync.origin', %(name)s, true)", {"name": name}
             )
 
-    def _on_gap(self, reason: str) -> None:
-        info = ResyncInfo(reason, time.monotonic())
-        for sub in self.router.subscriptions():
-            sub.put((Resync, info))
-
     # -- waiting for the listener -----------------------------------------------------
 
     def flush(self, timeout: float = 5.0) -> None:
@@ -431,12 +318,12 @@ class RowSync:
             if not self.listener.connected.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"listener not connected within {timeout} s")
             token = uuid.uuid4().hex
-            done = self._flushes[token] = threading.Event()
+            done = self.dispatcher.flushes[token] = threading.Event()
             gaps = self.listener.stats["gaps"]
             send_flush(self.conninfo, self.channel, token)
             while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
-                    self._flushes.pop(token, None)
+                    self.dispatcher.flushes.pop(token, None)
                     raise TimeoutError(
                         f"listener did not reach the flush barrier within {timeout} s"
                     )
@@ -444,7 +331,7 @@ class RowSync:
                     break  # the barrier may have fallen into the gap: send another
             else:
                 return
-            self._flushes.pop(token, None)
+            self.dispatcher.flushes.pop(token, None)
 
 
 def _name(table: sa.Table) -> tuple[str, str]:
