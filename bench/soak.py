@@ -163,6 +163,10 @@ def main() -> None:
                         "idle_overflows": idle.overflows,
                         "reader_queues": [len(sub) for _, sub in boxes],
                         "applied": [box["applied"] for box, _ in boxes],
+                        "objects_held": [
+                            len(box["tree"]) + sum(len(p.posts) for p in box["tree"])
+                            for box, _ in boxes
+                        ],
                         "resyncs": [box["resyncs"] for box, _ in boxes],
                         "received": rs.listener.stats["received"],
                         "gaps": rs.listener.stats["gaps"],
