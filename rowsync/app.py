@@ -74,6 +74,12 @@ class RowSync:
         self.conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False
         )
+        for option, name in (("channel", channel), ("schema", schema)):
+            if not 0 < len(name.encode()) <= triggers.MAX_IDENTIFIER:
+                raise ConfigurationError(
+                    f"{option} {name!r} must be 1 to {triggers.MAX_IDENTIFIER} bytes: "
+                    "Postgres would truncate it, and triggers would notify a channel no one hears"
+                )
         self.channel = channel
         self.schema = schema
         self.queue_size = queue_size
