@@ -369,6 +369,8 @@ class _Patch:
             items = [o for o in items if tree.primary_key(o) != target]
         elif not (held and edge.order_by):
             return
+        elif _in_place(edge, items, target):
+            return  # still between its neighbours: an update that moved nothing
         if edge.order_by:
             items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
         if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
@@ -518,6 +520,15 @@ def _local_names(edge: Edge) -> tuple[str, ...]:
 
 def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
     return tree.values_of(parent, _local_names(edge))
+
+
+def _in_place(edge: Edge, items: list[Any], target: tuple[Any, ...]) -> bool:
+    """Whether the held row ``target`` is still in ``order_by`` order with its neighbours."""
+    for i, obj in enumerate(items):
+        if tree.primary_key(obj) == target:
+            before = i == 0 or _compare(edge, items[i - 1], obj) <= 0
+            return before and (i == len(items) - 1 or _compare(edge, obj, items[i + 1]) <= 0)
+    return False
 
 
 def _compare(edge: Edge, a: Any, b: Any) -> int:
