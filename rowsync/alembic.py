@@ -36,9 +36,6 @@ from rowsync.watchers import Watcher, merge
 
 __all__ = ["install_sql", "revision_body", "uninstall_sql", "verbatim"]
 
-DEFAULT_CHANNEL = "rowsync"
-DEFAULT_SCHEMA = "rowsync"
-
 
 def install_sql(
     target: RowSync | Iterable[Watcher], *, channel: str | None = None, schema: str | None = None
@@ -144,8 +141,8 @@ def _triggers(
                 "no watchers: nothing to install (rowsync.watchers(Model, ...))"
             )
         _reject_label_clashes(watchers)
-        channel = channel or DEFAULT_CHANNEL
-        schema = schema or DEFAULT_SCHEMA
+        channel = channel or triggers.DEFAULT_CHANNEL
+        schema = schema or triggers.DEFAULT_SCHEMA
     return triggers.triggers(watchers, schema=schema, channel=channel), channel, schema
 
 

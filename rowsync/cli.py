@@ -45,8 +45,6 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3
 """The database refused: unreachable, permission denied, an SQL error."""
 
-DEFAULT_CHANNEL = "rowsync"
-DEFAULT_SCHEMA = "rowsync"
 
 App = RowSync | list[Watcher]
 OnListening = Callable[[RowSync], None]
@@ -162,12 +160,12 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
     group.add_argument(
         "--channel",
         default=default(None),
-        help=f"NOTIFY channel (default: the app's, or {DEFAULT_CHANNEL})",
+        help=f"NOTIFY channel (default: the app's, or {triggers.DEFAULT_CHANNEL})",
     )
     group.add_argument(
         "--schema",
         default=default(None),
-        help=f"rowsync's schema (default: the app's, or {DEFAULT_SCHEMA})",
+        help=f"rowsync's schema (default: the app's, or {triggers.DEFAULT_SCHEMA})",
     )
     group.add_argument(
         "-v",
@@ -251,7 +249,7 @@ def _database(args: argparse.Namespace, app: App | None) -> str | sa.Engine:
 def _channel_schema(args: argparse.Namespace, app: App | None) -> tuple[str, str]:
     if isinstance(app, RowSync):
         return args.channel or app.channel, args.schema or app.schema
-    return args.channel or DEFAULT_CHANNEL, args.schema or DEFAULT_SCHEMA
+    return args.channel or triggers.DEFAULT_CHANNEL, args.schema or triggers.DEFAULT_SCHEMA
 
 
 def _conninfo(database: str | sa.Engine) -> str:

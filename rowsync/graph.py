@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
@@ -77,6 +77,28 @@ class Edge:
         """The parent side is its primary key (one-to-many, many-to-many): a parent's own
         update can never change what it holds. Otherwise (many-to-one) it can."""
         return {c for c, _ in self.pairs} == set(self.parent_table.primary_key.columns)
+
+    @cached_property
+    def local_names(self) -> tuple[str, ...]:
+        """The parent's columns the edge joins on."""
+        return tuple(c.name for c, _ in self.pairs)
+
+    @cached_property
+    def remote_names(self) -> tuple[str, ...]:
+        """The columns they must equal: in ``secondary`` if there is one, else in the target."""
+        return tuple(r.name for _, r in self.pairs)
+
+    def local(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The parent-side key of a parent row given by column name."""
+        return tuple(values.get(name) for name in self.local_names)
+
+    def remote(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The parent key a target row (or link row) points to."""
+        return tuple(values.get(name) for name in self.remote_names)
+
+    def link_target(self, link: Mapping[str, Any]) -> dict[str, Any]:
+        """The target's key columns named in a link row of ``secondary``."""
+        return {t.name: link.get(s.name) for s, t in self.target_pairs}
 
 
 class Graph:

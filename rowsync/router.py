@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
 
 from rowsync import tree
+from rowsync.fetch import key_of
 from rowsync.graph import Edge, Graph
 from rowsync.subscription import Subscription
 from rowsync.watchers import Assocs, resolve_assocs
@@ -156,7 +157,7 @@ class Router:
                 for table in edge.tables:
                     self._bump(sub, (table, (), ()), reason, sign)
                 continue
-            local = tuple(values.get(c.name) for c, _ in edge.pairs)
+            local = edge.local(values)
             if any(v is None for v in local):
                 continue
             key = _edge_key(edge, local)
@@ -181,7 +182,7 @@ class Router:
     ) -> None:
         """A row joined the rows ``edge`` holds under ``key``: follow it (once)."""
         below = sub.below.setdefault((key, (edge, nested)), {})
-        child_key = _pk(edge.target_table, values)
+        child_key = key_of(edge.target_table, values)
         if child_key in below:
             return
         below[child_key] = values
@@ -288,23 +289,19 @@ class Router:
 
     def _child_key(self, edge: Edge, values: Values) -> tuple[Any, ...]:
         if edge.secondary is None:
-            return _pk(edge.target_table, values)
-        return _pk(edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs})
+            return key_of(edge.target_table, values)
+        return key_of(edge.target_table, edge.link_target(values))
 
     def _child_values(self, edge: Edge, values: Values, nested: Spec) -> Values:
         """The row an edge's change brings in: the row itself, or a link's target."""
         if edge.secondary is None:
             return values
-        target = {t.name: values.get(s.name) for s, t in edge.target_pairs}
+        target = edge.link_target(values)
         if nested:
-            row = self.resolver.row_values(edge.target_table, _pk(edge.target_table, target))
+            row = self.resolver.row_values(edge.target_table, key_of(edge.target_table, target))
             if row is not None:
                 return row
         return target
-
-
-def _pk(table: Any, values: Values) -> tuple[Any, ...]:
-    return tuple(values.get(c.name) for c in table.primary_key.columns)
 
 
 def _row_key(table: Any, values: Values) -> Interest:
@@ -314,7 +311,7 @@ def _row_key(table: Any, values: Values) -> Interest:
 
 def _edge_key(edge: Edge, local: tuple[Any, ...]) -> Interest:
     where = edge.secondary if edge.secondary is not None else edge.target_table
-    return (where, tuple(r.name for _, r in edge.pairs), local)
+    return (where, edge.remote_names, local)
 
 
 def _model_match(

@@ -203,7 +203,7 @@ class _Patch:
 
     def direct(self, edge: Edge, parents: list[Any]) -> None:
         row = self.row
-        remote = tuple(row.values.get(r.name) for _, r in edge.pairs) if row else None
+        remote = edge.remote(row.values) if row else None
         wanted = row is not None and (edge.criteria is None or edge.criteria in row.matches)
         for parent in self.candidates(edge, parents, remote):
             self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
@@ -217,7 +217,7 @@ class _Patch:
         if not edge.local_is_key:
             return parents
         found: dict[int, Any] = {}
-        by_local = self.index.by_local(edge.parent, edge.key, _local_names(edge))
+        by_local = self.index.by_local(edge.parent, edge.key, edge.local_names)
         for local in locals_:
             if local is not None:
                 found.update((id(p), p) for p in by_local.get(local, ()))
@@ -230,7 +230,7 @@ class _Patch:
         if self.table is not edge.secondary:
             return self.key
         values = self.change.ids
-        return key_of(edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs})
+        return key_of(edge.target_table, edge.link_target(values))
 
     def association_target(self, edge: Edge, parents: list[Any]) -> None:
         if self.deleted:
@@ -258,10 +258,8 @@ class _Patch:
         if new is not None:
             pairs.append((new, True))
         for values, present in pairs:
-            local = tuple(values.get(r.name) for _, r in edge.pairs)
-            target = key_of(
-                edge.target_table, {t.name: values.get(s.name) for s, t in edge.target_pairs}
-            )
+            local = edge.remote(values)
+            target = key_of(edge.target_table, edge.link_target(values))
             row = None
             if present and edge.criteria is not None:
                 found = self.rows.row(edge.target_table, target, self.change.ref)
@@ -303,7 +301,7 @@ class _Patch:
         for strategy, group in by_strategy.items():
             keys = [tree.primary_key(p) for p in group]
             fresh = self.rows.reload(
-                edge, keys, self.spec_below(edge, group), strategy, self.change.ref
+                edge, keys, _child_spec(group[0], edge), strategy, self.change.ref
             )
             for parent, key in zip(group, keys, strict=True):
                 items = [self.reuse(o, memo) for o in fresh.get(key, [])]
@@ -493,9 +491,6 @@ class _Patch:
         existing = self.index.instances(table, tree.primary_key(fetched))
         return existing[0] if existing else None
 
-    def spec_below(self, edge: Edge, parents: list[Any]) -> tree.LoadSpec:
-        return _child_spec(parents[0], edge) if parents else {}
-
 
 def _child_spec(parent: Any, edge: Edge) -> tree.LoadSpec:
     spec: tree.LoadSpec = tree.expected_spec(parent)
@@ -514,12 +509,8 @@ def _table(obj: Any) -> sa.Table:
     return tree.mapped_table(instance_state(obj).mapper)
 
 
-def _local_names(edge: Edge) -> tuple[str, ...]:
-    return tuple(c.name for c, _ in edge.pairs)
-
-
 def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
-    return tree.values_of(parent, _local_names(edge))
+    return tree.values_of(parent, edge.local_names)
 
 
 def _in_place(edge: Edge, items: list[Any], target: tuple[Any, ...]) -> bool:

@@ -24,6 +24,9 @@ from rowsync.watchers import Watcher
 logger = logging.getLogger(__name__)
 
 PREFIX = "rowsync_"
+DEFAULT_CHANNEL = "rowsync"
+DEFAULT_SCHEMA = "rowsync"
+"""Where rowsync's own objects live unless told otherwise (``RowSync(schema=...)``)."""
 MAX_IDENTIFIER = 63
 NOTIFY_LIMIT = 7900
 """Payload bytes above which an event goes through the overflow table (NOTIFY's hard limit is

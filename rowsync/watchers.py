@@ -22,7 +22,8 @@ from rowsync.messages import EVENTS, Event
 Assocs: TypeAlias = Sequence["str | Mapping[str, Assocs]"]
 """Relationship names to follow below a model: ``["profile", {"posts": ["tags"]}]``."""
 
-DEFAULT_SCHEMA = "public"
+TABLE_SCHEMA = "public"
+"""The schema of a table whose SQLAlchemy Table names none."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def watchers(
     owners = _models_by_table(mapper)
     return [
         Watcher(
-            schema=table.schema or DEFAULT_SCHEMA,
+            schema=table.schema or TABLE_SCHEMA,
             table=table.name,
             event=event,
             primary_key=primary_key(table),

@@ -18,7 +18,7 @@ from sqlalchemy.orm import (
 )
 
 import rowsync
-from fixtures import db_triggers
+from fixtures import db_triggers, writer
 from rowsync import Change, RowSync, Sync
 from rowsync.triggers import MAX_IDENTIFIER
 
@@ -132,13 +132,7 @@ def hrs(hostile: sa.Engine) -> Iterator[RowSync]:
 
 
 def write(engine: sa.Engine, *items: Any) -> None:
-    with sessionmaker(engine)() as session, session.begin():
-        for item in items:
-            if isinstance(item, sa.Executable):
-                session.execute(item)
-            else:
-                session.add(item)
-                session.flush()
+    writer(sessionmaker(engine))(*items)
 
 
 def seen(msgs: list[Any]) -> list[tuple[Any, str, dict[str, Any]]]:
