@@ -29,7 +29,7 @@ from rowsync.cache import RowCache
 from rowsync.columns import ColumnPolicy, ColumnsArg
 from rowsync.dispatch import Dispatcher
 from rowsync.errors import ConfigurationError, NotRunningError
-from rowsync.fetch import RowSource, table_of
+from rowsync.fetch import RowSource, qualified_name, table_of
 from rowsync.graph import Graph
 from rowsync.listener import Listener, send_flush
 from rowsync.messages import EVENTS, Change, Message
@@ -239,7 +239,10 @@ class RowSync:
             if event is not None and event not in EVENTS:
                 raise ConfigurationError(f"unknown event {event!r}; use one of {EVENTS}")
             columns = {
-                c for w in self.watchers if (w.schema, w.table) == _name(table) for c in w.columns
+                c
+                for w in self.watchers
+                if (w.schema, w.table) == qualified_name(table)
+                for c in w.columns
             }
             if unknown := set(filters) - columns:
                 raise ConfigurationError(
@@ -276,7 +279,7 @@ class RowSync:
             table = table_of(model)
         except sa.exc.NoInspectionAvailable:
             raise ConfigurationError(f"{model!r} is not a mapped model or table") from None
-        if _name(table) not in self._tables:
+        if qualified_name(table) not in self._tables:
             name = getattr(model, "__name__", table.name)
             raise ConfigurationError(f"{table.name!r} is not watched; add rowsync.watchers({name})")
         return table
@@ -340,10 +343,6 @@ class RowSync:
             self.dispatcher.flushes.pop(token, None)
 
 
-def _name(table: sa.Table) -> tuple[str, str]:
-    return (table.schema or "public", table.name)
-
-
 def _reject_label_clashes(watchers: Sequence[Watcher]) -> None:
     seen: dict[tuple[str, str, str], str | None] = {}
     for w in watchers:
@@ -362,7 +361,7 @@ def sync(value: Any, message: Message, preloads: Preloads | None = None) -> Any:
     if isinstance(message, tuple) and len(message) == 2 and isinstance(message[1], Change):
         table = table_of(message[1].model)
         for rs in list(_started):
-            if _name(table) in rs._tables:
+            if qualified_name(table) in rs._tables:
                 return rs.sync(value, message, preloads)
         raise NotRunningError("no started RowSync watches this message's table")
     return value

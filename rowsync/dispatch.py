@@ -1,10 +1,11 @@
 """Dispatch: from a batch of notices (the listener's) to messages in subscription queues.
 
-For each batch: the changed rows are fetched, one query per table (:mod:`rowsync.fetch`),
-and cached under the change that produced them (:mod:`rowsync.cache`); each change is then
-routed (:mod:`rowsync.router`) and queued, in notification order, for every subscription it
-concerns that neither ignores its origin nor is denied it by its authorizer. Runs in the
-listener thread.
+Two stages. ``resolve``: the changed rows are fetched, one query per table
+(:mod:`rowsync.fetch`). ``deliver``: each row is cached under the change that produced it
+(:mod:`rowsync.cache`); each change is then routed (:mod:`rowsync.router`) and queued, in
+notification order, for every subscription it concerns that neither ignores its origin nor
+is denied it by its authorizer. Both run in the listener thread; with a fan-out backend the
+capture process resolves and every node delivers.
 """
 
 from __future__ import annotations
@@ -15,18 +16,54 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 from rowsync.cache import GONE, CachedRow, RowCache
-from rowsync.fetch import RowSource, coerce, key_of, usable_key
+from rowsync.fetch import RowSource, coerce, key_of, qualified_name, usable_key
 from rowsync.listener import Flush, Notice
-from rowsync.messages import Change, Message, Resync, ResyncInfo, Sync
+from rowsync.messages import Change, Event, Message, Resync, ResyncInfo, Sync
 from rowsync.router import Router
 from rowsync.subscription import Subscription
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """One change with its row fetched: everything needed to cache, route and deliver it."""
+
+    ref: int
+    table: tuple[str, str]
+    """``(schema, table)`` of the changed row."""
+    event: Event
+    new: dict[str, Any]
+    """Identifying values after the change (before it, for a delete)."""
+    old: dict[str, Any] | None
+    """Identifying values before an update that changed them."""
+    origin: str | None
+    row: CachedRow | None = None
+    """The row as fetched; None for a delete, or for a row gone before its fetch."""
+    readable: bool = True
+    """False when the table could not be read (schema drift): subscribers must resync."""
+
+
+def _with_row(
+    item: Resolved | Flush,
+    fetched: dict[tuple[str, str], dict[tuple[Any, ...], CachedRow] | None],
+    tables: dict[tuple[str, str], tuple[sa.Table, Any]],
+) -> Resolved | Flush:
+    if isinstance(item, Flush) or item.event == "deleted":
+        return item
+    rows = fetched[item.table]
+    if rows is None:
+        return dataclasses.replace(item, readable=False)
+    row = rows.get(key_of(tables[item.table][0], item.new))
+    if row is None:
+        return item
+    return dataclasses.replace(item, row=CachedRow(row.values, row.matches, item.old))
 
 
 class Dispatcher:
@@ -49,23 +86,27 @@ class Dispatcher:
         """Flush barriers waited for, by token."""
 
     def batch(self, batch: Sequence[Notice | Flush]) -> None:
-        """Fetch the batch's rows (one query per table), cache them, route and queue each
-        change in order; release flush barriers once what came before them is queued."""
+        """The listener's ``on_batch``: resolve the batch, then deliver it."""
+        self.deliver(self.resolve(batch))
+
+    def resolve(self, batch: Sequence[Notice | Flush]) -> list[Resolved | Flush]:
+        """Validate the batch's notices and fetch their rows, one query per table.
+
+        The result holds everything delivery needs, so it can also travel: a fan-out
+        backend carries it from the capture process to the other nodes.
+        """
+        resolved: list[Resolved | Flush] = []
         wanted: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
-        # In batch order, so a flush barrier is released after the changes sent before it.
-        notices: list[
-            Flush | tuple[Notice, sa.Table, Any, dict[str, Any], dict[str, Any] | None]
-        ] = []
         for item in batch:
             if isinstance(item, Flush):
-                notices.append(item)
+                resolved.append(item)
                 continue
             entry = self._tables.get((item.schema, item.table))
             if entry is None:
                 self.stats["unwatched"] += 1
                 logger.warning("skipping event for unwatched table %s.%s", item.schema, item.table)
                 continue
-            table, model = entry
+            table = entry[0]
             new = coerce(table, item.new)
             old = coerce(table, item.old) if item.old is not None else None
             if not usable_key(table, new) or (old is not None and not usable_key(table, old)):
@@ -76,6 +117,9 @@ class Dispatcher:
                     item.new,
                 )
                 continue
+            change = Resolved(
+                item.ref, (item.schema, item.table), item.event, new, old, item.origin
+            )
             if (
                 item.event == "updated"
                 and old is not None
@@ -83,62 +127,62 @@ class Dispatcher:
             ):
                 # A primary key changed: for every tree it is another row. The old one goes,
                 # the new one comes (the same ref: they are two rows, each changed once).
-                notices.append(
-                    (dataclasses.replace(item, event="deleted"), table, model, old, None)
-                )
-                item = dataclasses.replace(item, event="inserted")
-                old = None
-            notices.append((item, table, model, new, old))
-            if item.event != "deleted":
+                resolved.append(dataclasses.replace(change, event="deleted", new=old, old=None))
+                change = dataclasses.replace(change, event="inserted", old=None)
+            resolved.append(change)
+            if change.event != "deleted":
                 wanted[table].append(key_of(table, new))
-        fetched: dict[sa.Table, dict[tuple[Any, ...], CachedRow] | None] = {}
+        fetched: dict[tuple[str, str], dict[tuple[Any, ...], CachedRow] | None] = {}
         for table, keys in wanted.items():
             try:
-                fetched[table] = self.rows.fetch(table, keys)
+                fetched[qualified_name(table)] = self.rows.fetch(table, keys)
             except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
                 # The table no longer matches its mapper (a column dropped, renamed, retyped):
                 # the changes cannot be followed, so their subscribers are told to resync.
                 self.stats["fetch_errors"] += 1
                 logger.error("cannot read changed rows of %s: %s", table.name, exc.orig or exc)
-                fetched[table] = None
-        for notice in notices:
-            if isinstance(notice, Flush):
-                if (event := self.flushes.pop(notice.token, None)) is not None:
+                fetched[qualified_name(table)] = None
+        return [_with_row(item, fetched, self._tables) for item in resolved]
+
+    def deliver(self, resolved: Sequence[Resolved | Flush]) -> None:
+        """Cache each change's row, route it and queue it, in order; release flush barriers
+        once what came before them is queued."""
+        for change in resolved:
+            if isinstance(change, Flush):
+                if (event := self.flushes.pop(change.token, None)) is not None:
                     event.set()
                 continue
-            item, table, model, new, old = notice
-            key = key_of(table, new)
-            rows = fetched.get(table, {})
-            row = None
-            if item.event != "deleted" and rows is not None:
-                row = rows.get(key)
+            table, model = self._tables[change.table]
+            new = change.new
+            if change.event != "deleted" and change.readable:
                 self.cache.put(
-                    (table, key, item.ref),
-                    GONE if row is None else CachedRow(row.values, row.matches, old),
+                    (table, key_of(table, new), change.ref),
+                    GONE if change.row is None else change.row,
                 )
             route_new: dict[str, Any] | None
             route_old: dict[str, Any] | None
-            if item.event == "deleted":
+            if change.event == "deleted":
                 route_new, route_old = None, new
             else:
+                old = change.old
                 route_new, route_old = (
                     new,
-                    (old if old is not None else (new if item.event == "updated" else None)),
+                    (old if old is not None else (new if change.event == "updated" else None)),
                 )
-            subs = self.router.route(table, item.event, route_new, route_old)
+            subs = self.router.route(table, change.event, route_new, route_old)
             self.stats["dispatched"] += 1
             message: Message = (
-                (Sync, Change(model, item.event, new, item.ref))
-                if rows is not None
+                (Sync, Change(model, change.event, new, change.ref))
+                if change.readable
                 else (
                     Resync,
                     ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
                 )
             )
             for sub in subs:
-                if item.origin is not None and item.origin in sub.ignore_origins:
+                if change.origin is not None and change.origin in sub.ignore_origins:
                     continue
-                if sub.authorize is not None and not self._authorized(sub, message, row):
+                if sub.authorize is not None and not self._authorized(sub, message, change.row):
                     continue
                 sub.put(message)
 

@@ -100,6 +100,11 @@ def table_of(model: Any) -> sa.Table:
     return model if isinstance(model, sa.Table) else tree.mapped_table(sa.inspect(model))
 
 
+def qualified_name(table: sa.Table) -> tuple[str, str]:
+    """``(schema, table)`` as events name it (the schema defaults to ``public``)."""
+    return (table.schema or "public", table.name)
+
+
 def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnElement[bool]:
     pk = list(table.primary_key.columns)
     if len(pk) == 1:
