@@ -125,10 +125,12 @@ def _triggers(
     target: RowSync | Iterable[Watcher], channel: str | None, schema: str | None
 ) -> tuple[list[triggers.Trigger], str, str]:
     """The triggers of ``target`` for ``channel`` and ``schema``, checked as ``RowSync`` does."""
+    mode: triggers.Mode = "notify"
     if isinstance(target, RowSync):
         watchers: list[Watcher] = target.watchers
         channel = channel or target.channel
         schema = schema or target.schema
+        mode = target.mode
     else:
         items = [target] if isinstance(target, Watcher) else list(target)
         if not all(isinstance(w, Watcher) for w in items):
@@ -143,7 +145,7 @@ def _triggers(
         _reject_label_clashes(watchers)
         channel = channel or triggers.DEFAULT_CHANNEL
         schema = schema or triggers.DEFAULT_SCHEMA
-    return triggers.triggers(watchers, schema=schema, channel=channel), channel, schema
+    return triggers.triggers(watchers, schema=schema, channel=channel, mode=mode), channel, schema
 
 
 def _literal(text: str) -> str:

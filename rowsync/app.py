@@ -19,13 +19,14 @@ import uuid
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import sqlalchemy as sa
 
 from rowsync import tree, triggers
 from rowsync.cache import RowCache
+from rowsync.changelog import ChangeLog
 from rowsync.columns import ColumnPolicy, ColumnsArg
 from rowsync.dispatch import Dispatcher
 from rowsync.errors import ConfigurationError, NotRunningError
@@ -48,6 +49,18 @@ class RowSync:
 
     ``dsn_or_engine`` is a libpq/SQLAlchemy URL or an :class:`~sqlalchemy.Engine` (its
     pool serves row fetches; the listener opens one dedicated connection of its own).
+
+    How changes travel (``install()`` installs triggers to match; see README "Guarantees"):
+
+    - ``capture="notify"`` (default): each change is a NOTIFY payload. At-most-once: after a
+      reconnect every subscriber gets ``(Resync, info)``.
+    - ``durable=True``: each change is also a row of rowsync's change log, and NOTIFY only
+      wakes the listener, which reads the log from its position after any reconnect:
+      at-least-once. With ``consumer="name"`` the position is saved in the database, so a
+      restarted process resumes from it; ``retention`` (seconds) bounds the log.
+    - ``capture="stream"``: the change log only, read every ``poll_interval`` seconds. No
+      NOTIFY in the writer's transaction (it takes a cluster-wide lock at commit), so many
+      concurrent writers keep their throughput. Durable, as above.
     """
 
     def __init__(
@@ -65,6 +78,11 @@ class RowSync:
         origin: str | None = None,
         exclude: ColumnsArg | None = None,
         allow: ColumnsArg | None = None,
+        capture: Literal["notify", "stream"] = "notify",
+        durable: bool = False,
+        consumer: str | None = None,
+        retention: float = 3600.0,
+        poll_interval: float = 0.02,
     ) -> None:
         if isinstance(dsn_or_engine, sa.Engine):
             self.engine = dsn_or_engine
@@ -95,7 +113,14 @@ class RowSync:
                 "RowSync needs at least one watcher (rowsync.watchers(Model, ...))"
             )
         _reject_label_clashes(self.watchers)
-        self.triggers = triggers.triggers(self.watchers, schema=schema, channel=channel)
+        if capture not in ("notify", "stream"):
+            raise ConfigurationError(f"capture must be 'notify' or 'stream', not {capture!r}")
+        self.mode: triggers.Mode = (
+            "stream" if capture == "stream" else "durable" if durable else "notify"
+        )
+        self.triggers = triggers.triggers(
+            self.watchers, schema=schema, channel=channel, mode=self.mode
+        )
         self._tables: dict[tuple[str, str], tuple[sa.Table, Any]] = {
             (w.schema, w.table): (table_of(w.model), w.model) for w in self.watchers
         }
@@ -116,6 +141,10 @@ class RowSync:
             on_batch=self.dispatcher.batch,
             on_gap=self.dispatcher.gap,
             probe_interval=probe_interval,
+            log=None
+            if self.mode == "notify"
+            else ChangeLog(schema, consumer=consumer, retention=retention),
+            poll_interval=poll_interval if self.mode == "stream" else None,
         )
 
     def __repr__(self) -> str:

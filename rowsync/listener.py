@@ -1,12 +1,17 @@
 """Where events enter: one dedicated connection that LISTENs, in a thread of its own.
 
-The connection is autocommit and never inside a transaction. The thread waits on the
-socket and on a wake-up pipe (so ``stop`` is immediate), drains notifications in batches,
-parses them into :class:`Notice` values, resolves oversized events from the overflow
-table, and hands each batch to ``on_batch``. A quiet connection is probed with
-``SELECT 1``; a broken one is reopened with exponential backoff, and ``on_gap`` is
-called once it is back: notifications sent meanwhile are lost to NOTIFY, and the
-subscribers must be told.
+The connection is autocommit. The thread waits on the socket and on a wake-up pipe (so
+``stop`` is immediate), drains notifications in batches, parses them into :class:`Notice`
+values and hands each batch to ``on_batch``. Where the events come from depends on the mode:
+
+- NOTIFY payloads (the default). Oversized events are read back from the overflow table.
+  A broken connection is reopened with exponential backoff, and ``on_gap`` is called once
+  it is back: notifications sent meanwhile are lost to NOTIFY, the subscribers must know.
+- The change log (:mod:`rowsync.changelog`), read from the listener's position whenever a
+  notification wakes it up (durable mode) or every ``poll_interval`` (``capture="stream"``).
+  After a reconnect the reading simply goes on from the position: nothing is lost.
+
+Flush barriers always come as notifications. A quiet connection is probed with ``SELECT 1``.
 
 Bad input never stops the thread: a malformed payload is logged and counted.
 """
@@ -29,6 +34,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from rowsync.changelog import ChangeLog
 from rowsync.messages import Event
 
 logger = logging.getLogger(__name__)
@@ -110,6 +116,8 @@ class Listener:
         probe_interval: float = 5.0,
         max_batch: int = 5000,
         backoff: tuple[float, float] = (0.05, 5.0),
+        log: ChangeLog | None = None,
+        poll_interval: float | None = None,
     ) -> None:
         self.conninfo = conninfo
         self.channel = channel
@@ -119,6 +127,10 @@ class Listener:
         self.probe_interval = probe_interval
         self.max_batch = max_batch
         self.backoff = backoff
+        self.log = log
+        """Read events from the change log instead of NOTIFY payloads."""
+        self.poll_interval = poll_interval
+        """Read the log this often even when no notification wakes the listener up."""
         self.stats: Counter[str] = Counter()
         self.connected = threading.Event()
         self._stopping = threading.Event()
@@ -164,14 +176,20 @@ class Listener:
             try:
                 with psycopg.connect(self._named_conninfo(), autocommit=True) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    lost = self.log.resume(conn) if self.log is not None else None
                     self.connected.set()
                     if not first:
                         self.stats["reconnects"] += 1
                         logger.info("listener reconnected on channel %r", self.channel)
-                        self._gap("reconnect")
+                        if self.log is None:
+                            lost = "reconnect"
+                    if lost is not None:
+                        self._gap(lost)
                     first = False
                     delay = self.backoff[0]
                     self._serve(conn)
+                    if self.log is not None:
+                        self.log.upkeep(conn, final=True)
             except psycopg.Error as exc:
                 self.stats["connection_errors"] += 1
                 if not self._stopping.is_set():
@@ -192,19 +210,28 @@ class Listener:
         with selectors.DefaultSelector() as selector:
             selector.register(conn.fileno(), selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            # A query on this connection (overflow read, probe) can take in notifications that
-            # then wait in psycopg's backlog, not in the socket: look again before sleeping.
+            # A query on this connection (overflow or log read, probe) can take in
+            # notifications that then wait in psycopg's backlog, not in the socket: look
+            # again before sleeping.
             queried = False
+            catch_up = self.log is not None  # read the log at once after (re)connecting
+            wait = self.poll_interval or self.probe_interval
             while not self._stopping.is_set():
-                ready = selector.select(0 if queried else self.probe_interval)
+                ready = selector.select(0 if queried or catch_up else wait)
                 self._drain_wake()
                 if self._stopping.is_set():
                     return
-                batch = self._receive(conn)
-                if batch:
-                    self._handle(conn, batch)
+                payloads = self._receive(conn)
+                idle = not ready and not queried  # a whole wait went by without a word
+                if self.log is not None and (payloads or idle or catch_up):
+                    # In log mode a read of the log is also the liveness probe.
+                    self._read_log(conn, payloads)
+                    catch_up = False
                     queried = True
-                elif not ready and not queried:
+                elif payloads:
+                    self._handle(conn, payloads)
+                    queried = True
+                elif idle:
                     conn.execute("SELECT 1")  # liveness probe: raises if the server is gone
                     queried = True
                 else:
@@ -229,7 +256,7 @@ class Listener:
             payloads += got
         return payloads
 
-    def _handle(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
+    def _parse(self, payloads: list[str]) -> list[Notice | Flush | dict[str, Any]]:
         self.stats["received"] += len(payloads)
         parsed: list[Notice | Flush | dict[str, Any]] = []
         for payload in payloads:
@@ -238,8 +265,28 @@ class Listener:
             except (ValueError, TypeError) as exc:
                 self.stats["malformed"] += 1
                 logger.warning(
-                    "skipping malformed notification on %r (%s): %.200r", self.channel, exc, payload
+                    "skipping malformed event on %r (%s): %.200r", self.channel, exc, payload
                 )
+        return parsed
+
+    def _read_log(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
+        """Deliver what the log holds past the position, then the flush barriers that came
+        as notifications (the read began after they arrived, so it holds all before them).
+        Other notifications only woke the listener up."""
+        assert self.log is not None
+        flushes: list[Notice | Flush] = [
+            item for item in self._parse([p for p in payloads if p]) if isinstance(item, Flush)
+        ]
+        for chunk in self.log.read(conn):
+            self._dispatch(
+                [item for item in self._parse(chunk) if isinstance(item, (Notice, Flush))]
+            )
+        if flushes:
+            self._dispatch(flushes)
+        self.log.upkeep(conn)
+
+    def _handle(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
+        parsed = self._parse(payloads)
         oversized = [p["r"] for p in parsed if isinstance(p, dict)]
         found = self._overflow(conn, oversized) if oversized else {}
         batch: list[Notice | Flush] = []
@@ -254,6 +301,11 @@ class Listener:
             batch.append(item)
         if lost := len(oversized) - len(found):
             self._gap(f"{lost} oversized event(s) could not be read back")
+        self._dispatch(batch)
+
+    def _dispatch(self, batch: list[Notice | Flush]) -> None:
+        if not batch:
+            return
         try:
             self.on_batch(batch)
         except psycopg.Error:

@@ -25,7 +25,8 @@ def migration_files() -> list[tuple[str, str]]:
 
 
 def render(text: str, schema: str) -> sql.Composed:
-    return sql.SQL(text).format(schema=sql.Identifier(schema))
+    """``{schema}`` becomes the quoted identifier, ``{schema_name}`` the name as a literal."""
+    return sql.SQL(text).format(schema=sql.Identifier(schema), schema_name=sql.Literal(schema))
 
 
 def migrate(conn: psycopg.Connection[TupleRow], schema: str) -> list[str]:

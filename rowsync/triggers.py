@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal, TypeAlias
 
 import psycopg
 from psycopg import sql
@@ -31,6 +32,13 @@ MAX_IDENTIFIER = 63
 NOTIFY_LIMIT = 7900
 """Payload bytes above which an event goes through the overflow table (NOTIFY's hard limit is
 8000)."""
+
+Mode: TypeAlias = Literal["notify", "durable", "stream"]
+"""How an event leaves the writer's transaction. ``notify``: in a NOTIFY payload.
+``durable``: as a row of the change log, plus an empty NOTIFY that wakes the listener up.
+``stream``: as a row of the change log only, which the listener polls: no NOTIFY, so no
+cluster-wide lock at the writer's commit."""
+MODES: tuple[Mode, ...] = ("notify", "durable", "stream")
 
 _EVENT = {
     "inserted": ("INSERT", "ins", "i"),
@@ -78,9 +86,11 @@ class Status:
         return self.schema_ready and not (self.outdated or self.missing or self.orphaned)
 
 
-def triggers(watchers: Iterable[Watcher], *, schema: str, channel: str) -> list[Trigger]:
+def triggers(
+    watchers: Iterable[Watcher], *, schema: str, channel: str, mode: Mode = "notify"
+) -> list[Trigger]:
     """Build one :class:`Trigger` per watcher; refuse if two would share a name."""
-    result = [_trigger(w, schema=schema, channel=channel) for w in watchers]
+    result = [_trigger(w, schema=schema, channel=channel, mode=mode) for w in watchers]
     names = [(t.watcher.schema, t.watcher.table, t.name) for t in result]
     if len(set(names)) != len(names) or len({t.function for t in result}) != len(result):
         raise ValueError("two watchers produce the same trigger name; give one a label")
@@ -103,7 +113,31 @@ def _ids(record: sql.Composable, columns: Sequence[str]) -> sql.Composable:
     return sql.SQL(" || ").join(chunks)
 
 
-def _trigger(w: Watcher, *, schema: str, channel: str) -> Trigger:
+def _emit(mode: Mode, schema: str, channel: str) -> sql.Composed:
+    """The statements that hand ``payload`` (and ``rowsync_ref``) over, in this mode."""
+    if mode == "notify":
+        return sql.SQL(
+            """IF octet_length(payload) > {limit} THEN
+        -- Too large for NOTIFY: park it (migration 0002) and notify its ref only.
+        PERFORM {park}(rowsync_ref, payload);
+        payload := jsonb_build_object('r', rowsync_ref, 'x', true)::text;
+    END IF;
+    PERFORM pg_notify({channel}, payload);"""
+        ).format(
+            limit=sql.Literal(NOTIFY_LIMIT),
+            park=sql.Identifier(schema, "park"),
+            channel=sql.Literal(channel),
+        )
+    append = sql.SQL("INSERT INTO {} (payload) VALUES (payload);").format(
+        sql.Identifier(schema, "log")
+    )
+    if mode == "stream":
+        return append
+    # One wake-up per transaction: NOTIFY folds identical payloads of a transaction into one.
+    return sql.SQL("{}\n    PERFORM pg_notify({}, '');").format(append, sql.Literal(channel))
+
+
+def _trigger(w: Watcher, *, schema: str, channel: str, mode: Mode) -> Trigger:
     verb, kind, letter = _EVENT[w.event]
     identity = (w.schema, w.table, w.event, w.label, channel)
     name = short_name(kind, w.table, identity)
@@ -128,12 +162,7 @@ BEGIN
         'g', nullif(current_setting('rowsync.origin', true), ''),
         'n', new_ids, 'o', old_ids
     )::text;
-    IF octet_length(payload) > {limit} THEN
-        -- Too large for NOTIFY: park it (migration 0002) and notify its ref only.
-        PERFORM {park}(rowsync_ref, payload);
-        payload := jsonb_build_object('r', rowsync_ref, 'x', true)::text;
-    END IF;
-    PERFORM pg_notify({channel}, payload);
+    {emit}
     RETURN NULL;
 END
 """
@@ -145,17 +174,19 @@ END
         label=sql.Literal(w.label),
         new=_ids(record, w.columns),
         old=old,
-        limit=sql.Literal(NOTIFY_LIMIT),
-        park=sql.Identifier(schema, "park"),
-        channel=sql.Literal(channel),
+        emit=_emit(mode, schema, channel),
     )
+    # A log-mode function runs as its owner (the installer), so writers need no privilege on
+    # the log; its search_path is fixed either way.
+    definer = sql.SQL(" SECURITY DEFINER" if mode != "notify" else "")
     definition = sql.SQL(
-        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql"
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql{definer}"
         " SET search_path = pg_catalog, pg_temp AS {body};\n"
         "CREATE OR REPLACE TRIGGER {name} AFTER {verb} ON {table}"
         " FOR EACH ROW EXECUTE FUNCTION {function}();\n"
     ).format(
         function=sql.Identifier(schema, function),
+        definer=definer,
         body=sql.Literal(body.as_string()),
         name=sql.Identifier(name),
         verb=sql.SQL(verb),
