@@ -15,7 +15,7 @@ VPY := $(VENV)/bin/python
 # Touched after a successful install; pip re-runs when pyproject.toml is newer.
 STAMP := $(VENV)/.rowsync-installed
 PYTEST_ARGS ?=
-# Extra arguments for examples/demo.py, e.g. DEMO_ARGS="--steps 5" or "--no-writer".
+# Extra arguments for the demos, e.g. DEMO_ARGS="--no-writer" (both), "--steps 5" (console).
 DEMO_ARGS ?=
 # Set (e.g. by .ci/run) to treat pytest's "no tests collected" (exit 5) as success.
 ALLOW_NO_TESTS ?=
@@ -24,7 +24,7 @@ ALLOW_NO_TESTS ?=
 # (`dsn=$(...) || exit` so a failing script is not masked by `export`.)
 WITH_DB = dsn=$$(scripts/ensure-postgres.sh) || exit $$?; export ROWSYNC_TEST_DSN="$$dsn";
 
-.PHONY: test demo venv db lint bench clean distclean
+.PHONY: test demo demo-console venv db lint docs bench clean distclean
 
 venv: $(STAMP)
 
@@ -37,16 +37,26 @@ db:
 	@scripts/ensure-postgres.sh
 
 # The recipe exits with pytest's own status (make then reports it as "Error N"
-# and itself exits non-zero), so failures are never swallowed.
+# and itself exits non-zero), so failures are never swallowed. The browser test
+# (tests/test_browser.py) needs Debian's chromium: installed first when missing
+# (if that fails, the other tests still run and the browser test fails, saying why).
 test: venv
-	@$(WITH_DB) \
+	@scripts/ensure-chromium.sh || echo "make test: no chromium: the browser test will fail" >&2; \
+	scripts/ensure-brokers.sh || echo "make test: no Redis/NATS: the fan-out tests will fail" >&2; \
+	$(WITH_DB) \
 	$(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [[ $$rc -eq 5 && -n "$(ALLOW_NO_TESTS)" ]]; then \
 	  echo "make test: pytest collected no tests; ALLOW_NO_TESTS is set, so not failing" >&2; rc=0; \
 	fi; \
 	exit $$rc
 
+# The live web demo (examples/web): serves http://127.0.0.1:$PORT/ (PORT defaults to 8000).
 demo: venv
+	@$(WITH_DB) DATABASE_URL="$$dsn" PYTHONPATH="examples$${PYTHONPATH:+:$$PYTHONPATH}" \
+	$(VPY) -m web $(DEMO_ARGS)
+
+# The console demo (examples/demo.py): the tree printed after each change.
+demo-console: venv
 	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) examples/demo.py $(DEMO_ARGS)
 
 bench: venv
@@ -60,6 +70,10 @@ lint: venv
 	$(VENV)/bin/ruff format --check $(LINT_PATHS) || rc=1; \
 	$(VENV)/bin/mypy || rc=1; \
 	exit $$rc
+
+# The documentation site (docs/, mkdocs.yml) in build/site; any warning fails it.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # Caches and build output only: .venv is kept (others may be using it).
 clean:

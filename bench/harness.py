@@ -29,6 +29,26 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Goal:
+    """A goal of issue 6 and whether a figure meets it (and by how much it misses)."""
+
+    text: str
+    met: bool
+    missed_by: str = ""
+
+    @classmethod
+    def at_most(cls, text: str, value: float, limit: float, unit: str = "s") -> Goal:
+        return cls(text, value <= limit, "" if value <= limit else fmt(value - limit, unit))
+
+    @classmethod
+    def at_least(cls, text: str, value: float, limit: float, unit: str = "s") -> Goal:
+        return cls(text, value >= limit, "" if value >= limit else fmt(limit - value, unit))
+
+    def verdict(self) -> str:
+        return "met" if self.met else f"missed by {self.missed_by}"
+
+
+@dataclass(frozen=True)
 class Result:
     """One row of the table: a measured figure, its same-run baseline and its goal.
 
@@ -45,8 +65,7 @@ class Result:
     baseline_label: str | None = None
     ratio: float | None = None
     ratio_label: str = "x"
-    goal: str | None = None
-    met: bool | None = None
+    goal: Goal | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -154,4 +173,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value * 1e6:.1f} us"
     if unit in ("", "count"):
         return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+    if unit == "x":
+        return f"{value:,.2f}x"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
     return f"{value:,.2f} {unit}"

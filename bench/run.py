@@ -29,7 +29,7 @@ from harness import DEFAULT_DSN, HERE, Context, Result, fmt
 
 logger = logging.getLogger("bench")
 
-COLUMNS = ("name", "metric", "value", "baseline", "ratio", "goal", "met?")
+COLUMNS = ("#", "name", "metric", "value", "baseline", "ratio", "goal", "verdict")
 
 
 def discover(only: list[str] | None) -> list[tuple[str, Path]]:
@@ -53,24 +53,26 @@ def load(name: str, path: Path) -> ModuleType:
     return module
 
 
-def row(r: Result) -> tuple[str, ...]:
+def row(r: Result, rows: dict[str, int]) -> tuple[str, ...]:
     ratio = "-" if r.ratio is None else f"{r.ratio:,.2f}{r.ratio_label}"
-    met = "-" if r.met is None else ("yes" if r.met else "NO")
+    met = "-" if r.goal is None else r.goal.verdict()
     return (
+        str(rows.get(r.name, "")),
         r.name,
         r.metric,
         fmt(r.value, r.unit),
         fmt(r.baseline, r.unit),
         ratio,
-        r.goal or "-",
+        "-" if r.goal is None else r.goal.text,
         met,
     )
 
 
-def table(results: list[Result]) -> str:
-    rows = [COLUMNS, *(row(r) for r in results)]
+def table(results: list[Result], numbers: dict[str, int]) -> str:
+    """The results as a table; ``numbers``: each benchmark's row in issue 6's table."""
+    rows = [COLUMNS, *(row(r, numbers) for r in results)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    right = {2, 3, 4}
+    right = {0, 3, 4, 5}
     lines = []
     for n, cells in enumerate(rows):
         lines.append(
@@ -116,11 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     durations: dict[str, float] = {}
     started = time.perf_counter()
+    modules: list[tuple[str, ModuleType]] = []
     for name, path in discover(args.only):
+        try:
+            modules.append((name, load(name, path)))
+        except Exception:
+            failed.append(name)
+            logger.error("benchmark %s cannot be loaded:\n%s", name, traceback.format_exc())
+    modules.sort(key=lambda found: (getattr(found[1], "ROW", 99), found[0]))
+    numbers = {name: module.ROW for name, module in modules if hasattr(module, "ROW")}
+    for name, module in modules:
         logger.info("running %s%s", name, " (quick)" if ctx.quick else "")
         t0 = time.perf_counter()
         try:
-            results.extend(load(name, path).run(ctx))
+            results.extend(module.run(ctx))
         except Exception:
             failed.append(name)
             logger.error("benchmark %s failed:\n%s", name, traceback.format_exc())
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
 
     print()
-    print(table(results))
+    print(table(results, numbers))
     print(f"\ntotal {total:.1f} s ({', '.join(f'{n} {d:.1f} s' for n, d in durations.items())})")
     if failed:
         print(f"FAILED: {', '.join(failed)}")

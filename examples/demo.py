@@ -111,19 +111,23 @@ class Writer(threading.Thread):
     def run(self) -> None:
         with self.engine.connect() as conn:
             while not self.stopping.wait(self.interval):
-                description = None
-                # Some picks change nothing (a tag already there...): pick again.
-                for _ in range(10):
-                    try:
-                        with conn.begin():
-                            description = self.change(conn)
-                    except sa.exc.DBAPIError as exc:  # e.g. a row deleted from psql meanwhile
-                        description = f"(change failed: {str(exc.orig).splitlines()[0]})"
-                    if description is not None:
-                        break
-                self.changes.put(description or "(nothing to change)")
+                self.changes.put(self.step(conn))
                 self.proceed.wait()
                 self.proceed.clear()
+
+    def step(self, conn: sa.Connection) -> str:
+        """Commit one random change; describe it."""
+        description = None
+        # Some picks change nothing (a tag already there...): pick again.
+        for _ in range(10):
+            try:
+                with conn.begin():
+                    description = self.change(conn)
+            except sa.exc.DBAPIError as exc:  # e.g. a row deleted from psql meanwhile
+                description = f"(change failed: {str(exc.orig).splitlines()[0]})"
+            if description is not None:
+                break
+        return description or "(nothing to change)"
 
     def stop(self) -> None:
         self.stopping.set()

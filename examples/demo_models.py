@@ -1,4 +1,4 @@
-"""The demo's schema: people write posts, posts carry tags (a plain many-to-many table)."""
+"""The demos' schema: people write posts, posts carry tags (a plain many-to-many table)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Post(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     title: Mapped[str]
     person_id: Mapped[int] = mapped_column(sa.ForeignKey("people.id", ondelete="CASCADE"))
+    published: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
 
     author: Mapped[Person] = relationship(back_populates="posts")
     tags: Mapped[list[Tag]] = relationship(secondary=post_tags, order_by="Tag.id")

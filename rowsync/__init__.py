@@ -2,6 +2,7 @@
 
 from rowsync.app import RowSync, sync
 from rowsync.errors import ConfigurationError, NotRunningError, RowsyncError
+from rowsync.live import Diff, LiveQuery
 from rowsync.messages import EVENTS, Change, Event, Message, Resync, ResyncInfo, Sync
 from rowsync.subscription import Subscription
 from rowsync.triggers import Status
@@ -11,7 +12,9 @@ __all__ = [
     "EVENTS",
     "Change",
     "ConfigurationError",
+    "Diff",
     "Event",
+    "LiveQuery",
     "Message",
     "NotRunningError",
     "Resync",

@@ -30,6 +30,7 @@ from rowsync.changelog import ChangeLog
 from rowsync.columns import ColumnPolicy, ColumnsArg
 from rowsync.dispatch import Dispatcher
 from rowsync.errors import ConfigurationError, NotRunningError
+from rowsync.fanout.node import Node
 from rowsync.fetch import RowSource, qualified_name, table_of
 from rowsync.graph import Graph
 from rowsync.listener import Listener, send_flush
@@ -83,12 +84,16 @@ class RowSync:
         consumer: str | None = None,
         retention: float = 3600.0,
         poll_interval: float = 0.02,
+        fanout: str | None = None,
     ) -> None:
         if isinstance(dsn_or_engine, sa.Engine):
             self.engine = dsn_or_engine
         else:
             url = sa.make_url(dsn_or_engine)
-            self.engine = sa.create_engine(url.set(drivername="postgresql+psycopg"))
+            # pre_ping: pooled connections survive a server restart unnoticed by the pool.
+            self.engine = sa.create_engine(
+                url.set(drivername="postgresql+psycopg"), pool_pre_ping=True
+            )
         self.conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False
         )
@@ -146,6 +151,22 @@ class RowSync:
             else ChangeLog(schema, consumer=consumer, retention=retention),
             poll_interval=poll_interval if self.mode == "stream" else None,
         )
+        self.fanout = (
+            None
+            if fanout is None
+            else Node(
+                fanout,
+                self.conninfo,
+                channel=channel,
+                schema=schema,
+                listener=self.listener,
+                dispatcher=self.dispatcher,
+                tables=self._tables,
+                resumes=self.mode != "notify" and consumer is not None,
+            )
+        )
+        """``fanout=URL``: this process's node of a group that shares one elected capture
+        node through a broker (:mod:`rowsync.fanout`)."""
 
     def __repr__(self) -> str:
         return f"<RowSync channel={self.channel!r} tables={len(self._tables)}>"
@@ -179,6 +200,17 @@ class RowSync:
 
     def start(self) -> RowSync:
         """Start the listener; returns once it LISTENs, so no change after this call is missed."""
+        if self.fanout is not None:
+            self.fanout.start(self.start_timeout)
+            _started.add(self)
+            try:  # a barrier back through the broker: some node captures, and reaches us
+                self.flush(self.start_timeout)
+            except TimeoutError as exc:
+                self.stop()
+                raise NotRunningError(
+                    f"no capture node answered within {self.start_timeout} s"
+                ) from exc
+            return self
         self.listener.start()
         if not self.listener.connected.wait(self.start_timeout):
             self.listener.stop()
@@ -188,6 +220,8 @@ class RowSync:
 
     def stop(self) -> None:
         _started.discard(self)
+        if self.fanout is not None:
+            self.fanout.stop()
         self.listener.stop()
 
     @property
@@ -324,6 +358,15 @@ class RowSync:
         what it holds, re-read by primary key in batches, loaded as it was loaded."""
         return self.syncer.resync(value)
 
+    def live(
+        self, session_factory: Any, statement: sa.Select[Any], *, idle_timeout: float | None = 300.0
+    ) -> Any:
+        """A :class:`rowsync.live.LiveQuery`: ``statement``'s result, kept current in the
+        background, with the diffs a UI patches itself with (see :mod:`rowsync.live`)."""
+        from rowsync.live import LiveQuery
+
+        return LiveQuery(self, session_factory, statement, idle_timeout=idle_timeout)
+
     # -- self-write suppression -------------------------------------------------------
 
     @contextlib.contextmanager
@@ -352,12 +395,13 @@ class RowSync:
         if not self.running:
             raise NotRunningError("flush needs a started RowSync")
         deadline = time.monotonic() + timeout
+        feed = self.fanout or self.listener  # where the barrier comes back from
         while True:
-            if not self.listener.connected.wait(max(0.0, deadline - time.monotonic())):
+            if not feed.connected.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"listener not connected within {timeout} s")
             token = uuid.uuid4().hex
             done = self.dispatcher.flushes[token] = threading.Event()
-            gaps = self.listener.stats["gaps"]
+            gaps = _disruptions(feed.stats)
             send_flush(self.conninfo, self.channel, token)
             while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
@@ -365,11 +409,17 @@ class RowSync:
                     raise TimeoutError(
                         f"listener did not reach the flush barrier within {timeout} s"
                     )
-                if self.listener.stats["gaps"] != gaps:
-                    break  # the barrier may have fallen into the gap: send another
+                if _disruptions(feed.stats) != gaps:
+                    # the barrier may have fallen into a gap, or been received by a connection
+                    # that broke before handing it over, or come before a new capture node
+                    break
             else:
                 return
             self.dispatcher.flushes.pop(token, None)
+
+
+def _disruptions(stats: Counter[str]) -> int:
+    return stats["gaps"] + stats["captures"] + stats["connection_errors"]
 
 
 def _reject_label_clashes(watchers: Sequence[Watcher]) -> None:

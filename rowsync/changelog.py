@@ -8,16 +8,17 @@ takes exactly the rows of transactions that were invisible to that snapshot (the
 at or past its ``xmax``, or among its in-progress xids) and are visible now. Nothing is
 skipped, nothing is read twice, and a long transaction holds back only its own rows.
 
-Delivery is at-least-once: the position moves once a read's rows are handed over, and is
-saved (when the log has a consumer name) every ``save_interval`` and on stop, so a crash
-replays at most the rows since the last save; ``sync`` applies a change twice harmlessly.
+The position moves once a read's rows are handed over; a read cut short is started again
+from the same position, skipping the rows it already handed over. The position is saved
+(when the log has a consumer name) every ``save_interval`` and on stop, so a restarted
+process replays at most the rows since the last save: at-least-once across restarts.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import psycopg
 from psycopg import sql
@@ -49,11 +50,15 @@ class ChangeLog:
         self.position: str | None = None
         """The snapshot (``pg_snapshot`` text) of the last completed read."""
         self._saved: str | None = None
+        self._handed: set[int] = set()
+        """Log ids handed over since the position: a read cut short (a lost connection, a
+        stop) and started again skips them, so a subscriber never sees an older change again
+        after a newer one (within a process; after a restart, a replay is possible)."""
         self._next_save = 0.0
         self._next_prune = 0.0
         ident = sql.Identifier(schema)
         self._read = sql.SQL(
-            "SELECT payload FROM {}.log"
+            "SELECT id, payload FROM {}.log"
             " WHERE xid >= pg_snapshot_xmax(%(position)s::pg_snapshot)"
             " OR xid = ANY(ARRAY(SELECT pg_snapshot_xip(%(position)s::pg_snapshot)))"
             " ORDER BY id"
@@ -86,11 +91,12 @@ class ChangeLog:
             return "the change log was pruned past this listener's position"
         return None
 
-    def read(self, conn: psycopg.Connection[TupleRow]) -> Iterator[list[str]]:
-        """Payloads committed since the position, oldest first, in batches.
+    def read(self, conn: psycopg.Connection[TupleRow], handle: Callable[[list[str]], None]) -> None:
+        """Hand the payloads committed since the position to ``handle``, oldest first, in
+        batches; then move the position.
 
         Runs in one repeatable-read transaction, so the rows and the new position come from
-        one snapshot; the position moves once the caller has taken every batch.
+        one snapshot. If ``handle`` raises, the position stays: the rows are read again.
         """
         assert self.position is not None, "resume() first"
         with conn.transaction():
@@ -102,8 +108,11 @@ class ChangeLog:
                 cursor.itersize = self.batch
                 cursor.execute(self._read, {"position": self.position})
                 while rows := cursor.fetchmany(self.batch):
-                    yield [payload for (payload,) in rows]
+                    fresh = [(i, payload) for i, payload in rows if i not in self._handed]
+                    handle([payload for _, payload in fresh])
+                    self._handed.update(i for i, _ in fresh)
         self.position = now
+        self._handed.clear()
 
     def upkeep(self, conn: psycopg.Connection[TupleRow], *, final: bool = False) -> None:
         """Save the position and prune the log when they are due (saving always when final)."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import decimal
+import functools
 import logging
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapper, Session, immediateload, joinedload, selectinload, subqueryload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
@@ -24,7 +27,6 @@ from rowsync import tree
 from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.columns import ColumnPolicy
 from rowsync.graph import Edge, Graph
-from rowsync.messages import Change
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +36,44 @@ _LOADERS = {"selectin": selectinload, "joined": joinedload, "subquery": subquery
 
 def key_of(table: sa.Table, values: Mapping[str, Any]) -> tuple[Any, ...]:
     """The primary key tuple of a row given as a mapping of column names."""
-    return tuple(values.get(c.name) for c in table.primary_key.columns)
+    names = _key_names(table)
+    if len(names) == 1:  # most keys: 5x cheaper than building a list
+        return (values.get(names[0]),)
+    return tuple([values.get(name) for name in names])
+
+
+@functools.cache
+def _key_names(table: sa.Table) -> tuple[str, ...]:
+    """Primary key column names, read once per table: every change and every sync asks."""
+    return tuple(c.name for c in table.primary_key.columns)
+
+
+@functools.cache
+def _python_types(table: sa.Table) -> dict[str, type]:
+    """The Python type of each column of ``table`` that declares one, read once per table."""
+    found = {}
+    for key, column in table.c.items():
+        try:
+            found[key] = column.type.python_type
+        except NotImplementedError:
+            continue
+    return found
+
+
+@functools.cache
+def _key_types(table: sa.Table) -> tuple[tuple[str, type | None], ...]:
+    """``(name, Python type or None)`` of each primary key column."""
+    types = _python_types(table)
+    return tuple((c.name, types.get(c.key)) for c in table.primary_key.columns)
 
 
 def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
     """JSON values from a payload as the Python values SQLAlchemy would load (UUIDs, dates…)."""
     result = dict(values)
+    types = _python_types(table)
     for name, value in values.items():
-        column = table.c.get(name)
-        if column is None or value is None:
-            continue
-        try:
-            python_type = column.type.python_type
-        except NotImplementedError:
+        python_type = types.get(name)
+        if python_type is None or value is None:
             continue
         if isinstance(value, python_type) and not isinstance(value, bool) or python_type is bool:
             continue
@@ -60,24 +87,13 @@ def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
 def usable_key(table: sa.Table, values: Mapping[str, Any]) -> bool:
     """Whether ``values`` hold a primary key of the right types (anyone may NOTIFY on a
     channel: a forged or damaged event must not reach a query, let alone a tree)."""
-    for column in table.primary_key.columns:
-        value = values.get(column.name)
-        if value is None or (isinstance(value, bool) and not _is_bool(column)):
+    for name, python_type in _key_types(table):
+        value = values.get(name)
+        if value is None or (isinstance(value, bool) and python_type is not bool):
             return False
-        try:
-            python_type = column.type.python_type
-        except NotImplementedError:
-            continue
-        if not isinstance(value, python_type):
+        if python_type is not None and not isinstance(value, python_type):
             return False
     return True
-
-
-def _is_bool(column: sa.Column[Any]) -> bool:
-    try:
-        return column.type.python_type is bool
-    except NotImplementedError:
-        return False
 
 
 def _to_int(value: Any) -> int:
@@ -97,7 +113,17 @@ _FROM_JSON: dict[type, Any] = {
 
 
 def table_of(model: Any) -> sa.Table:
-    return model if isinstance(model, sa.Table) else tree.mapped_table(sa.inspect(model))
+    if isinstance(model, sa.Table):
+        return model
+    if isinstance(model, type):
+        return _class_table(model)
+    return tree.mapped_table(sa.inspect(model))
+
+
+@functools.cache
+def _class_table(model: type) -> sa.Table:
+    """A mapped class's table, inspected once (every message names its model)."""
+    return tree.mapped_table(sa.inspect(model))
 
 
 def qualified_name(table: sa.Table) -> tuple[str, str]:
@@ -124,6 +150,53 @@ def _options(mapper: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy) -> 
     return options
 
 
+@dataclass(frozen=True)
+class _RowQuery:
+    """The listener's read of one table, built and compiled once: its columns, then one
+    boolean per criteria, for a list of primary keys bound as one parameter."""
+
+    statement: sa.Select[Any]
+    names: tuple[str, ...]
+    """Column names of the selected columns, in order."""
+    criteria: tuple[str, ...]
+    """Names of the criteria booleans that follow them."""
+    single: bool
+    """A one-column key, bound as ``pk = ANY(:keys)``, else ``(pk...) IN :keys`` expanded."""
+
+    @classmethod
+    def of(cls, table: sa.Table, policy: ColumnPolicy, graph: Graph) -> _RowQuery:
+        columns = policy.columns(table)
+        criteria = graph.criteria.get(table, ())
+        pk = list(table.primary_key.columns)
+        single = len(pk) == 1 and _array_safe(pk[0].type)
+        where = (
+            pk[0] == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(pk[0].type)))
+            if single
+            else sa.tuple_(*pk).in_(sa.bindparam("keys", expanding=True))
+        )
+        statement = sa.select(*columns, *(clause.label(name) for name, clause in criteria))
+        return cls(
+            statement.where(where),
+            tuple(c.name for c in columns),
+            tuple(name for name, _ in criteria),
+            single,
+        )
+
+    def bind(self, keys: list[tuple[Any, ...]]) -> dict[str, Any]:
+        return {"keys": [k[0] for k in keys] if self.single else keys}
+
+
+_NO_MATCHES: frozenset[str] = frozenset()
+
+
+def _array_safe(kind: Any) -> bool:
+    """Key types that travel as one array parameter as is (an Enum, say, is bound one by one:
+    an array of it needs its own type in the database)."""
+    return isinstance(kind, sa.Integer | sa.Uuid) or (
+        isinstance(kind, sa.String) and not isinstance(kind, sa.Enum)
+    )
+
+
 class RowSource:
     """Reads rows for the listener, the router and ``sync``, counting queries."""
 
@@ -135,6 +208,10 @@ class RowSource:
         self.cache = cache
         self.policy = policy
         self.queries: Counter[str] = Counter()
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        """Row reads are single statements: in autocommit, one round trip each, where a
+        transaction would add a BEGIN and a ROLLBACK."""
+        self._row_queries: dict[sa.Table, _RowQuery] = {}
 
     # -- the listener: one query per table per batch -----------------------------------
 
@@ -143,28 +220,31 @@ class RowSource:
     ) -> dict[tuple[Any, ...], CachedRow]:
         """Current rows of ``table`` for ``keys``, with their criteria computed; missing keys
         are absent."""
-        criteria = self.graph.criteria.get(table, ())
-        labels = [clause.label(name) for name, clause in criteria]
+        query = self._row_queries.get(table)
+        if query is None:
+            query = self._row_queries[table] = _RowQuery.of(table, self.policy, self.graph)
+        names, criteria = query.names, query.criteria
+        width = len(names)
         wanted = list(dict.fromkeys(keys))
         found: dict[tuple[Any, ...], CachedRow] = {}
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             for start in range(0, len(wanted), BATCH):
                 chunk = wanted[start : start + BATCH]
                 self.queries["rows"] += 1
-                columns = self.policy.columns(table)
-                stmt = sa.select(*columns, *labels).where(_where_key(table, chunk))
-                for row in conn.execute(stmt).mappings():
-                    values = {c.name: row[c] for c in columns}
-                    matches = frozenset(name for name, _ in criteria if row[name])
+                # all(): one fetch from the driver, where iterating fetches row by row
+                for row in conn.execute(query.statement, query.bind(chunk)).all():
+                    values = dict(zip(names, row, strict=False))
+                    matches = (
+                        frozenset(
+                            name for name, hit in zip(criteria, row[width:], strict=True) if hit
+                        )
+                        if criteria
+                        else _NO_MATCHES
+                    )
                     found[key_of(table, values)] = CachedRow(values, matches)
         return found
 
     # -- sync and the router: single-flight through the cache --------------------------
-
-    def change_row(self, change: Change) -> CachedRow | Any:
-        """The row a change left behind (``GONE`` when it no longer exists)."""
-        table = table_of(change.model)
-        return self.row(table, key_of(table, change.ids), change.ref)
 
     def row(self, table: sa.Table, key: tuple[Any, ...], ref: int) -> CachedRow | Any:
         def load() -> CachedRow | Any:

@@ -64,11 +64,11 @@ class Edge:
     def __repr__(self) -> str:
         return f"<Edge {self.parent.class_.__name__}.{self.key}>"
 
-    @property
+    @cached_property
     def target_table(self) -> sa.Table:
         return mapped_table(self.target)
 
-    @property
+    @cached_property
     def parent_table(self) -> sa.Table:
         return mapped_table(self.parent)
 

@@ -133,6 +133,8 @@ class Listener:
         """Read the log this often even when no notification wakes the listener up."""
         self.stats: Counter[str] = Counter()
         self.connected = threading.Event()
+        self._connected_before = False
+        """Any later connection, after a reconnect or a stop and start, may have missed events."""
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -140,7 +142,9 @@ class Listener:
 
     def start(self) -> None:
         if self._thread is not None:
-            return
+            if not self._stopping.is_set():
+                return  # running
+            self._thread.join()  # a stop that outlasted its timeout: never two threads
         self._stopping.clear()
         self._thread = threading.Thread(
             target=self._run, name=f"rowsync-listener[{self.channel}]", daemon=True
@@ -152,7 +156,7 @@ class Listener:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
-        thread, self._thread = self._thread, None
+        thread = self._thread
         if thread is None:
             return
         self._stopping.set()
@@ -160,6 +164,8 @@ class Listener:
         thread.join(timeout)
         if thread.is_alive():
             logger.warning("listener thread did not stop within %s s", timeout)
+        else:
+            self._thread = None
 
     def close(self) -> None:
         self.stop()
@@ -171,29 +177,35 @@ class Listener:
 
     def _run(self) -> None:
         delay = self.backoff[0]
-        first = True
         while not self._stopping.is_set():
             try:
                 with psycopg.connect(self._named_conninfo(), autocommit=True) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     lost = self.log.resume(conn) if self.log is not None else None
                     self.connected.set()
-                    if not first:
+                    if self._connected_before:
                         self.stats["reconnects"] += 1
                         logger.info("listener reconnected on channel %r", self.channel)
                         if self.log is None:
                             lost = "reconnect"
                     if lost is not None:
                         self._gap(lost)
-                    first = False
+                    self._connected_before = True
                     delay = self.backoff[0]
                     self._serve(conn)
                     if self.log is not None:
                         self.log.upkeep(conn, final=True)
+            except _Stopped:
+                break
             except psycopg.Error as exc:
                 self.stats["connection_errors"] += 1
                 if not self._stopping.is_set():
                     logger.warning("listener connection lost (%s); retrying in %.2f s", exc, delay)
+            except Exception:
+                # Never let the thread die: start over on a new connection (a gap is
+                # announced, or the log is read again from the position).
+                self.stats["listener_errors"] += 1
+                logger.exception("listener failed; reconnecting in %.2f s", delay)
             finally:
                 self.connected.clear()
             if self._stopping.wait(delay):
@@ -277,10 +289,12 @@ class Listener:
         flushes: list[Notice | Flush] = [
             item for item in self._parse([p for p in payloads if p]) if isinstance(item, Flush)
         ]
-        for chunk in self.log.read(conn):
-            self._dispatch(
+        self.log.read(
+            conn,
+            lambda chunk: self._dispatch(
                 [item for item in self._parse(chunk) if isinstance(item, (Notice, Flush))]
-            )
+            ),
+        )
         if flushes:
             self._dispatch(flushes)
         self.log.upkeep(conn)
@@ -304,13 +318,19 @@ class Listener:
         self._dispatch(batch)
 
     def _dispatch(self, batch: list[Notice | Flush]) -> None:
+        if self._stopping.is_set():
+            raise _Stopped  # a long catch-up read is cut short; the log keeps the rest
         if not batch:
             return
         try:
             self.on_batch(batch)
         except psycopg.Error:
             raise
-        except Exception:
+        except Exception as exc:
+            if isinstance(getattr(exc, "orig", None), psycopg.OperationalError):
+                # A row fetch lost its connection (the server restarting?): handled as the
+                # loss of our own, so the batch is read again from the log, or announced.
+                raise psycopg.OperationalError(f"row fetch failed: {exc}") from exc
             # The batch's changes were not delivered: nobody may go on believing they are current.
             self.stats["batch_errors"] += 1
             logger.exception("error while dispatching a batch of %d events", len(batch))
@@ -339,6 +359,10 @@ class Listener:
             else:
                 self.stats["malformed"] += 1
         return result
+
+
+class _Stopped(Exception):
+    """Raised inside the thread to leave a read when ``stop`` was asked for."""
 
 
 def send_flush(conninfo: str, channel: str, token: str) -> None:

@@ -55,8 +55,11 @@ class Subscription:
         self._subscribe = subscribe
         self._unsubscribe = unsubscribe
         self._queue: deque[Message] = deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._blocked = 0
+        """Threads waiting in ``get``: ``put`` notifies only when there are some."""
         self._closed = False
         # Routing state, owned by the router (under its lock).
         self.interests: dict[Interest, Counter[Reason]] = {}
@@ -112,7 +115,7 @@ class Subscription:
     # -- the listener's side -----------------------------------------------------------
 
     def put(self, message: Message) -> None:
-        with self._cond:
+        with self._lock:  # the condition's lock, without Condition's Python-level __enter__
             if self._closed:
                 return
             if len(self._queue) >= self.maxsize:
@@ -125,8 +128,13 @@ class Subscription:
                 self._queue.clear()
                 self._queue.append((Resync, ResyncInfo("overflow", time.monotonic())))
             self._queue.append(message)
-            self._cond.notify_all()
-        self._wake()
+            if self._blocked:
+                self._cond.notify_all()
+            if not self._waiters:
+                return
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future)
 
     def _wake(self) -> None:
         with self._cond:
@@ -151,7 +159,11 @@ class Subscription:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no message within {timeout} s")
-                self._cond.wait(remaining)
+                self._blocked += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._blocked -= 1
             return self._queue.popleft()
 
     def drain(self) -> list[Message]:

@@ -3,8 +3,10 @@ building or cloning detached instances whose attributes look freshly loaded."""
 
 from __future__ import annotations
 
+import datetime
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Final, cast
@@ -78,10 +80,13 @@ def values_of(obj: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
     state = instance_state(obj)
     keys = _attribute_keys(state.mapper)
     data = state.dict
-    if all(keys.get(c) in data for c in columns):
-        return tuple(data[keys[c]] for c in columns)
-    values = column_values(obj)  # expired or primary key only: the slow, complete way
-    return tuple(values.get(c) for c in columns)
+    try:
+        if len(columns) == 1:  # most keys: 5x cheaper than building a list
+            return (data[keys[columns[0]]],)
+        return tuple([data[keys[c]] for c in columns])
+    except KeyError:
+        values = column_values(obj)  # expired or primary key only: the slow, complete way
+        return tuple(values.get(c) for c in columns)
 
 
 class Generation:
@@ -126,17 +131,58 @@ def column_values(obj: Any) -> dict[str, Any]:
 def primary_key(obj: Any) -> tuple[Any, ...]:
     state = instance_state(obj)
     if state.key is not None:
-        return tuple(state.key[1])
+        return state.key[1]
     values = column_values(obj)
     return tuple(values.get(c.name) for c in mapped_table(state.mapper).primary_key.columns)
 
 
-def patch(obj: Any, values: Mapping[str, Any]) -> None:
-    """Set column attributes as if loaded: nothing is marked dirty, a flush writes nothing."""
+def find(objects: list[Any], key: tuple[Any, ...], known: list[Any] | None = None) -> int:
+    """The position of the first object whose primary key is ``key``, or -1.
+
+    ``known``: the instances of that row a tree's index holds. Looked for by identity first,
+    which reads no object (a collection's siblings may all be cold in memory), then by key."""
+    if known:
+        for i, obj in enumerate(objects):
+            for instance in known:
+                if obj is instance:
+                    return i
+    for i, obj in enumerate(objects):
+        state = instance_state(obj)
+        if (state.key[1] if state.key is not None else primary_key(obj)) == key:
+            return i
+    return -1
+
+
+_EXACT: Final = frozenset({type(None), bool, int, str, bytes, uuid.UUID, datetime.date})
+"""Types whose equal values are interchangeable (unlike floats' -0.0, Decimal('1.0'), or
+datetimes in two time zones)."""
+
+
+def patch(obj: Any, values: Mapping[str, Any]) -> list[str]:
+    """Set column attributes as if loaded: nothing is marked dirty, a flush writes nothing.
+
+    A column whose loaded value already equals the new one (and has no pending history) is
+    left alone: setting it would change nothing, and an update usually changes one or two
+    columns of many. Returns the names of the columns set."""
     state = instance_state(obj)
+    data = state.dict
+    settled = not (
+        state.expired or state.committed_state or state.expired_attributes or state.callables
+    )
+    changed = []
     for key, name in _columns(state.mapper):
-        if name in values:
-            attributes.set_committed_value(obj, key, values[name])
+        if name not in values:
+            continue
+        value = values[name]
+        if settled and key in data:
+            current = data[key]
+            if current is value or (
+                type(current) is type(value) and type(value) in _EXACT and current == value
+            ):
+                continue
+        attributes.set_committed_value(obj, key, value)
+        changed.append(name)
+    return changed
 
 
 def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
@@ -233,8 +279,15 @@ def _path_keys(path: PathRegistry) -> list[str]:
 
 def _from_options(state: Any) -> dict[str, Any]:
     here = _path_keys(state.load_path) if state.load_path else []
+    return options_spec(state.mapper, state.load_options or (), here)
+
+
+def options_spec(mapper: Mapper[Any], options: Iterable[Any], here: list[str]) -> dict[str, Any]:
+    """What loader ``options`` load below ``mapper`` at the relationship path ``here`` (``[]``
+    for a statement's own entity), with the mapper's eager defaults: a statement's LoadSpec,
+    known before any row is loaded."""
     paths = []
-    for option in state.load_options or ():
+    for option in options:
         for element in getattr(option, "context", ()):
             keys = _path_keys(element.path)
             if (
@@ -252,7 +305,7 @@ def _from_options(state: Any) -> dict[str, Any]:
             node = node[key]
         else:
             node.setdefault(keys[-1], {})
-    return merge_specs(spec, _defaults(state.mapper, 3))
+    return merge_specs(spec, _defaults(mapper, 3))
 
 
 def _defaults(mapper: Mapper[Any], depth: int) -> dict[str, Any]:
@@ -281,6 +334,18 @@ def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
         children = as_list(value)
         spec[rel.key] = loaded_spec(children[0], depth - 1) if children else {}
     return spec
+
+
+@cache
+def _shape(mapper: Mapper[Any]) -> tuple[sa.Table, tuple[tuple[str, Mapper[Any], bool], ...]]:
+    """A mapper's table and ``(key, declaring mapper, uselist)`` of its relationships, read
+    once: indexing a tree visits every object."""
+    relationships = tuple((r.key, r.parent, bool(r.uselist)) for r in mapper.relationships)
+    return mapped_table(mapper), relationships
+
+
+def _isa(mapper: Mapper[Any], other: Mapper[Any]) -> bool:
+    return mapper is other or mapper.isa(other)
 
 
 @dataclass
@@ -327,34 +392,37 @@ class Index:
         return [
             p
             for p, k in self.holders.get(id(obj), ())
-            if k == key and p is not None and instance_state(p).mapper.isa(mapper)
+            if k == key and p is not None and _isa(instance_state(p).mapper, mapper)
         ]
 
     def extend(self, roots: list[Any]) -> None:
         """Add ``roots`` and everything loaded below them (objects already indexed are skipped)."""
-        index = self
-        seen = self._seen
+        seen, holders, objects, loaded = self._seen, self.holders, self.objects, self.loaded
         stack: list[tuple[Any, Any, str | None]] = [(root, None, None) for root in roots]
         while stack:
             obj, parent, key = stack.pop()
-            self.holders[id(obj)].append((parent, key))
-            if id(obj) in seen:
+            ident = id(obj)
+            holders[ident].append((parent, key))
+            if ident in seen:
                 continue
-            seen.add(id(obj))
+            seen.add(ident)
             state = instance_state(obj)
-            mapper = state.mapper
-            index.objects[(mapped_table(mapper), primary_key(obj))].append(obj)
+            table, relationships = _shape(state.mapper)
+            pk = state.key[1] if state.key is not None else primary_key(obj)
+            objects[(table, pk)].append(obj)
             data = state.dict
-            for rel in mapper.relationships:
-                if rel.key not in data:
+            for rel_key, owner, uselist in relationships:
+                if rel_key not in data:
                     # not loaded (or expired): what a lazy load would fetch is not in the tree
                     continue
-                index.loaded[(rel.parent, rel.key)].append(obj)
-                value = data[rel.key]
-                if value is not None:
-                    stack.extend(
-                        (child, obj, rel.key) for child in (value if rel.uselist else (value,))
-                    )
+                loaded[(owner, rel_key)].append(obj)
+                value = data[rel_key]
+                if value is None:
+                    continue
+                if uselist:
+                    stack.extend([(child, obj, rel_key) for child in value])
+                else:
+                    stack.append((value, obj, rel_key))
 
     def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
         return self.objects.get((table, key), [])

@@ -1,4 +1,5 @@
-"""The correctness oracle: a loaded tree as plain data, to compare with a fresh query.
+"""The correctness oracle: a loaded tree as plain data, to compare with a fresh query, and
+the trees (statements, loader options, subscriptions) the oracle tests hold.
 
 Only what is loaded is read (never a lazy load). Collections are compared as multisets
 (sorted by primary key) unless the relationship declares ``order_by``; then in order.
@@ -6,11 +7,16 @@ Only what is loaded is read (never a lazy load). Collections are compared as mul
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.base import instance_state
 
+import rowsync
+from fixtures import ALL_ASSOCS
+from models import Person, Post, PostTag, Tag
 from rowsync import tree
 
 
@@ -71,3 +77,101 @@ def differences(actual: Any, expected: Any, path: str = "") -> list[str]:
             for d in differences(a, e, f"{path}[{i}]")
         ]
     return [] if actual == expected else [f"{path or '.'}: {actual!r} != {expected!r}"]
+
+
+@dataclass
+class Tree:
+    """One subscriber: a statement, the tree it loaded, and its subscription."""
+
+    name: str
+    statement: sa.Select[Any]
+    many: bool
+    preloads: dict[Any, Any] | None = None
+    value: Any = None
+    sub: rowsync.Subscription | None = None
+
+
+def trees(*, favourites: bool = True) -> list[Tree]:
+    """The oracle's subscribers. ``favourites=False`` leaves out the self-referential
+    many-to-many (see tests/test_sync_regressions.py for what it still gets wrong)."""
+    favourite: list[Any] = [selectinload(Person.favourite_people)] if favourites else []
+    return [
+        Tree(
+            "people, everything",
+            sa.select(Person).options(
+                selectinload(Person.posts).selectinload(Post.tags),
+                selectinload(Person.posts).selectinload(Post.labels),
+                selectinload(Person.test_posts),
+                selectinload(Person.bad_posts),
+                selectinload(Person.other_posts),
+                selectinload(Person.all_tags),
+                *favourite,
+                joinedload(Person.profile),
+            ),
+            True,
+            {
+                Person: [
+                    {"posts": ["tags", "labels"]},
+                    "test_posts",
+                    "bad_posts",
+                    "other_posts",
+                    "all_tags",
+                    *(["favourite_people"] if favourites else []),
+                    "profile",
+                ]
+            },
+        ),
+        Tree(
+            "posts with joined parents",
+            sa.select(Post).options(
+                joinedload(Post.person).joinedload(Person.profile),
+                joinedload(Post.other_person),
+                selectinload(Post.tags),
+                selectinload(Post.test_tags),
+                selectinload(Post.labels),
+                selectinload(Post.post_tags).joinedload(PostTag.tag),
+            ),
+            True,
+            {
+                Post: [
+                    {"person": ["profile"]},
+                    "other_person",
+                    "tags",
+                    "test_tags",
+                    "labels",
+                    {"post_tags": ["tag"]},
+                ]
+            },
+        ),
+        Tree(
+            "person 1, nested",
+            sa.select(Person)
+            .where(Person.id == 1)
+            .options(
+                selectinload(Person.posts).selectinload(Post.test_tags),
+                selectinload(Person.profile),
+            ),
+            False,
+            {Person: [{"posts": ["test_tags"]}, "profile"]},
+        ),
+        Tree("tags", sa.select(Tag), True),
+    ]
+
+
+def assocs_of(t: Tree) -> list[Any]:
+    entity = t.statement.column_descriptions[0]["entity"]
+    if t.name == "person 1, nested":
+        return [{"posts": ["test_tags"]}, "profile"]
+    if entity is Person:
+        return ALL_ASSOCS
+    if entity is Post:
+        return [
+            "person",
+            "other_person",
+            "tags",
+            "test_tags",
+            "labels",
+            {"post_tags": ["tag"]},
+            {"person": ["profile"]},
+        ]
+    return []

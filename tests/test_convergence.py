@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,12 +24,11 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 import rowsync
-from fixtures import ALL_ASSOCS
 from models import Base, Label, Person, Post, PostTag, Profile, Tag, favourite_people, posts_labels
-from oracle import differences, fresh, snapshot
+from oracle import Tree, assocs_of, differences, fresh, snapshot, trees
 
 IDS = st.integers(min_value=1, max_value=5)
 NAMES = st.sampled_from(["test", "bad", "worst", "x", None])
@@ -39,82 +37,6 @@ TAG_NAMES = st.sampled_from(["test", "t1", "t2"])
 EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_EXAMPLES", "20"))
 STEPS = int(os.environ.get("ROWSYNC_ORACLE_STEPS", "25"))
 SHRINK = os.environ.get("ROWSYNC_ORACLE_SHRINK", "1") != "0"
-
-
-@dataclass
-class Tree:
-    """One subscriber: a statement, the tree it loaded, and its subscription."""
-
-    name: str
-    statement: sa.Select[Any]
-    many: bool
-    preloads: dict[Any, Any] | None = None
-    value: Any = None
-    sub: rowsync.Subscription | None = None
-
-
-def trees() -> list[Tree]:
-    return [
-        Tree(
-            "people, everything",
-            sa.select(Person).options(
-                selectinload(Person.posts).selectinload(Post.tags),
-                selectinload(Person.posts).selectinload(Post.labels),
-                selectinload(Person.test_posts),
-                selectinload(Person.bad_posts),
-                selectinload(Person.other_posts),
-                selectinload(Person.all_tags),
-                selectinload(Person.favourite_people),
-                joinedload(Person.profile),
-            ),
-            True,
-            {
-                Person: [
-                    {"posts": ["tags", "labels"]},
-                    "test_posts",
-                    "bad_posts",
-                    "other_posts",
-                    "all_tags",
-                    "favourite_people",
-                    "profile",
-                ]
-            },
-        ),
-        Tree(
-            "posts with joined parents",
-            sa.select(Post).options(
-                joinedload(Post.person).joinedload(Person.profile),
-                joinedload(Post.other_person),
-                selectinload(Post.tags),
-                selectinload(Post.test_tags),
-                selectinload(Post.labels),
-                selectinload(Post.post_tags).joinedload(PostTag.tag),
-            ),
-            True,
-            {
-                Post: [
-                    {"person": ["profile"]},
-                    "other_person",
-                    "tags",
-                    "test_tags",
-                    "labels",
-                    {"post_tags": ["tag"]},
-                ]
-            },
-        ),
-        Tree(
-            "person 1, nested",
-            sa.select(Person)
-            .where(Person.id == 1)
-            .options(
-                selectinload(Person.posts).selectinload(Post.test_tags),
-                selectinload(Person.profile),
-            ),
-            False,
-            {Person: [{"posts": ["test_tags"]}, "profile"]},
-        ),
-        Tree("tags", sa.select(Tag), True),
-    ]
 
 
 class Convergence(RuleBasedStateMachine):
@@ -148,13 +70,13 @@ class Convergence(RuleBasedStateMachine):
         self.trees = trees()
         for t in self.trees:
             t.value = fresh(self.sessions, t.statement, many=t.many)
-            t.sub = self.rs.subscribe(t.value, assocs=_assocs(t))
+            t.sub = self.rs.subscribe(t.value, assocs=assocs_of(t))
             if t.many:
                 t.sub.add(
                     t.statement.column_descriptions[0]["entity"],
                     "inserted",
                     follow=True,
-                    assocs=_assocs(t),
+                    assocs=assocs_of(t),
                 )
 
     # -- writes ------------------------------------------------------------------------
@@ -314,25 +236,6 @@ def _after(
         fn(**kwargs)
 
     return run
-
-
-def _assocs(t: Tree) -> list[Any]:
-    entity = t.statement.column_descriptions[0]["entity"]
-    if t.name == "person 1, nested":
-        return [{"posts": ["test_tags"]}, "profile"]
-    if entity is Person:
-        return ALL_ASSOCS
-    if entity is Post:
-        return [
-            "person",
-            "other_person",
-            "tags",
-            "test_tags",
-            "labels",
-            {"post_tags": ["tag"]},
-            {"person": ["profile"]},
-        ]
-    return []
 
 
 def test_synced_trees_converge_to_a_fresh_query(

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 
 from fixtures import reference_watchers
 from models import Person, Post
-from rowsync import Resync, RowSync, Sync
+from rowsync import RowSync, Sync
 
 MODES = [
     pytest.param({"durable": True}, id="durable"),

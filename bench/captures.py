@@ -1,0 +1,127 @@
+"""The write-side configurations that rows 1-4 compare, each on its own copy of the schema
+(``models.schema(suffix)``) in one database, so they can be measured turn by turn:
+
+* ``none``: no trigger at all;
+* ``pg_notify(id)``: the minimal hand-written trigger of issue 6,
+  ``AFTER UPDATE ... FOR EACH ROW ... PERFORM pg_notify(channel, NEW.id::text)``;
+* ``rowsync <mode>``: rowsync's own capture, for every mode this ``RowSync`` accepts:
+  ``capture="notify"`` (the default), ``durable=True`` and ``capture="stream"``. Modes are
+  found by reading ``RowSync``'s signature, so the benchmarks follow the library as it grows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from psycopg import sql
+
+import rowsync
+from models import Schema, populate, schema
+
+NONE = "none"
+MINIMAL = "pg_notify(id)"
+
+
+def modes() -> dict[str, dict[str, Any]]:
+    """rowsync's capture modes this version offers, with the ``RowSync`` keywords for each."""
+    params = inspect.signature(rowsync.RowSync).parameters
+    found: dict[str, dict[str, Any]] = {"notify": {}}
+    if "durable" in params:
+        found["durable"] = {"durable": True}
+    if "capture" in params:
+        found["stream"] = {"capture": "stream"}
+    return found
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One configuration: its tables and how changes leave them."""
+
+    name: str
+    """``none``, ``pg_notify(id)`` or a rowsync mode (``notify``, ``durable``, ``stream``)."""
+    suffix: str
+    schema: Schema
+    options: dict[str, Any] | None = field(default=None)
+    """``RowSync`` keywords of a rowsync mode; None for the other configurations."""
+
+    @property
+    def label(self) -> str:
+        return self.name if self.options is None else f"rowsync {self.name}"
+
+    @property
+    def channel(self) -> str:
+        """Where this configuration's notifications go (the minimal trigger's, or rowsync's)."""
+        return f"bench{self.suffix}"
+
+    def rowsync(self, engine: sa.Engine, **more: Any) -> rowsync.RowSync:
+        """A RowSync for this mode's tables, with a schema and channel of its own."""
+        assert self.options is not None, f"{self.name} is not a rowsync mode"
+        return rowsync.RowSync(
+            engine,
+            rowsync.watchers(self.schema.person, ["posts"]),
+            schema=f"rowsync{self.suffix}",
+            channel=self.channel,
+            **self.options,
+            **more,
+        )
+
+
+def setup(
+    engine: sa.Engine,
+    persons: int,
+    posts_per_person: int,
+    *,
+    baselines: tuple[str, ...] = (NONE, MINIMAL),
+) -> list[Capture]:
+    """Create and fill one copy of the schema per configuration and install its trigger."""
+    captures = [Capture(name, f"_{i}", schema(f"_{i}")) for i, name in enumerate(baselines)]
+    offset = len(captures)
+    captures += [
+        Capture(name, f"_{offset + i}", schema(f"_{offset + i}"), options)
+        for i, (name, options) in enumerate(modes().items())
+    ]
+    for capture in captures:
+        populate(engine, capture.schema, persons, posts_per_person)
+        if capture.name == MINIMAL:
+            install_minimal(engine, capture)
+        elif capture.options is not None:
+            capture.rowsync(engine).install()
+    return captures
+
+
+def install_minimal(engine: sa.Engine, capture: Capture) -> None:
+    """The hand-written baseline: one ``pg_notify`` of the row's id per updated row."""
+    function = sql.Identifier(f"bench_notify{capture.suffix}")
+    ddl = sql.SQL(
+        "CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN PERFORM pg_notify({channel}, NEW.id::text); RETURN NULL; END $$;"
+        " CREATE TRIGGER {trigger} AFTER UPDATE ON {table}"
+        " FOR EACH ROW EXECUTE FUNCTION {function}();"
+    ).format(
+        function=function,
+        channel=sql.Literal(capture.channel),
+        trigger=sql.Identifier(f"bench_notify{capture.suffix}"),
+        table=sql.Identifier(capture.schema.posts.name),
+    )
+    raw = engine.raw_connection()
+    try:
+        with raw.cursor() as cur:
+            cur.execute(ddl.as_string())
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def vacuum(engine: sa.Engine, captures: list[Capture]) -> None:
+    """VACUUM ANALYZE every configuration's posts, so each round starts alike (and autovacuum
+    has nothing to do in the middle of one)."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for capture in captures:
+            conn.exec_driver_sql(
+                sql.SQL("VACUUM ANALYZE {}")
+                .format(sql.Identifier(capture.schema.posts.name))
+                .as_string()
+            )

@@ -1,0 +1,120 @@
+"""Which node captures: the one whose dedicated connection holds a session advisory lock.
+
+Postgres releases a session lock when the session ends (the process crashed, its backend
+was terminated, its connection broke), so the holder is, by construction, a live node.
+The others try to take the lock every ``interval`` seconds and the holder probes its
+connection as often: it steps down as soon as a probe fails, and the server ends its
+session (releasing the lock) after ``LEASE`` probe intervals without one, so a holder cut
+off from the server does not keep the lock for as long as TCP takes to notice.
+
+Each new holder gets a *term*: the cluster's next transaction id, larger than any term
+before it. Nodes ignore what an older capture node still publishes once a newer one has
+started (a fencing token).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg.rows import TupleRow
+
+logger = logging.getLogger(__name__)
+
+APPLICATION_NAME = "rowsync-election"
+"""``application_name`` of the election's connection, to find it in ``pg_stat_activity``."""
+
+LEASE = 10
+"""Probe intervals without a probe after which the server ends a node's session."""
+
+
+class Election:
+    """Campaigns for ``key`` in a thread of its own; calls ``on_elected(term)`` when this node
+    takes the lock and ``on_deposed()`` when it no longer holds it (or is stopping)."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        key: int,
+        *,
+        on_elected: Callable[[int], None],
+        on_deposed: Callable[[], None],
+        interval: float = 1.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self.key = key
+        self.on_elected = on_elected
+        self.on_deposed = on_deposed
+        self.interval = interval
+        self.term: int | None = None
+        """This node's term while it holds the lock."""
+        self.stats: Counter[str] = Counter()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="rowsync-election", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Step down (if elected) and release the lock."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stopping.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("election thread did not stop within %s s", timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(
+                    self.conninfo,
+                    autocommit=True,
+                    application_name=APPLICATION_NAME,
+                    connect_timeout=max(2, int(self.interval * LEASE)),
+                ) as conn:
+                    try:
+                        self._campaign(conn)
+                    finally:
+                        self._step_down()  # before the lock goes with the connection
+            except psycopg.Error as exc:
+                self.stats["connection_errors"] += 1
+                if not self._stopping.is_set():
+                    logger.warning("election connection lost (%s); retrying", exc)
+            self._stopping.wait(self.interval)
+
+    def _campaign(self, conn: psycopg.Connection[TupleRow]) -> None:
+        if conn.info.server_version >= 140000:
+            lease = f"{int(self.interval * LEASE * 1000)}ms"
+            conn.execute("SELECT set_config('idle_session_timeout', %s, false)", (lease,))
+        while not self._stopping.is_set():
+            if self.term is None:
+                if _one(conn, "SELECT pg_try_advisory_lock(%s)", self.key):
+                    self.term = int(_one(conn, "SELECT pg_current_xact_id()::text::bigint"))
+                    self.stats["elected"] += 1
+                    logger.info("elected capture node (term %d)", self.term)
+                    self.on_elected(self.term)
+            else:
+                conn.execute("SELECT 1")  # raises once the session, and so the lock, is gone
+            self._stopping.wait(self.interval)
+
+    def _step_down(self) -> None:
+        if self.term is not None:
+            logger.info("capture node stepping down (term %d)", self.term)
+            self.term = None
+            self.on_deposed()
+
+
+def _one(conn: psycopg.Connection[TupleRow], query: LiteralString, *params: Any) -> Any:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]

@@ -1,0 +1,242 @@
+"""Fan-out, within one process: several RowSyncs of one group (``fanout=URL``), each with
+its own broker connection, elect one capture node and serve their own subscribers.
+
+The multi-process proof (kill -9 of the capture process) is tests/test_fanout_nodes.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+import redis
+import sqlalchemy as sa
+from sqlalchemy.orm import selectinload
+
+from brokers import ALL, BROKERS, NATS, REDIS, drop_stream, relay, require, wait_until
+from fixtures import reference_watchers
+from models import Person, Post
+from oracle import fresh, snapshot
+from rowsync import ConfigurationError, NotRunningError, Resync, RowSync, Sync
+from rowsync.fanout.codec import Gap
+from rowsync.listener import APPLICATION_NAME
+
+Group = Callable[..., list[RowSync]]
+
+
+@pytest.fixture
+def group(schema: sa.Engine, dsn: str) -> Iterator[Group]:
+    """``group(url, count=1, **options)``: started RowSyncs of one fan-out group, in order
+    (the first one, started alone, is the capture node). Stopped afterwards, last first."""
+    made: list[RowSync] = []
+
+    def make(url: str, count: int = 1, **options: object) -> list[RowSync]:
+        require(url)
+        nodes = []
+        for _ in range(count):
+            rs = RowSync(dsn, reference_watchers(), fanout=url, **options)
+            if not made:
+                rs.install()
+            made.append(rs.start())
+            nodes.append(rs)
+        return nodes
+
+    yield make
+    for rs in reversed(made):
+        rs.stop()
+    for rs in made[:1]:
+        if rs.fanout is not None and rs.fanout.url.startswith("nats"):
+            drop_stream(NATS, rs.fanout.backend.stream)
+
+
+def kinds(messages: list[tuple[object, object]]) -> list[object]:
+    return [kind for kind, _ in messages]
+
+
+# -- delivery ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ALL)
+def test_every_node_syncs_each_change_fetched_once_by_the_capture_node(
+    url, group, write, sessions
+) -> None:
+    write(Person(id=1, name="a"), Post(id=1, name="x", person_id=1))
+    nodes = group(url, 3)
+    assert [rs.fanout.capturing for rs in nodes] == [True, False, False]
+    statement = sa.select(Person).where(Person.id == 1).options(selectinload(Person.posts))
+    trees = [fresh(sessions, statement, many=False) for _ in nodes]
+    subs = [rs.subscribe(tree, assocs=["posts"]) for rs, tree in zip(nodes, trees, strict=True)]
+
+    write(Post(id=2, name="y", person_id=1))
+    write(sa.update(Post).where(Post.id == 1).values(name="x2"))
+    write(sa.delete(Post).where(Post.id == 2), sa.update(Person).values(name="b"))
+    for i, (rs, sub) in enumerate(zip(nodes, subs, strict=True)):
+        rs.flush()
+        for message in sub.drain():
+            assert message[0] is Sync
+            trees[i] = rs.sync(trees[i], message)
+
+    expected = snapshot(fresh(sessions, statement, many=False))
+    assert [snapshot(tree) for tree in trees] == [expected] * 3
+    assert nodes[0].rows.queries["rows"] > 0
+    assert [rs.rows.queries for rs in nodes[1:]] == [{}, {}]  # not one query on the others
+
+
+@pytest.mark.parametrize("url", ALL)
+def test_a_stopped_capture_node_is_replaced_and_every_node_is_told_to_resync(
+    url, group, write
+) -> None:
+    first, *others = group(url, 3)
+    subs = [rs.subscribe(Post) for rs in others]
+
+    first.stop()
+    write(Person(id=1, name="a"), Post(id=1, person_id=1))  # maybe while nobody captures
+    for rs in others:
+        rs.flush(30)
+    write(Post(id=2, person_id=1))
+    for rs in others:
+        rs.flush(30)
+
+    assert sum(rs.fanout.capturing for rs in others) == 1
+    for sub in subs:
+        messages = sub.drain()
+        resyncs = [info for kind, info in messages if kind is Resync]
+        assert [info.reason for info in resyncs] == [
+            "a new capture node started: changes may have been missed"
+        ]
+        assert messages[-1][0] is Sync and messages[-1][1].ids["id"] == 2
+
+
+@pytest.mark.parametrize("url", BROKERS)
+def test_a_gap_of_the_capture_nodes_listener_reaches_every_node(url, group, write) -> None:
+    nodes = group(url, 2)
+    subs = [rs.subscribe(Post) for rs in nodes]
+    with psycopg.connect(nodes[0].conninfo, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            (APPLICATION_NAME,),
+        )
+    write(Person(id=1, name="a"))
+    for rs, sub in zip(nodes, subs, strict=True):
+        rs.flush(30)
+        assert [(kind, info.reason) for kind, info in sub.drain()] == [(Resync, "reconnect")]
+
+
+# -- the broker connection -------------------------------------------------------------
+
+
+def test_a_node_cut_from_redis_is_told_to_resync_and_then_receives_again(group, dsn, write) -> None:
+    (capture,) = group(REDIS)
+    with relay(REDIS) as cable:
+        (far,) = group(cable.url(REDIS))
+        sub = far.subscribe(Post)
+        cable.cut()
+        wait_until(lambda: not far.fanout.connected.is_set())
+        write(Person(id=1, name="a"), Post(id=1, person_id=1))  # published while far is away
+        capture.flush()
+        cable.restore()
+        far.flush(30)
+        assert [(kind, info.reason) for kind, info in sub.drain()] == [
+            (Resync, "the connection to the fan-out broker was lost")
+        ]
+        write(Post(id=2, person_id=1))
+        far.flush()
+        assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 2)]
+
+
+def test_a_node_cut_from_nats_resumes_where_it_was_without_a_resync(group, write) -> None:
+    (capture,) = group(NATS)
+    with relay(NATS) as cable:
+        (far,) = group(cable.url(NATS))
+        sub = far.subscribe(Post)
+        cable.cut()
+        wait_until(lambda: not far.fanout.connected.is_set())
+        write(Person(id=1, name="a"), Post(id=1, person_id=1))  # published while far is away
+        capture.flush()
+        cable.restore()
+        far.flush(30)
+        assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 1)]
+        assert far.fanout.stats["reconnects"] >= 1
+        assert far.fanout.stats["gaps"] == 0
+
+
+def test_changes_the_capture_node_could_not_publish_are_announced_as_a_gap(group, write) -> None:
+    with relay(REDIS) as cable:
+        (capture,) = group(cable.url(REDIS))
+        (far,) = group(REDIS)
+        sub = far.subscribe(Post)
+        cable.cut()
+        write(Person(id=1, name="a"), Post(id=1, person_id=1))
+        wait_until(lambda: capture.fanout.stats["publish_errors"] > 0)
+        cable.restore()
+        far.flush(30)
+        messages = sub.drain()
+        assert {kind for kind, _ in messages} == {Resync}
+        assert "the capture node could not publish to the fan-out broker" in {
+            info.reason for _, info in messages
+        }
+
+
+def test_an_unreadable_message_on_the_channel_tells_every_node_to_resync(group, write) -> None:
+    nodes = group(REDIS, 2)
+    subs = [rs.subscribe(Post) for rs in nodes]
+    channel = nodes[0].fanout.backend.channel
+    with redis.Redis.from_url(REDIS) as client:
+        client.publish(channel, b"\x00 not json")
+    write(Person(id=1, name="a"), Post(id=1, person_id=1))
+    for rs, sub in zip(nodes, subs, strict=True):
+        rs.flush()
+        assert kinds(sub.drain()) == [Resync, Sync]
+        assert rs.fanout.stats["malformed"] == 1
+
+
+def test_what_a_replaced_capture_node_still_publishes_is_ignored(group, write) -> None:
+    nodes = group(REDIS, 2)
+    subs = [rs.subscribe(Post) for rs in nodes]
+    node = nodes[1].fanout
+    stale = node.codec.encode(1, 0, [Gap("from a capture node long gone")], 1 << 20)
+    with redis.Redis.from_url(REDIS) as client:
+        for message in stale:
+            client.publish(node.backend.channel, message)
+    write(Person(id=1, name="a"), Post(id=1, person_id=1))
+    for rs, sub in zip(nodes, subs, strict=True):
+        rs.flush()
+        assert kinds(sub.drain()) == [Sync]
+        assert rs.fanout.stats["stale"] == 1
+
+
+def test_with_a_shared_durable_consumer_a_new_capture_node_resumes_without_a_gap(
+    group, write
+) -> None:
+    first, second = group("memory://", 2, durable=True, consumer="group")
+    sub = second.subscribe(Post)
+    first.stop()
+    write(Person(id=1, name="a"), Post(id=1, person_id=1))  # maybe while nobody captures
+    second.flush(30)
+    assert second.fanout.capturing
+    assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 1)]
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def test_an_unknown_fanout_scheme_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="use redis://, nats:// or memory://"):
+        RowSync("postgresql://u@h/db", reference_watchers(), fanout="kafka://h:9092")
+
+
+def test_start_fails_clearly_when_the_broker_cannot_be_reached(schema, dsn) -> None:
+    rs = RowSync(dsn, reference_watchers(), fanout="redis://127.0.0.1:1/0")
+    with pytest.raises(NotRunningError, match="cannot reach the fan-out broker"):
+        rs.start()
+    assert not rs.running
+
+
+def test_without_fanout_nothing_is_elected_and_the_listener_delivers(rs, write) -> None:
+    sub = rs.subscribe(Post)
+    write(Person(id=1, name="a"), Post(id=1, person_id=1))
+    rs.flush()
+    assert rs.fanout is None
+    assert kinds(sub.drain()) == [Sync]
