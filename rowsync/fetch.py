@@ -161,19 +161,21 @@ class _RowQuery:
     criteria: tuple[str, ...]
     """Names of the criteria booleans that follow them."""
     single: bool
-    """A one-column key, bound as ``pk = ANY(:keys)``, else ``(pk...) IN :keys`` expanded."""
+    """A one-column key: bound as a list of values, else as a list of tuples."""
 
     @classmethod
     def of(cls, table: sa.Table, policy: ColumnPolicy, graph: Graph) -> _RowQuery:
         columns = policy.columns(table)
         criteria = graph.criteria.get(table, ())
         pk = list(table.primary_key.columns)
-        single = len(pk) == 1 and _array_safe(pk[0].type)
-        where = (
-            pk[0] == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(pk[0].type)))
-            if single
-            else sa.tuple_(*pk).in_(sa.bindparam("keys", expanding=True))
-        )
+        single = len(pk) == 1
+        where: sa.ColumnElement[bool]
+        if single and _array_safe(pk[0].type):  # one parameter: one statement, prepared once
+            where = pk[0] == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(pk[0].type)))
+        elif single:
+            where = pk[0].in_(sa.bindparam("keys", expanding=True))
+        else:
+            where = sa.tuple_(*pk).in_(sa.bindparam("keys", expanding=True))
         statement = sa.select(*columns, *(clause.label(name) for name, clause in criteria))
         return cls(
             statement.where(where),

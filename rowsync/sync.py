@@ -62,10 +62,11 @@ class Syncer:
     def index(self, value: Any, roots: list[Any]) -> tree.Index:
         """The index of a tree, reused while neither its roots nor any tree's shape changed.
 
-        A tree's shape changes when rowsync adds, removes or moves a row, or when the
-        application appends, removes, assigns or expires a relationship (SQLAlchemy events):
-        each bumps :class:`tree.Generation`. An update that only patches attributes does not,
-        so a stream of updates pays for one walk of the tree, not one per message.
+        A tree's shape changes when rowsync adds, removes or moves a row (the indexes holding
+        the objects it changed are forgotten: :meth:`forget`), or when the application
+        appends, removes, assigns or expires a relationship (SQLAlchemy events: every index
+        is stale, see :class:`tree.Generation`). An update that only patches attributes does
+        not, so a stream of updates pays for one walk of the tree, not one per message.
         """
         if not roots:
             return tree.Index.of(roots)
@@ -76,7 +77,7 @@ class Syncer:
         if (
             cached is not None
             and cached.value is value
-            and cached.index.generation == tree.Generation.value
+            and cached.index.generation == tree.Generation.outside
             and cached.holds(roots)
         ):
             return cached.index
@@ -87,6 +88,16 @@ class Syncer:
             while len(self._indexes) > self._index_cache:
                 self._indexes.popitem(last=False)
         return index
+
+    def forget(self, objects: list[Any]) -> None:
+        """Drop the cached indexes that hold any of ``objects``: rowsync changed what those
+        objects hold. Other trees keep theirs (a change to one tree used to make every tree
+        walk itself again)."""
+        ids = {id(o) for o in objects}
+        with self._lock:
+            stale = [k for k, c in self._indexes.items() if c.index.holds_any(ids)]
+            for key in stale:
+                del self._indexes[key]
 
     def sync(self, value: Any, message: Any, preloads: Preloads | None = None) -> Any:
         """Return ``value`` with ``message`` applied (the same list/object, patched in place).
@@ -189,6 +200,7 @@ class _Patch:
         table: sa.Table,
         preloads: Preloads,
     ) -> None:
+        self.syncer = syncer
         self.graph = syncer.graph
         self.rows = syncer.rows
         self.roots = roots
@@ -201,8 +213,9 @@ class _Patch:
         self.touched: list[Any] = []
         """Objects a change put in a new place or took from one: they must look loaded as a
         fresh query would load them where they now are."""
-        self.patched: set[str] = set()
-        """Columns of the changed row whose values this message changed."""
+        self.reshaped: list[Any] = []
+        """Objects of the tree whose relationships this change set or unloaded (or whose
+        place among the roots changed): every cached index holding one is stale."""
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.row(table, self.key, change.ref)
@@ -216,7 +229,7 @@ class _Patch:
             for obj in self.index.instances(self.table, self.key):
                 info = instance_state(obj).info
                 if info.get(_REF, 0) < ref:  # never older over newer, never twice
-                    self.patched.update(tree.patch(obj, self.row.values))
+                    tree.patch(obj, self.row.values)
                     info[_REF] = ref
         for edge in self.graph.edges_for(self.table):
             parents = self.index.loaded.get((edge.parent, edge.key))
@@ -237,6 +250,8 @@ class _Patch:
         self.root()
         if self.touched:
             self.conform()
+        if self.reshaped:
+            self.syncer.forget(self.reshaped)
 
     # -- where the changed row sits on the edge --------------------------------------
 
@@ -362,6 +377,7 @@ class _Patch:
             ]
             self.roots[:] = [r for r in self.roots if r not in gone]
             self.touched += gone
+            self.reshaped += gone
             tree.Generation.bump()
         elif self.change.event == "inserted" and not any(
             tree.primary_key(r) == self.key for r in self.roots
@@ -374,6 +390,7 @@ class _Patch:
             if obj is not None:
                 self.roots.append(obj)
                 self.touched.append(obj)
+                self.reshaped.append(obj)
                 tree.Generation.bump()
 
     # -- making a collection hold a row, or not ---------------------------------------
@@ -411,21 +428,12 @@ class _Patch:
             items = [o for o in items if tree.primary_key(o) != target]
         elif not (held and edge.order_by):
             return
-        elif not self.reorders(edge, target):
-            return  # its order columns kept their values: it stays where it is
         elif _in_place(edge, items, at):
             return  # still between its neighbours: an update that moved nothing
         if edge.order_by:
             items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
         if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
             self.assign(parent, edge, items)
-
-    def reorders(self, edge: Edge, target: tuple[Any, ...]) -> bool:
-        """Whether this message may have moved ``target`` in ``edge``'s order: it changed the
-        row's order columns (or ``target`` is another row, whose values it cannot know)."""
-        if edge.target_table is not self.table or target != self.key:
-            return True
-        return any(name in self.patched for name in _order_names(edge))
 
     def assign(self, parent: Any, edge: Edge, value: Any) -> None:
         """Set a relationship as if loaded (nothing marked dirty), noting who came and went."""
@@ -439,6 +447,7 @@ class _Patch:
         ]
         self.touched += [o for o in tree.as_list(value) if id(o) not in before_ids]
         attributes.set_committed_value(parent, edge.key, value)
+        self.reshaped.append(parent)
         tree.Generation.bump()
 
     def instance(
@@ -513,8 +522,10 @@ class _Patch:
         for rel in state.mapper.relationships:
             if rel.key in state.dict and rel.key not in spec:
                 del state.dict[rel.key]  # unloaded again, as a fresh query leaves it
+                self.reshaped.append(obj)
         missing = {k: v for k, v in spec.items() if k not in state.dict}
         if missing:
+            self.reshaped.append(obj)
             fetched = self.rows.load(state.mapper, tree.primary_key(obj), missing, self.change.ref)
             memo: dict[int, Any] = {}
             for key in missing:
@@ -542,7 +553,10 @@ class _Patch:
         state = instance_state(fetched)
         table = tree.mapped_table(state.mapper)
         existing = self.index.instances(table, tree.primary_key(fetched))
-        return existing[0] if existing else None
+        if not existing:
+            return None
+        self.reshaped.append(existing[0])  # clone may load what it lacks: its shape changes
+        return existing[0]
 
 
 def _child_spec(parent: Any, edge: Edge) -> tree.LoadSpec:

@@ -90,15 +90,23 @@ def values_of(obj: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
 
 
 class Generation:
-    """A counter of structural changes to loaded trees, made by rowsync or by the application
-    (relationship appends, removals, assignments, expiry). A cached :class:`Index` built at
-    an older generation is rebuilt: it may no longer describe its tree."""
+    """Counters of structural changes to loaded trees: ``value`` counts them all, made by
+    rowsync or by the application (relationship appends, removals, assignments, expiry);
+    ``outside`` only the application's, which cannot tell whose tree they touched. A cached
+    :class:`Index` built before an outside change is rebuilt: it may no longer describe its
+    tree (rowsync's own changes invalidate just the indexes holding what they changed)."""
 
     value = 0
+    outside = 0
 
     @classmethod
     def bump(cls, *args: Any, **kwargs: Any) -> None:
         cls.value += 1
+
+    @classmethod
+    def bump_outside(cls, *args: Any, **kwargs: Any) -> None:
+        cls.value += 1
+        cls.outside += 1
 
 
 _watched: set[Any] = set()
@@ -111,10 +119,10 @@ def watch_mutations(mappers: Any) -> None:
             continue
         _watched.add(mapper)
         for event in ("expire", "refresh", "refresh_flush"):
-            sa.event.listen(mapper, event, Generation.bump)
+            sa.event.listen(mapper, event, Generation.bump_outside)
         for rel in mapper.relationships:
             for event in ("append", "remove", "set", "bulk_replace"):
-                sa.event.listen(rel.class_attribute, event, Generation.bump)
+                sa.event.listen(rel.class_attribute, event, Generation.bump_outside)
 
 
 def column_values(obj: Any) -> dict[str, Any]:
@@ -158,18 +166,17 @@ _EXACT: Final = frozenset({type(None), bool, int, str, bytes, uuid.UUID, datetim
 datetimes in two time zones)."""
 
 
-def patch(obj: Any, values: Mapping[str, Any]) -> list[str]:
+def patch(obj: Any, values: Mapping[str, Any]) -> None:
     """Set column attributes as if loaded: nothing is marked dirty, a flush writes nothing.
 
     A column whose loaded value already equals the new one (and has no pending history) is
     left alone: setting it would change nothing, and an update usually changes one or two
-    columns of many. Returns the names of the columns set."""
+    columns of many."""
     state = instance_state(obj)
     data = state.dict
     settled = not (
         state.expired or state.committed_state or state.expired_attributes or state.callables
     )
-    changed = []
     for key, name in _columns(state.mapper):
         if name not in values:
             continue
@@ -181,8 +188,6 @@ def patch(obj: Any, values: Mapping[str, Any]) -> list[str]:
             ):
                 continue
         attributes.set_committed_value(obj, key, value)
-        changed.append(name)
-    return changed
 
 
 def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
@@ -365,13 +370,13 @@ class Index:
     """``id(object) -> (parent, relationship key)`` of every place it is held; ``(None, None)``
     for a root."""
     generation: int = -1
-    """:class:`Generation` when built; stale once it moved on."""
+    """``Generation.outside`` when built; stale once it moved on."""
     _seen: set[int] = field(default_factory=set)
     _by_local: dict[Any, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, roots: list[Any]) -> Index:
-        index = cls(generation=Generation.value)
+        index = cls(generation=Generation.outside)
         index.extend(roots)
         return index
 
@@ -423,6 +428,10 @@ class Index:
                     stack.extend([(child, obj, rel_key) for child in value])
                 else:
                     stack.append((value, obj, rel_key))
+
+    def holds_any(self, ids: set[int]) -> bool:
+        """Whether any of the objects whose ``id`` is in ``ids`` is indexed here."""
+        return not ids.isdisjoint(self._seen)
 
     def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
         return self.objects.get((table, key), [])

@@ -138,11 +138,12 @@ def run_oracle(
         for message in t.sub.drain():
             if message[0] is rowsync.Resync:
                 seen["resyncs"] += 1
-                # resync re-reads what a tree holds; a root list must also learn of the
-                # rows it missed, which only its query knows: it is run again.
-                if t.many:
-                    t.value = fresh(sessions, t.statement)
-                    t.sub.add(t.value, assocs=assocs_of(t))
+                # resync re-reads what a tree holds; a root list (or a root deleted to None)
+                # must also learn of rows it missed, which only its query knows: run it again.
+                if t.many or t.value is None:
+                    t.value = fresh(sessions, t.statement, many=t.many)
+                    if t.value is not None:
+                        t.sub.add(t.value, assocs=assocs_of(t))
                 else:
                     t.value = rs.resync(t.value)
             else:
