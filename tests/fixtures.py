@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import rowsync
 from models import Base, Person, Post, Tag
 from rowsync import RowSync
+from rowsync.listener import APPLICATION_NAME
 
 ALL_ASSOCS: list[Any] = [
     "profile",
@@ -141,6 +143,16 @@ def returning(call: Callable[[], Any], limit: float = 60.0) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def terminate_listener(rs: RowSync) -> None:
+    """Kill the listener's backend (it reconnects by itself): a lost connection, on demand."""
+    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            (APPLICATION_NAME,),
+        )
 
 
 def db_triggers(engine: sa.Engine) -> dict[tuple[str, str, str], str]:

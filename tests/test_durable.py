@@ -9,7 +9,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from fixtures import reference_watchers
+from fixtures import reference_watchers, terminate_listener
 from models import Person, Post
 from rowsync import RowSync, Sync
 
@@ -17,14 +17,6 @@ MODES = [
     pytest.param({"durable": True}, id="durable"),
     pytest.param({"capture": "stream"}, id="stream"),
 ]
-
-
-def terminate_listener(rs: RowSync) -> None:
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'rowsync-listener' AND datname = current_database()"
-        )
 
 
 @pytest.fixture(params=MODES)

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import psycopg
 import pytest
 import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import selectinload
 
 from brokers import ALL, BROKERS, NATS, REDIS, drop_stream, relay, require, wait_until
-from fixtures import reference_watchers
+from fixtures import reference_watchers, terminate_listener
 from models import Person, Post
 from oracle import fresh, snapshot
 from rowsync import ConfigurationError, NotRunningError, Resync, RowSync, Sync
 from rowsync.fanout.codec import Gap
-from rowsync.listener import APPLICATION_NAME
 
 Group = Callable[..., list[RowSync]]
 
@@ -112,12 +110,7 @@ def test_a_stopped_capture_node_is_replaced_and_every_node_is_told_to_resync(
 def test_a_gap_of_the_capture_nodes_listener_reaches_every_node(url, group, write) -> None:
     nodes = group(url, 2)
     subs = [rs.subscribe(Post) for rs in nodes]
-    with psycopg.connect(nodes[0].conninfo, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = %s AND datname = current_database()",
-            (APPLICATION_NAME,),
-        )
+    terminate_listener(nodes[0])
     write(Person(id=1, name="a"))
     for rs, sub in zip(nodes, subs, strict=True):
         rs.flush(30)

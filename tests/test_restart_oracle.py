@@ -19,13 +19,12 @@ import threading
 import time
 from collections import Counter
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
 import rowsync
-from fixtures import reference_watchers
+from fixtures import reference_watchers, terminate_listener
 from models import Base, Label, Person, Post, PostTag, Profile, Tag, favourite_people
 from oracle import assocs_of, differences, fresh, snapshot, trees
 from restartable import Server
@@ -65,14 +64,6 @@ def random_statement(rng: random.Random) -> sa.Executable:
             lambda: sa.insert(favourite_people).values(person_id=i, favourite_id=j),
         ]
     )()
-
-
-def kill_listener_connection(rs: rowsync.RowSync) -> None:
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
-        conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'rowsync-listener' AND datname = current_database()"
-        )
 
 
 def run_oracle(
@@ -123,7 +114,7 @@ def run_oracle(
             seen["server restarts"] += 1
             restart_at = None
         elif rng.random() < 0.5:
-            kill_listener_connection(rs)
+            terminate_listener(rs)
             seen["connections killed"] += 1
         else:
             rs.listener.stop()
