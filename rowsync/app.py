@@ -25,6 +25,7 @@ import psycopg
 import sqlalchemy as sa
 
 from rowsync import tree, triggers
+from rowsync.announce import BATCH, announce_table, announced
 from rowsync.cache import RowCache
 from rowsync.changelog import ChangeLog
 from rowsync.columns import ColumnPolicy, ColumnsArg
@@ -179,12 +180,54 @@ class RowSync:
             self.triggers, schema=self.schema, channel=self.channel
         ).as_string()
 
-    def install(self, *, prune: bool = False) -> triggers.Status:
+    def install(
+        self, *, prune: bool = False, progress: triggers.Progress | None = None
+    ) -> triggers.Status:
         """Create or upgrade rowsync's schema and triggers; returns the status found before."""
         with psycopg.connect(self.conninfo) as conn:
             return triggers.install(
-                conn, self.triggers, schema=self.schema, channel=self.channel, prune=prune
+                conn,
+                self.triggers,
+                schema=self.schema,
+                channel=self.channel,
+                prune=prune,
+                progress=progress,
             )
+
+    def announce(
+        self,
+        tables: Iterable[str] | None = None,
+        *,
+        batch: int = BATCH,
+        progress: triggers.Progress | None = None,
+    ) -> dict[str, int]:
+        """Emit an update event for every row of the watched ``tables`` (default: all; names
+        as ``schema.table`` or ``table``), for writes the triggers did not see (``pg_restore``,
+        triggers disabled); see :mod:`rowsync.announce`. Returns rows announced per table.
+        """
+        chosen = announced(self.watchers)
+        if tables is not None:
+            wanted = set(tables)
+            known = {n for w in chosen for n in (w.table, f"{w.schema}.{w.table}")}
+            if unknown := wanted - known:
+                raise ConfigurationError(
+                    f"not watched for updates or inserts: {', '.join(sorted(unknown))}"
+                )
+            chosen = [w for w in chosen if {w.table, f"{w.schema}.{w.table}"} & wanted]
+        counts: dict[str, int] = {}
+        with psycopg.connect(self.conninfo) as conn:
+            for w in chosen:
+                name = f"{w.schema}.{w.table}"
+                counts[name] = counts.get(name, 0) + announce_table(
+                    conn,
+                    w,
+                    schema=self.schema,
+                    channel=self.channel,
+                    mode=self.mode,
+                    batch=batch,
+                    progress=progress,
+                )
+        return counts
 
     def uninstall(self, *, drop_schema: bool = False) -> int:
         with psycopg.connect(self.conninfo) as conn:

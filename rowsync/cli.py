@@ -4,10 +4,14 @@
     rowsync --app myapp.live:watchers install    # create or upgrade (--prune: drop orphans)
     rowsync --app myapp.live:watchers status     # exit 1 when the database has drifted
     rowsync --app myapp.live:watchers listen     # print each event as it arrives
+    rowsync --app myapp.live:watchers resync     # announce every row as updated (after a
+                                                 # restore or a load the triggers missed)
     rowsync uninstall                            # drop every trigger of the channel
 
 ``--app module:attribute`` names a :class:`~rowsync.RowSync`, a list of watchers, or a
 function returning either. The CLI configures logging (``-v``, ``-vv``); the library only logs.
+Long operations (``install``, ``resync``) draw progress bars on a terminal (``--progress``
+forces them, ``--no-progress`` hides them).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from typing import Any, TextIO
 
 import psycopg
 import sqlalchemy as sa
+from tqdm import tqdm
 
 from rowsync import triggers
 from rowsync.alembic import install_text, revision_body
+from rowsync.announce import BATCH
 from rowsync.app import RowSync
 from rowsync.errors import ConfigurationError, RowsyncError
 from rowsync.messages import Change, Message, ResyncInfo
+from rowsync.triggers import Progress
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
@@ -137,6 +144,23 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=_positive, metavar="N", help="exit after N messages")
     listen.add_argument("--json", action="store_true", help="one JSON object per line")
     listen.set_defaults(command=_listen)
+
+    resync = commands.add_parser(
+        "resync",
+        parents=common,
+        help="announce every row of the watched tables as updated, so every listener refreshes",
+        description="For writes no trigger saw (pg_restore, COPY with triggers disabled, "
+        "session_replication_role = replica): every row of the tables is announced as "
+        "updated, a batch per transaction, through the channel or change log the triggers "
+        "use. Rows deleted meanwhile cannot be announced.",
+    )
+    resync.add_argument(
+        "tables", nargs="*", metavar="TABLE", help="schema.table or table (default: all watched)"
+    )
+    resync.add_argument(
+        "--batch", type=_positive, default=BATCH, metavar="N", help="rows per transaction"
+    )
+    resync.set_defaults(command=_resync)
     return parser
 
 
@@ -166,6 +190,12 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
         "--schema",
         default=default(None),
         help=f"rowsync's schema (default: the app's, or {triggers.DEFAULT_SCHEMA})",
+    )
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=default(None),
+        help="progress bars for install and resync (default: when stderr is a terminal)",
     )
     group.add_argument(
         "-v",
@@ -314,8 +344,8 @@ def _sql(args: argparse.Namespace, on_listening: OnListening | None) -> int:
 
 
 def _install(args: argparse.Namespace, on_listening: OnListening | None) -> int:
-    with _rowsync(args) as rs:
-        before = rs.install(prune=args.prune)
+    with _rowsync(args) as rs, _bars(args, "created") as progress:
+        before = rs.install(prune=args.prune, progress=progress)
     summary = (
         f"rowsync install: {len(before.missing)} created, {len(before.outdated)} upgraded, "
         f"{len(before.installed)} unchanged"
@@ -357,6 +387,42 @@ def _status(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     hint = "run `rowsync install`" + (" --prune" if status.orphaned else "")
     print(f"drift: {hint}")
     return EXIT_DRIFT
+
+
+def _resync(args: argparse.Namespace, on_listening: OnListening | None) -> int:
+    with _rowsync(args) as rs, _bars(args, "rows") as progress:
+        try:
+            counts = rs.announce(args.tables or None, batch=args.batch, progress=progress)
+        except ConfigurationError as exc:
+            raise UsageError(str(exc)) from None
+    for name, count in counts.items():
+        print(f"rowsync resync: {name}: {count} rows announced")
+    print(f"rowsync resync: {sum(counts.values())} rows of {len(counts)} tables ({_where(rs)})")
+    return EXIT_OK
+
+
+@contextmanager
+def _bars(args: argparse.Namespace, unit: str) -> Iterator[Progress | None]:
+    """A progress callback drawing one bar per thing done (``triggers``, each table) on
+    stderr, or None when progress is not wanted."""
+    shown = sys.stderr.isatty() if args.progress is None else args.progress
+    if not shown:
+        yield None
+        return
+    bars: dict[str, tqdm[Any]] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        bar = bars.get(what)
+        if bar is None:
+            bar = bars[what] = tqdm(desc=what, unit=f" {unit}", file=sys.stderr, leave=True)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _listen(args: argparse.Namespace, on_listening: OnListening | None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeAlias
 
@@ -39,6 +39,10 @@ Mode: TypeAlias = Literal["notify", "durable", "stream"]
 ``stream``: as a row of the change log only, which the listener polls: no NOTIFY, so no
 cluster-wide lock at the writer's commit."""
 MODES: tuple[Mode, ...] = ("notify", "durable", "stream")
+
+Progress: TypeAlias = Callable[[str, int, int], None]
+"""Called as ``progress(what, done, total)`` while a long operation runs: ``what`` is
+``"triggers"`` for an install, ``"schema.table"`` for an announce."""
 
 _EVENT = {
     "inserted": ("INSERT", "ins", "i"),
@@ -97,7 +101,7 @@ def triggers(
     return result
 
 
-def _ids(record: sql.Composable, columns: Sequence[str]) -> sql.Composable:
+def ids(record: sql.Composable, columns: Sequence[str]) -> sql.Composable:
     """``jsonb_build_object('col', new_row -> 'col', …)``, in chunks of 50 pairs (the function
     takes 100 arguments at most). Columns are read from the row as jsonb, so a column dropped
     or renamed under the trigger gives a null, never an error in the writer's transaction."""
@@ -113,7 +117,7 @@ def _ids(record: sql.Composable, columns: Sequence[str]) -> sql.Composable:
     return sql.SQL(" || ").join(chunks)
 
 
-def _emit(mode: Mode, schema: str, channel: str) -> sql.Composed:
+def emit(mode: Mode, schema: str, channel: str) -> sql.Composed:
     """The statements that hand ``payload`` (and ``rowsync_ref``) over, in this mode."""
     if mode == "notify":
         return sql.SQL(
@@ -137,15 +141,41 @@ def _emit(mode: Mode, schema: str, channel: str) -> sql.Composed:
     return sql.SQL("{}\n    PERFORM pg_notify({}, '');").format(append, sql.Literal(channel))
 
 
+def sequence(schema: str) -> sql.Literal:
+    """rowsync's event sequence, as the argument of ``nextval``: it numbers every event (its
+    ``ref``), so messages about one row can be told apart by age."""
+    return sql.Literal(sql.Identifier(schema, "ref_seq").as_string())
+
+
+def payload(
+    w: Watcher, ref: sql.Composable, new: sql.Composable, old: sql.Composable
+) -> sql.Composed:
+    """The event as JSON text, the one format the listener reads (:mod:`rowsync.listener`)."""
+    return sql.SQL(
+        "jsonb_build_object("
+        "'r', {ref}, 's', {schema}, 't', {table}, 'e', {letter}, 'l', {label}, "
+        "'g', nullif(current_setting('rowsync.origin', true), ''), 'n', {new}, 'o', {old}"
+        ")::text"
+    ).format(
+        ref=ref,
+        schema=sql.Literal(w.schema),
+        table=sql.Literal(w.table),
+        letter=sql.Literal(_EVENT[w.event][2]),
+        label=sql.Literal(w.label),
+        new=new,
+        old=old,
+    )
+
+
 def _trigger(w: Watcher, *, schema: str, channel: str, mode: Mode) -> Trigger:
-    verb, kind, letter = _EVENT[w.event]
+    verb, kind, _ = _EVENT[w.event]
     identity = (w.schema, w.table, w.event, w.label, channel)
     name = short_name(kind, w.table, identity)
     function = short_name(kind, w.table, (*identity, "function"))
     record = sql.SQL("to_jsonb(OLD)" if w.event == "deleted" else "to_jsonb(NEW)")
     old: sql.Composable = sql.SQL("NULL")
     if w.event == "updated":
-        old = _ids(sql.SQL("to_jsonb(OLD)"), w.columns)
+        old = ids(sql.SQL("to_jsonb(OLD)"), w.columns)
     body = sql.SQL(
         """
 DECLARE
@@ -157,24 +187,17 @@ BEGIN
     IF old_ids = new_ids THEN
         old_ids := NULL;  -- identifying columns unchanged: the new ones say it all
     END IF;
-    payload := jsonb_build_object(
-        'r', rowsync_ref, 's', {table_schema}, 't', {table_name}, 'e', {letter}, 'l', {label},
-        'g', nullif(current_setting('rowsync.origin', true), ''),
-        'n', new_ids, 'o', old_ids
-    )::text;
+    payload := {payload};
     {emit}
     RETURN NULL;
 END
 """
     ).format(
-        seq=sql.Literal(sql.Identifier(schema, "ref_seq").as_string()),
-        table_schema=sql.Literal(w.schema),
-        table_name=sql.Literal(w.table),
-        letter=sql.Literal(letter),
-        label=sql.Literal(w.label),
-        new=_ids(record, w.columns),
+        seq=sequence(schema),
+        new=ids(record, w.columns),
         old=old,
-        emit=_emit(mode, schema, channel),
+        payload=payload(w, sql.SQL("rowsync_ref"), sql.SQL("new_ids"), sql.SQL("old_ids")),
+        emit=emit(mode, schema, channel),
     )
     # A log-mode function runs as its owner (the installer), so writers need no privilege on
     # the log; its search_path is fixed either way.
@@ -286,10 +309,12 @@ def install(
     schema: str,
     channel: str,
     prune: bool = False,
+    progress: Progress | None = None,
 ) -> Status:
     """Create what is missing or outdated (and drop orphans when ``prune``), in one transaction.
 
     Returns the status found before the change; installing twice changes nothing.
+    ``progress("triggers", done, total)`` is called after each trigger created.
     """
     with conn.transaction():
         conn.execute(_lock(schema))
@@ -297,12 +322,16 @@ def install(
         migrations.migrate(conn, schema)
         before = replace(status(conn, trigs, schema=schema, channel=channel), schema_ready=ready)
         todo = {*before.missing, *before.outdated}
+        done = 0
         for t in trigs:
             if (t.watcher.schema, t.watcher.table, t.name) in todo:
                 logger.info(
                     "installing trigger %s on %s.%s", t.name, t.watcher.schema, t.watcher.table
                 )
                 conn.execute(t.definition + _comment(t, channel))
+                done += 1
+                if progress is not None:
+                    progress("triggers", done, len(todo))
         if prune:
             _drop(
                 conn,

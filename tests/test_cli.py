@@ -109,6 +109,44 @@ def test_install_twice_creates_then_changes_nothing(schema, dsn, capsys):
     assert f"0 created, 0 upgraded, {TRIGGERS} unchanged" in out
 
 
+def test_install_shows_its_progress_when_asked_and_not_by_default_off_a_terminal(
+    schema, dsn, capsys
+):
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "install", "--progress")
+    assert code == 0
+    assert re.search(rf"triggers: 100%.*{TRIGGERS}/{TRIGGERS}", err), err
+    run(capsys, *APP, "--dsn", dsn, "uninstall")
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "install")  # stderr is not a terminal here
+    assert code == 0 and "triggers:" not in err
+
+
+def test_resync_announces_every_row_a_trigger_missed_to_a_listener(schema, dsn, capsys):
+    """``rowsync resync`` after a load with triggers off: ``rowsync listen`` (here, a
+    RowSync) receives an update of every row, with one progress bar per table."""
+    run(capsys, *APP, "--dsn", dsn, "install")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("INSERT INTO persons (id, name) SELECT i, 'n' FROM generate_series(1, 5) i")
+    with RowSync(dsn, reference_watchers()) as rs, rs.subscribe(Person) as sub:
+        code, out, err = run(
+            capsys, *APP, "--dsn", dsn, "resync", "persons", "--batch", "2", "--progress"
+        )
+        assert code == 0, err
+        assert "public.persons: 5 rows announced" in out
+        assert re.search(r"public\.persons: 100%.*5/5", err), err
+        rs.flush()
+        changes = [change for _, change in sub.drain()]
+    assert sorted(c.ids["id"] for c in changes) == [1, 2, 3, 4, 5]
+    assert {c.event for c in changes} == {"updated"}
+
+
+def test_resync_of_a_table_that_is_not_watched_is_a_usage_error(schema, dsn, capsys):
+    run(capsys, *APP, "--dsn", dsn, "install")
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "resync", "nope")
+    assert code == 2
+    assert "not watched for updates or inserts: nope" in err
+
+
 def test_install_prune_drops_the_triggers_of_tables_no_longer_watched(schema, dsn, capsys):
     run(capsys, *APP, "--dsn", dsn, "install")
     smaller = ["--app", "cli_app:posts_only", "--dsn", dsn]
