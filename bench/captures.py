@@ -4,6 +4,8 @@
 * ``none``: no trigger at all;
 * ``pg_notify(id)``: the minimal hand-written trigger of issue 6,
   ``AFTER UPDATE ... FOR EACH ROW ... PERFORM pg_notify(channel, NEW.id::text)``;
+* ``log insert`` (row 3 only): ``... INSERT INTO bench_log (id) VALUES (NEW.id)``, the floor
+  of a change-log capture;
 * ``rowsync <mode>``: rowsync's own capture, for every mode this ``RowSync`` accepts:
   ``capture="notify"`` (the default), ``durable=True`` and ``capture="stream"``. Modes are
   found by reading ``RowSync``'s signature, so the benchmarks follow the library as it grows.
@@ -23,6 +25,9 @@ from models import Schema, populate, schema
 
 NONE = "none"
 MINIMAL = "pg_notify(id)"
+LOG_INSERT = "log insert"
+"""A hand-written trigger appending the row's id to a bare table (no index, no JSON): what
+any per-row change-log capture costs at the least (row 3's context for capture="stream")."""
 
 
 def modes() -> dict[str, dict[str, Any]]:
@@ -87,6 +92,8 @@ def setup(
         populate(engine, capture.schema, persons, posts_per_person)
         if capture.name == MINIMAL:
             install_minimal(engine, capture)
+        elif capture.name == LOG_INSERT:
+            install_log_insert(engine, capture)
         elif capture.options is not None:
             capture.rowsync(engine).install()
     return captures
@@ -94,16 +101,37 @@ def setup(
 
 def install_minimal(engine: sa.Engine, capture: Capture) -> None:
     """The hand-written baseline: one ``pg_notify`` of the row's id per updated row."""
-    function = sql.Identifier(f"bench_notify{capture.suffix}")
+    _install_trigger(
+        engine,
+        capture,
+        sql.SQL("PERFORM pg_notify({}, NEW.id::text);").format(sql.Literal(capture.channel)),
+    )
+
+
+def install_log_insert(engine: sa.Engine, capture: Capture) -> None:
+    """The floor of a change-log capture: the row's id appended to a bare table."""
+    log = sql.Identifier(f"bench_log{capture.suffix}")
+    _install_trigger(
+        engine,
+        capture,
+        sql.SQL("INSERT INTO {} (id) VALUES (NEW.id);").format(log),
+        sql.SQL("CREATE TABLE {} (id bigint NOT NULL);").format(log),
+    )
+
+
+def _install_trigger(
+    engine: sa.Engine, capture: Capture, statement: sql.Composed, before: sql.Composed | None = None
+) -> None:
+    function = sql.Identifier(f"bench_trigger{capture.suffix}")
     ddl = sql.SQL(
-        "CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$"
-        " BEGIN PERFORM pg_notify({channel}, NEW.id::text); RETURN NULL; END $$;"
+        "{before} CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {body};"
         " CREATE TRIGGER {trigger} AFTER UPDATE ON {table}"
         " FOR EACH ROW EXECUTE FUNCTION {function}();"
     ).format(
+        before=before or sql.SQL(""),
         function=function,
-        channel=sql.Literal(capture.channel),
-        trigger=sql.Identifier(f"bench_notify{capture.suffix}"),
+        body=sql.Literal(f"BEGIN {statement.as_string()} RETURN NULL; END"),
+        trigger=sql.Identifier(f"bench_trigger{capture.suffix}"),
         table=sql.Identifier(capture.schema.posts.name),
     )
     raw = engine.raw_connection()

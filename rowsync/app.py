@@ -266,6 +266,7 @@ class RowSync:
         if self.fanout is not None:
             self.fanout.stop()
         self.listener.stop()
+        self.rows.release()
 
     @property
     def running(self) -> bool:

@@ -135,7 +135,7 @@ class Dispatcher:
         fetched: dict[tuple[str, str], dict[tuple[Any, ...], CachedRow] | None] = {}
         for table, keys in wanted.items():
             try:
-                fetched[qualified_name(table)] = self.rows.fetch(table, keys)
+                fetched[qualified_name(table)] = self.rows.fetch(table, keys, hold=True)
             except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
                 # The table no longer matches its mapper (a column dropped, renamed, retyped):
                 # the changes cannot be followed, so their subscribers are told to resync.

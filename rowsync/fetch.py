@@ -12,6 +12,7 @@ import datetime
 import decimal
 import functools
 import logging
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -214,14 +215,52 @@ class RowSource:
         """Row reads are single statements: in autocommit, one round trip each, where a
         transaction would add a BEGIN and a ROLLBACK."""
         self._row_queries: dict[sa.Table, _RowQuery] = {}
+        self._held: sa.Connection | None = None
+        self._holding = threading.Lock()
 
     # -- the listener: one query per table per batch -----------------------------------
 
     def fetch(
-        self, table: sa.Table, keys: Iterable[tuple[Any, ...]]
+        self, table: sa.Table, keys: Iterable[tuple[Any, ...]], *, hold: bool = False
     ) -> dict[tuple[Any, ...], CachedRow]:
         """Current rows of ``table`` for ``keys``, with their criteria computed; missing keys
-        are absent."""
+        are absent.
+
+        ``hold``: read on a connection kept from call to call (the listener's batches: a
+        pool checkout each, with its pre-ping round trip, would be most of a small batch's
+        latency). It is dropped after any error, so the next call starts on a sound one,
+        and given back by :meth:`release`.
+        """
+        if not hold:
+            with self._reader.connect() as conn:
+                return self._fetch(conn, table, keys)
+        with self._holding:
+            if self._held is None:
+                self._held = self._reader.connect()
+            try:
+                return self._fetch(self._held, table, keys)
+            except Exception:
+                held, self._held = self._held, None
+                with contextlib.suppress(Exception):
+                    held.invalidate()
+                    held.close()
+                raise
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Give back the held connection (unless a fetch still runs on it after ``timeout``
+        seconds: then it goes when that fetch ends in an error, or with the next release)."""
+        if not self._holding.acquire(timeout=timeout):
+            return
+        try:
+            held, self._held = self._held, None
+            if held is not None:
+                held.close()
+        finally:
+            self._holding.release()
+
+    def _fetch(
+        self, conn: sa.Connection, table: sa.Table, keys: Iterable[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], CachedRow]:
         query = self._row_queries.get(table)
         if query is None:
             query = self._row_queries[table] = _RowQuery.of(table, self.policy, self.graph)
@@ -229,21 +268,18 @@ class RowSource:
         width = len(names)
         wanted = list(dict.fromkeys(keys))
         found: dict[tuple[Any, ...], CachedRow] = {}
-        with self._reader.connect() as conn:
-            for start in range(0, len(wanted), BATCH):
-                chunk = wanted[start : start + BATCH]
-                self.queries["rows"] += 1
-                # all(): one fetch from the driver, where iterating fetches row by row
-                for row in conn.execute(query.statement, query.bind(chunk)).all():
-                    values = dict(zip(names, row, strict=False))
-                    matches = (
-                        frozenset(
-                            name for name, hit in zip(criteria, row[width:], strict=True) if hit
-                        )
-                        if criteria
-                        else _NO_MATCHES
-                    )
-                    found[key_of(table, values)] = CachedRow(values, matches)
+        for start in range(0, len(wanted), BATCH):
+            chunk = wanted[start : start + BATCH]
+            self.queries["rows"] += 1
+            # all(): one fetch from the driver, where iterating fetches row by row
+            for row in conn.execute(query.statement, query.bind(chunk)).all():
+                values = dict(zip(names, row, strict=False))
+                matches = (
+                    frozenset(name for name, hit in zip(criteria, row[width:], strict=True) if hit)
+                    if criteria
+                    else _NO_MATCHES
+                )
+                found[key_of(table, values)] = CachedRow(values, matches)
         return found
 
     # -- sync and the router: single-flight through the cache --------------------------

@@ -468,7 +468,7 @@ class _MemoryRows(RowSource):
     # -- what rowsync reads ------------------------------------------------------------
 
     def fetch(
-        self, table: sa.Table, keys: Iterable[tuple[Any, ...]]
+        self, table: sa.Table, keys: Iterable[tuple[Any, ...]], *, hold: bool = False
     ) -> dict[tuple[Any, ...], CachedRow]:
         found = {}
         for key in keys:

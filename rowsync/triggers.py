@@ -172,14 +172,19 @@ def _trigger(w: Watcher, *, schema: str, channel: str, mode: Mode) -> Trigger:
     identity = (w.schema, w.table, w.event, w.label, channel)
     name = short_name(kind, w.table, identity)
     function = short_name(kind, w.table, (*identity, "function"))
-    record = sql.SQL("to_jsonb(OLD)" if w.event == "deleted" else "to_jsonb(NEW)")
+    # Each row converted to jsonb once, however many columns are read from it.
+    rows = sql.SQL("    new_row jsonb := to_jsonb({});").format(
+        sql.SQL("OLD" if w.event == "deleted" else "NEW")
+    )
     old: sql.Composable = sql.SQL("NULL")
     if w.event == "updated":
-        old = ids(sql.SQL("to_jsonb(OLD)"), w.columns)
+        rows = sql.SQL("{}\n    old_row jsonb := to_jsonb(OLD);").format(rows)
+        old = ids(sql.SQL("old_row"), w.columns)
     body = sql.SQL(
         """
 DECLARE
     rowsync_ref bigint := nextval({seq});
+{rows}
     new_ids jsonb := {new};
     old_ids jsonb := {old};
     payload text;
@@ -194,7 +199,8 @@ END
 """
     ).format(
         seq=sequence(schema),
-        new=ids(record, w.columns),
+        rows=rows,
+        new=ids(sql.SQL("new_row"), w.columns),
         old=old,
         payload=payload(w, sql.SQL("rowsync_ref"), sql.SQL("new_ids"), sql.SQL("old_ids")),
         emit=emit(mode, schema, channel),

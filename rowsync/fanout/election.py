@@ -7,6 +7,10 @@ connection as often: it steps down as soon as a probe fails, and the server ends
 session (releasing the lock) after ``LEASE`` probe intervals without one, so a holder cut
 off from the server does not keep the lock for as long as TCP takes to notice.
 
+A node must also be ``eligible``: one that reaches Postgres but not the broker would capture
+for nobody. It does not campaign, and a holder that stops being eligible steps down and
+releases the lock, so a node that can publish takes over.
+
 Each new holder gets a *term*: the cluster's next transaction id, larger than any term
 before it. Nodes ignore what an older capture node still publishes once a newer one has
 started (a fencing token).
@@ -43,9 +47,11 @@ class Election:
         *,
         on_elected: Callable[[int], None],
         on_deposed: Callable[[], None],
+        eligible: Callable[[], bool] = lambda: True,
         interval: float = 1.0,
     ) -> None:
         self.conninfo = conninfo
+        self.eligible = eligible
         self.key = key
         self.on_elected = on_elected
         self.on_deposed = on_deposed
@@ -98,11 +104,15 @@ class Election:
             conn.execute("SELECT set_config('idle_session_timeout', %s, false)", (lease,))
         while not self._stopping.is_set():
             if self.term is None:
-                if _one(conn, "SELECT pg_try_advisory_lock(%s)", self.key):
+                if self.eligible() and _one(conn, "SELECT pg_try_advisory_lock(%s)", self.key):
                     self.term = int(_one(conn, "SELECT pg_current_xact_id()::text::bigint"))
                     self.stats["elected"] += 1
                     logger.info("elected capture node (term %d)", self.term)
                     self.on_elected(self.term)
+            elif not self.eligible():
+                self.stats["resigned"] += 1
+                self._step_down()
+                _one(conn, "SELECT pg_advisory_unlock(%s)", self.key)
             else:
                 conn.execute("SELECT 1")  # raises once the session, and so the lock, is gone
             self._stopping.wait(self.interval)

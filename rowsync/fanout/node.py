@@ -98,6 +98,7 @@ class Node:
             _lock_key(schema, channel),
             on_elected=self._elected,
             on_deposed=self._deposed,
+            eligible=self.connected.is_set,  # cut off from the broker: capture for nobody
             interval=interval,
         )
         listener.on_batch = self._capture
