@@ -243,6 +243,7 @@ class RowSync:
 
     def start(self) -> RowSync:
         """Start the listener; returns once it LISTENs, so no change after this call is missed."""
+        self._check_triggers()
         if self.fanout is not None:
             self.fanout.start(self.start_timeout)
             _started.add(self)
@@ -260,6 +261,23 @@ class RowSync:
             raise NotRunningError(f"the listener could not connect within {self.start_timeout} s")
         _started.add(self)
         return self
+
+    def _check_triggers(self) -> None:
+        """Warn when the database's triggers do not match the watchers and mode: events
+        would be missing (a table not captured) or sent where this listener does not look."""
+        try:
+            status = self.status()
+        except psycopg.Error as exc:
+            logger.debug("could not check the triggers: %s", exc)
+            return
+        if status.missing or status.outdated or not status.schema_ready:
+            logger.warning(
+                "rowsync's triggers do not match the watchers (%d missing, %d outdated%s): "
+                "some changes will not arrive; run rs.install() or `rowsync install`",
+                len(status.missing),
+                len(status.outdated),
+                "" if status.schema_ready else ", schema not up to date",
+            )
 
     def stop(self) -> None:
         _started.discard(self)

@@ -286,9 +286,18 @@ class Listener:
         as notifications (the read began after they arrived, so it holds all before them).
         Other notifications only woke the listener up."""
         assert self.log is not None
-        flushes: list[Notice | Flush] = [
-            item for item in self._parse([p for p in payloads if p]) if isinstance(item, Flush)
-        ]
+        parsed = self._parse([p for p in payloads if p])
+        flushes: list[Notice | Flush] = [item for item in parsed if isinstance(item, Flush)]
+        if misrouted := sum(isinstance(item, Notice) for item in parsed):
+            # Events sent as NOTIFY payloads are not in the log: these triggers were installed
+            # for the notify mode, and their events are lost to this listener unless told.
+            self.stats["misrouted"] += misrouted
+            logger.warning(
+                "%d event(s) arrived as NOTIFY payloads, not through the change log: the "
+                "triggers were installed for another capture mode; run rs.install()",
+                misrouted,
+            )
+            self._gap("the triggers send events for another capture mode")
         self.log.read(
             conn,
             lambda chunk: self._dispatch(

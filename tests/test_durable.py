@@ -11,7 +11,7 @@ import pytest
 
 from fixtures import reference_watchers, terminate_listener
 from models import Person, Post
-from rowsync import RowSync, Sync
+from rowsync import Resync, RowSync, Sync
 
 MODES = [
     pytest.param({"durable": True}, id="durable"),
@@ -116,3 +116,27 @@ def test_old_position_pruned_past_is_announced_as_a_gap(schema, write) -> None:
     with again:
         again.flush()
         assert again.listener.stats["gaps"] == 1
+
+
+def test_a_start_against_triggers_of_another_mode_warns(schema, caplog) -> None:
+    RowSync(schema, reference_watchers()).install()  # the notify mode's triggers
+    with caplog.at_level("WARNING", logger="rowsync"), RowSync(
+        schema, reference_watchers(), capture="stream"
+    ):
+        pass
+    assert "triggers do not match the watchers (0 missing, " in caplog.text
+    assert "run rs.install()" in caplog.text
+
+
+def test_events_sent_as_notify_payloads_to_a_log_listener_are_announced_as_a_gap(
+    schema, write
+) -> None:
+    """Triggers of the notify mode, a durable listener: the events are not in its log, so
+    its subscribers are told to resync instead of missing them silently."""
+    RowSync(schema, reference_watchers()).install()
+    rs = RowSync(schema, reference_watchers(), durable=True)
+    with rs, rs.subscribe(Person) as sub:
+        write(Person(id=1, name="a"))
+        rs.flush()
+        assert [kind for kind, _ in sub.drain()] == [Resync]
+        assert rs.listener.stats["misrouted"] == 1
