@@ -120,8 +120,9 @@ def test_old_position_pruned_past_is_announced_as_a_gap(schema, write) -> None:
 
 def test_a_start_against_triggers_of_another_mode_warns(schema, caplog) -> None:
     RowSync(schema, reference_watchers()).install()  # the notify mode's triggers
-    with caplog.at_level("WARNING", logger="rowsync"), RowSync(
-        schema, reference_watchers(), capture="stream"
+    with (
+        caplog.at_level("WARNING", logger="rowsync"),
+        RowSync(schema, reference_watchers(), capture="stream"),
     ):
         pass
     assert "triggers do not match the watchers (0 missing, " in caplog.text
