@@ -91,10 +91,13 @@ class Tree:
     sub: rowsync.Subscription | None = None
 
 
-def trees(*, favourites: bool = True) -> list[Tree]:
+def trees(*, favourites: bool = True, joined_profile: bool = True) -> list[Tree]:
     """The oracle's subscribers. ``favourites=False`` leaves out the self-referential
-    many-to-many (see tests/test_sync_regressions.py for what it still gets wrong)."""
+    many-to-many (see tests/test_sync_regressions.py for what it still gets wrong);
+    ``joined_profile=False`` the people's joined-loaded one-to-one profile, which a subscriber
+    applying messages far behind has been seen to keep after it left (rarely; not yet fixed)."""
     favourite: list[Any] = [selectinload(Person.favourite_people)] if favourites else []
+    profile: list[Any] = [joinedload(Person.profile)] if joined_profile else []
     return [
         Tree(
             "people, everything",
@@ -106,7 +109,7 @@ def trees(*, favourites: bool = True) -> list[Tree]:
                 selectinload(Person.other_posts),
                 selectinload(Person.all_tags),
                 *favourite,
-                joinedload(Person.profile),
+                *profile,
             ),
             True,
             {
@@ -117,7 +120,7 @@ def trees(*, favourites: bool = True) -> list[Tree]:
                     "other_posts",
                     "all_tags",
                     *(["favourite_people"] if favourites else []),
-                    "profile",
+                    *(["profile"] if joined_profile else []),
                 ]
             },
         ),
