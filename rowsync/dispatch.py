@@ -10,12 +10,13 @@ capture process resolves and every node delivers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,25 @@ def _with_row(
     return dataclasses.replace(item, row=CachedRow(row.values, row.matches, item.old))
 
 
+class Held:
+    """The flush barriers a held dispatcher has received (and not handed over)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._arrived = threading.Condition()
+
+    def saw(self, batch: Sequence[Notice | Flush]) -> None:
+        with self._arrived:
+            self._seen.update(item.token for item in batch if isinstance(item, Flush))
+            self._arrived.notify_all()
+
+    def wait(self, token: str, timeout: float) -> bool:
+        """Whether the barrier ``token`` arrived within ``timeout`` seconds: everything
+        committed before it was sent is then held."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: token in self._seen, timeout)
+
+
 class Dispatcher:
     """The listener's ``on_batch`` and ``on_gap``."""
 
@@ -84,10 +104,40 @@ class Dispatcher:
         self.stats = stats
         self.flushes: dict[str, threading.Event] = {}
         """Flush barriers waited for, by token."""
+        self._hold_lock = threading.Lock()
+        self._held: Held | None = None
+        self._pending: list[Notice | Flush] = []
+        """What arrived while held, handed over with the next batch."""
 
     def batch(self, batch: Sequence[Notice | Flush]) -> None:
         """The listener's ``on_batch``: resolve the batch, then deliver it."""
+        with self._hold_lock:
+            if self._held is not None:
+                self._pending.extend(batch)
+                self._held.saw(batch)
+                return
+            if self._pending:
+                batch, self._pending = [*self._pending, *batch], []
         self.deliver(self.resolve(batch))
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Held]:
+        """Hand nothing over while the block runs: whatever the listener receives meanwhile
+        waits, and goes out with the first batch after the block, as part of it.
+
+        Whether back-to-back commits reach :meth:`resolve` in one batch (their rows fetched
+        after the last of them) or one by one is otherwise a matter of timing; tests use this
+        (through :func:`rowsync.testing.one_batch`) to choose the path they exercise."""
+        held = Held()
+        with self._hold_lock:
+            if self._held is not None:
+                raise RuntimeError("the dispatcher is already held")
+            self._held = held
+        try:
+            yield held
+        finally:
+            with self._hold_lock:
+                self._held = None
 
     def resolve(self, batch: Sequence[Notice | Flush]) -> list[Resolved | Flush]:
         """Validate the batch's notices and fetch their rows, one query per table.

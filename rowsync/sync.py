@@ -219,11 +219,14 @@ class _Patch:
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.row(table, self.key, change.ref)
-            self.row = None if found is GONE else found
+            if found is GONE:
+                # Deleted before its batch was read. The delete's own message may never come:
+                # it is routed by where the row was last, which may be outside this tree.
+                self.deleted = True
+            else:
+                self.row = found
 
     def apply(self) -> None:
-        if not self.deleted and self.row is None:
-            return  # the row was deleted before it could be read; its delete message follows
         if self.row is not None:
             ref = self.change.ref
             for obj in self.index.instances(self.table, self.key):

@@ -16,9 +16,11 @@ each change) raises :class:`NeedsDatabase`, saying what to give it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
@@ -34,11 +36,11 @@ from rowsync.cache import CachedRow
 from rowsync.errors import ConfigurationError, RowsyncError
 from rowsync.fetch import RowSource, key_of, qualified_name, table_of, usable_key
 from rowsync.graph import Edge
-from rowsync.listener import Notice
+from rowsync.listener import Notice, send_flush
 from rowsync.messages import Change, Event, Message, Sync
 from rowsync.watchers import Assocs, Watcher, resolve_assocs
 
-__all__ = ["MemoryEvents", "NeedsDatabase", "Recorder", "WaitFor", "loaded"]
+__all__ = ["MemoryEvents", "NeedsDatabase", "Recorder", "WaitFor", "loaded", "one_batch"]
 
 T = TypeVar("T")
 
@@ -301,6 +303,29 @@ class MemoryEvents:
             if edge.criteria is not None and edge.criteria_table is table:
                 names.add(edge.criteria)
         return frozenset(names)
+
+
+@contextlib.contextmanager
+def one_batch(rs: RowSync, timeout: float = 5.0) -> Iterator[None]:
+    """Make every change committed in the block reach ``rs``'s dispatch as one batch, then
+    wait until it has been dispatched.
+
+    The listener normally hands over whatever has arrived: two back-to-back commits are one
+    batch or two depending on timing, and the two paths differ (in one batch, every row is
+    read after the last commit). A test that must take one path holds the dispatch::
+
+        with rowsync.testing.one_batch(rs):
+            write(move_child)
+            write(delete_child)
+        # both commits were resolved together; their messages are queued
+    """
+    with rs.dispatcher.holding() as held:
+        yield
+        token = uuid.uuid4().hex
+        send_flush(rs.conninfo, rs.channel, token)
+        if not held.wait(token, timeout):
+            raise TimeoutError(f"the block's commits did not reach the listener in {timeout} s")
+    rs.flush(timeout)
 
 
 def loaded(value: T, assocs: Assocs = ()) -> T:
