@@ -24,7 +24,7 @@ ALLOW_NO_TESTS ?=
 # (`dsn=$(...) || exit` so a failing script is not masked by `export`.)
 WITH_DB = dsn=$$(scripts/ensure-postgres.sh) || exit $$?; export ROWSYNC_TEST_DSN="$$dsn";
 
-.PHONY: test demo demo-console venv db lint docs bench clean distclean
+.PHONY: test oracle-soak demo demo-console venv db lint docs bench clean distclean
 
 venv: $(STAMP)
 
@@ -49,6 +49,13 @@ test: venv
 	  echo "make test: pytest collected no tests; ALLOW_NO_TESTS is set, so not failing" >&2; rc=0; \
 	fi; \
 	exit $$rc
+
+# The mapping oracle (tests/test_oracle_mappings.py) run long, on random seeds: CI runs a
+# fixed, derandomized budget. ORACLE_EXAMPLES=N sets the examples per test.
+ORACLE_EXAMPLES ?= 2000
+oracle-soak: venv
+	@$(WITH_DB) ROWSYNC_ORACLE_SOAK=1 ROWSYNC_ORACLE_EXAMPLES=$(ORACLE_EXAMPLES) \
+	$(VPY) -m pytest tests/test_oracle_mappings.py -k "not broken" $(PYTEST_ARGS)
 
 # The live web demo (examples/web): serves http://127.0.0.1:$PORT/ (PORT defaults to 8000).
 demo: venv

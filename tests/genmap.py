@@ -62,6 +62,7 @@ FEATURES: dict[str, str] = {
     "contains_eager": "A.c loaded by contains_eager over an explicit outer join",
     "recursion_depth": "selectinload(self-referential, recursion_depth=1..3)",
     "filtered_roots": "a root list with a WHERE, subscribed with follow=True (rs.subscribe)",
+    "noload_option": "noload() among the loader options drawn",
 }
 """The grammar's switches: each example draws a subset of the mapping features and of the
 statement features (the last four)."""
@@ -804,6 +805,8 @@ class Query:
     """Only the root with the first key (a single object, not a list)."""
     load_only: bool = False
     """``load_only`` the root's key and ``rank``."""
+    polymorphic: bool = False
+    """Roots B selected ``with_polymorphic(B, [BX])``."""
 
 
 TARGETS = {
@@ -834,7 +837,9 @@ def loads(
     for key in relationships_of(built, entity):
         if depth == 0 or not draw(st.booleans()):
             continue
-        strategy = draw(st.sampled_from(STRATEGIES))
+        strategy = draw(
+            st.sampled_from([s for s in STRATEGIES if s != "noload" or "noload_option" in features])
+        )
         target = TARGETS[key]
         recursion = None
         if strategy == "selectin" and target == entity and "recursion_depth" in features:
@@ -870,6 +875,7 @@ def queries(
     ordered: bool,
     filtered: bool,
     one: bool,
+    polymorphic: bool = True,
 ) -> Query:
     roots = ["A"] + (["B"] if "B" in built.classes else [])
     root = draw(st.sampled_from(roots))
@@ -895,7 +901,13 @@ def queries(
             )
         )
     return Query(
-        root, options, where, order, one, "column_options" in features and draw(st.booleans())
+        root,
+        options,
+        where,
+        order,
+        one,
+        "column_options" in features and draw(st.booleans()),
+        polymorphic and root == "B" and "BX" in built.classes and draw(st.booleans()),
     )
 
 
@@ -903,7 +915,7 @@ def statement(built: Built, query: Query) -> sa.Select[Any]:
     """The query as a SQLAlchemy statement."""
     model = built.classes[query.root]
     selectable: Any = model
-    if query.root == "B" and "BX" in built.classes:
+    if query.polymorphic:
         selectable = sa.orm.with_polymorphic(model, [built.classes["BX"]])
     stmt = sa.select(selectable)
     options: list[Any] = []

@@ -37,7 +37,9 @@ from oracle import differences, fresh, snapshot
 from rowsync.testing import one_batch
 
 # noload() is deprecated in SQLAlchemy 2.1, and still what applications use.
-pytestmark = pytest.mark.filterwarnings("ignore:The noload:sqlalchemy.exc.SADeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The (``)?noload:sqlalchemy.exc.SADeprecationWarning"
+)
 
 BROKEN: dict[str, str] = {
     "joined_inheritance": "issue 12 item 2",
@@ -46,11 +48,12 @@ BROKEN: dict[str, str] = {
     "collection_classes": "issue 12 item 5",
     "dataclasses": "issue 12 item 6",
     "custom_eq": "issue 12 item 6",
-    "order_by": "issue 12 item 9",
     "many_to_many_no_pk": "issue 12 item 10",
-    "column_options": "new: load_only/defer crash sync (test_sync_regressions)",
-    "lazy_defaults@live": "issue 12 item 8",
-    "contains_eager@resync": "new: rs.resync drops what contains_eager loaded",
+    # new, each with its regression test in tests/test_sync_regressions.py:
+    "column_options": "new: sync reads load_only/defer path tokens as relationships and crashes",
+    "contains_eager": "new: with another option beside it, rows sync adds and rs.resync leave "
+    "unloaded what contains_eager loads",
+    "noload_option": "new: rows sync adds are left unloaded where noload() sets an empty value",
 }
 """Features (``genmap.FEATURES``) left out of the CI run, with the issue item whose fix brings
 them back; ``feature@variant`` leaves it out of that way of holding a tree only."""
@@ -157,6 +160,8 @@ def check(
                 ordered=variant == "live",
                 filtered=filtered or variant == "live",
                 one=variant == "single",
+                # a live query refuses with_polymorphic with a clear error
+                polymorphic=variant != "live",
             ),
             label="query",
         )
@@ -262,7 +267,7 @@ def test_a_tree_resynced_after_a_gap_keeps_equal_to_a_fresh_query(engine, data):
 def test_a_known_broken_feature_still_fails(engine, feature):
     """When this passes (XPASS fails the run), the fix is in: remove ``feature`` from BROKEN."""
 
-    @budget(EXAMPLES, shrink=False)
+    @budget(4 * EXAMPLES, shrink=False)  # it stops at the first failure
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         name, _, only = feature.partition("@")
