@@ -63,6 +63,7 @@ FEATURES: dict[str, str] = {
     "recursion_depth": "selectinload(self-referential, recursion_depth=1..3)",
     "filtered_roots": "a root list with a WHERE, subscribed with follow=True (rs.subscribe)",
     "noload_option": "noload() among the loader options drawn",
+    "root_below": "options that load the root's model again below the roots (A.children, B.a)",
 }
 """The grammar's switches: each example draws a subset of the mapping features and of the
 statement features (the last four)."""
@@ -703,9 +704,11 @@ def inserts(built: Built) -> st.SearchStrategy[Insert]:
 
 @st.composite
 def first_row(draw: st.DrawFn, built: Built, entity: str) -> Insert:
-    """An insert of ``entity``'s row with the first key (the one ``Query.one`` loads)."""
+    """An insert of ``entity``'s row with the first key (the one ``Query.one`` loads),
+    pointing nowhere (so no constraint refuses it)."""
     insert = draw(_insert(built, entity))
-    first = {n: built.domains[(entity, n)][0] for n in _key(built, entity)}
+    first: dict[str, Any] = {n: None for p in _pointers(built, entity) for n in p}
+    first.update({n: built.domains[(entity, n)][0] for n in _key(built, entity)})
     return Insert(entity, tuple((n, first.get(n, v)) for n, v in insert.values))
 
 
@@ -831,11 +834,19 @@ def relationships_of(built: Built, entity: str) -> list[str]:
 
 @st.composite
 def loads(
-    draw: st.DrawFn, built: Built, entity: str, features: frozenset[str], depth: int = 3
+    draw: st.DrawFn,
+    built: Built,
+    entity: str,
+    features: frozenset[str],
+    depth: int = 3,
+    root: str | None = None,
 ) -> tuple[Load, ...]:
     out = []
+    root = root or entity
     for key in relationships_of(built, entity):
         if depth == 0 or not draw(st.booleans()):
+            continue
+        if TARGETS[key] == root and "root_below" not in features:
             continue
         strategy = draw(
             st.sampled_from([s for s in STRATEGIES if s != "noload" or "noload_option" in features])
@@ -846,7 +857,7 @@ def loads(
             recursion = draw(st.none() | st.integers(1, 3))
         children: tuple[Load, ...] = ()
         if recursion is None and (strategy in EAGER or strategy == "default"):
-            children = draw(loads(built, target, features, depth - 1))
+            children = draw(loads(built, target, features, depth - 1, root))
         polymorphic = target == "B" and "BX" in built.classes and draw(st.booleans())
         deferred = None
         ordered_by = {o.column for o in built.mapping.rel(key).order}
@@ -967,7 +978,7 @@ def _options(built: Built, load: Load, parent: Any, owner: Any) -> list[Any]:
     attr = getattr(owner, load.key.split(".")[1])
     target: Any = built.classes[TARGETS[load.key]]
     if load.polymorphic:
-        target = sa.orm.with_polymorphic(target, [built.classes["BX"]])
+        target = sa.orm.with_polymorphic(target, [built.classes["BX"]], flat=True)
         attr = attr.of_type(target)
     kw = {"recursion_depth": load.depth} if load.depth is not None else {}
     name = _FUNCTIONS[load.strategy].__name__

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, Phase, given, note, settings
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,17 +50,31 @@ BROKEN: dict[str, str] = {
     "dataclasses": "issue 12 item 6",
     "custom_eq": "issue 12 item 6",
     "many_to_many_no_pk": "issue 12 item 10",
+    "root_below": "issue 12 items 7 and 13 (an object both root and below a root, or a new "
+    "one below a root, gets the roots' load spec)",
     # new, each with its regression test in tests/test_sync_regressions.py:
     "column_options": "new: sync reads load_only/defer path tokens as relationships and crashes",
     "contains_eager": "new: with another option beside it, rows sync adds and rs.resync leave "
     "unloaded what contains_eager loads",
     "noload_option": "new: rows sync adds are left unloaded where noload() sets an empty value",
+    "lazy_defaults@resync": "new: rs.resync loads what raiseload()/lazyload() kept unloaded "
+    "over an eager lazy= default",
 }
 """Features (``genmap.FEATURES``) left out of the CI run, with the issue item whose fix brings
 them back; ``feature@variant`` leaves it out of that way of holding a tree only."""
 
+ELSEWHERE: dict[str, str] = {
+    "dataclasses": "issue 12 item 6's regression tests",
+    "contains_eager": "test_a_row_joining_roots_gets_what_contains_eager_loads",
+    "noload_option": "test_a_row_joining_roots_gets_the_empty_value_noload_sets",
+    "root_below": "failures seen in unseeded oracle runs, not minimised yet",
+}
+"""BROKEN entries the gated run below does not reproduce within its budget, and their evidence
+(tests named here are in tests/test_sync_regressions.py)."""
+
 EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_EXAMPLES", "25"))
 SOAK = os.environ.get("ROWSYNC_ORACLE_SOAK", "") not in ("", "0")
+GATED_EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_GATED_EXAMPLES", "200"))
 SHRINK = os.environ.get("ROWSYNC_ORACLE_SHRINK", "1") != "0"
 VARIANTS = ("tree", "single", "live", "resync")
 
@@ -69,10 +84,11 @@ def working(variant: str) -> tuple[str, ...]:
     return tuple(f for f in genmap.FEATURES if f not in BROKEN and f"{f}@{variant}" not in BROKEN)
 
 
-def budget(examples: int, *, shrink: bool = True) -> settings:
+def budget(examples: int, *, shrink: bool = True, seeded: bool = False) -> settings:
+    """``seeded``: the test fixes its own ``@seed`` (deterministic without derandomize)."""
     return settings(
         max_examples=examples,
-        derandomize=not SOAK,
+        derandomize=not SOAK and not seeded,
         database=None,
         deadline=None,
         suppress_health_check=list(HealthCheck),
@@ -260,14 +276,22 @@ def test_a_tree_resynced_after_a_gap_keeps_equal_to_a_fresh_query(engine, data):
 @pytest.mark.parametrize(
     "feature",
     [
-        pytest.param(f, id=f"{f}-broken", marks=pytest.mark.xfail(strict=True, reason=why))
+        pytest.param(
+            f,
+            id=f"{f}-broken",
+            marks=pytest.mark.skip(reason=f"{why}; not reproduced here, see {ELSEWHERE[f]}")
+            if f in ELSEWHERE
+            else pytest.mark.xfail(strict=True, reason=why),
+        )
         for f, why in BROKEN.items()
     ],
 )
 def test_a_known_broken_feature_still_fails(engine, feature):
     """When this passes (XPASS fails the run), the fix is in: remove ``feature`` from BROKEN."""
 
-    @budget(4 * EXAMPLES, shrink=False)  # it stops at the first failure
+    # A seed of its own: with the same seed every feature would draw the same examples.
+    @seed(zlib.crc32(feature.encode()))
+    @budget(GATED_EXAMPLES, shrink=False, seeded=not SOAK)  # it stops at the first failure
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
         name, _, only = feature.partition("@")
