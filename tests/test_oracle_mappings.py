@@ -72,7 +72,7 @@ ELSEWHERE: dict[str, str] = {
 """BROKEN entries the gated run below does not reproduce within its budget, and their evidence
 (tests named here are in tests/test_sync_regressions.py)."""
 
-EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_EXAMPLES", "50"))
 SOAK = os.environ.get("ROWSYNC_ORACLE_SOAK", "") not in ("", "0")
 GATED_EXAMPLES = int(os.environ.get("ROWSYNC_ORACLE_GATED_EXAMPLES", "200"))
 SHRINK = os.environ.get("ROWSYNC_ORACLE_SHRINK", "1") != "0"
