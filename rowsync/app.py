@@ -39,7 +39,7 @@ from rowsync.messages import EVENTS, Change, Message
 from rowsync.router import Router
 from rowsync.subscription import Authorizer, Subscription
 from rowsync.sync import Preloads, Syncer
-from rowsync.watchers import Assocs, Watcher, merge
+from rowsync.watchers import Assocs, Watcher, assocs_spec, merge, spec_assocs
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,10 @@ class RowSync:
             by_mapper[sa.inspect(obj).mapper].append(obj)
         for mapper, objs in by_mapper.items():
             self._watched(mapper.class_)
-            self.router.add_tree(sub, objs, self.router.spec(mapper, assocs))
+            # What the loader loaded is followed too, named in assocs or not: a relationship
+            # loaded by default (lazy="joined") and left unfollowed would silently go stale.
+            loaded = tree.merge_specs(assocs_spec(mapper, assocs), tree.tree_spec(objs))
+            self.router.add_tree(sub, objs, self.router.spec(mapper, spec_assocs(loaded)))
 
     def _watched(self, model: Any) -> sa.Table:
         try:

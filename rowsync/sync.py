@@ -37,7 +37,7 @@ from rowsync.cache import GONE, CachedRow
 from rowsync.fetch import RowSource, key_of, table_of
 from rowsync.graph import Edge, Graph
 from rowsync.messages import Change, Sync
-from rowsync.watchers import Assocs, _items
+from rowsync.watchers import Assocs, assocs_spec
 
 logger = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ class _Patch:
         if existing:
             return existing[0]
         if spec is None:
-            spec = _preload_spec(self.preloads.get(mapper.class_)) or {}
+            spec = _preload_spec(mapper, self.preloads) or {}
         if spec:
             loaded = self.rows.load(mapper, key, spec, self.change.ref)
             obj = None if loaded is None else self.reuse(loaded, {})
@@ -512,8 +512,8 @@ class _Patch:
         for parent, key in index.holders[id(obj)]:
             if parent is None:
                 declared = self.root_spec
-                if declared is None and state_class(obj) in self.preloads:
-                    declared = _preload_spec(self.preloads[state_class(obj)])
+                if declared is None:
+                    declared = _preload_spec(instance_state(obj).mapper, self.preloads)
             else:
                 declared = tree.declared_spec(parent)
             if declared is None:
@@ -614,7 +614,7 @@ def _compare_values(edge: Edge, va: tuple[Any, ...], vb: tuple[Any, ...]) -> int
     return 0
 
 
-def _preload_spec(assocs: Assocs | None) -> dict[str, Any] | None:
-    if assocs is None:
-        return None
-    return {name: _preload_spec(nested) or {} for name, nested in _items(assocs)}
+def _preload_spec(mapper: Mapper[Any], preloads: Preloads) -> dict[str, Any] | None:
+    """What ``preloads`` says objects of ``mapper`` come loaded with, if it names them."""
+    assocs = preloads.get(mapper.class_)
+    return None if assocs is None else assocs_spec(mapper, assocs)

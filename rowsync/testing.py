@@ -38,7 +38,7 @@ from rowsync.fetch import RowSource, key_of, qualified_name, table_of, usable_ke
 from rowsync.graph import Edge
 from rowsync.listener import Notice, send_flush
 from rowsync.messages import Change, Event, Message, Sync
-from rowsync.watchers import Assocs, Watcher, resolve_assocs
+from rowsync.watchers import Assocs, Watcher, assocs_spec
 
 __all__ = ["MemoryEvents", "NeedsDatabase", "Recorder", "WaitFor", "loaded", "one_batch"]
 
@@ -337,7 +337,7 @@ def loaded(value: T, assocs: Assocs = ()) -> T:
     included) is a poor guide. ``loaded(people, [{"posts": ["tags"]}])`` says it.
     """
     for obj in tree.as_list(value):
-        spec = _spec(_mapper(obj), assocs)
+        spec = assocs_spec(_mapper(obj), assocs)
         if missing := _missing(obj, spec):
             raise ConfigurationError(
                 f"{obj!r} has {missing} not loaded, which these options load: set it "
@@ -345,10 +345,6 @@ def loaded(value: T, assocs: Assocs = ()) -> T:
             )
         tree.remember_spec(obj, spec)
     return value
-
-
-def _spec(mapper: Mapper[Any], assocs: Assocs) -> dict[str, Any]:
-    return {rel.key: _spec(rel.mapper, nested) for rel, nested in resolve_assocs(mapper, assocs)}
 
 
 def _table(row: Any) -> sa.Table:
