@@ -215,11 +215,17 @@ class Router:
     # -- routing -----------------------------------------------------------------------
 
     def route(
-        self, table: sa.Table, event: str, new: Values | None, old: Values | None
+        self,
+        table: sa.Table,
+        event: str,
+        new: Values | None,
+        old: Values | None,
+        only: Subscription | None = None,
     ) -> list[Subscription]:
         """Subscriptions concerned by a change (each once), after updating their interests.
 
-        ``new`` is None for a delete, ``old`` None for an insert.
+        ``new`` is None for a delete, ``old`` None for an insert. With ``only``, just that
+        subscription is considered (a change replayed to it alone).
         """
         # An update that kept its identifying columns moves no row in or out of anything
         # followed: no interest changes (the common case, and the one fan-out must keep cheap).
@@ -236,6 +242,10 @@ class Router:
                     subs = self._index.get(key)
                     if not subs:
                         continue
+                    if only is not None:
+                        if only not in subs:
+                            continue
+                        subs = {only}
                     if not upkeep:
                         matched.update(dict.fromkeys(subs, _NO_KEYS))
                         continue
@@ -250,6 +260,8 @@ class Router:
                             self._upkeep(sub, key, edge, nested, event, new, old)
             result = list(matched)
             for sub in self._models.get(table, ()):
+                if only is not None and sub is not only:
+                    continue
                 hit, follow = _model_match(sub, table, event, new, old)
                 if not hit:
                     continue

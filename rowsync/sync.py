@@ -37,6 +37,7 @@ from rowsync.cache import GONE, CachedRow
 from rowsync.fetch import RowSource, key_of, table_of
 from rowsync.graph import Edge, Graph
 from rowsync.messages import Change, Sync
+from rowsync.roots import Rule
 from rowsync.watchers import Assocs, assocs_spec
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Syncer:
         """Indexes by ``id`` of the tree's value, least recently used first."""
         self._index_cache = index_cache
         self._lock = threading.Lock()
+        self._rules: dict[int, list[tuple[list[Any], Rule, object]]] = {}
+        """Root lists by ``id``, with the rules their subscriptions declared and who did."""
         tree.watch_mutations(graph.digraph.nodes)
 
     def index(self, value: Any, roots: list[Any]) -> tree.Index:
@@ -88,6 +91,34 @@ class Syncer:
             while len(self._indexes) > self._index_cache:
                 self._indexes.popitem(last=False)
         return index
+
+    def declare(self, roots: list[Any], rule: Rule, owner: object) -> None:
+        """Rows join and leave ``roots`` by ``rule`` (declared by ``owner``, a subscription)."""
+        with self._lock:
+            self._rules.setdefault(id(roots), []).append((roots, rule, owner))
+
+    def undeclare(self, owner: object) -> None:
+        """Forget the rules ``owner`` declared (it is closed)."""
+        with self._lock:
+            for key, entries in list(self._rules.items()):
+                kept = [e for e in entries if e[2] is not owner]
+                if kept:
+                    self._rules[key] = kept
+                else:
+                    del self._rules[key]
+
+    def rule(self, roots: list[Any], table: sa.Table) -> Rule | None:
+        """The rule ``roots`` change by, for rows of ``table``; None: they do not grow."""
+        with self._lock:
+            entries = self._rules.get(id(roots), ())
+            return next(
+                (
+                    r
+                    for held, r, _ in entries
+                    if held is roots and tree.mapped_table(r.mapper) is table
+                ),
+                None,
+            )
 
     def forget(self, objects: list[Any]) -> None:
         """Drop the cached indexes that hold any of ``objects``: rowsync changed what those
@@ -123,7 +154,8 @@ class Syncer:
         table = table_of(change.model)
         if roots and table not in self.graph.reachable(instance_state(roots[0]).mapper):
             return value
-        patch = _Patch(self, value, roots, change, table, preloads or {})
+        rule = self.rule(value, table) if isinstance(value, list) else None
+        patch = _Patch(self, value, roots, change, table, preloads or {}, rule)
         patch.apply()
         if isinstance(value, list):
             return value
@@ -199,8 +231,12 @@ class _Patch:
         change: Change,
         table: sa.Table,
         preloads: Preloads,
+        rule: Rule | None = None,
     ) -> None:
         self.syncer = syncer
+        self.rule = rule
+        self.growing = value is None
+        """``sync(None, insert)``: not a root list, a wait for a row; the row is the result."""
         self.graph = syncer.graph
         self.rows = syncer.rows
         self.roots = roots
@@ -367,34 +403,52 @@ class _Patch:
                 self.assign(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
-        """The roots themselves: a deleted root leaves, an inserted row of the roots' model
-        joins."""
+        """The roots themselves. A deleted root leaves. Otherwise the list's rule (declared
+        by its subscription: :mod:`rowsync.roots`) says whether the row is a root now, and
+        where; a list without one never gains a row it cannot know its query returns."""
         model = self.change.model
         if self.roots and instance_state(self.roots[0]).mapper.local_table is not self.table:
             return
-        if not self.roots and self.preloads and model not in self.preloads:
-            return  # an emptied root list: ``preloads`` names the models it holds
+        held = [
+            r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key
+        ]
         if self.deleted:
-            gone = [
-                r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key
-            ]
-            self.roots[:] = [r for r in self.roots if r not in gone]
-            self.touched += gone
-            self.reshaped += gone
+            self.leave(held)
+            return
+        if isinstance(model, sa.Table) or self.row is None:
+            return
+        if self.rule is None:
+            if self.growing and self.change.event == "inserted":
+                self.join(None)
+            return
+        wanted = self.rule.admits(self.key, self.row.values)
+        if wanted and not held:
+            self.join(self.rule.spec)
+            self.rule.arrange(self.roots)
+        elif held and not wanted:
+            self.leave(held)
+        elif held and self.change.event == "updated":
+            self.rule.arrange(self.roots)
+
+    def join(self, spec: tree.LoadSpec | None) -> None:
+        """The changed row becomes a root, loaded like its sibling roots (or as ``spec`` says);
+        held below already (it entered a collection first), that instance joins the roots."""
+        if spec is None and self.roots:
+            spec = tree.expected_spec(self.roots[0])
+        obj = self.instance(sa.inspect(self.change.model), self.key, self.row, spec)
+        if obj is not None:
+            self.roots.append(obj)
+            self.touched.append(obj)
+            self.reshaped.append(obj)
             tree.Generation.bump()
-        elif self.change.event == "inserted" and not any(
-            tree.primary_key(r) == self.key for r in self.roots
-        ):
-            # held below already (it entered a collection first): that instance joins the roots too
-            if isinstance(model, sa.Table):
-                return
-            spec = tree.expected_spec(self.roots[0]) if self.roots else None
-            obj = self.instance(sa.inspect(model), self.key, self.row, spec)
-            if obj is not None:
-                self.roots.append(obj)
-                self.touched.append(obj)
-                self.reshaped.append(obj)
-                tree.Generation.bump()
+
+    def leave(self, gone: list[Any]) -> None:
+        if not gone:
+            return
+        self.roots[:] = [r for r in self.roots if not any(r is g for g in gone)]
+        self.touched += gone
+        self.reshaped += gone
+        tree.Generation.bump()
 
     # -- making a collection hold a row, or not ---------------------------------------
 

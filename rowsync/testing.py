@@ -38,6 +38,7 @@ from rowsync.fetch import RowSource, key_of, qualified_name, table_of, usable_ke
 from rowsync.graph import Edge
 from rowsync.listener import Notice, send_flush
 from rowsync.messages import Change, Event, Message, Sync
+from rowsync.position import Position
 from rowsync.watchers import Assocs, Watcher, assocs_spec
 
 __all__ = ["MemoryEvents", "NeedsDatabase", "Recorder", "WaitFor", "loaded", "one_batch"]
@@ -501,6 +502,9 @@ class _MemoryRows(RowSource):
             if (row := self.known[(table, key)]) is not None:
                 found[key] = row
         return found
+
+    def snapshot(self) -> Position | None:
+        return None  # no database: no position can be replayed past a made-up gap
 
     def row_values(self, table: sa.Table, key: tuple[Any, ...]) -> Mapping[str, Any] | None:
         found = self.fetch(table, [key]).get(key)
