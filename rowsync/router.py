@@ -102,6 +102,15 @@ class Router:
                 self._bump(sub, _row_key(mapper.local_table, values), (None, spec), +1)
                 self._hold(sub, values, spec, +1, obj)
 
+    def drop_trees(self, sub: Subscription) -> None:
+        """Forget ``sub``'s tree interests (its model interests stay), to register its trees
+        again as they now are."""
+        with self._lock:
+            for key in list(sub.interests):
+                self._drop_key(sub, key)
+            sub.interests.clear()
+            sub.below.clear()
+
     def remove(self, sub: Subscription) -> None:
         with self._lock:
             self._subscriptions.pop(sub.id, None)
