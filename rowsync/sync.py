@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, attributes
 from sqlalchemy.orm.base import instance_state
 
-from rowsync import tree
+from rowsync import ordering, tree
 from rowsync.cache import GONE, CachedRow
 from rowsync.fetch import RowSource, key_of, table_of
 from rowsync.graph import Edge, Graph
@@ -578,37 +578,19 @@ def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
 
 def _in_place(edge: Edge, items: list[Any], at: int) -> bool:
     """Whether the row at ``items[at]`` is still in ``order_by`` order with its neighbours."""
-    names = _order_names(edge)
+    names = edge.order_names
     here = tree.values_of(items[at], names)
-    if at > 0 and _compare_values(edge, tree.values_of(items[at - 1], names), here) > 0:
+    if at > 0 and ordering.compare(edge.order_by, tree.values_of(items[at - 1], names), here) > 0:
         return False
     last = len(items) - 1
-    return at == last or _compare_values(edge, here, tree.values_of(items[at + 1], names)) <= 0
-
-
-@functools.cache
-def _order_names(edge: Edge) -> tuple[str, ...]:
-    return tuple(column.name for column, _ in edge.order_by)
+    return at == last or (
+        ordering.compare(edge.order_by, here, tree.values_of(items[at + 1], names)) <= 0
+    )
 
 
 def _compare(edge: Edge, a: Any, b: Any) -> int:
-    names = _order_names(edge)
-    return _compare_values(edge, tree.values_of(a, names), tree.values_of(b, names))
-
-
-def _compare_values(edge: Edge, va: tuple[Any, ...], vb: tuple[Any, ...]) -> int:
-    """Postgres' default ordering: NULLs last ascending, first descending."""
-    for (_, descending), x, y in zip(edge.order_by, va, vb, strict=True):
-        if x == y:
-            continue
-        if x is None:
-            result = 1
-        elif y is None:
-            result = -1
-        else:
-            result = -1 if x < y else 1
-        return -result if descending else result
-    return 0
+    names = edge.order_names
+    return ordering.compare(edge.order_by, tree.values_of(a, names), tree.values_of(b, names))
 
 
 def _preload_spec(assocs: Assocs | None) -> dict[str, Any] | None:
