@@ -8,7 +8,8 @@ in a loaded collection, whatever the relationship kind:
   its ``remote`` columns equal the parent's ``local`` columns and the criteria hold;
 * through an association table or object (``secondary``): a link row pairs a parent key
   with a target key; the criteria are evaluated on the target row;
-* anything else (a ``secondary`` that is a join, criteria spanning several tables):
+* anything else (a ``secondary`` that is a join, criteria spanning several tables, an
+  ``order_by`` term Python cannot order as Postgres does, see :mod:`rowsync.ordering`):
   ``recompute`` - the membership is re-queried for the affected parents.
 
 Criteria are never evaluated in Python: each is compiled into the listener's row fetch as
