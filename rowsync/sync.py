@@ -169,18 +169,22 @@ class _CachedIndex:
     value: Any
     roots: list[Any]
     by_identity: bool
-    """Some root class defines ``__eq__``: roots are compared by identity, element by element."""
+    """A class whose instances can be in the list (a root's class or a subclass of it)
+    defines ``__eq__``: roots are compared by identity, element by element."""
     index: tree.Index
 
     @classmethod
     def of(cls, value: Any, roots: list[Any], index: tree.Index) -> _CachedIndex:
-        plain = all(kind.__eq__ is _OBJECT_EQ for kind in {type(r) for r in roots})
+        mappers = {instance_state(r).mapper for r in roots}
+        kinds = {m.class_ for mapper in mappers for m in mapper.self_and_descendants}
+        plain = all(kind.__eq__ is _OBJECT_EQ for kind in kinds)
         return cls(value, list(roots), not plain, index)
 
     def holds(self, roots: list[Any]) -> bool:
         """Whether ``roots`` are still the very objects the index was built from. Without a
-        custom ``__eq__``, list equality is identity, compared in C (~1 ns a root, where a
-        tuple of ids costs ~70 us for 1,000 roots, the bulk of a sync)."""
+        custom ``__eq__`` on any class a root can have, list equality is identity, compared in
+        C (~1 ns a root, where a tuple of ids costs ~70 us for 1,000 roots, the bulk of a
+        sync): no user ``__eq__`` can run."""
         if len(roots) != len(self.roots):
             return False
         if self.by_identity:
@@ -375,7 +379,8 @@ class _Patch:
             gone = [
                 r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key
             ]
-            self.roots[:] = [r for r in self.roots if r not in gone]
+            gone_ids = {id(r) for r in gone}
+            self.roots[:] = [r for r in self.roots if id(r) not in gone_ids]
             self.touched += gone
             self.reshaped += gone
             tree.Generation.bump()
