@@ -175,9 +175,9 @@ class _CachedIndex:
 
     @classmethod
     def of(cls, value: Any, roots: list[Any], index: tree.Index) -> _CachedIndex:
-        mappers = {instance_state(r).mapper for r in roots}
-        kinds = {m.class_ for mapper in mappers for m in mapper.self_and_descendants}
-        plain = all(kind.__eq__ is _OBJECT_EQ for kind in kinds)
+        kinds = {type(r) for r in roots}
+        mappers = {m for kind in kinds for m in sa.inspect(kind).self_and_descendants}
+        plain = all(m.class_.__eq__ is _OBJECT_EQ for m in mappers)
         return cls(value, list(roots), not plain, index)
 
     def holds(self, roots: list[Any]) -> bool:
