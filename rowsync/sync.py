@@ -422,7 +422,8 @@ class _Patch:
         if isinstance(model, sa.Table) or self.row is None:
             return
         if self.rule is None:
-            if self.growing and self.change.event == "inserted":
+            wanted = not self.preloads or model in self.preloads  # it names what None becomes
+            if self.growing and self.change.event == "inserted" and wanted:
                 self.join(None)
             return
         wanted = self.rule.admits(self.key, self.row.values)
