@@ -1,25 +1,26 @@
 """pgbench's TPC-B-like load at full speed with three subscribed trees kept in sync
 (issue 12, row 11).
 
-Two throwaway databases are initialised alike with ``pgbench -i -s 1`` (1 branch, 10 tellers,
-100,000 accounts; primary keys on all but ``pgbench_history``, which has none). In one,
-nothing else: the baseline. In the other, a RowSync in its default capture watches every
-pgbench table it can: branches, tellers and accounts; ``pgbench_history`` is refused (no
-primary key: the ``ConfigurationError`` is quoted in the notes) and stays unwatched, like every
-insert of the load into it. Three trees are loaded and subscribed - every branch, every teller
-and the accounts 1 to 10,000 (a tenth of them) - and each is held by a consumer thread that
-applies every message with ``rs.sync`` as soon as it gets it, as an application would (and
-calls ``rs.resync`` on a ``Resync``).
+Three throwaway databases are initialised alike with ``pgbench -i -s 1`` (1 branch, 10 tellers,
+100,000 accounts; primary keys on all but ``pgbench_history``, which has none). In the first,
+nothing else: the baseline. In the second, rowsync's triggers and nobody listening: what capture
+alone costs the writers (context). In the third, a started RowSync in its default capture
+watches every pgbench table it can: branches, tellers and accounts; ``pgbench_history`` is
+refused (no primary key: the ``ConfigurationError`` is quoted in the notes) and stays
+unwatched, like the load's insert into it. Three trees are loaded and subscribed - every branch,
+every teller and the accounts 1 to 10,000 (a tenth of them) - and each is held by a consumer
+thread that applies every message with ``rs.sync`` as soon as it gets it, as an application
+would (and calls ``rs.resync`` on a ``Resync``).
 
 Each round runs ``pgbench -b tpcb-like -c 8 -j 2 -M prepared -T <s>`` (20 s, 5 s with --quick)
-on each database in turn, the order alternating from round to round (pgbench vacuums branches
-and tellers and empties history before each run). Every transaction updates one account, one
+on each database in turn, the order rotated from round to round (pgbench vacuums branches and
+tellers and empties history before each run). Every transaction updates one account, one
 teller and the branch (3 changes rowsync delivers) and inserts one history row. During the
-rowsync runs: changes dispatched by rowsync a second (until the last one is dispatched),
-each consumer's messages, overflows (``sub.overflows``: its queue, 10,000 by default, filled
-up and was replaced by a Resync) and the most messages it saw queued (its lag). After the load
-stops: ``rs.flush()``, the consumers empty their queues, and each tree is compared with a fresh
-query (primary keys and balances).
+rowsync runs: changes dispatched by rowsync a second (until the last one is dispatched), the
+CPU this process used (listener and consumers), each consumer's messages, overflows
+(``sub.overflows``: its queue, 10,000 by default, filled up and was replaced by a Resync) and
+the most messages it saw queued (its lag). After the load stops: ``rs.flush()``, the consumers
+empty their queues, and each tree is compared with a fresh query (primary keys and balances).
 
 Figures: TPS with rowsync / TPS without any trigger (same round), median over rounds;
 overflows and lag over every round (the goal: none).
@@ -27,6 +28,7 @@ overflows and lag over every round (the goal: none).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import subprocess
@@ -206,6 +208,8 @@ class Consumer(threading.Thread):
 @dataclass
 class _Samples:
     base_tps: list[float] = field(default_factory=list)
+    capture_tps: list[float] = field(default_factory=list)
+    """Triggers installed, nobody listening: what capture alone costs the writers."""
     tps: list[float] = field(default_factory=list)
     transactions: list[int] = field(default_factory=list)
     dispatched: list[int] = field(default_factory=list)
@@ -213,49 +217,65 @@ class _Samples:
     """From the start of the load until its last change was dispatched."""
     catch_up_s: list[float] = field(default_factory=list)
     """From the end of the load until every consumer had applied everything."""
+    cores: list[float] = field(default_factory=list)
+    """CPU seconds of this process (listener, consumers) per second of load."""
     equal: list[bool] = field(default_factory=list)
+
+
+CONFIGURATIONS = ("none", "capture", "rowsync")
 
 
 def run(ctx: Context) -> list[Result]:
     rounds = ctx.rounds(2, 1)
     seconds = ctx.rounds(20, 5)
-    with ctx.database("tpcb") as url, ctx.database("tpcb_base") as base_url:
-        initialise(url)
-        initialise(base_url)
-        engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(ctx.database(f"tpcb_{name}")) for name in CONFIGURATIONS}
+        engines = {
+            name: sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
+            for name, url in urls.items()
+        }
         try:
-            return _run(url, base_url, engine, rounds, seconds)
+            for url in urls.values():
+                initialise(url)
+            return _run(urls, engines, rounds, seconds)
         finally:
-            engine.dispose()
+            for engine in engines.values():
+                engine.dispose()
 
 
-def _run(url: str, base_url: str, engine: sa.Engine, rounds: int, seconds: int) -> list[Result]:
+def _rowsync(engine: sa.Engine) -> rowsync.RowSync:
+    """A RowSync in its default capture over every pgbench table it accepts."""
+    return rowsync.RowSync(
+        engine, [w for model in (Branch, Teller, Account) for w in rowsync.watchers(model)]
+    )
+
+
+def _run(
+    urls: dict[str, str], engines: dict[str, sa.Engine], rounds: int, seconds: int
+) -> list[Result]:
     try:
         rowsync.watchers(History)
         refused = ""
     except rowsync.ConfigurationError as exc:
         refused = str(exc)
-    watched = (Branch, Teller, Account)
-    rs = rowsync.RowSync(engine, [w for m in watched for w in rowsync.watchers(m)])
+    _rowsync(engines["capture"]).install()
+    rs = _rowsync(engines["rowsync"])
     rs.install()
     samples = _Samples()
     with rs:
         consumers = []
         for name, (query, _) in TREES.items():
-            with Session(engine, expire_on_commit=False) as session:
+            with Session(rs.engine, expire_on_commit=False) as session:
                 tree = list(session.scalars(query()))
             consumers.append(Consumer(rs, name, tree))
         for consumer in consumers:
             consumer.start()
         try:
             for r in range(rounds):
-                order = ("base", "rowsync") if r % 2 == 0 else ("rowsync", "base")
-                for which in order:
-                    if which == "base":
-                        samples.base_tps.append(pgbench(base_url, seconds)[0])
-                        logger.info("round %d no trigger: %.0f tps", r, samples.base_tps[-1])
-                    else:
-                        _loaded_round(rs, url, consumers, seconds, samples)
+                shift = r % len(CONFIGURATIONS)
+                for which in CONFIGURATIONS[shift:] + CONFIGURATIONS[:shift]:
+                    if which == "rowsync":
+                        _loaded_round(rs, urls[which], consumers, seconds, samples)
                         logger.info(
                             "round %d rowsync: %.0f tps, %d changes dispatched, trees equal: %s",
                             r,
@@ -263,6 +283,10 @@ def _run(url: str, base_url: str, engine: sa.Engine, rounds: int, seconds: int) 
                             samples.dispatched[-1],
                             samples.equal[-1],
                         )
+                        continue
+                    into = samples.base_tps if which == "none" else samples.capture_tps
+                    into.append(pgbench(urls[which], seconds)[0])
+                    logger.info("round %d %s: %.0f tps", r, which, into[-1])
         finally:
             for consumer in consumers:
                 consumer.sub.close()
@@ -275,12 +299,14 @@ def _loaded_round(
     rs: rowsync.RowSync, url: str, consumers: list[Consumer], seconds: int, samples: _Samples
 ) -> None:
     before = rs.stats["dispatched"]
+    cpu = time.process_time()
     started = time.perf_counter()
     tps, transactions = pgbench(url, seconds)
     ended = time.perf_counter()
     rs.flush(300)
     dispatched = time.perf_counter()
     caught_up = all(c.caught_up(300) for c in consumers)
+    samples.cores.append((time.process_time() - cpu) / (time.perf_counter() - started))
     samples.tps.append(tps)
     samples.transactions.append(transactions)
     samples.dispatched.append(rs.stats["dispatched"] - before)
@@ -299,10 +325,12 @@ def _same_as_fresh_query(rs: rowsync.RowSync, consumer: Consumer) -> bool:
 def _results(
     samples: _Samples, consumers: list[Consumer], refused: str, rounds: int, seconds: int
 ) -> list[Result]:
-    ratio = median([t / b for t, b in zip(samples.tps, samples.base_tps, strict=True)])
+    def ratio(tps: list[float]) -> float:
+        return median([t / b for t, b in zip(tps, samples.base_tps, strict=True)])
+
     how = (
         f"pgbench -b tpcb-like -s {SCALE} -c {CLIENTS} -j {JOBS} -M prepared -T {seconds}; "
-        f"{rounds} rounds, the two databases in alternating order"
+        f"{rounds} rounds, the three twin databases in rotated order"
     )
     history = (
         f"pgbench_history not watched: rowsync.watchers refuses it ({refused})"
@@ -321,8 +349,21 @@ def _results(
             unit="tps",
             baseline=median(samples.base_tps),
             baseline_label="the same pgbench run on a twin database without any trigger",
-            ratio=ratio,
-            notes=f"ratio: median over rounds of TPS with / without, same round; {how}",
+            ratio=ratio(samples.tps),
+            notes=(
+                f"ratio: median over rounds of TPS with / without, same round; {how}; this "
+                f"process (listener, consumers) kept {median(samples.cores):.2f} cores busy"
+            ),
+        ),
+        Result(
+            "tpcb",
+            "TPS with rowsync's triggers, nobody listening (context)",
+            median(samples.capture_tps),
+            unit="tps",
+            baseline=median(samples.base_tps),
+            baseline_label="the same pgbench run on a twin database without any trigger",
+            ratio=ratio(samples.capture_tps),
+            notes="a third twin database: what capture alone costs the writers",
         ),
         Result(
             "tpcb",
