@@ -17,7 +17,8 @@ on each database in turn, the order rotated from round to round (pgbench vacuums
 tellers and empties history before each run). Every transaction updates one account, one
 teller and the branch (3 changes rowsync delivers) and inserts one history row. During the
 rowsync runs: changes dispatched by rowsync a second (until the last one is dispatched), the
-CPU this process used (listener and consumers), each consumer's messages, overflows
+CPU this process used (listener and consumers), each consumer's messages (and the time of
+each ``rs.sync``: updates of a root list's own rows, here all of them), overflows
 (``sub.overflows``: its queue, 10,000 by default, filled up and was replaced by a Resync) and
 the most messages it saw queued (its lag). After the load stops: ``rs.flush()``, the consumers
 empty their queues, and each tree is compared with a fresh query (primary keys and balances).
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from harness import Context, Goal, Result, median
+from harness import Context, Goal, Result, fmt, median, percentile
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import rowsync
@@ -173,6 +174,10 @@ class Consumer(threading.Thread):
         self.applied = 0
         self.resyncs = 0
         self.max_queued = 0
+        self.busy_s = 0.0
+        """Seconds spent applying messages."""
+        self.syncs: list[float] = []
+        """Seconds of each ``rs.sync``."""
         self.idle = threading.Event()
         """Set once the queue stayed empty for IDLE seconds."""
         self.error: BaseException | None = None
@@ -189,12 +194,15 @@ class Consumer(threading.Thread):
                     continue
                 self.idle.clear()
                 self.max_queued = max(self.max_queued, len(self.sub) + 1)
+                started = time.perf_counter()
                 if message[0] is rowsync.Resync:
                     self.resyncs += 1
                     self.tree = self.rs.resync(self.tree)
                 else:
                     self.tree = self.rs.sync(self.tree, message)
                     self.applied += 1
+                    self.syncs.append(time.perf_counter() - started)
+                self.busy_s += time.perf_counter() - started
         except BaseException as exc:  # reported by the benchmark, not lost in a thread
             self.error = exc
             logger.exception("%s failed", self.name)
@@ -378,6 +386,7 @@ def _results(
         ),
     ]
     for c in consumers:
+        p50, p99 = (percentile(c.syncs or [0.0], q) for q in (50, 99))
         results.append(
             Result(
                 "tpcb",
@@ -385,7 +394,11 @@ def _results(
                 c.sub.overflows,
                 unit="count",
                 goal=Goal.at_most("0 (load sustained)", c.sub.overflows, 0, "count"),
-                notes=f"{c.applied:,} messages applied with rs.sync, {c.resyncs} Resyncs",
+                notes=(
+                    f"{c.applied:,} messages applied with rs.sync (p50 {fmt(p50, 's')}, "
+                    f"p99 {fmt(p99, 's')}), {c.resyncs} Resyncs; busy applying "
+                    f"{c.busy_s / sum(samples.delivery_s):.1%} of the loaded time"
+                ),
             )
         )
         results.append(
