@@ -481,6 +481,7 @@ class _Patch:
         items = tree.as_list(current)
         at = tree.find(items, target, self.index.instances(edge.target_table, target))
         held = at >= 0
+        placed = True
         if present and not held:
             obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
             if obj is None:
@@ -488,13 +489,15 @@ class _Patch:
             items = [*items, obj]
         elif present is False and held:
             items = [o for o in items if tree.primary_key(o) != target]
-        elif not (held and edge.order_by):
+        elif not held:
             return
-        elif _in_place(edge, items, at):
-            return  # still between its neighbours: an update that moved nothing
+        else:
+            placed = tree.placed(parent, edge.key, items[at])
+            if placed and (not edge.order_by or _in_place(edge, items, at)):
+                return  # still under its key, between its neighbours: an update that moved nothing
         if edge.order_by:
             items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
-        if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
+        if not placed or [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
             self.assign(parent, edge, items)
 
     def assign(self, parent: Any, edge: Edge, value: Any) -> None:
