@@ -492,7 +492,7 @@ class _Patch:
         elif not held:
             return
         else:
-            placed = tree.placed(parent, edge.key, items[at])
+            placed = tree.placed(parent, edge.key, current, items[at])
             if placed and (not edge.order_by or _in_place(edge, items, at)):
                 return  # still under its key, between its neighbours: an update that moved nothing
         if edge.order_by:

@@ -58,7 +58,7 @@ def as_list(value: Any) -> list[Any]:
         return []
     adapter = getattr(value, "_sa_adapter", None)
     if adapter is not None:
-        return list(adapter)
+        return list(iter(adapter))  # not list(adapter): its len() walks the collection once more
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
@@ -76,15 +76,14 @@ def collection(obj: Any, key: str, members: Iterable[Any]) -> Any:
     return data
 
 
-def placed(obj: Any, key: str, member: Any) -> bool:
-    """Whether the loaded collection ``key`` of ``obj`` holds ``member`` where its class would
-    put it now. Only a mapping places a member by its values (a dict keyed by an attribute
-    that an update of the member changed); a list or a set holds it wherever it is, its order
-    being ``order_by``'s concern."""
-    current = loaded_value(obj, key)
-    if not isinstance(current, Mapping):
+def placed(obj: Any, key: str, value: Any, member: Any) -> bool:
+    """Whether ``value``, the loaded collection ``key`` of ``obj``, holds ``member`` where its
+    class would put it now. Only a mapping places a member by its values (a dict keyed by an
+    attribute that an update of the member changed); a list or a set holds it wherever it is,
+    its order being ``order_by``'s concern."""
+    if not isinstance(value, Mapping):
         return True
-    return all(current.get(k) is member for k in collection(obj, key, [member]))
+    return all(value.get(k) is member for k in collection(obj, key, [member]))
 
 
 def loaded_value(obj: Any, key: str) -> Any:

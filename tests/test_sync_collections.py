@@ -1,5 +1,6 @@
-"""Every collection class SQLAlchemy supports, through a one-to-many (``Shelf.books``) and a
-many-to-many through a plain table (``Shelf.tags``): the synced tree holds the mapping's own
+"""Every collection class SQLAlchemy supports, through a one-to-many (``Shelf.books``), a
+many-to-many through a plain table (``Shelf.tags``) and one that rowsync re-queries
+(``Shelf.others``): the synced tree holds the mapping's own
 collection class with the members a fresh query gives, a dict collection each member under
 the key it has now, in ``order_by`` order (a set in any order).
 
@@ -121,6 +122,14 @@ def schema(kind: Callable[[Any], Any]) -> Schema:
             Book, collection_class=kind(Book), order_by=Book.id, back_populates="shelf"
         )
         tags = relationship(Tag, secondary=links, collection_class=kind(Tag), order_by=Tag.id)
+        others = relationship(  # criteria on the parent's table: rowsync re-queries it
+            Tag,
+            secondary=links,
+            primaryjoin=lambda: sa.and_(Shelf.id == links.c.shelf_id, Shelf.name != "hidden"),
+            collection_class=kind(Tag),
+            order_by=Tag.id,
+            viewonly=True,
+        )
 
     return Schema(Base, Shelf, Book, Tag, links)
 
@@ -151,9 +160,10 @@ class Shelves:
 
 
 @pytest.fixture
-def shelves(request: pytest.FixtureRequest, engine: sa.Engine, write_to: Any) -> Iterator[Any]:
+def shelves(engine: sa.Engine, write_to: Any) -> Iterator[Any]:
     """``shelves(schema, relationship key, loader)``: shelves 1 and 2 with books and tags,
-    loaded with that relationship and subscribed to it."""
+    loaded with that relationship and subscribed to it (or ``statement`` loaded and
+    subscribed with ``assocs``)."""
     started: list[rowsync.RowSync] = []
 
     def make(
@@ -176,7 +186,7 @@ def shelves(request: pytest.FixtureRequest, engine: sa.Engine, write_to: Any) ->
             s.tag(id=3, name="z"),
             s.links.insert().values([{"shelf_id": 1, "tag_id": 1}, {"shelf_id": 2, "tag_id": 1}]),
         )
-        watched = [{"books": ["shelf"]}, "tags"]
+        watched = [{"books": ["shelf"]}, "tags", "others"]
         rs = rowsync.RowSync(engine, rowsync.watchers(s.shelf, watched))
         rs.install()
         started.append(rs.start())
@@ -338,3 +348,42 @@ def test_a_deleted_target_leaves_every_parent(shelves, s):
     one, two = t.sync()
 
     assert held(one, "tags") == held(two, "tags") == []
+
+
+@pytest.mark.parametrize("s", KINDS)
+def test_a_collection_rowsync_queries_again_comes_back_in_the_mappings_class(shelves, s):
+    t = shelves(s, "others")
+
+    t.write(s.links.insert().values(shelf_id=1, tag_id=2))
+    t.write(sa.update(s.tag).where(s.tag.id == 1).values(name="w"))
+    t.write(sa.update(s.shelf).where(s.shelf.id == 2).values(name="hidden"))
+    one, two = t.sync()
+
+    assert sorted(held(one, "others")) == [("w", 1), ("y", 2)]
+    assert held(two, "others") == []
+
+
+# -- live queries ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("s", KINDS)
+def test_a_live_query_keeps_collections_of_every_class_current(shelves, s):
+    t = shelves(s, "books")
+    with t.rs.live(t.write.sessions, t.statement) as live:
+        t.write(
+            s.shelf(id=3, name="three"),
+            s.book(id=50, name="h", shelf_id=3),
+            s.book(id=20, name="b", shelf_id=1),
+        )
+        live.flush()
+        t.write(sa.update(s.book).where(s.book.id == 30).values(name="e"))
+        t.write(sa.update(s.book).where(s.book.id == 10).values(shelf_id=2))
+        t.write(sa.delete(s.book).where(s.book.id == 40))
+        live.flush()
+
+        expected = fresh(t.write.sessions, t.statement)
+        with live.read() as roots:
+            assert snapshot(roots) == snapshot(expected), differences(
+                snapshot(roots), snapshot(expected)
+            )
+            assert sorted(held(roots[0], "books")) == [("b", 20), ("e", 30)]
