@@ -256,6 +256,8 @@ class _Patch:
         self.reshaped: list[Any] = []
         """Objects of the tree whose relationships this change set or unloaded (or whose
         place among the roots changed): every cached index holding one is stale."""
+        self.requery: dict[Edge, dict[int, Any]] = {}
+        """Parents whose collection only a query can tell (by edge, then ``id``)."""
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.row(table, self.key, change.ref)
@@ -290,6 +292,8 @@ class _Patch:
                 self.link(edge, parents)
             if self.table is edge.parent_table and not edge.local_is_key and not self.deleted:
                 self.repoint(edge, parents)
+        for edge, stale in self.requery.items():
+            self.recompute(edge, list(stale.values()))
         self.root()
         if self.touched:
             self.conform()
@@ -481,7 +485,14 @@ class _Patch:
         items = tree.as_list(current)
         at = tree.find(items, target, self.index.instances(edge.target_table, target))
         held = at >= 0
-        placed = True
+        if (
+            held
+            and tree.keyed(current)
+            and (present is False or not tree.placed(parent, edge.key, current, items[at]))
+        ):
+            # leaving its key (or re-keyed) may uncover a row that key hid: ask the database
+            self.requery.setdefault(edge, {})[id(parent)] = parent
+            return
         if present and not held:
             obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
             if obj is None:
@@ -489,15 +500,13 @@ class _Patch:
             items = [*items, obj]
         elif present is False and held:
             items = [o for o in items if tree.primary_key(o) != target]
-        elif not held:
+        elif not (held and edge.order_by):
             return
-        else:
-            placed = tree.placed(parent, edge.key, current, items[at])
-            if placed and (not edge.order_by or _in_place(edge, items, at)):
-                return  # still under its key, between its neighbours: an update that moved nothing
+        elif _in_place(edge, items, at):
+            return  # still between its neighbours: an update that moved nothing
         if edge.order_by:
             items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
-        if not placed or [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
+        if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
             self.assign(parent, edge, items)
 
     def assign(self, parent: Any, edge: Edge, value: Any) -> None:

@@ -76,12 +76,19 @@ def collection(obj: Any, key: str, members: Iterable[Any]) -> Any:
     return data
 
 
+def keyed(value: Any) -> bool:
+    """Whether a collection holds its members by key (a mapping): one member a key, so a row
+    loaded under a key another row took is not among its members, and the key's next holder
+    can only be known from the database."""
+    return isinstance(value, Mapping)
+
+
 def placed(obj: Any, key: str, value: Any, member: Any) -> bool:
     """Whether ``value``, the loaded collection ``key`` of ``obj``, holds ``member`` where its
-    class would put it now. Only a mapping places a member by its values (a dict keyed by an
-    attribute that an update of the member changed); a list or a set holds it wherever it is,
-    its order being ``order_by``'s concern."""
-    if not isinstance(value, Mapping):
+    class would put it now. Only a keyed collection places a member by its values (a dict
+    keyed by an attribute that an update of the member changed); a list or a set holds it
+    wherever it is, its order being ``order_by``'s concern."""
+    if not keyed(value):
         return True
     return all(value.get(k) is member for k in collection(obj, key, [member]))
 

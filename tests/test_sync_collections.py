@@ -136,6 +136,7 @@ def schema(kind: Callable[[Any], Any]) -> Schema:
 
 SCHEMAS = {name: schema(kind) for name, kind in CLASSES.items()}
 KINDS = [pytest.param(s, id=name) for name, s in SCHEMAS.items()]
+KEYED = [k for k in KINDS if isinstance(k.values[0].shelf.books.property.collection_class(), dict)]
 LOADERS = [pytest.param(selectinload, id="selectin"), pytest.param(joinedload, id="joined")]
 
 
@@ -277,6 +278,43 @@ def test_a_child_inserted_renamed_moved_and_deleted_in_turn_is_followed(shelves,
     _, two = t.sync()
 
     assert held(two, "books") == [("d", 40)]
+
+
+LEAVING = {
+    "deleted": lambda s: sa.delete(s.book).where(s.book.id == 20),
+    "renamed": lambda s: sa.update(s.book).where(s.book.id == 20).values(name="b"),
+    "moved": lambda s: sa.update(s.book).where(s.book.id == 20).values(shelf_id=2),
+}
+
+
+@pytest.mark.parametrize("leaving", [pytest.param(w, id=name) for name, w in LEAVING.items()])
+@pytest.mark.parametrize("s", KEYED)
+def test_a_child_hidden_under_a_repeated_key_comes_back_when_the_keys_holder_leaves(
+    shelves, s, leaving
+):
+    t = shelves(s, "books")
+    t.write(s.book(id=20, name="a", shelf_id=1))  # after book 10 in order_by: it takes "a"
+    one, _ = t.sync()
+    assert sorted(held(one, "books")) == [("a", 20), ("c", 30)]
+
+    t.write(leaving(s))
+    one, _ = t.sync()
+
+    assert ("a", 10) in held(one, "books")
+
+
+@pytest.mark.parametrize("s", KEYED)
+def test_a_target_hidden_under_a_repeated_key_comes_back_when_its_link_goes(shelves, s):
+    t = shelves(s, "tags")
+    t.write(s.links.insert().values(shelf_id=1, tag_id=2))
+    t.write(sa.update(s.tag).where(s.tag.id == 2).values(name="x"))
+    one, _ = t.sync()
+    assert held(one, "tags") == [("x", 2)]
+
+    t.write(s.links.delete().where(s.links.c.tag_id == 2))
+    one, _ = t.sync()
+
+    assert held(one, "tags") == [("x", 1)]
 
 
 @pytest.mark.parametrize("s", KINDS)
