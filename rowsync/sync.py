@@ -256,6 +256,8 @@ class _Patch:
         self.reshaped: list[Any] = []
         """Objects of the tree whose relationships this change set or unloaded (or whose
         place among the roots changed): every cached index holding one is stale."""
+        self.requery: dict[Edge, dict[int, Any]] = {}
+        """Parents whose collection only a query can tell (by edge, then ``id``)."""
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.row(table, self.key, change.ref)
@@ -290,6 +292,8 @@ class _Patch:
                 self.link(edge, parents)
             if self.table is edge.parent_table and not edge.local_is_key and not self.deleted:
                 self.repoint(edge, parents)
+        for edge, stale in self.requery.items():
+            self.recompute(edge, list(stale.values()))
         self.root()
         if self.touched:
             self.conform()
@@ -482,6 +486,14 @@ class _Patch:
         items = tree.as_list(current)
         at = tree.find(items, target, self.index.instances(edge.target_table, target))
         held = at >= 0
+        if (
+            held
+            and tree.keyed(current)
+            and (present is False or not tree.placed(parent, edge.key, current, items[at]))
+        ):
+            # leaving its key (or re-keyed) may uncover a row that key hid: ask the database
+            self.requery.setdefault(edge, {})[id(parent)] = parent
+            return
         if present and not held:
             obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
             if obj is None:
