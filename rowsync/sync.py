@@ -347,6 +347,9 @@ class _Patch:
             return
         target = tuple(self.row.values.get(t.name) for _, t in edge.target_pairs)
         linked = self.rows.links(edge, target, self.change.ref)
+        if edge.links_repeat:
+            self.relink(edge, parents, list(linked))
+            return
         for parent in self.candidates(edge, parents, *linked):
             self.ensure(
                 parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
@@ -360,6 +363,9 @@ class _Patch:
             pairs.append((old, False))
         if new is not None:
             pairs.append((new, True))
+        if edge.links_repeat:
+            self.relink(edge, parents, [edge.remote(values) for values, _ in pairs])
+            return
         for values, present in pairs:
             local = edge.remote(values)
             target = key_of(edge.target_table, edge.link_target(values))
@@ -371,6 +377,14 @@ class _Patch:
             for parent in self.candidates(edge, parents, local):
                 if _local(parent, edge) == local:
                     self.ensure(parent, edge, target, present, row)
+
+    def relink(self, edge: Edge, parents: list[Any], locals_: list[tuple[Any, ...]]) -> None:
+        """The links of parents whose local columns are one of ``locals_``, re-read: where a
+        pair may be linked several times, only SQLAlchemy's loader knows what it holds."""
+        wanted = set(locals_)
+        found = self.candidates(edge, parents, *wanted)
+        if group := [p for p in found if _local(p, edge) in wanted]:
+            self.recompute(edge, group)
 
     def repoint(self, edge: Edge, parents: list[Any]) -> None:
         """A many-to-one whose foreign key lives on the changed row: follow the key."""
