@@ -396,3 +396,19 @@ def test_links_in_a_table_with_hostile_names_are_synced(engine, loader):
         assert [e.key for e in herd[0].herd] == [1, 3]
         assert snapshot(herd) == snapshot(fresh())
         assert sa.inspect(engine).has_table("y")
+
+
+def test_announce_covers_every_row_of_a_table_without_primary_key(linked):
+    rs, write, sessions = linked
+    write(
+        followers.insert().values(follower_id=1, followed_id=2),  # twice
+        followers.insert().values(follower_id=None, followed_id=3),
+        followers.insert().values(follower_id=2, followed_id=None),
+        followers.insert().values(follower_id=3, followed_id=1),
+    )
+    users = load(sessions, selectinload)
+    sub = follow(rs, users)
+
+    assert rs.announce(["followers"], batch=1) == {"public.followers": 5}
+    users = apply_all(rs, sub, users)
+    assert snapshot(users) == snapshot(load(sessions, selectinload))
