@@ -412,3 +412,30 @@ def test_announce_covers_every_row_of_a_table_without_primary_key(linked):
     assert rs.announce(["followers"], batch=1) == {"public.followers": 5}
     users = apply_all(rs, sub, users)
     assert snapshot(users) == snapshot(load(sessions, selectinload))
+
+
+@pytest.mark.parametrize("loader", [selectinload, joinedload])
+def test_a_live_query_follows_links_without_primary_key(linked, loader):
+    rs, write, sessions = linked
+    statement = sa.select(User).order_by(User.id).options(loader(User.following))
+
+    with rs.live(sessions, statement) as live:
+        write(followers.insert().values(follower_id=1, followed_id=3))
+        write(followers.update().where(followers.c.followed_id == 2).values(follower_id=3))
+        write(followers.insert().values(follower_id=3, followed_id=2))
+        live.flush()
+        with live.read() as users:
+            assert [u.id for u in users[0].following] == [3]
+            assert snapshot(users) == snapshot(load_with(sessions, statement))
+
+        write(one_copy(followers, follower_id=3, followed_id=2))
+        live.flush()
+        with live.read() as users:
+            assert [u.id for u in users[2].following] == [2]
+            assert snapshot(users) == snapshot(load_with(sessions, statement))
+    assert rs.stats["live_errors"] == 0
+
+
+def load_with(sessions: sessionmaker[Session], statement: sa.Select[Any]) -> list[User]:
+    with sessions() as session:
+        return list(session.scalars(statement).unique())
