@@ -417,11 +417,14 @@ class _Patch:
         memo: dict[int, Any] = {}
         for strategy, group in by_strategy.items():
             keys = [tree.primary_key(p) for p in group]
-            fresh = self.rows.reload(
-                edge, keys, _child_spec(group[0], edge), strategy, self.change.ref
-            )
+            spec = _child_spec(group[0], edge)
+            fresh = self.rows.reload(edge, keys, spec, strategy, self.change.ref)
             for parent, key in zip(group, keys, strict=True):
                 items = [self.reuse(o, memo) for o in fresh.get(key, [])]
+                for obj in items:
+                    if not self.index.instances(_table(obj), tree.primary_key(obj)):
+                        # new to the tree: what joins below it later is loaded as it was
+                        tree.remember_spec(obj, spec)
                 self.assign(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:

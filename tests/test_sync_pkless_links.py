@@ -5,6 +5,7 @@ a fresh query with the same loader gives, for lazy, selectin and joined loads al
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -22,8 +23,9 @@ from sqlalchemy.orm import (
 
 import rowsync
 from fixtures import apply_all, writer
-from oracle import snapshot
+from oracle import differences, snapshot
 from rowsync import ConfigurationError, RowSync
+from rowsync.testing import one_batch
 
 
 class LinkBase(DeclarativeBase):
@@ -439,3 +441,59 @@ def test_a_live_query_follows_links_without_primary_key(linked, loader):
 def load_with(sessions: sessionmaker[Session], statement: sa.Select[Any]) -> list[User]:
     with sessions() as session:
         return list(session.scalars(statement).unique())
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [
+        pytest.param(one_batch, id="one-batch"),
+        pytest.param(lambda rs: nullcontext(), id="as-they-come"),
+    ],
+)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_link_changes_in_one_batch_give_what_they_give_one_by_one(linked, loader, batching):
+    rs, write, sessions = linked
+    users = load(sessions, loader)
+    sub = follow(rs, users)
+
+    with batching(rs):
+        write(followers.insert().values(follower_id=1, followed_id=3))
+        write(followers.update().where(followers.c.followed_id == 3).values(followed_id=2))
+        write(one_copy(followers, follower_id=1, followed_id=2))
+        write(followers.insert().values(follower_id=2, followed_id=1))
+        write(followers.delete().where(followers.c.follower_id == 2))
+        write(favourites.update().values(note="moved"))
+        write(favourites.update().values(item_id=3))
+        write(favourites.insert().values(user_id=2, item_id=3, note=None))
+    users = apply_all(rs, sub, users)
+
+    assert [u.id for u in users[0].following] == [2] and users[1].following == []
+    assert [i.id for i in users[0].favourites] == [i.id for i in users[1].favourites] == [3]
+    assert snapshot(users) == snapshot(load(sessions, loader))
+
+    with batching(rs):
+        write(sa.update(User).where(User.id == 2).values(name="u2, renamed"))
+        write(sa.update(Item).where(Item.id == 3).values(name="i3, renamed"))
+    users = apply_all(rs, sub, users)
+    assert snapshot(users) == snapshot(load(sessions, loader))
+
+
+@pytest.mark.parametrize("loader", [selectinload, joinedload])
+def test_a_follower_that_joins_is_followed_below_as_the_loader_loads_it(linked, loader):
+    rs, write, sessions = linked
+    below = loader(User.followers).selectinload(User.following)
+    statement = sa.select(User).where(User.id == 2).options(below)
+    users = load_with(sessions, statement)
+    sub = rs.subscribe(users, assocs=[{"followers": ["following"]}])
+
+    write(followers.insert().values(follower_id=3, followed_id=2))
+    write(sa.update(Item).where(Item.id == 1).values(name="unfollowed"))
+    write(followers.insert().values(follower_id=3, followed_id=1))
+    write(followers.insert().values(follower_id=3, followed_id=1))
+    write(one_copy(followers, follower_id=3, followed_id=1))
+    write(sa.update(User).where(User.id == 1).values(name="u1, renamed"))
+    users = apply_all(rs, sub, users)
+
+    assert sorted(u.id for u in users[0].followers) == [1, 3]
+    expected = snapshot(load_with(sessions, statement))
+    assert snapshot(users) == expected, differences(snapshot(users), expected)
