@@ -45,6 +45,7 @@ favourites = sa.Table(
     sa.Column("user_id", sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     sa.Column("item_id", sa.ForeignKey("items.id", ondelete="CASCADE"), nullable=False),
     sa.Column("note", sa.String),
+    sa.Column("at", sa.DateTime(timezone=True), server_default=sa.func.clock_timestamp()),
 )
 
 
