@@ -498,3 +498,16 @@ def test_a_follower_that_joins_is_followed_below_as_the_loader_loads_it(linked, 
     assert sorted(u.id for u in users[0].followers) == [1, 3]
     expected = snapshot(load_with(sessions, statement))
     assert snapshot(users) == expected, differences(snapshot(users), expected)
+
+
+def test_an_updated_link_row_is_announced_as_the_old_row_deleted_and_the_new_one_inserted(linked):
+    rs, write, _ = linked
+    sub = rs.subscribe(followers)
+
+    write(followers.update().values(followed_id=3))
+    rs.flush()
+
+    assert [(c.model, c.event, c.ids) for _, c in sub.drain()] == [
+        (followers, "deleted", {"follower_id": 1, "followed_id": 2}),
+        (followers, "inserted", {"follower_id": 1, "followed_id": 3}),
+    ]
