@@ -141,6 +141,13 @@ def _to_int(value: Any) -> int:
     return int(value)
 
 
+def _to_float(value: Any) -> float:
+    """JSON writes a whole float without its fraction (``1``), and NaN or infinity as text."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
 _FROM_JSON: dict[type, Any] = {
     uuid.UUID: uuid.UUID,
     datetime.datetime: datetime.datetime.fromisoformat,
@@ -148,6 +155,7 @@ _FROM_JSON: dict[type, Any] = {
     datetime.time: datetime.time.fromisoformat,
     decimal.Decimal: lambda v: decimal.Decimal(str(v)),
     int: _to_int,
+    float: _to_float,
 }
 
 

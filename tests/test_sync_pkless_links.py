@@ -46,6 +46,7 @@ favourites = sa.Table(
     sa.Column("item_id", sa.ForeignKey("items.id", ondelete="CASCADE"), nullable=False),
     sa.Column("note", sa.String),
     sa.Column("at", sa.DateTime(timezone=True), server_default=sa.func.clock_timestamp()),
+    sa.Column("weight", sa.Float, server_default=sa.text("1")),
 )
 
 
