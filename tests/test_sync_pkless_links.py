@@ -68,6 +68,7 @@ class User(LinkBase):
         back_populates="following",
     )
     favourites: Mapped[list[Item]] = relationship(secondary=favourites, order_by="Item.id")
+    favourite_set: Mapped[set[Item]] = relationship(secondary="favourites", viewonly=True)
 
 
 class Item(LinkBase):
@@ -512,3 +513,25 @@ def test_an_updated_link_row_is_announced_as_the_old_row_deleted_and_the_new_one
         (followers, "deleted", {"follower_id": 1, "followed_id": 2}),
         (followers, "inserted", {"follower_id": 1, "followed_id": 3}),
     ]
+
+
+@pytest.mark.parametrize("loader", [selectinload, joinedload])
+def test_a_set_of_links_without_primary_key_holds_each_pair_once(linked, loader):
+    rs, write, sessions = linked
+    statement = sa.select(User).order_by(User.id).options(loader(User.favourite_set))
+    users = load_with(sessions, statement)
+    sub = rs.subscribe(users, assocs=["favourite_set"])
+
+    write(
+        favourites.insert().values(user_id=1, item_id=1),
+        favourites.insert().values(user_id=1, item_id=2),
+    )
+    write(one_copy(favourites, user_id=1, item_id=1))
+    write(favourites.update().where(favourites.c.item_id == 2).values(user_id=2))
+    users = apply_all(rs, sub, users)
+
+    assert isinstance(users[0].favourite_set, set)
+    assert {i.id for i in users[0].favourite_set} == {1} and {
+        i.id for i in users[1].favourite_set
+    } == {2}
+    assert snapshot(users) == snapshot(load_with(sessions, statement))
