@@ -381,7 +381,8 @@ class RowSync:
                 spec = self.router.spec(sa.inspect(target), assocs)
             elif assocs:
                 raise ConfigurationError("assocs on a model-level subscription go with follow=True")
-            self.router.add_model(sub, table, event, filters, spec)
+            mapper = None if isinstance(target, sa.Table) else sa.inspect(target)
+            self.router.add_model(sub, table, event, filters, spec, mapper)
             return
         if event is not None or follow or filters:
             raise ConfigurationError(

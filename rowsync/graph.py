@@ -32,7 +32,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, ColumnElement
 from sqlalchemy.sql.util import find_tables
 
-from rowsync.tree import mapped_table
+from rowsync.tree import hierarchy_tables, identity_table, mapped_table
 
 Pairs = tuple[tuple[sa.Column[Any], sa.Column[Any]], ...]
 
@@ -67,6 +67,24 @@ class Edge:
     @cached_property
     def target_table(self) -> sa.Table:
         return mapped_table(self.target)
+
+    @cached_property
+    def target_identity(self) -> sa.Table:
+        """The table naming the target's rows in a tree's index (its hierarchy's base)."""
+        return identity_table(self.target)
+
+    @cached_property
+    def row_tables(self) -> tuple[sa.Table, ...]:
+        """Tables whose change of a held target row the edge's own key does not catch: the
+        target's table behind an association, the other tables of an inheritance hierarchy."""
+        where = self.secondary if self.secondary is not None else self.target_table
+        return tuple(t for t in hierarchy_tables(self.target) if t is not where)
+
+    @cached_property
+    def by_class(self) -> bool:
+        """A single-table subclass shares its table with other classes: a row of it belongs
+        only if its discriminator says it is of the target's class."""
+        return bool(self.target.single)
 
     @cached_property
     def parent_table(self) -> sa.Table:
@@ -122,6 +140,9 @@ class Graph:
                 for table in edge.tables:
                     self._by_table[table].append(edge)
         self._reachable = self._tables_below()
+        self._hierarchy = {
+            table: hierarchy_tables(m) for m in self.digraph.nodes for table in hierarchy_tables(m)
+        }
 
     @classmethod
     def for_models(cls, models: Iterable[Any]) -> Graph:
@@ -133,6 +154,15 @@ class Graph:
     def edges_for(self, table: sa.Table) -> Sequence[Edge]:
         """Relationships a change of a row of ``table`` can alter."""
         return self._by_table.get(table, ())
+
+    def identity(self, table: sa.Table) -> sa.Table:
+        """The table naming ``table``'s rows: the base table of an inheritance hierarchy (the
+        primary key of a subclass table is the base's, column for column), else ``table``."""
+        return self.hierarchy(table)[0]
+
+    def hierarchy(self, table: sa.Table) -> tuple[sa.Table, ...]:
+        """Every table holding a part of ``table``'s rows' objects, the identity table first."""
+        return self._hierarchy.get(table, (table,))
 
     def edge(self, mapper: Mapper[Any], key: str) -> Edge:
         for _, _, k, data in self.digraph.out_edges(mapper, keys=True, data=True):
@@ -153,8 +183,7 @@ class Graph:
         for component in dag.nodes:
             tables = own[component] = set()
             for mapper in dag.nodes[component]["members"]:
-                if isinstance(mapper.local_table, sa.Table):
-                    tables.add(mapper.local_table)
+                tables.update(hierarchy_tables(mapper))
                 for _, _, data in self.digraph.out_edges(mapper, data=True):
                     tables.update(data["edge"].tables)
         below: dict[int, frozenset[sa.Table]] = {}

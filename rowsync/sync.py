@@ -206,6 +206,8 @@ class _Patch:
         self.roots = roots
         self.change = change
         self.table = table
+        self.identity = self.graph.identity(table)
+        """The table naming the row's object: its hierarchy's base (the key is the same)."""
         self.key = key_of(table, change.ids)
         self.deleted = change.event == "deleted"
         self.preloads = preloads
@@ -226,11 +228,16 @@ class _Patch:
             return  # the row was deleted before it could be read; its delete message follows
         if self.row is not None:
             ref = self.change.ref
-            for obj in self.index.instances(self.table, self.key):
+            for obj in self.index.instances(self.identity, self.key):
                 info = instance_state(obj).info
                 if info.get(_REF, 0) < ref:  # never older over newer, never twice
-                    tree.patch(obj, self.row.values)
+                    tree.patch(obj, self.row.values, self.table)
                     info[_REF] = ref
+            if (kind := self.row_class) is not None:
+                for obj in list(self.index.instances(self.identity, self.key)):
+                    mapper = instance_state(obj).mapper
+                    if mapper is not kind and mapper.base_mapper is kind.base_mapper:
+                        self.reclass(obj, kind)
         for edge in self.graph.edges_for(self.table):
             parents = self.index.loaded.get((edge.parent, edge.key))
             if not parents:
@@ -253,12 +260,59 @@ class _Patch:
         if self.reshaped:
             self.syncer.forget(self.reshaped)
 
+    @functools.cached_property
+    def row_class(self) -> Mapper[Any] | None:
+        """The mapper the changed row loads as now, read from its discriminator; None for a
+        delete, a row of a plain table, or a subclass table's row (the base row says)."""
+        model = self.change.model
+        if self.row is None or self.table is not self.identity or isinstance(model, sa.Table):
+            return None
+        return tree.row_mapper(sa.inspect(model), self.row.values)
+
+    def admits(self, edge: Edge) -> bool:
+        """Whether the changed row is of a class ``edge`` holds (a relationship to a
+        single-table subclass holds only the rows its discriminator names)."""
+        kind = self.row_class
+        return not edge.by_class or (kind is not None and tree.isa(kind, edge.target))
+
+    def reclass(self, old: Any, kind: Mapper[Any]) -> None:
+        """The row's class changed: an object of the new class, loaded as ``old`` was, takes
+        every place of ``old`` (then the places that do not hold that class drop it)."""
+        spec = tree.expected_spec(old)
+        fetched = self.rows.load(kind, self.key, spec, self.change.ref)
+        if fetched is None:
+            return  # changed again, or deleted, before it could be read: a later change says
+        places = list(self.index.holders.get(id(old), ()))
+        # a copy of its own (the tree's instance of the row is ``old``), sharing what is below
+        new = tree.clone(fetched, {}, lambda row: None if row is fetched else self.own(row))
+        self.index.replace(old, new)
+        instance_state(new).info[_REF] = self.change.ref
+        tree.remember_spec(new, spec)
+        tree.remember_entity(new, tree.entity(old))
+        for parent, key in places:
+            if parent is None:
+                self.roots[:] = [new if r is old else r for r in self.roots]
+                continue
+            edge = self.graph.edge(instance_state(parent).mapper, key or "")
+            value = tree.loaded_value(parent, edge.key)
+            if edge.uselist:
+                self.assign(parent, edge, [new if o is old else o for o in tree.as_list(value)])
+            else:
+                self.assign(parent, edge, new)
+        self.touched += [old, new]
+        self.reshaped += [old, new]
+        tree.Generation.bump()
+
     # -- where the changed row sits on the edge --------------------------------------
 
     def direct(self, edge: Edge, parents: list[Any]) -> None:
         row = self.row
         remote = edge.remote(row.values) if row else None
-        wanted = row is not None and (edge.criteria is None or edge.criteria in row.matches)
+        wanted = (
+            row is not None
+            and (edge.criteria is None or edge.criteria in row.matches)
+            and self.admits(edge)
+        )
         for parent in self.candidates(edge, parents, remote):
             self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
 
@@ -276,7 +330,7 @@ class _Patch:
             if local is not None:
                 for parent in by_local.get(local, ()):
                     found[id(parent)] = parent
-        for obj in self.index.instances(edge.target_table, self.target_key(edge)):
+        for obj in self.index.instances(edge.target_identity, self.target_key(edge)):
             for parent in self.index.held_by(obj, edge.parent, edge.key):
                 found[id(parent)] = parent
         return list(found.values())
@@ -327,7 +381,7 @@ class _Patch:
 
     def repoint(self, edge: Edge, parents: list[Any]) -> None:
         """A many-to-one whose foreign key lives on the changed row: follow the key."""
-        mine = {id(o) for o in self.index.instances(self.table, self.key)}
+        mine = {id(o) for o in self.index.instances(self.identity, self.key)}
         remote = [r for _, r in edge.pairs]
         by_target_key = set(remote) == set(edge.target_table.primary_key.columns)
         for parent in parents:
@@ -364,34 +418,45 @@ class _Patch:
                 self.assign(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
-        """The roots themselves: a deleted root leaves, an inserted row of the roots' model
-        joins."""
-        model = self.change.model
-        if self.roots and instance_state(self.roots[0]).mapper.local_table is not self.table:
+        """The roots themselves: a deleted root leaves, and so does one no longer of the roots'
+        class (its discriminator changed); an inserted row of the roots' class joins."""
+        entity = self.entity
+        if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
             return
-        if not self.roots and self.preloads and model not in self.preloads:
-            return  # an emptied root list: ``preloads`` names the models it holds
-        if self.deleted:
+        kind = self.row_class
+        if self.deleted or (kind is not None and not tree.isa(kind, entity)):
             gone = [
-                r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key
+                r
+                for r in self.roots
+                if _table(r) is self.identity and tree.primary_key(r) == self.key
             ]
-            self.roots[:] = [r for r in self.roots if r not in gone]
-            self.touched += gone
-            self.reshaped += gone
-            tree.Generation.bump()
+            if self.deleted or gone:
+                self.roots[:] = [r for r in self.roots if r not in gone]
+                self.touched += gone
+                self.reshaped += gone
+                tree.Generation.bump()
         elif self.change.event == "inserted" and not any(
             tree.primary_key(r) == self.key for r in self.roots
         ):
             # held below already (it entered a collection first): that instance joins the roots too
-            if isinstance(model, sa.Table):
-                return
             spec = tree.expected_spec(self.roots[0]) if self.roots else None
-            obj = self.instance(sa.inspect(model), self.key, self.row, spec)
+            obj = self.instance(entity, self.key, self.row, spec)
             if obj is not None:
+                tree.remember_entity(obj, entity)
                 self.roots.append(obj)
                 self.touched.append(obj)
                 self.reshaped.append(obj)
                 tree.Generation.bump()
+
+    @functools.cached_property
+    def entity(self) -> Mapper[Any] | None:
+        """The mapper the roots were queried as; for an emptied list, the model ``preloads``
+        names in the changed row's hierarchy (None if it names none), else the change's."""
+        if self.roots:
+            return tree.entity(self.roots[0])
+        models = [m for m in self.preloads if not isinstance(m, sa.Table)] or [self.change.model]
+        mappers: list[Mapper[Any]] = [sa.inspect(m) for m in models if not isinstance(m, sa.Table)]
+        return next((m for m in mappers if tree.identity_table(m) is self.identity), None)
 
     # -- making a collection hold a row, or not ---------------------------------------
 
@@ -417,7 +482,7 @@ class _Patch:
                 self.assign(parent, edge, None)
             return
         items = tree.as_list(current)
-        at = tree.find(items, target, self.index.instances(edge.target_table, target))
+        at = tree.find(items, target, self.index.instances(edge.target_identity, target))
         held = at >= 0
         if present and not held:
             obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
@@ -460,20 +525,24 @@ class _Patch:
         """The object for a row joining the tree: the tree's own if it holds one, else new,
         loaded as a fresh query would load it there: like its parent's loader options say,
         or like its sibling roots; with nothing to go by (an empty root), as ``preloads`` says."""
-        table = tree.mapped_table(mapper)
+        table = tree.identity_table(mapper)
         existing = self.index.instances(table, key)
         if existing:
             return existing[0]
         if spec is None:
             spec = _preload_spec(self.preloads.get(mapper.class_)) or {}
-        if spec:
+        if spec or len(tree.hierarchy_tables(mapper)) > 1:
+            # An object spanning several tables is read whole, as its class, by the ORM.
             loaded = self.rows.load(mapper, key, spec, self.change.ref)
             obj = None if loaded is None else self.reuse(loaded, {})
         else:
             if row is None or key_of(table, row.values) != key:
                 found = self.rows.row(table, key, self.change.ref)
                 row = None if found is GONE else found
-            obj = None if row is None else tree.build(mapper, row.values)
+            kind = None if row is None else tree.row_mapper(mapper, row.values)
+            obj = None
+            if row is not None and kind is not None and tree.isa(kind, mapper):
+                obj = tree.build(kind, row.values)
         if obj is not None:
             instance_state(obj).info[_REF] = self.change.ref
             tree.remember_spec(obj, spec)
@@ -551,7 +620,7 @@ class _Patch:
     def own(self, fetched: Any) -> Any:
         """The tree's instance of the row ``fetched`` holds, if it has one."""
         state = instance_state(fetched)
-        table = tree.mapped_table(state.mapper)
+        table = tree.identity_table(state.mapper)
         existing = self.index.instances(table, tree.primary_key(fetched))
         if not existing:
             return None
@@ -569,7 +638,7 @@ def state_class(obj: Any) -> Any:
 
 
 def _table(obj: Any) -> sa.Table:
-    return tree.mapped_table(instance_state(obj).mapper)
+    return tree.identity_table(instance_state(obj).mapper)
 
 
 def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
