@@ -129,12 +129,18 @@ class Graph:
         self.criteria: dict[sa.Table, list[tuple[str, ColumnElement[bool]]]] = defaultdict(list)
         self._by_table: dict[sa.Table, list[Edge]] = defaultdict(list)
         counter = itertools.count()
+        made: dict[RelationshipProperty[Any], Edge] = {}
         for mapper in mappers:
             self.digraph.add_node(mapper)
             for rel in mapper.relationships:
-                edge = _edge(rel, counter)
+                inherited = rel in made  # a subclass's mapper lists its base's relationships
+                edge = made[rel] = made[rel] if inherited else _edge(rel, counter)
+                # A place holding a class holds its subclasses' rows, and what they hold.
+                for owner in mapper.iterate_to_root():
+                    self.digraph.add_edge(owner, rel.mapper, key=rel.key, edge=edge)
+                if inherited:
+                    continue
                 self.edges.append(edge)
-                self.digraph.add_edge(mapper, rel.mapper, key=rel.key, edge=edge)
                 if edge.criteria is not None and edge.criteria_table is not None:
                     self.criteria[edge.criteria_table].append((edge.criteria, _criteria(rel)))
                 for table in edge.tables:

@@ -71,7 +71,7 @@ class Router:
     def spec(self, mapper: Mapper[Any], assocs: Assocs) -> Spec:
         """Validate ``assocs`` against ``mapper`` (clear error for unknown names)."""
         return tuple(
-            (self.graph.edge(mapper, rel.key), self.spec(rel.mapper, nested))
+            (self.graph.edge(rel.parent, rel.key), self.spec(rel.mapper, nested))
             for rel, nested in resolve_assocs(mapper, assocs)
         )
 

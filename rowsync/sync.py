@@ -592,7 +592,9 @@ class _Patch:
             if rel.key in state.dict and rel.key not in spec:
                 del state.dict[rel.key]  # unloaded again, as a fresh query leaves it
                 self.reshaped.append(obj)
-        missing = {k: v for k, v in spec.items() if k not in state.dict}
+        missing = {
+            k: v for k, v in spec.items() if k not in state.dict and k in state.mapper.relationships
+        }
         if missing:
             self.reshaped.append(obj)
             fetched = self.rows.load(state.mapper, tree.primary_key(obj), missing, self.change.ref)

@@ -232,10 +232,13 @@ def _items(assocs: Assocs) -> Iterator[tuple[str, Assocs]]:
 def _resolve(
     mapper: Mapper[Any], name: str, nested: Assocs
 ) -> Iterator[tuple[RelationshipProperty[Any], Assocs]]:
-    """The relationship called ``name``; an association proxy stands for the two it spans."""
-    if name in mapper.relationships:
-        yield mapper.relationships[name], nested
-        return
+    """The relationship called ``name``; an association proxy stands for the two it spans.
+    A subclass's relationship counts too: a place holding the base class holds subclass rows,
+    loaded with their own relationships (``of_type``, ``with_polymorphic``)."""
+    for m in mapper.self_and_descendants:
+        if name in m.relationships:
+            yield m.relationships[name], nested
+            return
     proxy = mapper.all_orm_descriptors.get(name)
     if isinstance(proxy, AssociationProxy):
         via = mapper.relationships[proxy.target_collection]

@@ -54,7 +54,14 @@ class Engineer(Employee):
         sa.ForeignKey("employee.id", ondelete="CASCADE"), primary_key=True
     )
     language: Mapped[str | None]
+    machines: Mapped[list[Machine]] = relationship(order_by="Machine.id")
     __mapper_args__ = {"polymorphic_identity": "engineer", "polymorphic_load": "inline"}
+
+
+class Machine(Base):
+    __tablename__ = "machine"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    engineer_id: Mapped[int | None] = mapped_column(sa.ForeignKey("engineer.id"))
 
 
 class Manager(Employee):
@@ -115,7 +122,7 @@ def db(engine: sa.Engine, write_to: Any) -> Any:
 def rs(db: Any, engine: sa.Engine) -> Any:
     instance = rowsync.RowSync(
         engine,
-        rowsync.watchers(Company, ["employees"])
+        rowsync.watchers(Company, [{"employees": ["machines"]}])
         + rowsync.watchers(Project, ["lead"])
         + rowsync.watchers(Shop, ["staff", "bosses"])
         + rowsync.watchers(Task, ["boss"])
@@ -138,6 +145,11 @@ def check(rs: Any, db: Any, statement: sa.Select[Any], value: Any, sub: Any) -> 
 COMPANIES = sa.select(Company).order_by(Company.id).options(selectinload(Company.employees))
 EMPLOYEES = sa.select(Employee).order_by(Employee.id)
 ENGINEERS = sa.select(Engineer).order_by(Engineer.id)
+WITH_MACHINES = (
+    sa.select(Company)
+    .order_by(Company.id)
+    .options(selectinload(Company.employees.of_type(Engineer)).selectinload(Engineer.machines))
+)
 PROJECTS = sa.select(Project).order_by(Project.id).options(selectinload(Project.lead))
 SHOPS = sa.select(Shop).options(selectinload(Shop.staff), selectinload(Shop.bosses))
 WORKERS = sa.select(Worker).order_by(Worker.id)
@@ -309,6 +321,50 @@ def test_a_row_deleted_from_a_base_root_list_leaves_it(rs, db):
         session.delete(session.get(Manager, 3))
 
     check(rs, db, EMPLOYEES, value, sub)
+
+
+def test_of_type_path_loads_a_subclass_relationship_on_new_and_moved_rows(rs, db):
+    companies(db)
+    db(Machine(id=1, engineer_id=2))
+    rs.flush()
+    value = fresh(db.sessions, WITH_MACHINES)
+    sub = rs.subscribe(value, assocs=[{"employees": ["machines"]}])
+
+    db(Engineer(id=4, name="n", language="rust", company_id=2), Machine(id=2, engineer_id=4))
+    value = check(rs, db, WITH_MACHINES, value, sub)
+    db(sa.update(Employee).where(Employee.id == 2).values(company_id=2))
+    value = check(rs, db, WITH_MACHINES, value, sub)
+    db(Machine(id=3, engineer_id=2), Manager(id=5, name="p", company_id=2))
+
+    value = check(rs, db, WITH_MACHINES, value, sub)
+    assert [m.id for m in value[1].employees[0].machines] == [1, 3]
+
+
+def test_with_polymorphic_loader_path_keeps_subclass_columns_current(rs, db):
+    companies(db)
+    rs.flush()
+    every = with_polymorphic(Employee, "*")
+    statement = (
+        sa.select(Company)
+        .order_by(Company.id)
+        .options(selectinload(Company.employees.of_type(every)))
+    )
+    value = fresh(db.sessions, statement)
+    sub = rs.subscribe(value, assocs=["employees"])
+
+    db(Manager(id=4, name="q", budget=7, company_id=1))
+    value = check(rs, db, statement, value, sub)
+    db(sa.update(Manager.__table__).where(Manager.__table__.c.id == 4).values(budget=8))
+
+    value = check(rs, db, statement, value, sub)
+    assert value[0].employees[-1].budget == 8
+
+
+def test_watchers_of_a_subclass_cover_every_table_of_its_hierarchy_and_its_discriminator():
+    found = {(w.table, w.event): w.columns for w in rowsync.watchers(Engineer)}
+
+    assert {table for table, _ in found} == {"employee", "engineer", "manager"}
+    assert "type" in found[("employee", "updated")]
 
 
 # -- single-table inheritance -----------------------------------------------------------
