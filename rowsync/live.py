@@ -896,7 +896,7 @@ class LiveQuery:
 
         def own(obj: Any) -> Any:
             state = instance_state(obj)
-            found = index.instances(tree.mapped_table(state.mapper), tree.primary_key(obj))
+            found = index.instances(tree.identity_table(state.mapper), tree.primary_key(obj))
             return found[0] if found else None
 
         admitted = []

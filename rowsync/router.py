@@ -264,7 +264,7 @@ class Router:
                     continue
                 if sub not in matched:
                     result.append(sub)
-                if follow is not None and event == "inserted" and new is not None:
+                if follow is not None and new is not None:
                     for key in self._row_keys(table, new):
                         self._bump(sub, key, (None, follow), +1)
                     self._hold(sub, self._whole(table, new), follow, +1)
@@ -368,7 +368,8 @@ def _classes(mapper: Mapper[Any]) -> tuple[str, frozenset[Any]]:
 def _model_match(
     sub: Subscription, table: sa.Table, event: str, new: Values | None, old: Values | None
 ) -> tuple[bool, Spec | None]:
-    """Whether a model-level interest of ``sub`` matches, and the spec to follow the row with."""
+    """Whether a model-level interest of ``sub`` matches, and the spec to follow the row with
+    when it entered the model: inserted, or its discriminator changed to the model's class."""
     hit, spec = False, None
     values = new if new is not None else old
     for model_table, wanted, filters, follow, classes in sub.models:
@@ -381,5 +382,8 @@ def _model_match(
             for k, f in filters.items()
         ):
             hit = True
-            spec = follow if follow is not None else spec
+            entered = event == "inserted" or (
+                classes is not None and old is not None and old.get(classes[0]) not in classes[1]
+            )
+            spec = follow if follow is not None and entered else spec
     return hit, spec

@@ -419,7 +419,8 @@ class _Patch:
 
     def root(self) -> None:
         """The roots themselves: a deleted root leaves, and so does one no longer of the roots'
-        class (its discriminator changed); an inserted row of the roots' class joins."""
+        class; an inserted row of the roots' class joins, and so does one whose discriminator
+        changed to it."""
         entity = self.entity
         if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
             return
@@ -435,7 +436,7 @@ class _Patch:
                 self.touched += gone
                 self.reshaped += gone
                 tree.Generation.bump()
-        elif self.change.event == "inserted" and not any(
+        elif (self.change.event == "inserted" or self.entered(entity)) and not any(
             tree.primary_key(r) == self.key for r in self.roots
         ):
             # held below already (it entered a collection first): that instance joins the roots too
@@ -447,6 +448,18 @@ class _Patch:
                 self.touched.append(obj)
                 self.reshaped.append(obj)
                 tree.Generation.bump()
+
+    def entered(self, entity: Mapper[Any]) -> bool:
+        """Whether an update changed the row's class to one of ``entity``'s."""
+        kind, row = self.row_class, self.row
+        return (
+            self.change.event == "updated"
+            and row is not None
+            and row.old is not None
+            and kind is not None
+            and tree.isa(kind, entity)
+            and not tree.isa(tree.row_mapper(entity, row.old), entity)
+        )
 
     @functools.cached_property
     def entity(self) -> Mapper[Any] | None:

@@ -311,6 +311,19 @@ def test_with_polymorphic_root_list_gains_rows_as_their_class(rs, db):
     assert type(value[-1]) is Engineer
 
 
+def test_a_row_deleted_from_a_subclass_root_list_leaves_it(rs, db):
+    companies(db)
+    db(Engineer(id=4, name="n", language="rust"))
+    rs.flush()
+    value = fresh(db.sessions, ENGINEERS)
+    sub = rs.subscribe(value)
+
+    with db.sessions() as session, session.begin():
+        session.delete(session.get(Engineer, 2))
+
+    assert [e.id for e in check(rs, db, ENGINEERS, value, sub)] == [4]
+
+
 def test_a_row_deleted_from_a_base_root_list_leaves_it(rs, db):
     companies(db)
     rs.flush()
@@ -437,6 +450,33 @@ def test_discriminator_change_leaves_a_subclass_root_list(rs, db):
     db(sa.update(Worker).where(Worker.id == 3).values(kind="clerk"))
 
     assert check(rs, db, BOSSES, value, sub) == []
+
+
+def test_discriminator_change_to_its_class_joins_a_followed_subclass_root_list(rs, db):
+    shops(db)
+    rs.flush()
+    value = fresh(db.sessions, BOSSES)
+    sub = rs.subscribe(Boss, follow=True)
+
+    db(sa.update(Worker).where(Worker.id == 2).values(kind="boss"))
+    value = check(rs, db, BOSSES, value, sub)
+    db(sa.update(Worker).where(Worker.id == 2).values(level=5))
+
+    value = check(rs, db, BOSSES, value, sub)
+    assert sorted((b.id, type(b), b.level) for b in value) == [(2, Boss, 5), (3, Boss, 1)]
+
+
+def test_row_moved_between_parents_and_deleted_leaves_each_place(rs, db):
+    shops(db)
+    rs.flush()
+    value = fresh(db.sessions, SHOPS)
+    sub = rs.subscribe(value, assocs=["staff", "bosses"])
+
+    db(sa.update(Worker).where(Worker.id == 3).values(shop_id=1))
+    value = check(rs, db, SHOPS, value, sub)
+    db(sa.delete(Worker).where(Worker.id == 3))
+
+    check(rs, db, SHOPS, value, sub)
 
 
 def test_many_to_one_to_a_subclass_follows_its_key(rs, db):
