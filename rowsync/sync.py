@@ -139,18 +139,19 @@ class Syncer:
         if not roots or not tree.is_model(roots[0]):
             return value
         groups: dict[Any, list[Any]] = {}
-        for obj in roots:
-            groups.setdefault(instance_state(obj).mapper, []).append(obj)
+        for obj in roots:  # by the mapper they were queried as: their class may have changed
+            groups.setdefault(tree.entity(obj), []).append(obj)
         fresh: dict[tuple[Any, tuple[Any, ...]], Any] = {}
         for mapper, objs in groups.items():
             spec = tree.expected_spec(objs[0])
             found = self.rows.objects(mapper, [tree.primary_key(o) for o in objs], spec)
             for key, obj in found.items():
                 tree.remember_spec(obj, spec)
+                tree.remember_entity(obj, mapper)
                 fresh[(mapper, key)] = obj
         result = [
             fresh[key]
-            for key in ((instance_state(o).mapper, tree.primary_key(o)) for o in roots)
+            for key in ((tree.entity(o), tree.primary_key(o)) for o in roots)
             if key in fresh
         ]
         if isinstance(value, list):

@@ -311,6 +311,24 @@ def test_with_polymorphic_root_list_gains_rows_as_their_class(rs, db):
     assert type(value[-1]) is Engineer
 
 
+def test_a_row_that_becomes_a_subclass_row_is_replaced_by_an_object_of_that_class(rs, db):
+    companies(db)
+    rs.flush()
+    value = fresh(db.sessions, COMPANIES)
+    sub = rs.subscribe(value, assocs=["employees"])
+    employees = fresh(db.sessions, EMPLOYEES)
+    employees_sub = rs.subscribe(employees)
+
+    db(
+        sa.update(Employee).where(Employee.id == 1).values(type="engineer"),
+        sa.insert(Engineer.__table__).values(id=1, language="ml"),
+    )
+
+    value = check(rs, db, COMPANIES, value, sub)
+    assert type(value[0].employees[0]) is Engineer
+    check(rs, db, EMPLOYEES, employees, employees_sub)
+
+
 def test_a_row_deleted_from_a_subclass_root_list_leaves_it(rs, db):
     companies(db)
     db(Engineer(id=4, name="n", language="rust"))
@@ -477,6 +495,18 @@ def test_row_moved_between_parents_and_deleted_leaves_each_place(rs, db):
     db(sa.delete(Worker).where(Worker.id == 3))
 
     check(rs, db, SHOPS, value, sub)
+
+
+def test_resync_reads_roots_as_the_class_they_have_now(rs, db):
+    shops(db)
+    workers = fresh(db.sessions, WORKERS)
+    bosses = fresh(db.sessions, BOSSES)
+
+    db(sa.update(Worker).where(Worker.id == 2).values(kind="boss"))
+    db(sa.update(Worker).where(Worker.id == 3).values(kind="clerk"))
+
+    assert snapshot(rs.resync(workers)) == snapshot(fresh(db.sessions, WORKERS))
+    assert rs.resync(bosses) == []  # 3 is a clerk now (2 is a row this list never held)
 
 
 def test_many_to_one_to_a_subclass_follows_its_key(rs, db):
