@@ -10,12 +10,13 @@ capture process resolves and every node delivers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.fetch import RowSource, coerce, key_of, qualified_name, usable_key
 from rowsync.listener import Flush, Notice
 from rowsync.messages import Change, Event, Message, Resync, ResyncInfo, Sync
+from rowsync.position import Journal, Position
 from rowsync.router import Router
 from rowsync.subscription import Subscription
 
@@ -48,6 +50,8 @@ class Resolved:
     """The row as fetched; None for a delete, or for a row gone before its fetch."""
     readable: bool = True
     """False when the table could not be read (schema drift): subscribers must resync."""
+    xid: int | None = None
+    """The writer's transaction id, when the trigger sent it."""
 
 
 def _with_row(
@@ -66,6 +70,25 @@ def _with_row(
     return dataclasses.replace(item, row=CachedRow(row.values, row.matches, item.old))
 
 
+class Held:
+    """The flush barriers a held dispatcher has received (and not handed over)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._arrived = threading.Condition()
+
+    def saw(self, batch: Sequence[Notice | Flush]) -> None:
+        with self._arrived:
+            self._seen.update(item.token for item in batch if isinstance(item, Flush))
+            self._arrived.notify_all()
+
+    def wait(self, token: str, timeout: float) -> bool:
+        """Whether the barrier ``token`` arrived within ``timeout`` seconds: everything
+        committed before it was sent is then held."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: token in self._seen, timeout)
+
+
 class Dispatcher:
     """The listener's ``on_batch`` and ``on_gap``."""
 
@@ -76,6 +99,7 @@ class Dispatcher:
         cache: RowCache,
         router: Router,
         stats: Counter[str],
+        journal_size: int = 10_000,
     ) -> None:
         self._tables = tables
         self.rows = rows
@@ -84,10 +108,45 @@ class Dispatcher:
         self.stats = stats
         self.flushes: dict[str, threading.Event] = {}
         """Flush barriers waited for, by token."""
+        self.journal: Journal[Resolved] = Journal(journal_size, lambda change: change.xid)
+        """What was delivered lately, for subscriptions that start from a position."""
+        self._delivering = threading.RLock()
+        """Held while changes are routed and queued: a subscription registered and replayed
+        under it has nothing delivered in between."""
+        self._hold_lock = threading.Lock()
+        self._held: Held | None = None
+        self._pending: list[Notice | Flush] = []
+        """What arrived while held, handed over with the next batch."""
 
     def batch(self, batch: Sequence[Notice | Flush]) -> None:
         """The listener's ``on_batch``: resolve the batch, then deliver it."""
+        with self._hold_lock:
+            if self._held is not None:
+                self._pending.extend(batch)
+                self._held.saw(batch)
+                return
+            if self._pending:
+                batch, self._pending = [*self._pending, *batch], []
         self.deliver(self.resolve(batch))
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Held]:
+        """Hand nothing over while the block runs: whatever the listener receives meanwhile
+        waits, and goes out with the first batch after the block, as part of it.
+
+        Whether back-to-back commits reach :meth:`resolve` in one batch (their rows fetched
+        after the last of them) or one by one is otherwise a matter of timing; tests use this
+        (through :func:`rowsync.testing.one_batch`) to choose the path they exercise."""
+        held = Held()
+        with self._hold_lock:
+            if self._held is not None:
+                raise RuntimeError("the dispatcher is already held")
+            self._held = held
+        try:
+            yield held
+        finally:
+            with self._hold_lock:
+                self._held = None
 
     def resolve(self, batch: Sequence[Notice | Flush]) -> list[Resolved | Flush]:
         """Validate the batch's notices and fetch their rows, one query per table.
@@ -118,7 +177,7 @@ class Dispatcher:
                 )
                 continue
             change = Resolved(
-                item.ref, (item.schema, item.table), item.event, new, old, item.origin
+                item.ref, (item.schema, item.table), item.event, new, old, item.origin, xid=item.xid
             )
             if (
                 item.event == "updated"
@@ -147,44 +206,65 @@ class Dispatcher:
     def deliver(self, resolved: Sequence[Resolved | Flush]) -> None:
         """Cache each change's row, route it and queue it, in order; release flush barriers
         once what came before them is queued."""
-        for change in resolved:
-            if isinstance(change, Flush):
-                if (event := self.flushes.pop(change.token, None)) is not None:
-                    event.set()
-                continue
-            table, model = self._tables[change.table]
-            new = change.new
-            if change.event != "deleted" and change.readable:
-                self.cache.put(
-                    (table, key_of(table, new), change.ref),
-                    GONE if change.row is None else change.row,
-                )
-            route_new: dict[str, Any] | None
-            route_old: dict[str, Any] | None
-            if change.event == "deleted":
-                route_new, route_old = None, new
-            else:
-                old = change.old
-                route_new, route_old = (
-                    new,
-                    (old if old is not None else (new if change.event == "updated" else None)),
-                )
-            subs = self.router.route(table, change.event, route_new, route_old)
-            self.stats["dispatched"] += 1
-            message: Message = (
-                (Sync, Change(model, change.event, new, change.ref))
-                if change.readable
-                else (
-                    Resync,
-                    ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
-                )
+        with self._delivering:
+            for change in resolved:
+                if isinstance(change, Flush):
+                    if (event := self.flushes.pop(change.token, None)) is not None:
+                        event.set()
+                    continue
+                table = self._tables[change.table][0]
+                if change.event != "deleted" and change.readable:
+                    self.cache.put(
+                        (table, key_of(table, change.new), change.ref),
+                        GONE if change.row is None else change.row,
+                    )
+                self._route(change)
+                self.journal.add(change)
+                self.stats["dispatched"] += 1
+
+    def replay(self, sub: Subscription, position: Position, register: Callable[[], None]) -> None:
+        """``register()`` ``sub``'s interests, then queue for it alone the changes after
+        ``position`` already delivered, with nothing delivered in between; or, when they can
+        no longer all be known, a ``(Resync, info)`` first."""
+        with self._delivering:
+            register()
+            changes = self.journal.since(position)
+            if changes is None:
+                self.stats["replay_misses"] += 1
+                sub.put((Resync, ResyncInfo("cannot replay from the position", time.monotonic())))
+                return
+            for change in changes:
+                self._route(change, sub)
+
+    def _route(self, change: Resolved, only: Subscription | None = None) -> None:
+        """Queue ``change`` for the subscriptions it concerns (or for ``only``, if it does)."""
+        table, model = self._tables[change.table]
+        new = change.new
+        route_new: dict[str, Any] | None
+        route_old: dict[str, Any] | None
+        if change.event == "deleted":
+            route_new, route_old = None, new
+        else:
+            old = change.old
+            route_new, route_old = (
+                new,
+                (old if old is not None else (new if change.event == "updated" else None)),
             )
-            for sub in subs:
-                if change.origin is not None and change.origin in sub.ignore_origins:
-                    continue
-                if sub.authorize is not None and not self._authorized(sub, message, change.row):
-                    continue
-                sub.put(message)
+        subs = self.router.route(table, change.event, route_new, route_old, only)
+        message: Message = (
+            (Sync, Change(model, change.event, new, change.ref))
+            if change.readable
+            else (
+                Resync,
+                ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
+            )
+        )
+        for sub in subs:
+            if change.origin is not None and change.origin in sub.ignore_origins:
+                continue
+            if sub.authorize is not None and not self._authorized(sub, message, change.row):
+                continue
+            sub.put(message)
 
     def _authorized(self, sub: Subscription, message: Message, row: CachedRow | None) -> bool:
         change = message[1]
@@ -203,6 +283,7 @@ class Dispatcher:
 
     def gap(self, reason: str) -> None:
         """Changes may have been missed: every subscription is told to resync."""
+        self.journal.resume(self.rows.snapshot())
         info = ResyncInfo(reason, time.monotonic())
         for sub in self.router.subscriptions():
             sub.put((Resync, info))

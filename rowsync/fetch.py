@@ -28,11 +28,14 @@ from rowsync import tree
 from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.columns import ColumnPolicy
 from rowsync.graph import Edge, Graph
+from rowsync.position import Position
 
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
 _LOADERS = {"selectin": selectinload, "joined": joinedload, "subquery": subqueryload}
+
+SNAPSHOT = "SELECT pg_current_snapshot()::text"
 
 
 def key_of(table: sa.Table, values: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -253,6 +256,15 @@ class RowSource:
                     held.invalidate()
                     held.close()
                 raise
+
+    def snapshot(self) -> Position | None:
+        """A snapshot taken now, or None when the database cannot give one."""
+        try:
+            with self.engine.connect() as conn:
+                return Position.of(conn.execute(sa.text(SNAPSHOT)).scalar_one())
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("cannot take a snapshot: %s", exc)
+            return None
 
     def release(self, timeout: float = 5.0) -> None:
         """Give back the held connection (unless a fetch still runs on it after ``timeout``

@@ -58,6 +58,7 @@ from rowsync.fetch import _where_key, key_of, table_of
 from rowsync.graph import Graph
 from rowsync.messages import Change, Message, Sync
 from rowsync.subscription import Subscription
+from rowsync.watchers import spec_assocs
 
 if TYPE_CHECKING:
     from rowsync.app import RowSync
@@ -194,8 +195,8 @@ class _Plan:
             )
         mapper: Mapper[Any] = sa.inspect(entity)
         table = rs._watched(entity)
-        spec = tree.options_spec(mapper, statement._with_options, [])
-        assocs = _assocs(spec)
+        spec = tree.options_spec(mapper, statement._with_options)
+        assocs = spec_assocs(spec)
         below: dict[sa.Table, None] = {}
         pending = list(rs.router.spec(mapper, assocs))
         while pending:
@@ -255,11 +256,6 @@ _ORDER_MODIFIERS = (
     operators.nulls_first_op,
     operators.nulls_last_op,
 )
-
-
-def _assocs(spec: tree.LoadSpec) -> list[Any]:
-    """A LoadSpec as the ``assocs`` of ``subscribe``."""
-    return [{key: _assocs(nested)} if nested else key for key, nested in spec.items()]
 
 
 def _as_nested(change: Change, root: sa.Table) -> Change:

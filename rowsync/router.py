@@ -15,6 +15,7 @@ in quick succession is not missed - and drops them when the row leaves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter, defaultdict
@@ -88,12 +89,11 @@ class Router:
     ) -> None:
         """A model-level interest; with ``follow``, each inserted row is then held with that spec
         (a root list that sync grows with inserts keeps receiving its new rows' changes).
-        ``mapper``: a single-table subclass takes only the rows its discriminator names."""
-        classes = _classes(mapper) if mapper is not None and mapper.single else None
+        ``mapper``: the model (a subclass takes only the rows its discriminator names)."""
         with self._lock:
             self._subscriptions[sub.id] = sub
-            if (table, event, filters, follow, classes) not in sub.models:
-                sub.models.append((table, event, filters, follow, classes))
+            if (table, event, filters, follow, mapper) not in sub.models:
+                sub.models.append((table, event, filters, follow, mapper))
             self._models[table].add(sub)
 
     def add_tree(self, sub: Subscription, objects: Iterable[Any], spec: Spec) -> None:
@@ -224,11 +224,17 @@ class Router:
     # -- routing -----------------------------------------------------------------------
 
     def route(
-        self, table: sa.Table, event: str, new: Values | None, old: Values | None
+        self,
+        table: sa.Table,
+        event: str,
+        new: Values | None,
+        old: Values | None,
+        only: Subscription | None = None,
     ) -> list[Subscription]:
         """Subscriptions concerned by a change (each once), after updating their interests.
 
-        ``new`` is None for a delete, ``old`` None for an insert.
+        ``new`` is None for a delete, ``old`` None for an insert. With ``only``, just that
+        subscription is considered (a change replayed to it alone).
         """
         # An update that kept its identifying columns moves no row in or out of anything
         # followed: no interest changes (the common case, and the one fan-out must keep cheap).
@@ -245,6 +251,10 @@ class Router:
                     subs = self._index.get(key)
                     if not subs:
                         continue
+                    if only is not None:
+                        if only not in subs:
+                            continue
+                        subs = {only}
                     if not upkeep:
                         matched.update(dict.fromkeys(subs, _NO_KEYS))
                         continue
@@ -259,6 +269,8 @@ class Router:
                             self._upkeep(sub, key, edge, nested, event, new, old)
             result = list(matched)
             for sub in self._models.get(table, ()):
+                if only is not None and sub is not only:
+                    continue
                 hit, follow = _model_match(sub, table, event, new, old)
                 if not hit:
                     continue
@@ -358,10 +370,13 @@ def _edge_key(edge: Edge, local: tuple[Any, ...]) -> Interest:
     return (_edge_key_table(edge), edge.remote_names, local)
 
 
-def _classes(mapper: Mapper[Any]) -> tuple[str, frozenset[Any]]:
-    """The discriminator column's name and the values naming ``mapper`` or a subclass."""
+@functools.cache
+def _classes(mapper: Mapper[Any], table: sa.Table) -> tuple[str, frozenset[Any]] | None:
+    """For a subclass whose discriminator is a column of ``table``: its name, and the values
+    naming ``mapper`` or a subclass of it (a row of ``table`` may be of another class)."""
     column = mapper.polymorphic_on
-    assert isinstance(column, sa.Column)  # watchers() refuses a hierarchy without one
+    if mapper.inherits is None or not isinstance(column, sa.Column) or column.table is not table:
+        return None
     return column.name, frozenset(m.polymorphic_identity for m in mapper.self_and_descendants)
 
 
@@ -372,9 +387,10 @@ def _model_match(
     when it entered the model: inserted, or its discriminator changed to the model's class."""
     hit, spec = False, None
     values = new if new is not None else old
-    for model_table, wanted, filters, follow, classes in sub.models:
+    for model_table, wanted, filters, follow, mapper in sub.models:
         if model_table is not table or (wanted is not None and wanted != event):
             continue
+        classes = None if mapper is None else _classes(mapper, table)
         if classes is not None and (values is None or values.get(classes[0]) not in classes[1]):
             continue
         if all(

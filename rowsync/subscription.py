@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rowsync.messages import Change, Message, Resync, ResyncInfo
 
 if TYPE_CHECKING:
+    from rowsync.position import Position
     from rowsync.router import Interest, Reason
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Subscription:
         self.interests: dict[Interest, Counter[Reason]] = {}
         self.models: list[tuple[Any, str | None, dict[str, Any], Any, Any]] = []
         self.below: dict[Any, dict[tuple[Any, ...], Any]] = {}
+        self.roots: list[list[Any]] = []
+        """The root lists subscribed to: ``follow=True`` model interests declare how they grow."""
 
     def __repr__(self) -> str:
         interests = len(self.interests) + len(self.models)
@@ -80,13 +83,14 @@ class Subscription:
         *,
         assocs: Any = (),
         follow: bool = False,
+        since: Position | None = None,
         **filters: Any,
     ) -> Subscription:
         """Receive more on this same queue; overlapping interests still deliver each change once.
 
         Same arguments as ``rs.subscribe``.
         """
-        self._subscribe(self, target, event, assocs=assocs, follow=follow, **filters)
+        self._subscribe(self, target, event, assocs=assocs, follow=follow, since=since, **filters)
         return self
 
     def close(self) -> None:

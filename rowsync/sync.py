@@ -37,7 +37,8 @@ from rowsync.cache import GONE, CachedRow
 from rowsync.fetch import RowSource, key_of, table_of
 from rowsync.graph import Edge, Graph
 from rowsync.messages import Change, Sync
-from rowsync.watchers import Assocs, _items
+from rowsync.roots import Rule
+from rowsync.watchers import Assocs, assocs_spec
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Syncer:
         """Indexes by ``id`` of the tree's value, least recently used first."""
         self._index_cache = index_cache
         self._lock = threading.Lock()
+        self._rules: dict[int, list[tuple[list[Any], Rule, object]]] = {}
+        """Root lists by ``id``, with the rules their subscriptions declared and who did."""
         tree.watch_mutations(graph.digraph.nodes)
 
     def index(self, value: Any, roots: list[Any]) -> tree.Index:
@@ -88,6 +91,35 @@ class Syncer:
             while len(self._indexes) > self._index_cache:
                 self._indexes.popitem(last=False)
         return index
+
+    def declare(self, roots: list[Any], rule: Rule, owner: object) -> None:
+        """Rows join and leave ``roots`` by ``rule`` (declared by ``owner``, a subscription)."""
+        with self._lock:
+            self._rules.setdefault(id(roots), []).append((roots, rule, owner))
+
+    def undeclare(self, owner: object) -> None:
+        """Forget the rules ``owner`` declared (it is closed)."""
+        with self._lock:
+            for key, entries in list(self._rules.items()):
+                kept = [e for e in entries if e[2] is not owner]
+                if kept:
+                    self._rules[key] = kept
+                else:
+                    del self._rules[key]
+
+    def rule(self, roots: list[Any], table: sa.Table) -> Rule | None:
+        """The rule ``roots`` change by, for rows of ``table`` (or of any table of its
+        inheritance hierarchy); None: they do not grow."""
+        with self._lock:
+            entries = self._rules.get(id(roots), ())
+            return next(
+                (
+                    r
+                    for held, r, _ in entries
+                    if held is roots and tree.identity_table(r.mapper) is self.graph.identity(table)
+                ),
+                None,
+            )
 
     def forget(self, objects: list[Any]) -> None:
         """Drop the cached indexes that hold any of ``objects``: rowsync changed what those
@@ -123,7 +155,8 @@ class Syncer:
         table = table_of(change.model)
         if roots and table not in self.graph.reachable(instance_state(roots[0]).mapper):
             return value
-        patch = _Patch(self, value, roots, change, table, preloads or {})
+        rule = self.rule(value, table) if isinstance(value, list) else None
+        patch = _Patch(self, value, roots, change, table, preloads or {}, rule)
         patch.apply()
         if isinstance(value, list):
             return value
@@ -200,8 +233,12 @@ class _Patch:
         change: Change,
         table: sa.Table,
         preloads: Preloads,
+        rule: Rule | None = None,
     ) -> None:
         self.syncer = syncer
+        self.rule = rule
+        self.growing = value is None
+        """``sync(None, insert)``: not a root list, a wait for a row; the row is the result."""
         self.graph = syncer.graph
         self.rows = syncer.rows
         self.roots = roots
@@ -222,11 +259,14 @@ class _Patch:
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.row(table, self.key, change.ref)
-            self.row = None if found is GONE else found
+            if found is GONE:
+                # Deleted before its batch was read. The delete's own message may never come:
+                # it is routed by where the row was last, which may be outside this tree.
+                self.deleted = True
+            else:
+                self.row = found
 
     def apply(self) -> None:
-        if not self.deleted and self.row is None:
-            return  # the row was deleted before it could be read; its delete message follows
         if self.row is not None:
             ref = self.change.ref
             for obj in self.index.instances(self.identity, self.key):
@@ -419,48 +459,58 @@ class _Patch:
                 self.assign(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
-        """The roots themselves: a deleted root leaves, and so does one no longer of the roots'
-        class; an inserted row of the roots' class joins, and so does one whose discriminator
-        changed to it."""
+        """The roots themselves. A deleted root leaves. Otherwise the list's rule (declared
+        by its subscription: :mod:`rowsync.roots`) says whether the row is a root now, and
+        where; a list without one never gains a row it cannot know its query returns, and
+        loses one no longer of its class (its discriminator changed)."""
         entity = self.entity
         if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
             return
-        kind = self.row_class
-        if self.deleted or (kind is not None and not tree.isa(kind, entity)):
-            gone = [
-                r
-                for r in self.roots
-                if _table(r) is self.identity and tree.primary_key(r) == self.key
-            ]
-            if self.deleted or gone:
-                self.roots[:] = [r for r in self.roots if r not in gone]
-                self.touched += gone
-                self.reshaped += gone
-                tree.Generation.bump()
-        elif (self.change.event == "inserted" or self.entered(entity)) and not any(
-            tree.primary_key(r) == self.key for r in self.roots
-        ):
-            # held below already (it entered a collection first): that instance joins the roots too
-            spec = tree.expected_spec(self.roots[0]) if self.roots else None
-            obj = self.instance(entity, self.key, self.row, spec)
-            if obj is not None:
-                tree.remember_entity(obj, entity)
-                self.roots.append(obj)
-                self.touched.append(obj)
-                self.reshaped.append(obj)
-                tree.Generation.bump()
+        held = [
+            r for r in self.roots if _table(r) is self.identity and tree.primary_key(r) == self.key
+        ]
+        if self.deleted:
+            self.leave(held)
+            return
+        if self.row is None:
+            return
+        if self.rule is None:
+            kind = self.row_class
+            if kind is not None and not tree.isa(kind, entity):
+                self.leave(held)
+            elif self.growing and self.change.event == "inserted":
+                self.join(entity, None)
+            return
+        wanted = self.rule.admits(self.key, self.row.values)
+        if wanted and not held:
+            self.join(self.rule.mapper, self.rule.spec)
+            self.rule.arrange(self.roots)
+        elif held and not wanted:
+            self.leave(held)
+        elif held and self.change.event == "updated":
+            self.rule.arrange(self.roots)
 
-    def entered(self, entity: Mapper[Any]) -> bool:
-        """Whether an update changed the row's class to one of ``entity``'s."""
-        kind, row = self.row_class, self.row
-        return (
-            self.change.event == "updated"
-            and row is not None
-            and row.old is not None
-            and kind is not None
-            and tree.isa(kind, entity)
-            and not tree.isa(tree.row_mapper(entity, row.old), entity)
-        )
+    def join(self, mapper: Mapper[Any], spec: tree.LoadSpec | None) -> None:
+        """The changed row becomes a root of ``mapper`` (the class the list was queried as),
+        loaded like its sibling roots (or as ``spec`` says); held below already (it entered
+        a collection first), that instance joins the roots."""
+        if spec is None and self.roots:
+            spec = tree.expected_spec(self.roots[0])
+        obj = self.instance(mapper, self.key, self.row, spec)
+        if obj is not None:
+            tree.remember_entity(obj, mapper)
+            self.roots.append(obj)
+            self.touched.append(obj)
+            self.reshaped.append(obj)
+            tree.Generation.bump()
+
+    def leave(self, gone: list[Any]) -> None:
+        if not gone:
+            return
+        self.roots[:] = [r for r in self.roots if not any(r is g for g in gone)]
+        self.touched += gone
+        self.reshaped += gone
+        tree.Generation.bump()
 
     @functools.cached_property
     def entity(self) -> Mapper[Any] | None:
@@ -544,7 +594,7 @@ class _Patch:
         if existing:
             return existing[0]
         if spec is None:
-            spec = _preload_spec(self.preloads.get(mapper.class_)) or {}
+            spec = _preload_spec(mapper, self.preloads) or {}
         if spec or len(tree.hierarchy_tables(mapper)) > 1:
             # An object spanning several tables is read whole, as its class, by the ORM.
             loaded = self.rows.load(mapper, key, spec, self.change.ref)
@@ -592,8 +642,8 @@ class _Patch:
         for parent, key in index.holders[id(obj)]:
             if parent is None:
                 declared = self.root_spec
-                if declared is None and state_class(obj) in self.preloads:
-                    declared = _preload_spec(self.preloads[state_class(obj)])
+                if declared is None:
+                    declared = _preload_spec(instance_state(obj).mapper, self.preloads)
             else:
                 declared = tree.declared_spec(parent)
             if declared is None:
@@ -696,7 +746,7 @@ def _compare_values(edge: Edge, va: tuple[Any, ...], vb: tuple[Any, ...]) -> int
     return 0
 
 
-def _preload_spec(assocs: Assocs | None) -> dict[str, Any] | None:
-    if assocs is None:
-        return None
-    return {name: _preload_spec(nested) or {} for name, nested in _items(assocs)}
+def _preload_spec(mapper: Mapper[Any], preloads: Preloads) -> dict[str, Any] | None:
+    """What ``preloads`` says objects of ``mapper`` come loaded with, if it names them."""
+    assocs = preloads.get(mapper.class_)
+    return None if assocs is None else assocs_spec(mapper, assocs)

@@ -16,9 +16,11 @@ each change) raises :class:`NeedsDatabase`, saying what to give it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
@@ -34,11 +36,12 @@ from rowsync.cache import CachedRow
 from rowsync.errors import ConfigurationError, RowsyncError
 from rowsync.fetch import RowSource, key_of, qualified_name, table_of, usable_key
 from rowsync.graph import Edge
-from rowsync.listener import Notice
+from rowsync.listener import Notice, send_flush
 from rowsync.messages import Change, Event, Message, Sync
-from rowsync.watchers import Assocs, Watcher, resolve_assocs
+from rowsync.position import Position
+from rowsync.watchers import Assocs, Watcher, assocs_spec
 
-__all__ = ["MemoryEvents", "NeedsDatabase", "Recorder", "WaitFor", "loaded"]
+__all__ = ["MemoryEvents", "NeedsDatabase", "Recorder", "WaitFor", "loaded", "one_batch"]
 
 T = TypeVar("T")
 
@@ -303,6 +306,29 @@ class MemoryEvents:
         return frozenset(names)
 
 
+@contextlib.contextmanager
+def one_batch(rs: RowSync, timeout: float = 5.0) -> Iterator[None]:
+    """Make every change committed in the block reach ``rs``'s dispatch as one batch, then
+    wait until it has been dispatched.
+
+    The listener normally hands over whatever has arrived: two back-to-back commits are one
+    batch or two depending on timing, and the two paths differ (in one batch, every row is
+    read after the last commit). A test that must take one path holds the dispatch::
+
+        with rowsync.testing.one_batch(rs):
+            write(move_child)
+            write(delete_child)
+        # both commits were resolved together; their messages are queued
+    """
+    with rs.dispatcher.holding() as held:
+        yield
+        token = uuid.uuid4().hex
+        send_flush(rs.conninfo, rs.channel, token)
+        if not held.wait(token, timeout):
+            raise TimeoutError(f"the block's commits did not reach the listener in {timeout} s")
+    rs.flush(timeout)
+
+
 def loaded(value: T, assocs: Assocs = ()) -> T:
     """Declare that objects built in memory stand for a query's result loaded with these
     relationships (as ``selectinload`` options would say), and return them.
@@ -312,7 +338,7 @@ def loaded(value: T, assocs: Assocs = ()) -> T:
     included) is a poor guide. ``loaded(people, [{"posts": ["tags"]}])`` says it.
     """
     for obj in tree.as_list(value):
-        spec = _spec(_mapper(obj), assocs)
+        spec = assocs_spec(_mapper(obj), assocs)
         if missing := _missing(obj, spec):
             raise ConfigurationError(
                 f"{obj!r} has {missing} not loaded, which these options load: set it "
@@ -320,10 +346,6 @@ def loaded(value: T, assocs: Assocs = ()) -> T:
             )
         tree.remember_spec(obj, spec)
     return value
-
-
-def _spec(mapper: Mapper[Any], assocs: Assocs) -> dict[str, Any]:
-    return {rel.key: _spec(rel.mapper, nested) for rel, nested in resolve_assocs(mapper, assocs)}
 
 
 def _table(row: Any) -> sa.Table:
@@ -480,6 +502,9 @@ class _MemoryRows(RowSource):
             if (row := self.known[(table, key)]) is not None:
                 found[key] = row
         return found
+
+    def snapshot(self) -> Position | None:
+        return None  # no database: no position can be replayed past a made-up gap
 
     def row_values(self, table: sa.Table, key: tuple[Any, ...]) -> Mapping[str, Any] | None:
         found = self.fetch(table, [key]).get(key)

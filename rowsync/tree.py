@@ -12,7 +12,13 @@ from functools import cache
 from typing import Any, Final, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapper, MapperProperty, attributes, make_transient_to_detached
+from sqlalchemy.orm import (
+    Mapper,
+    MapperProperty,
+    RelationshipProperty,
+    attributes,
+    make_transient_to_detached,
+)
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.path_registry import PathRegistry
 
@@ -286,7 +292,7 @@ def declared_spec(obj: Any) -> dict[str, Any] | None:
     (lazy loading in a session, say), so only what is loaded now can tell."""
     state = instance_state(obj)
     declared = state.info.get(_SPEC)
-    if declared is None and (state.load_options or _defaults(state.mapper, 1)):
+    if declared is None and (state.load_options or _has_defaults(state.mapper)):
         declared = _from_options(state)
     return declared
 
@@ -300,7 +306,7 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
         if value is not NOT_LOADED:
             for child in as_list(value):
                 state = instance_state(child)
-                if _SPEC not in state.info and not state.load_options:  # not the tree's own
+                if _SPEC not in state.info and not state.load_path:  # not a query's own
                     remember_spec(child, nested)
 
 
@@ -319,46 +325,124 @@ def strategy(obj: Any, key: str) -> str:
 
 
 def _path_keys(path: PathRegistry) -> list[str]:
-    """The relationship keys along a loader path: every other element is a property."""
-    return [cast("MapperProperty[Any]", p).key for p in path.path[1::2]]
+    """The relationship keys along a loader path: every other element is a property (or,
+    for a wildcard option such as ``raiseload("*")``, a ``"relationship:*"`` token)."""
+    return [
+        "*" if isinstance(p, str) else cast("MapperProperty[Any]", p).key for p in path.path[1::2]
+    ]
 
 
 def _from_options(state: Any) -> dict[str, Any]:
-    here = _path_keys(state.load_path) if state.load_path else []
-    return options_spec(state.mapper, state.load_options or (), here)
+    return options_spec(state.mapper, state.load_options or (), state.load_path)
 
 
-def options_spec(mapper: Mapper[Any], options: Iterable[Any], here: list[str]) -> dict[str, Any]:
-    """What loader ``options`` load below ``mapper`` at the relationship path ``here`` (``[]``
-    for a statement's own entity), with the mapper's eager defaults: a statement's LoadSpec,
-    known before any row is loaded."""
-    paths = []
+_UNLIMITED = 16
+"""Levels of a ``recursion_depth=-1`` loader a LoadSpec spells out (it must be finite)."""
+
+
+@dataclass(frozen=True)
+class _Explicit:
+    """A loader option's word on one relationship path."""
+
+    lazy: str
+    recursion_depth: int | None
+
+
+def options_spec(
+    mapper: Mapper[Any], options: Iterable[Any], path: PathRegistry | None = None
+) -> dict[str, Any]:
+    """What a query with loader ``options`` loads below an object of ``mapper`` that it
+    loaded at ``path`` (``None``: the statement's own entity): a LoadSpec, known before any
+    row is loaded.
+
+    Where no option speaks, the mapping's eager defaults (``relationship(lazy="selectin")``)
+    load, except where SQLAlchemy stops them: a default never loads a mapper already on the
+    path (for ``joined``, the path within one SQL statement; for the loaders that run a
+    query of their own, the whole path), or past its ``join_depth``."""
+    explicit: dict[tuple[str, ...], _Explicit] = {}
     for option in options:
         for element in getattr(option, "context", ()):
-            keys = _path_keys(element.path)
-            if (
-                dict(element.strategy or ()).get("lazy") in EAGER
-                and keys[: len(here)] == here
-                and len(keys) > len(here)
-            ):
-                paths.append(keys[len(here) :])
+            lazy = dict(element.strategy or ()).get("lazy")
+            if lazy is not None:
+                depth = (getattr(element, "local_opts", None) or {}).get("recursion_depth")
+                explicit[tuple(_path_keys(element.path))] = _Explicit(str(lazy), depth)
+    mappers: list[Mapper[Any]] = [mapper]
+    statement: list[Mapper[Any]] = [mapper]
+    keys: tuple[str, ...] = ()
+    if path is not None and path.path:
+        elements = path.path
+        mappers = [cast("Mapper[Any]", m) for m in elements[0::2]]
+        statement = [mappers[0]]
+        for i, prop in enumerate(elements[1::2]):
+            rel = cast("RelationshipProperty[Any]", prop)
+            keys = (*keys, rel.key)
+            said = _said(explicit, keys)
+            lazy = said.lazy if said is not None else str(rel.lazy)
+            statement = [*statement, mappers[i + 1]] if lazy == "joined" else [mappers[i + 1]]
+    return _expand(mapper, explicit, keys, mappers, statement, {})
+
+
+def _said(explicit: Mapping[tuple[str, ...], _Explicit], keys: tuple[str, ...]) -> _Explicit | None:
+    return explicit.get(keys) or explicit.get((*keys[:-1], "*"))
+
+
+def _expand(
+    mapper: Mapper[Any],
+    explicit: Mapping[tuple[str, ...], _Explicit],
+    keys: tuple[str, ...],
+    mappers: list[Mapper[Any]],
+    statement: list[Mapper[Any]],
+    recursing: Mapping[str, int],
+) -> dict[str, Any]:
+    """``options_spec`` below one object: ``mappers`` is the whole path to it, ``statement``
+    the part loaded by the same SQL statement, ``recursing`` the ``recursion_depth`` loaders
+    still going, by relationship key, with the levels they have left."""
     spec: dict[str, Any] = {}
-    for keys in sorted(paths, key=len):
-        node = spec
-        for key in keys[:-1]:
-            if key not in node:
-                break
-            node = node[key]
+    for rel in _relationships(mapper):
+        here = (*keys, rel.key)
+        said = _said(explicit, here)
+        left = recursing.get(rel.key)
+        depth: int | None
+        if said is None and left is not None:
+            lazy, depth = "selectin", left
+        elif said is not None:
+            lazy, depth = said.lazy, said.recursion_depth
         else:
-            node.setdefault(keys[-1], {})
-    return merge_specs(spec, _defaults(mapper, 3))
+            lazy, depth = str(rel.lazy), None
+            on = statement if lazy == "joined" else mappers
+            if lazy not in EAGER or (
+                len(on) > rel.join_depth if rel.join_depth else any(m.isa(rel.mapper) for m in on)
+            ):
+                continue
+        if lazy not in EAGER:
+            continue
+        nested = dict(recursing)
+        nested.pop(rel.key, None)
+        if depth is not None:
+            levels = _UNLIMITED if depth < 0 else depth
+            if levels > 0:
+                nested[rel.key] = levels - 1
+        below_statement = [*statement, rel.mapper] if lazy == "joined" else [rel.mapper]
+        spec[rel.key] = _expand(
+            rel.mapper, explicit, here, [*mappers, rel.mapper], below_statement, nested
+        )
+    return spec
 
 
-def _defaults(mapper: Mapper[Any], depth: int) -> dict[str, Any]:
-    """Relationships the mapper itself loads eagerly (``relationship(lazy="selectin")``)."""
-    if depth == 0:
-        return {}
-    return {r.key: _defaults(r.mapper, depth - 1) for r in mapper.relationships if r.lazy in EAGER}
+@cache
+def _relationships(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
+    """``mapper``'s relationships and its subclasses' (each name once): a place holding a
+    class holds rows of its subclasses, loaded with theirs (``of_type``, ``with_polymorphic``)."""
+    found: dict[str, RelationshipProperty[Any]] = {}
+    for m in mapper.self_and_descendants:
+        for rel in m.relationships:
+            found.setdefault(rel.key, rel)
+    return tuple(found.values())
+
+
+def _has_defaults(mapper: Mapper[Any]) -> bool:
+    """Whether the mapping loads any relationship of ``mapper`` eagerly by default."""
+    return any(r.lazy in EAGER for r in mapper.relationships)
 
 
 def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
@@ -399,6 +483,40 @@ def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
         children = as_list(value)
         spec[rel.key] = loaded_spec(children[0], depth - 1) if children else {}
     return spec
+
+
+def tree_spec(objects: Iterable[Any]) -> dict[str, Any]:
+    """What is loaded anywhere below ``objects`` (objects of one mapper), or declared by their
+    loader options to be loaded there, as one LoadSpec: the union over every object, so a
+    relationship loaded on one parent only, or on an empty collection's future members, is
+    in it. Each object is read once; a cycle of objects ends the path where it closes."""
+    memo: dict[int, dict[str, Any] | None] = {}
+
+    def of(obj: Any) -> dict[str, Any]:
+        found = memo.get(id(obj), _NOT_DONE)
+        if found is None:
+            return {}  # on the path being read: the cycle closes here
+        if found is not _NOT_DONE:
+            return cast(dict[str, Any], found)
+        memo[id(obj)] = None
+        spec = dict(declared_spec(obj) or {})
+        data = instance_state(obj).dict
+        for key, _owner, _uselist in _shape(instance_state(obj).mapper)[1]:
+            if key in data:
+                below = spec.get(key, {})
+                for child in as_list(data[key]):
+                    below = merge_specs(below, of(child))
+                spec[key] = below
+        memo[id(obj)] = spec
+        return spec
+
+    result: dict[str, Any] = {}
+    for obj in objects:
+        result = merge_specs(result, of(obj))
+    return result
+
+
+_NOT_DONE: Final = object()
 
 
 @cache

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Mapper, RelationshipProperty, class_mapper
 from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.sql.util import find_tables
 
+from rowsync import tree
 from rowsync.errors import ConfigurationError
 from rowsync.messages import EVENTS, Event
 
@@ -260,6 +261,20 @@ def resolve_assocs(
 ) -> list[tuple[RelationshipProperty[Any], Assocs]]:
     """Validate ``assocs`` against ``mapper`` and pair each relationship with what follows it."""
     return [pair for name, nested in _items(assocs) for pair in _resolve(mapper, name, nested)]
+
+
+def assocs_spec(mapper: Mapper[Any], assocs: Assocs) -> dict[str, Any]:
+    """``assocs`` as a LoadSpec (relationship keys, each with what is below it); an
+    association proxy stands for the relationships it spans."""
+    spec: dict[str, Any] = {}
+    for rel, nested in resolve_assocs(mapper, assocs):
+        spec = tree.merge_specs(spec, {rel.key: assocs_spec(rel.mapper, nested)})
+    return spec
+
+
+def spec_assocs(spec: tree.LoadSpec) -> list[Any]:
+    """A LoadSpec as the ``assocs`` of ``subscribe``."""
+    return [{key: spec_assocs(nested)} if nested else key for key, nested in spec.items()]
 
 
 def _models_by_table(mapper: Mapper[Any]) -> dict[sa.Table, Any]:

@@ -243,7 +243,7 @@ def test_new_subclass_row_joins_a_base_class_root_list(rs, db):
     companies(db)
     rs.flush()
     value = fresh(db.sessions, EMPLOYEES)
-    sub = rs.subscribe(Employee, "inserted")
+    sub = rs.subscribe(value).add(Employee, "inserted", follow=True)
 
     db(Engineer(id=4, name="n", language="rust"), Manager(id=5, name="o", budget=3))
 
@@ -255,7 +255,7 @@ def test_a_subclass_root_list_gains_only_rows_of_its_class(rs, db):
     companies(db)
     rs.flush()
     value = fresh(db.sessions, ENGINEERS)
-    sub = rs.subscribe(Engineer, "inserted", follow=True)
+    sub = rs.subscribe(value).add(Engineer, "inserted", follow=True)
 
     db(Engineer(id=4, name="n", language="rust"), Manager(id=5, name="o", budget=3))
     value = check(rs, db, ENGINEERS, value, sub)
@@ -301,7 +301,7 @@ def test_with_polymorphic_root_list_gains_rows_as_their_class(rs, db):
     every = with_polymorphic(Employee, "*")
     statement = sa.select(every).order_by(every.id)
     value = fresh(db.sessions, statement)
-    sub = rs.subscribe(Employee, "inserted", follow=True)
+    sub = rs.subscribe(value).add(Employee, "inserted", follow=True)
 
     db(Engineer(id=4, name="n", language="rust"))
     value = check(rs, db, statement, value, sub)
@@ -417,7 +417,7 @@ def test_inserted_rows_join_a_base_root_list_as_their_class(rs, db):
     shops(db)
     rs.flush()
     value = fresh(db.sessions, WORKERS)
-    sub = rs.subscribe(Worker, "inserted")
+    sub = rs.subscribe(value).add(Worker, "inserted", follow=True)
 
     db(Boss(id=4, name="n", level=2), Clerk(id=5, name="k"))
 
@@ -428,7 +428,7 @@ def test_a_followed_subclass_root_list_gains_only_its_class(rs, db):
     shops(db)
     rs.flush()
     value = fresh(db.sessions, BOSSES)
-    sub = rs.subscribe(Boss, "inserted", follow=True)
+    sub = rs.subscribe(value).add(Boss, "inserted", follow=True)
 
     db(Boss(id=4, name="n", level=2), Clerk(id=5, name="k"))
     value = check(rs, db, BOSSES, value, sub)
@@ -474,7 +474,7 @@ def test_discriminator_change_to_its_class_joins_a_followed_subclass_root_list(r
     shops(db)
     rs.flush()
     value = fresh(db.sessions, BOSSES)
-    sub = rs.subscribe(Boss, follow=True)
+    sub = rs.subscribe(value).add(Boss, follow=True)
 
     db(sa.update(Worker).where(Worker.id == 2).values(kind="boss"))
     value = check(rs, db, BOSSES, value, sub)
@@ -507,6 +507,37 @@ def test_resync_reads_roots_as_the_class_they_have_now(rs, db):
 
     assert snapshot(rs.resync(workers)) == snapshot(fresh(db.sessions, WORKERS))
     assert rs.resync(bosses) == []  # 3 is a clerk now (2 is a row this list never held)
+
+
+def test_a_loaded_subclass_statement_keeps_its_rows_and_classes(rs, db):
+    shops(db)
+    db(Boss(id=4, name="n", level=2))
+    rs.flush()
+    statement = BOSSES.where(Worker.level < 5)
+    with db.sessions() as session:
+        value, sub = rs.load(session, statement)
+
+    db(sa.update(Worker).where(Worker.id == 2).values(kind="boss", level=1))
+    db(sa.update(Worker).where(Worker.id == 3).values(kind="clerk"))
+    db(sa.update(Worker).where(Worker.id == 4).values(level=7), Clerk(id=5, level=1))
+
+    value = check(rs, db, statement, value, sub)
+    assert [(type(b), b.id) for b in value] == [(Boss, 2)]
+
+
+def test_a_loaded_joined_subclass_statement_follows_its_base_table(rs, db):
+    companies(db)
+    rs.flush()
+    statement = ENGINEERS.where(Employee.name != "hidden")
+    with db.sessions() as session:
+        value, sub = rs.load(session, statement)
+
+    db(Engineer(id=4, name="n", language="rust"), Manager(id=5, name="o", budget=3))
+    db(sa.update(Employee).where(Employee.id == 2).values(name="hidden"))
+    db(sa.update(Engineer.__table__).where(Engineer.__table__.c.id == 4).values(language="c"))
+
+    value = check(rs, db, statement, value, sub)
+    assert [(e.id, e.language) for e in value] == [(4, "c")]
 
 
 def test_many_to_one_to_a_subclass_follows_its_key(rs, db):
