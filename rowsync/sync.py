@@ -304,11 +304,15 @@ class _Patch:
     @functools.cached_property
     def row_class(self) -> Mapper[Any] | None:
         """The mapper the changed row loads as now, read from its discriminator; None for a
-        delete, a row of a plain table, or a subclass table's row (the base row says)."""
+        delete, a row without a class to read (a plain table, a model outside a polymorphic
+        hierarchy), or a subclass table's row (its base row says)."""
         model = self.change.model
         if self.row is None or self.table is not self.identity or isinstance(model, sa.Table):
             return None
-        return tree.row_mapper(sa.inspect(model), self.row.values)
+        mapper: Mapper[Any] = sa.inspect(model)
+        if mapper.polymorphic_on is None:
+            return None
+        return tree.row_mapper(mapper, self.row.values)
 
     def admits(self, edge: Edge) -> bool:
         """Whether the changed row is of a class ``edge`` holds (a relationship to a
