@@ -455,8 +455,9 @@ class RowSync:
                 if isinstance(target, sa.Table):
                     raise ConfigurationError("follow needs a mapped model, not a table")
                 spec = self.router.spec(sa.inspect(target), assocs)
-                for roots in sub.roots:
-                    self.syncer.declare(roots, Filters(sa.inspect(target), filters), sub)
+                for roots, _ in sub.trees:
+                    if isinstance(roots, list):
+                        self.syncer.declare(roots, Filters(sa.inspect(target), filters), sub)
             elif assocs:
                 raise ConfigurationError("assocs on a model-level subscription go with follow=True")
             mapper = None if isinstance(target, sa.Table) else sa.inspect(target)
@@ -466,12 +467,16 @@ class RowSync:
             raise ConfigurationError(
                 "event, follow and filters go with a model, not with loaded objects"
             )
-        if isinstance(target, list) and not any(target is r for r in sub.roots):
-            sub.roots.append(target)
+        sub.trees.append((target, assocs))
+        if isinstance(target, list):
             for table, _event, wanted, follows, mapper in sub.models:
                 if follows is not None:
                     model = self._tables[qualified_name(table)][1]
                     self.syncer.declare(target, Filters(mapper or sa.inspect(model), wanted), sub)
+        self._hold(sub, target, assocs)
+
+    def _hold(self, sub: Subscription, target: Any, assocs: Assocs) -> None:
+        """Register the interests of a tree (a list of roots or one object) and below."""
         objects = tree.as_list(target)
         by_mapper: dict[Any, list[Any]] = defaultdict(list)
         for obj in objects:
@@ -524,8 +529,25 @@ class RowSync:
 
     def resync(self, value: Any) -> Any:
         """``value`` made consistent with the database after a ``(Resync, info)`` message:
-        what it holds, re-read by primary key in batches, loaded as it was loaded."""
-        return self.syncer.resync(value)
+        what it holds, re-read by primary key in batches, loaded as it was loaded. Every
+        subscription made with this tree follows it again as it now is (rows the re-read
+        brought in included), from a position taken before the re-read."""
+        holders = [s for s in self.router.subscriptions() if any(t is value for t, _ in s.trees)]
+        position = self.position() if holders and self.running else None
+        result = self.syncer.resync(value)
+        for sub in holders:
+            sub.trees = [(result if t is value else t, a) for t, a in sub.trees]
+
+            def register(sub: Subscription = sub) -> None:
+                self.router.drop_trees(sub)
+                for target, assocs in sub.trees:
+                    self._hold(sub, target, assocs)
+
+            if position is None:
+                register()
+            else:
+                self.dispatcher.replay(sub, position, register)
+        return result
 
     def live(
         self, session_factory: Any, statement: sa.Select[Any], *, idle_timeout: float | None = 300.0

@@ -8,7 +8,8 @@ in a loaded collection, whatever the relationship kind:
   its ``remote`` columns equal the parent's ``local`` columns and the criteria hold;
 * through an association table or object (``secondary``): a link row pairs a parent key
   with a target key; the criteria are evaluated on the target row;
-* anything else (a ``secondary`` that is a join, criteria spanning several tables):
+* anything else (a ``secondary`` that is a join, criteria spanning several tables, an
+  ``order_by`` term Python cannot order as Postgres does, see :mod:`rowsync.ordering`):
   ``recompute`` - the membership is re-queried for the affected parents.
 
 Criteria are never evaluated in Python: each is compiled into the listener's row fetch as
@@ -32,6 +33,8 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, ColumnElement
 from sqlalchemy.sql.util import find_tables
 
+from rowsync import ordering
+from rowsync.ordering import Term
 from rowsync.tree import hierarchy_tables, identity_table, mapped_table
 
 Pairs = tuple[tuple[sa.Column[Any], sa.Column[Any]], ...]
@@ -54,10 +57,11 @@ class Edge:
     criteria: str | None
     """Name of the boolean the row fetch computes for the extra criteria, if any."""
     criteria_table: sa.Table | None
-    order_by: tuple[tuple[sa.Column[Any], bool], ...]
-    """``(column of the target, descending)``, in order."""
+    order_by: tuple[Term, ...]
+    """The relationship's ``order_by``. Unless the edge recomputes, each term is a column of
+    the target's table that Python orders as Postgres does (``order_names``)."""
     recompute: bool
-    """Membership cannot be read off rows: re-query it for the affected parents."""
+    """Membership or order cannot be read off rows: re-query it for the affected parents."""
     tables: frozenset[sa.Table] = field(repr=False)
     """Every table whose change can alter this relationship's contents."""
 
@@ -89,6 +93,13 @@ class Edge:
     @cached_property
     def parent_table(self) -> sa.Table:
         return mapped_table(self.parent)
+
+    @cached_property
+    def order_names(self) -> tuple[str, ...]:
+        """The target's columns ``order_by`` orders by, by name (a recomputed edge has none)."""
+        if self.recompute:
+            return ()
+        return tuple(c.name for c in map(ordering.column, self.order_by) if c is not None)
 
     @cached_property
     def local_is_key(self) -> bool:
@@ -243,8 +254,11 @@ def _edge(rel: RelationshipProperty[Any], counter: Iterator[int]) -> Edge:
     extra = _extra(rel)
     extra_tables = {t for c in extra for t in find_tables(c, check_columns=True)}
     criteria_table = next(iter(extra_tables)) if len(extra_tables) == 1 else None
-    recompute = (rel.secondary is not None and secondary is None) or (
-        bool(extra) and criteria_table not in {target_table, secondary}
+    order_by = ordering.terms(rel.order_by or ())
+    recompute = (
+        (rel.secondary is not None and secondary is None)
+        or (bool(extra) and criteria_table not in {target_table, secondary})
+        or not all(_in_python(t, target_table) for t in order_by)
     )
     if secondary is not None:
         pairs = _columns(rel.synchronize_pairs)
@@ -252,16 +266,13 @@ def _edge(rel: RelationshipProperty[Any], counter: Iterator[int]) -> Edge:
     else:
         pairs, target_pairs = _columns(rel.local_remote_pairs), ()
     tables = {target_table, *extra_tables}
-    for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
+    for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin, *(t.expr for t in order_by)):
         if clause is not None:
             tables.update(find_tables(clause))
     if not all(c.table is parent.local_table for c, _ in pairs):
         recompute = True
     if not {c for c, _ in pairs} <= set(mapped_table(parent).primary_key.columns):
         tables.add(parent.local_table)  # many-to-one: the parent's own foreign key picks the target
-    order_by = tuple(
-        (column, _descending(o)) for o in (rel.order_by or ()) if (column := _column(o)) is not None
-    )
     return Edge(
         parent=parent,
         key=rel.key,
@@ -285,10 +296,9 @@ def _columns(pairs: Iterable[tuple[ColumnElement[Any], ColumnElement[Any]]] | No
     return cast(Pairs, tuple(pairs or ()))
 
 
-def _column(clause: Any) -> sa.Column[Any] | None:
-    element = getattr(clause, "element", clause)
-    return element if isinstance(element, sa.Column) else None
-
-
-def _descending(clause: Any) -> bool:
-    return getattr(clause, "modifier", None) is operators.desc_op
+def _in_python(term: ordering.Term, table: sa.FromClause) -> bool:
+    """Whether sync can place a row by this term from the row's own values: a column of the
+    target's table, which Python compares as Postgres orders it. Otherwise (an expression, a
+    column of another table, a collation Python does not follow) the edge recomputes."""
+    column = ordering.column(term)
+    return column is not None and column.table is table and ordering.in_python(term)

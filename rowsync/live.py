@@ -42,16 +42,14 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import instance_state
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.util import find_tables
 
-from rowsync import tree
+from rowsync import ordering, tree
 from rowsync.columns import ColumnPolicy
 from rowsync.errors import ConfigurationError, NotRunningError, RowsyncError
 from rowsync.fetch import _where_key, key_of, table_of
@@ -140,14 +138,6 @@ def _jsonable(value: Any) -> Any:
 # -- what a statement asks for -------------------------------------------------------------
 
 
-class _Term(NamedTuple):
-    """One ``ORDER BY`` term."""
-
-    expr: sa.ColumnElement[Any]
-    descending: bool
-    nulls_first: bool
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Plan:
     """What a live query derives from its statement, once."""
@@ -156,7 +146,10 @@ class _Plan:
     table: sa.Table
     spec: tree.LoadSpec
     assocs: list[Any]
-    order: tuple[_Term, ...]
+    order: tuple[ordering.Term, ...]
+    in_python: bool
+    """Python compares every ORDER BY value as Postgres orders it: a row takes its place by
+    its values; otherwise the statement's keys say where it goes."""
     below: tuple[sa.Table, ...]
     """Tables whose changes can alter what is loaded below the roots."""
     where: tuple[sa.Table, ...]
@@ -216,46 +209,21 @@ class _Plan:
             spec=spec,
             assocs=assocs,
             order=order,
+            in_python=all(ordering.in_python(t) for t in order),
             below=tuple(below),
             where=where,
             loading=statement.add_columns(*(t.expr for t in order)),
             keys=keys,
         )
 
-    def compare(self, a: tuple[Any, ...], b: tuple[Any, ...]) -> int:
-        """Postgres' ordering of two rows' ORDER BY values (NULLs last ascending, first
-        descending, unless the term says otherwise)."""
-        for term, x, y in zip(self.order, a, b, strict=True):
-            if x == y:
-                continue
-            if x is None or y is None:
-                return (-1 if x is None else 1) * (1 if term.nulls_first else -1)
-            result = -1 if x < y else 1
-            return -result if term.descending else result
-        return 0
 
-
-def _term(clause: sa.ColumnElement[Any]) -> _Term:
-    expr, descending, nulls_first = clause, False, None
-    while isinstance(expr, UnaryExpression) and expr.modifier in _ORDER_MODIFIERS:
-        if expr.modifier is operators.desc_op:
-            descending = True
-        elif nulls_first is None and expr.modifier is not operators.asc_op:
-            nulls_first = expr.modifier is operators.nulls_first_op
-        expr = expr.element
-    if "label_reference" in expr.__visit_name__:
+def _term(clause: sa.ColumnElement[Any]) -> ordering.Term:
+    found = ordering.term(clause)
+    if "label_reference" in found.expr.__visit_name__:
         raise ConfigurationError(
-            f"order_by({expr}) names a label: a live query orders by columns or expressions"
+            f"order_by({found.expr}) names a label: a live query orders by columns or expressions"
         )
-    return _Term(expr, descending, descending if nulls_first is None else nulls_first)
-
-
-_ORDER_MODIFIERS = (
-    operators.desc_op,
-    operators.asc_op,
-    operators.nulls_first_op,
-    operators.nulls_last_op,
-)
+    return found
 
 
 def _as_nested(change: Change, root: sa.Table) -> Change:
@@ -542,13 +510,16 @@ class LiveQuery:
         self._sub: _Feed | None = None
         self._mirror: _Mirror | None = None
         self._order: dict[Key, tuple[Any, ...]] = {}
-        self._sort_key = functools.cmp_to_key(self._plan.compare)
+        self._sort_key = ordering.sort_key(self._plan.order)
         self._backlog: collections.deque[Message] = collections.deque()
         self._callbacks: list[Callable[[list[Diff]], Any]] = []
         self._streams: weakref.WeakSet[Changes] = weakref.WeakSet()
         self._last_read = time.monotonic()
         self._stale = 0
         self._reload_needed = False
+        self._unranked = False
+        """A root was placed without its position (see ``_Plan.in_python``): the statement's
+        keys order the roots before the diffs are computed."""
         self._closed = False
         _PUMP.add(self)  # first: messages queued while it loads must wake the pump
         try:
@@ -842,6 +813,8 @@ class LiveQuery:
                 changed += self._reconcile()
         if self._reload_needed:
             return self._reload()
+        if self._unranked:
+            self._rank(self._keys(None))
         return self._mirror.refresh(self._value, changed)
 
     def _sync(self, roots: list[Any], change: Change) -> None:
@@ -879,9 +852,15 @@ class LiveQuery:
             self._drop(key)
         self._order.update((k, v) for k, v in found.items() if k in self._order)
         changed = self._admit([k for k in found if k not in self._order])
+        self._rank(found)
+        return changed
+
+    def _rank(self, found: dict[Key, tuple[Any, ...]]) -> None:
+        """Order the roots as the statement's keys ``found`` are ordered."""
+        assert self._value is not None
         rank = {key: i for i, key in enumerate(found)}
         self._value.sort(key=lambda obj: rank.get(tree.primary_key(obj), len(rank)))
-        return changed
+        self._unranked = False
 
     def _admit(self, keys: list[Key]) -> list[tuple[sa.Table, Key]]:
         """Load the rows of ``keys`` the statement returns, as roots in their places."""
@@ -914,9 +893,14 @@ class LiveQuery:
         return self._replay(admitted, caught)
 
     def _place(self, obj: Any, key: Key, order: tuple[Any, ...]) -> None:
-        """Insert a root after every root that sorts before it or ties with it."""
+        """Insert a root after every root that sorts before it or ties with it; at the end
+        when Python cannot compare the ORDER BY values (the statement ranks it later)."""
         assert self._value is not None
         self._order[key] = order
+        if not self._plan.in_python:
+            self._value.append(obj)
+            self._unranked = True
+            return
         at = bisect.bisect_right(
             self._value,
             self._sort_key(order),

@@ -111,6 +111,15 @@ class Router:
         key = key_of(table, values)
         return [_key_in(t, key) for t in self.graph.hierarchy(table)]
 
+    def drop_trees(self, sub: Subscription) -> None:
+        """Forget ``sub``'s tree interests (its model interests stay), to register its trees
+        again as they now are."""
+        with self._lock:
+            for key in list(sub.interests):
+                self._drop_key(sub, key)
+            sub.interests.clear()
+            sub.below.clear()
+
     def remove(self, sub: Subscription) -> None:
         with self._lock:
             self._subscriptions.pop(sub.id, None)

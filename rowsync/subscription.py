@@ -66,8 +66,9 @@ class Subscription:
         self.interests: dict[Interest, Counter[Reason]] = {}
         self.models: list[tuple[Any, str | None, dict[str, Any], Any, Any]] = []
         self.below: dict[Any, dict[tuple[Any, ...], Any]] = {}
-        self.roots: list[list[Any]] = []
-        """The root lists subscribed to: ``follow=True`` model interests declare how they grow."""
+        self.trees: list[tuple[Any, Any]] = []
+        """The trees subscribed to (a list of roots or one object) with their ``assocs``: a
+        resync registers them again, ``follow=True`` model interests say how lists grow."""
 
     def __repr__(self) -> str:
         interests = len(self.interests) + len(self.models)

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, attributes
 from sqlalchemy.orm.base import instance_state
 
-from rowsync import tree
+from rowsync import ordering, tree
 from rowsync.cache import GONE, CachedRow
 from rowsync.fetch import RowSource, key_of, table_of
 from rowsync.graph import Edge, Graph
@@ -203,18 +203,22 @@ class _CachedIndex:
     value: Any
     roots: list[Any]
     by_identity: bool
-    """Some root class defines ``__eq__``: roots are compared by identity, element by element."""
+    """A class whose instances can be in the list (a root's class or a subclass of it)
+    defines ``__eq__``: roots are compared by identity, element by element."""
     index: tree.Index
 
     @classmethod
     def of(cls, value: Any, roots: list[Any], index: tree.Index) -> _CachedIndex:
-        plain = all(kind.__eq__ is _OBJECT_EQ for kind in {type(r) for r in roots})
+        kinds = {type(r) for r in roots}
+        mappers = {m for kind in kinds for m in sa.inspect(kind).self_and_descendants}
+        plain = all(m.class_.__eq__ is _OBJECT_EQ for m in mappers)
         return cls(value, list(roots), not plain, index)
 
     def holds(self, roots: list[Any]) -> bool:
         """Whether ``roots`` are still the very objects the index was built from. Without a
-        custom ``__eq__``, list equality is identity, compared in C (~1 ns a root, where a
-        tuple of ids costs ~70 us for 1,000 roots, the bulk of a sync)."""
+        custom ``__eq__`` on any class a root can have, list equality is identity, compared in
+        C (~1 ns a root, where a tuple of ids costs ~70 us for 1,000 roots, the bulk of a
+        sync): no user ``__eq__`` can run."""
         if len(roots) != len(self.roots):
             return False
         if self.by_identity:
@@ -511,7 +515,8 @@ class _Patch:
     def leave(self, gone: list[Any]) -> None:
         if not gone:
             return
-        self.roots[:] = [r for r in self.roots if not any(r is g for g in gone)]
+        gone_ids = {id(r) for r in gone}
+        self.roots[:] = [r for r in self.roots if id(r) not in gone_ids]
         self.touched += gone
         self.reshaped += gone
         tree.Generation.bump()
@@ -717,37 +722,19 @@ def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
 
 def _in_place(edge: Edge, items: list[Any], at: int) -> bool:
     """Whether the row at ``items[at]`` is still in ``order_by`` order with its neighbours."""
-    names = _order_names(edge)
+    names = edge.order_names
     here = tree.values_of(items[at], names)
-    if at > 0 and _compare_values(edge, tree.values_of(items[at - 1], names), here) > 0:
+    if at > 0 and ordering.compare(edge.order_by, tree.values_of(items[at - 1], names), here) > 0:
         return False
     last = len(items) - 1
-    return at == last or _compare_values(edge, here, tree.values_of(items[at + 1], names)) <= 0
-
-
-@functools.cache
-def _order_names(edge: Edge) -> tuple[str, ...]:
-    return tuple(column.name for column, _ in edge.order_by)
+    return at == last or (
+        ordering.compare(edge.order_by, here, tree.values_of(items[at + 1], names)) <= 0
+    )
 
 
 def _compare(edge: Edge, a: Any, b: Any) -> int:
-    names = _order_names(edge)
-    return _compare_values(edge, tree.values_of(a, names), tree.values_of(b, names))
-
-
-def _compare_values(edge: Edge, va: tuple[Any, ...], vb: tuple[Any, ...]) -> int:
-    """Postgres' default ordering: NULLs last ascending, first descending."""
-    for (_, descending), x, y in zip(edge.order_by, va, vb, strict=True):
-        if x == y:
-            continue
-        if x is None:
-            result = 1
-        elif y is None:
-            result = -1
-        else:
-            result = -1 if x < y else 1
-        return -result if descending else result
-    return 0
+    names = edge.order_names
+    return ordering.compare(edge.order_by, tree.values_of(a, names), tree.values_of(b, names))
 
 
 def _preload_spec(mapper: Mapper[Any], preloads: Preloads) -> dict[str, Any] | None:

@@ -491,6 +491,8 @@ def tree_spec(objects: Iterable[Any]) -> dict[str, Any]:
     relationship loaded on one parent only, or on an empty collection's future members, is
     in it. Each object is read once; a cycle of objects ends the path where it closes."""
     memo: dict[int, dict[str, Any] | None] = {}
+    declared: dict[tuple[Any, ...], dict[str, Any] | None] = {}
+    """Declared specs by (mapper, options, path): one query's objects at one place share it."""
 
     def of(obj: Any) -> dict[str, Any]:
         found = memo.get(id(obj), _NOT_DONE)
@@ -499,9 +501,13 @@ def tree_spec(objects: Iterable[Any]) -> dict[str, Any]:
         if found is not _NOT_DONE:
             return cast(dict[str, Any], found)
         memo[id(obj)] = None
-        spec = dict(declared_spec(obj) or {})
-        data = instance_state(obj).dict
-        for key, _owner, _uselist in _shape(instance_state(obj).mapper)[1]:
+        state = instance_state(obj)
+        place = (state.mapper, id(state.load_options), state.load_path, id(state.info.get(_SPEC)))
+        if place not in declared:
+            declared[place] = declared_spec(obj)
+        spec = dict(declared[place] or {})
+        data = state.dict
+        for key, _owner, _uselist in _shape(state.mapper)[1]:
             if key in data:
                 below = spec.get(key, {})
                 for child in as_list(data[key]):

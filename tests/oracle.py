@@ -2,7 +2,9 @@
 the trees (statements, loader options, subscriptions) the oracle tests hold.
 
 Only what is loaded is read (never a lazy load). Collections are compared as multisets
-(sorted by primary key) unless the relationship declares ``order_by``; then in order.
+(sorted by primary key) unless the relationship declares ``order_by``; then in order, except
+that rows with equal ``order_by`` values (which Postgres returns in no particular order) are
+compared as a multiset within their run.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.exc import UnmappedColumnError
 
 import rowsync
 from fixtures import ALL_ASSOCS
 from models import Person, Post, PostTag, Tag
-from rowsync import tree
+from rowsync import ordering, tree
 
 
 def snapshot(value: Any, depth: int = 6) -> Any:
@@ -41,10 +44,35 @@ def _object(obj: Any, depth: int) -> dict[str, Any]:
             continue
         if rel.uselist:
             items = [_object(v, depth - 1) for v in value]
-            out[rel.key] = items if rel.order_by else sorted(items, key=repr)
+            out[rel.key] = _ordered(rel, value, items) if rel.order_by else sorted(items, key=repr)
         else:
             out[rel.key] = None if value is None else _object(value, depth - 1)
     return out
+
+
+def _ordered(rel: Any, objects: Any, items: list[Any]) -> list[Any]:
+    """``items`` in order, each run of ties sorted. Ties are told by the target's columns the
+    ``order_by`` names; with any other term, the order is compared as it is."""
+    columns = [ordering.column(t) for t in ordering.terms(rel.order_by)]
+    try:
+        keys = [rel.mapper.get_property_by_column(c).key for c in columns if c is not None]
+    except UnmappedColumnError:
+        return items
+    if len(keys) < len(columns):
+        return items
+    return tied_runs([tuple(instance_state(o).dict.get(k) for k in keys) for o in objects], items)
+
+
+def tied_runs(order: list[tuple[Any, ...]], items: list[Any]) -> list[Any]:
+    """``items`` (whose order values are ``order``) with every run of equal values sorted."""
+    out: list[Any] = []
+    run: list[Any] = []
+    for i, item in enumerate(items):
+        if run and order[i] != order[i - 1]:
+            out += sorted(run, key=repr)
+            run = []
+        run.append(item)
+    return out + sorted(run, key=repr)
 
 
 def fresh(session_factory: Any, statement: sa.Select[Any], *, many: bool = True) -> Any:

@@ -154,7 +154,8 @@ def test_a_restart_after_the_position_starts_with_a_resync(seeded, sessions):
 
     sub = rs.subscribe(people, assocs=["posts"], since=position)
 
-    assert [m[0] for m in messages(rs, sub)] == [Resync]
+    kinds = [m[0] for m in messages(rs, sub)]  # the restart may announce its own gap too
+    assert kinds and set(kinds) == {Resync}
 
 
 # -- the journal's arithmetic, without a database ---------------------------------------------
