@@ -558,6 +558,11 @@ def test_many_to_one_to_a_subclass_follows_its_key(rs, db):
 # -- what rowsync refuses ---------------------------------------------------------------
 
 
+def test_a_live_query_over_an_inheritance_hierarchy_is_refused_naming_it(rs, db):
+    with pytest.raises(rowsync.ConfigurationError, match=r"inheritance hierarchy \(Employee\)"):
+        rs.live(db.sessions, COMPANIES)
+
+
 def test_concrete_inheritance_is_refused_naming_it():
     class Other(DeclarativeBase):
         pass
