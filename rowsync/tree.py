@@ -52,7 +52,7 @@ def hierarchy_tables(mapper: Mapper[Any]) -> tuple[sa.Table, ...]:
     """Every table of ``mapper``'s inheritance hierarchy, the identity table first: a change of
     any of them is a change of one of the hierarchy's objects."""
     tables: list[sa.Table] = []
-    for m in [mapper.base_mapper, *mapper.base_mapper.self_and_descendants]:
+    for m in mapper.base_mapper.self_and_descendants:  # the base first
         if isinstance(m.local_table, sa.Table) and m.local_table not in tables:
             tables.append(m.local_table)
     return tuple(tables)
