@@ -171,7 +171,7 @@ class Dispatcher:
             if not usable_key(table, new) or (old is not None and not usable_key(table, old)):
                 self.stats["malformed"] += 1
                 logger.warning(
-                    "skipping event for %s without a usable primary key: %.200r",
+                    "skipping event for %s without a usable key: %.200r",
                     table.name,
                     item.new,
                 )

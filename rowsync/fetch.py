@@ -27,6 +27,7 @@ from sqlalchemy.orm.strategy_options import _AbstractLoad
 from rowsync import tree
 from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.columns import ColumnPolicy
+from rowsync.errors import ConfigurationError
 from rowsync.graph import Edge, Graph
 from rowsync.position import Position
 
@@ -39,17 +40,42 @@ SNAPSHOT = "SELECT pg_current_snapshot()::text"
 
 
 def key_of(table: sa.Table, values: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The primary key tuple of a row given as a mapping of column names."""
-    names = _key_names(table)
+    """The identity of a row given as a mapping of column names (see :func:`identity`)."""
+    names = key_names(table)
     if len(names) == 1:  # most keys: 5x cheaper than building a list
         return (values.get(names[0]),)
     return tuple([values.get(name) for name in names])
 
 
 @functools.cache
-def _key_names(table: sa.Table) -> tuple[str, ...]:
-    """Primary key column names, read once per table: every change and every sync asks."""
-    return tuple(c.name for c in table.primary_key.columns)
+def identity(table: sa.Table) -> tuple[sa.Column[Any], ...]:
+    """The columns that identify a row of ``table``: its primary key, or every column of a
+    table without one (an association table such as ``followers``). Equal rows of such a
+    table are one identity: a change of any column makes the row another one.
+
+    Every column of a table without a primary key must then be compared with ``=`` in SQL
+    and hashed in Python, so a type that cannot be (json, arrays) is refused by name.
+    """
+    if table.primary_key.columns:
+        return tuple(table.primary_key.columns)
+    if unfit := [c.name for c in table.columns if not _comparable(c.type)]:
+        raise ConfigurationError(
+            f"table {table.fullname!r} has no primary key, and its columns {unfit} cannot "
+            "identify a row (no equality in SQL, or unhashable values): give it a primary key"
+        )
+    return tuple(table.columns)
+
+
+def _comparable(kind: sa.types.TypeEngine[Any]) -> bool:
+    if isinstance(kind, sa.TypeDecorator):
+        kind = kind.impl_instance
+    return not isinstance(kind, sa.JSON | sa.ARRAY | sa.PickleType | postgresql.HSTORE)
+
+
+@functools.cache
+def key_names(table: sa.Table) -> tuple[str, ...]:
+    """Identifying column names, read once per table: every change and every sync asks."""
+    return tuple(c.name for c in identity(table))
 
 
 @functools.cache
@@ -65,10 +91,15 @@ def _python_types(table: sa.Table) -> dict[str, type]:
 
 
 @functools.cache
-def _key_types(table: sa.Table) -> tuple[tuple[str, type | None], ...]:
-    """``(name, Python type or None)`` of each primary key column."""
+def _key_types(table: sa.Table) -> tuple[tuple[str, type | None, bool], ...]:
+    """``(name, Python type or None, nullable)`` of each identifying column."""
     types = _python_types(table)
-    return tuple((c.name, types.get(c.key)) for c in table.primary_key.columns)
+    return tuple((c.name, types.get(c.key), _nullable(c)) for c in identity(table))
+
+
+def _nullable(column: sa.Column[Any]) -> bool:
+    """Whether an identifying column may hold NULL (one of a table without a primary key)."""
+    return bool(column.nullable) and not column.primary_key
 
 
 def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,11 +120,15 @@ def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def usable_key(table: sa.Table, values: Mapping[str, Any]) -> bool:
-    """Whether ``values`` hold a primary key of the right types (anyone may NOTIFY on a
+    """Whether ``values`` hold an identity of the right types (anyone may NOTIFY on a
     channel: a forged or damaged event must not reach a query, let alone a tree)."""
-    for name, python_type in _key_types(table):
+    for name, python_type, nullable in _key_types(table):
         value = values.get(name)
-        if value is None or (isinstance(value, bool) and python_type is not bool):
+        if value is None:
+            if nullable:  # a column of a table without a primary key
+                continue
+            return False
+        if isinstance(value, bool) and python_type is not bool:
             return False
         if python_type is not None and not isinstance(value, python_type):
             return False
@@ -106,6 +141,13 @@ def _to_int(value: Any) -> int:
     return int(value)
 
 
+def _to_float(value: Any) -> float:
+    """JSON writes a whole float without its fraction (``1``), and NaN or infinity as text."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
 _FROM_JSON: dict[type, Any] = {
     uuid.UUID: uuid.UUID,
     datetime.datetime: datetime.datetime.fromisoformat,
@@ -113,6 +155,7 @@ _FROM_JSON: dict[type, Any] = {
     datetime.time: datetime.time.fromisoformat,
     decimal.Decimal: lambda v: decimal.Decimal(str(v)),
     int: _to_int,
+    float: _to_float,
 }
 
 
@@ -165,7 +208,7 @@ def _options(mapper: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy) -> 
 @dataclass(frozen=True)
 class _RowQuery:
     """The listener's read of one table, built and compiled once: its columns, then one
-    boolean per criteria, for a list of primary keys bound as one parameter."""
+    boolean per criteria, for a list of identities bound as one parameter."""
 
     statement: sa.Select[Any]
     names: tuple[str, ...]
@@ -174,13 +217,20 @@ class _RowQuery:
     """Names of the criteria booleans that follow them."""
     single: bool
     """A one-column key: bound as a list of values, else as a list of tuples."""
+    nullable: tuple[sa.Column[Any], ...] = ()
+    """The identity of a table without a primary key, some of whose columns may be NULL
+    (where ``=`` never holds): then ``statement`` has no WHERE, :meth:`select` adds one."""
 
     @classmethod
     def of(cls, table: sa.Table, policy: ColumnPolicy, graph: Graph) -> _RowQuery:
         columns = policy.columns(table)
         criteria = graph.criteria.get(table, ())
-        pk = list(table.primary_key.columns)
+        pk = list(identity(table))
         single = len(pk) == 1
+        statement = sa.select(*columns, *(clause.label(name) for name, clause in criteria))
+        names = tuple(c.name for c in columns)
+        if any(_nullable(c) for c in pk):
+            return cls(statement, names, tuple(name for name, _ in criteria), single, tuple(pk))
         where: sa.ColumnElement[bool]
         if single and _array_safe(pk[0].type):  # one parameter: one statement, prepared once
             where = pk[0] == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(pk[0].type)))
@@ -188,16 +238,21 @@ class _RowQuery:
             where = pk[0].in_(sa.bindparam("keys", expanding=True))
         else:
             where = sa.tuple_(*pk).in_(sa.bindparam("keys", expanding=True))
-        statement = sa.select(*columns, *(clause.label(name) for name, clause in criteria))
-        return cls(
-            statement.where(where),
-            tuple(c.name for c in columns),
-            tuple(name for name, _ in criteria),
-            single,
-        )
+        return cls(statement.where(where), names, tuple(name for name, _ in criteria), single)
 
-    def bind(self, keys: list[tuple[Any, ...]]) -> dict[str, Any]:
-        return {"keys": [k[0] for k in keys] if self.single else keys}
+    def select(self, keys: list[tuple[Any, ...]]) -> tuple[sa.Select[Any], dict[str, Any]]:
+        """The statement reading ``keys``, and its parameters."""
+        if not self.nullable:
+            return self.statement, {"keys": [k[0] for k in keys] if self.single else keys}
+        exact = [k for k in keys if all(v is not None for v in k)]
+        where: list[sa.ColumnElement[bool]] = (
+            [sa.tuple_(*self.nullable).in_(exact)] if exact else []
+        )
+        for key in keys:
+            if any(v is None for v in key):
+                pairs = zip(self.nullable, key, strict=True)
+                where.append(sa.and_(*(c.is_(None) if v is None else c == v for c, v in pairs)))
+        return self.statement.where(sa.or_(*where)), {}
 
 
 _NO_MATCHES: frozenset[str] = frozenset()
@@ -292,7 +347,7 @@ class RowSource:
             chunk = wanted[start : start + BATCH]
             self.queries["rows"] += 1
             # all(): one fetch from the driver, where iterating fetches row by row
-            for row in conn.execute(query.statement, query.bind(chunk)).all():
+            for row in conn.execute(*query.select(chunk)).all():
                 values = dict(zip(names, row, strict=False))
                 matches = (
                     frozenset(name for name, hit in zip(criteria, row[width:], strict=True) if hit)

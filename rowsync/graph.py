@@ -108,6 +108,22 @@ class Edge:
         return {c for c, _ in self.pairs} == set(self.parent_table.primary_key.columns)
 
     @cached_property
+    def links_repeat(self) -> bool:
+        """Two rows of ``secondary`` may link the same parent and target: no primary key or
+        unique constraint lies within the columns of the pair (a table without a primary key,
+        or with a surrogate one). A link row then cannot tell alone whether its pair is still
+        linked, nor how many times (selectin loads a pair linked twice twice)."""
+        if self.secondary is None:
+            return False
+        pair = {r for _, r in self.pairs} | {s for s, _ in self.target_pairs}
+        unique = [set(self.secondary.primary_key.columns)]
+        unique += [
+            set(c.columns) for c in self.secondary.constraints if isinstance(c, sa.UniqueConstraint)
+        ]
+        unique += [set(i.columns) for i in self.secondary.indexes if i.unique]
+        return not any(columns and columns <= pair for columns in unique)
+
+    @cached_property
     def local_names(self) -> tuple[str, ...]:
         """The parent's columns the edge joins on."""
         return tuple(c.name for c, _ in self.pairs)

@@ -55,6 +55,7 @@ from rowsync.errors import ConfigurationError, NotRunningError, RowsyncError
 from rowsync.fetch import _where_key, key_of, table_of
 from rowsync.graph import Graph
 from rowsync.messages import Change, Message, Sync
+from rowsync.roots import whole_result_clauses
 from rowsync.subscription import Subscription
 from rowsync.watchers import spec_assocs
 
@@ -169,18 +170,7 @@ class _Plan:
             raise ConfigurationError(
                 "a live query selects exactly one mapped class: select(Model).where(...)"
             )
-        refused = [
-            name
-            for name, present in (
-                ("LIMIT", statement._limit_clause is not None),
-                ("OFFSET", statement._offset_clause is not None),
-                ("FETCH", statement._fetch_clause is not None),
-                ("DISTINCT", bool(statement._distinct or statement._distinct_on)),
-                ("GROUP BY", bool(statement._group_by_clauses)),
-                ("HAVING", bool(statement._having_criteria)),
-            )
-            if present
-        ]
+        refused = whole_result_clauses(statement)
         if refused:
             raise ConfigurationError(
                 f"a live query cannot keep a statement with {', '.join(refused)} current: "

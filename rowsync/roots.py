@@ -27,6 +27,23 @@ from rowsync.errors import ConfigurationError
 from rowsync.fetch import _where_key
 
 
+def whole_result_clauses(statement: sa.Select[Any]) -> list[str]:
+    """The clauses of ``statement`` that make a row's membership depend on the other rows
+    (``LIMIT``, ``DISTINCT``, ...): no check of one row alone can keep such a result."""
+    return [
+        name
+        for name, present in (
+            ("LIMIT", statement._limit_clause is not None),
+            ("OFFSET", statement._offset_clause is not None),
+            ("FETCH", statement._fetch_clause is not None),
+            ("DISTINCT", bool(statement._distinct or statement._distinct_on)),
+            ("GROUP BY", bool(statement._group_by_clauses)),
+            ("HAVING", bool(statement._having_criteria)),
+        )
+        if present
+    ]
+
+
 class Rule(Protocol):
     """How a root list changes with the rows of one mapper."""
 
@@ -88,18 +105,7 @@ class Statement:
             raise ConfigurationError("rs.load runs select(Model): one mapped class, whole rows")
         mapper: Mapper[Any] = sa.inspect(entity)
         table = tree.mapped_table(mapper)
-        refused = [
-            name
-            for name, present in (
-                ("LIMIT", statement._limit_clause is not None),
-                ("OFFSET", statement._offset_clause is not None),
-                ("FETCH", statement._fetch_clause is not None),
-                ("DISTINCT", bool(statement._distinct or statement._distinct_on)),
-                ("GROUP BY", bool(statement._group_by_clauses)),
-                ("HAVING", bool(statement._having_criteria)),
-            )
-            if present
-        ]
+        refused = whole_result_clauses(statement)
         keys = statement.with_only_columns(*table.primary_key.columns, maintain_column_froms=True)
         read = {t for t in find_tables(keys, check_columns=True) if isinstance(t, sa.Table)}
         # annotated copies compare equal; a joined subclass reads its base table too

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
 
 from rowsync import tree
-from rowsync.fetch import key_of
+from rowsync.fetch import key_names, key_of
 from rowsync.graph import Edge, Graph
 from rowsync.subscription import Subscription
 from rowsync.watchers import Assocs, resolve_assocs
@@ -335,7 +335,9 @@ class Router:
             return  # nothing is followed below this edge's rows
         reason_key = key
         if inside_old and old is not None and (not inside_new or old != new):
-            self._leave(sub, reason_key, edge, nested, self._child_key(edge, old))
+            child_key = self._child_key(edge, old)
+            if not (edge.links_repeat and self._still_linked(edge, old, child_key)):
+                self._leave(sub, reason_key, edge, nested, child_key)
         if inside_new and new is not None and (not inside_old or old != new):
             self._enter(sub, reason_key, edge, nested, self._child_values(edge, new, nested))
 
@@ -343,6 +345,11 @@ class Router:
         if edge.secondary is None:
             return key_of(edge.target_table, values)
         return key_of(edge.target_table, edge.link_target(values))
+
+    def _still_linked(self, edge: Edge, link: Values, child_key: tuple[Any, ...]) -> bool:
+        """Whether another link row still pairs the parent and target ``link`` paired."""
+        members = self.resolver.members(edge, edge.remote(link))
+        return any(key_of(edge.target_table, row) == child_key for row in members)
 
     def _child_values(self, edge: Edge, values: Values, nested: Spec) -> Values:
         """The row an edge's change brings in: the row itself, or a link's target."""
@@ -366,8 +373,8 @@ def _project(values: Values, cols: tuple[str, ...]) -> tuple[Any, ...]:
 
 
 def _key_in(table: sa.Table, key: tuple[Any, ...]) -> Interest:
-    """The interest in the row of ``table`` whose primary key is ``key``."""
-    return (table, tuple(c.name for c in table.primary_key.columns), key)
+    """The interest in the row of ``table`` whose key is ``key``."""
+    return (table, key_names(table), key)
 
 
 def _edge_key_table(edge: Edge) -> sa.Table:

@@ -260,6 +260,8 @@ class _Patch:
         self.reshaped: list[Any] = []
         """Objects of the tree whose relationships this change set or unloaded (or whose
         place among the roots changed): every cached index holding one is stale."""
+        self.requery: dict[Edge, dict[int, Any]] = {}
+        """Parents whose collection only a query can tell (by edge, then ``id``)."""
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.row(table, self.key, change.ref)
@@ -299,6 +301,8 @@ class _Patch:
                 self.link(edge, parents)
             if self.table is edge.parent_table and not edge.local_is_key and not self.deleted:
                 self.repoint(edge, parents)
+        for edge, stale in self.requery.items():
+            self.recompute(edge, list(stale.values()))
         self.root()
         if self.touched:
             self.conform()
@@ -403,6 +407,9 @@ class _Patch:
             return
         target = tuple(self.row.values.get(t.name) for _, t in edge.target_pairs)
         linked = self.rows.links(edge, target, self.change.ref)
+        if edge.links_repeat:
+            self.relink(edge, parents, list(linked))
+            return
         for parent in self.candidates(edge, parents, *linked):
             self.ensure(
                 parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
@@ -416,6 +423,9 @@ class _Patch:
             pairs.append((old, False))
         if new is not None:
             pairs.append((new, True))
+        if edge.links_repeat:
+            self.relink(edge, parents, [edge.remote(values) for values, _ in pairs])
+            return
         for values, present in pairs:
             local = edge.remote(values)
             target = key_of(edge.target_table, edge.link_target(values))
@@ -427,6 +437,14 @@ class _Patch:
             for parent in self.candidates(edge, parents, local):
                 if _local(parent, edge) == local:
                     self.ensure(parent, edge, target, present, row)
+
+    def relink(self, edge: Edge, parents: list[Any], locals_: list[tuple[Any, ...]]) -> None:
+        """The links of parents whose local columns are one of ``locals_``, re-read: where a
+        pair may be linked several times, only SQLAlchemy's loader knows what it holds."""
+        wanted = set(locals_)
+        found = self.candidates(edge, parents, *wanted)
+        if group := [p for p in found if _local(p, edge) in wanted]:
+            self.recompute(edge, group)
 
     def repoint(self, edge: Edge, parents: list[Any]) -> None:
         """A many-to-one whose foreign key lives on the changed row: follow the key."""
@@ -459,11 +477,14 @@ class _Patch:
         memo: dict[int, Any] = {}
         for strategy, group in by_strategy.items():
             keys = [tree.primary_key(p) for p in group]
-            fresh = self.rows.reload(
-                edge, keys, _child_spec(group[0], edge), strategy, self.change.ref
-            )
+            spec = _child_spec(group[0], edge)
+            fresh = self.rows.reload(edge, keys, spec, strategy, self.change.ref)
             for parent, key in zip(group, keys, strict=True):
                 items = [self.reuse(o, memo) for o in fresh.get(key, [])]
+                for obj in items:
+                    if not self.index.instances(_table(obj), tree.primary_key(obj)):
+                        # new to the tree: what joins below it later is loaded as it was
+                        tree.remember_spec(obj, spec)
                 self.assign(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
@@ -557,6 +578,14 @@ class _Patch:
         items = tree.as_list(current)
         at = tree.find(items, target, self.index.instances(edge.target_identity, target))
         held = at >= 0
+        if (
+            held
+            and tree.keyed(current)
+            and (present is False or not tree.placed(parent, edge.key, current, items[at]))
+        ):
+            # leaving its key (or re-keyed) may uncover a row that key hid: ask the database
+            self.requery.setdefault(edge, {})[id(parent)] = parent
+            return
         if present and not held:
             obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
             if obj is None:

@@ -82,12 +82,48 @@ def is_model(obj: Any) -> bool:
 
 
 def as_list(value: Any) -> list[Any]:
-    """The objects in a relationship value or a root: a collection, one object, or None."""
+    """The objects in a relationship value or a root list: a collection, one object, or None.
+
+    A loaded collection is read through its SQLAlchemy adapter, as the ORM itself reads it:
+    that is the collection class's own iterator (a dict collection's values, a custom class's
+    ``@collection.iterator``), whatever the class."""
     if value is None:
         return []
-    if isinstance(value, (list, tuple, set)):
+    adapter = getattr(value, "_sa_adapter", None)
+    if adapter is not None:
+        return list(iter(adapter))  # not list(adapter): its len() walks the collection once more
+    if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
+
+
+def collection(obj: Any, key: str, members: Iterable[Any]) -> Any:
+    """A new collection of the class the relationship ``key`` of ``obj`` is mapped with,
+    holding ``members`` as a load builds it: each goes through the class's appender (a dict
+    collection keys it by its values then). Not set on ``obj``: ``set_committed_value`` given
+    the list of members builds the same collection and sets it."""
+    state = instance_state(obj)
+    impl: Any = state.manager[key].impl
+    adapter, data = state.manager.initialize_collection(key, state, impl.collection_factory)
+    adapter.append_multiple_without_event(members)
+    return data
+
+
+def keyed(value: Any) -> bool:
+    """Whether a collection holds its members by key (a mapping): one member a key, so a row
+    loaded under a key another row took is not among its members, and the key's next holder
+    can only be known from the database."""
+    return isinstance(value, Mapping)
+
+
+def placed(obj: Any, key: str, value: Any, member: Any) -> bool:
+    """Whether ``value``, the loaded collection ``key`` of ``obj``, holds ``member`` where its
+    class would put it now. Only a keyed collection places a member by its values (a dict
+    keyed by an attribute that an update of the member changed); a list or a set holds it
+    wherever it is, its order being ``order_by``'s concern."""
+    if not keyed(value):
+        return True
+    return all(value.get(k) is member for k in collection(obj, key, [member]))
 
 
 def loaded_value(obj: Any, key: str) -> Any:
@@ -621,7 +657,7 @@ class Index:
                 if value is None:
                     continue
                 if uselist:
-                    stack.extend([(child, obj, rel_key) for child in value])
+                    stack.extend([(child, obj, rel_key) for child in as_list(value)])
                 else:
                     stack.append((value, obj, rel_key))
 

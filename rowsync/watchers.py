@@ -18,6 +18,7 @@ from sqlalchemy.sql.util import find_tables
 
 from rowsync import tree
 from rowsync.errors import ConfigurationError
+from rowsync.fetch import identity
 from rowsync.messages import EVENTS, Event
 
 Assocs: TypeAlias = Sequence["str | Mapping[str, Assocs]"]
@@ -39,6 +40,7 @@ class Watcher:
     table: str
     event: Event
     primary_key: tuple[str, ...]
+    """The columns identifying a row: the primary key, or every column of a table without one."""
     columns: tuple[str, ...]
     label: str | None = None
     model: Any = field(default=None, compare=False, repr=False)
@@ -76,6 +78,12 @@ def watchers(
     for table in _tables_reached(mapper, assocs):
         tables.setdefault(table, ())
     owners = _models_by_table(mapper)
+    for table in tables:
+        if not table.primary_key.columns and isinstance(owners.get(table), type):
+            raise ConfigurationError(
+                f"table {table.fullname!r} has no primary key: rowsync follows such a table "
+                f"as an association table (secondary=), not mapped to {owners[table].__name__}"
+            )
     return [
         Watcher(
             schema=table.schema or TABLE_SCHEMA,
@@ -103,9 +111,8 @@ def merge(watchers: Iterable[Watcher]) -> list[Watcher]:
 
 
 def primary_key(table: sa.Table) -> tuple[str, ...]:
-    if not table.primary_key.columns:
-        raise ConfigurationError(f"table {table.fullname!r} has no primary key; rowsync needs one")
-    return tuple(c.name for c in table.primary_key.columns)
+    """The names of the columns identifying a row (:func:`rowsync.fetch.identity`)."""
+    return tuple(c.name for c in identity(table))
 
 
 def identifying_columns(

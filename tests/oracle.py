@@ -1,14 +1,17 @@
 """The correctness oracle: a loaded tree as plain data, to compare with a fresh query, and
 the trees (statements, loader options, subscriptions) the oracle tests hold.
 
-Only what is loaded is read (never a lazy load). Collections are compared as multisets
-(sorted by primary key) unless the relationship declares ``order_by``; then in order, except
-that rows with equal ``order_by`` values (which Postgres returns in no particular order) are
-compared as a multiset within their run.
+Only what is loaded is read (never a lazy load). A collection is compared with its class, as
+a multiset unless the relationship declares ``order_by``; then in order, except that rows with
+equal ``order_by`` values (which Postgres returns in no particular order) are compared as a
+multiset within their run. A mapping's members are compared with their keys, a set's as a
+multiset always.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +46,7 @@ def _object(obj: Any, depth: int) -> dict[str, Any]:
         if value is tree.NOT_LOADED:
             continue
         if rel.uselist:
-            items = [_object(v, depth - 1) for v in value]
-            out[rel.key] = _ordered(rel, value, items) if rel.order_by else sorted(items, key=repr)
+            out[rel.key] = _collection(rel, value, depth - 1)
         else:
             out[rel.key] = None if value is None else _object(value, depth - 1)
     return out
@@ -73,6 +75,21 @@ def tied_runs(order: list[tuple[Any, ...]], items: list[Any]) -> list[Any]:
             run = []
         run.append(item)
     return out + sorted(run, key=repr)
+
+
+def _collection(rel: Any, value: Any, depth: int) -> dict[str, Any]:
+    """A collection as its class and its members: a mapping's with their keys; in order when
+    ``order_by`` decides it (a set's never), else as a multiset."""
+    objects = tree.as_list(value)
+    if isinstance(value, Mapping):
+        items: list[Any] = [[key, _object(v, depth)] for key, v in value.items()]
+    else:
+        items = [_object(v, depth) for v in objects]
+    if rel.order_by and not isinstance(value, AbstractSet):
+        items = _ordered(rel, objects, items)
+    else:
+        items = sorted(items, key=repr)
+    return {"__class__": type(value).__name__, "members": items}
 
 
 def fresh(session_factory: Any, statement: sa.Select[Any], *, many: bool = True) -> Any:

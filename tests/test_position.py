@@ -4,8 +4,6 @@ what can no longer be replayed is announced with a Resync, never missed silently
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -16,21 +14,7 @@ from oracle import differences, fresh, snapshot
 from rowsync import Resync, RowSync, Sync
 from rowsync.position import Journal, Position
 
-MODES = [
-    pytest.param({}, id="notify"),
-    pytest.param({"durable": True}, id="durable"),
-    pytest.param({"capture": "stream"}, id="stream"),
-]
-
 PEOPLE = sa.select(Person).options(selectinload(Person.posts)).order_by(Person.id)
-
-
-@pytest.fixture(params=MODES)
-def moded(schema: sa.Engine, request: pytest.FixtureRequest) -> Iterator[RowSync]:
-    instance = RowSync(schema, reference_watchers(), **request.param)
-    instance.install()
-    with instance:
-        yield instance
 
 
 @pytest.fixture
