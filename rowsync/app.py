@@ -376,7 +376,8 @@ class RowSync:
         arguments are :meth:`subscribe`'s.
         """
         rule = Statement.of(statement, self.engine)
-        table = self._watched(rule.mapper.class_)
+        self._watched(rule.mapper.class_)
+        tables = [self._watched(t) for t in tree.hierarchy_tables(rule.mapper)]
         position = self.position(session)
         roots = list(session.scalars(statement).unique())
         sub = self._subscription(maxsize, ignore_origin, authorize, context)
@@ -385,7 +386,8 @@ class RowSync:
             self.syncer.declare(roots, rule, sub)
             self._add(sub, roots, None)
             follow = self.router.spec(rule.mapper, spec_assocs(rule.spec or {}))
-            self.router.add_model(sub, table, None, {}, follow)
+            for table in tables:  # a row of a joined subclass may change in any of its tables
+                self.router.add_model(sub, table, None, {}, follow, rule.mapper)
 
         self.dispatcher.replay(sub, position, register)
         return roots, sub
@@ -458,7 +460,8 @@ class RowSync:
                         self.syncer.declare(roots, Filters(sa.inspect(target), filters), sub)
             elif assocs:
                 raise ConfigurationError("assocs on a model-level subscription go with follow=True")
-            self.router.add_model(sub, table, event, filters, spec)
+            mapper = None if isinstance(target, sa.Table) else sa.inspect(target)
+            self.router.add_model(sub, table, event, filters, spec, mapper)
             return
         if event is not None or follow or filters:
             raise ConfigurationError(
@@ -466,10 +469,10 @@ class RowSync:
             )
         sub.trees.append((target, assocs))
         if isinstance(target, list):
-            for table, _event, wanted, follows in sub.models:
+            for table, _event, wanted, follows, mapper in sub.models:
                 if follows is not None:
                     model = self._tables[qualified_name(table)][1]
-                    self.syncer.declare(target, Filters(sa.inspect(model), wanted), sub)
+                    self.syncer.declare(target, Filters(mapper or sa.inspect(model), wanted), sub)
         self._hold(sub, target, assocs)
 
     def _hold(self, sub: Subscription, target: Any, assocs: Assocs) -> None:

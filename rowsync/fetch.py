@@ -178,8 +178,12 @@ def qualified_name(table: sa.Table) -> tuple[str, str]:
     return (table.schema or "public", table.name)
 
 
-def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnElement[bool]:
-    pk = list(table.primary_key.columns)
+def _where_key(
+    entity: sa.Table | Mapper[Any], keys: Sequence[tuple[Any, ...]]
+) -> sa.ColumnElement[bool]:
+    """Rows of a table, or objects of a mapper (by its identity's key), whose key is in
+    ``keys``."""
+    pk = list(entity.primary_key.columns if isinstance(entity, sa.Table) else entity.primary_key)
     if len(pk) == 1:
         return pk[0].in_([k[0] for k in keys])
     return sa.tuple_(*pk).in_(keys)
@@ -187,9 +191,13 @@ def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnEle
 
 def _options(mapper: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy) -> list[_AbstractLoad]:
     """selectinload options reproducing a LoadSpec, so new objects look like their siblings,
-    with the withheld columns of every level left unloaded."""
+    with the withheld columns of every level left unloaded. Keys ``mapper`` does not have
+    (a subclass's relationships, in a spec of the hierarchy's places) are left to the loads
+    of the objects of that subclass."""
     options: list[_AbstractLoad] = []
     for key, nested in spec.items():
+        if key not in mapper.relationships:
+            continue
         rel = mapper.relationships[key]
         option = selectinload(getattr(mapper.class_, key))
         sub = [*policy.defer(rel.mapper), *_options(rel.mapper, nested, policy)]
@@ -374,14 +382,41 @@ class RowSource:
         """A detached object with ``spec`` loaded, fetched once per change; callers clone it."""
 
         def fetch() -> Any:
-            self.queries["objects"] += 1
             with Session(self.engine, expire_on_commit=False) as session:
-                pk = tree.mapped_table(mapper).primary_key.columns
-                stmt = sa.select(mapper).where(*(c == v for c, v in zip(pk, key, strict=False)))
-                options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
-                return session.scalars(stmt.options(*options)).one_or_none()
+                found = self._load(session, mapper, [key], spec)
+                return found[0] if found else None
 
         return self.cache.load(("object", mapper, key, _freeze(spec), ref), fetch)
+
+    def _load(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        keys: Sequence[tuple[Any, ...]],
+        spec: tree.LoadSpec,
+    ) -> list[Any]:
+        """The rows ``keys`` as a query of ``mapper`` returns them (a row of another class of
+        its hierarchy is not one of them), each as its own class, with every column of that
+        class and ``spec`` loaded: a row of a subclass is read again as that subclass (its
+        table's columns, its relationships) when the first read could not load it whole."""
+        self.queries["objects"] += 1
+        stmt = sa.select(mapper).where(_where_key(mapper, keys))
+        options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
+        found = list(session.scalars(stmt.options(*options)).unique())
+        partial: dict[Mapper[Any], list[tuple[Any, ...]]] = {}
+        for obj in found:
+            actual = sa.inspect(obj).mapper
+            if actual is not mapper and (
+                set(actual.tables) - set(mapper.tables)
+                or any(k in actual.relationships and k not in mapper.relationships for k in spec)
+            ):
+                partial.setdefault(actual, []).append(tree.primary_key(obj))
+        for actual, again in partial.items():
+            self.queries["objects"] += 1
+            stmt = sa.select(actual).where(_where_key(actual, again))
+            options = [*self.policy.defer(actual), *_options(actual, spec, self.policy)]
+            session.scalars(stmt.options(*options).execution_options(populate_existing=True)).all()
+        return found
 
     def reload(
         self,
@@ -402,7 +437,7 @@ class RowSource:
             if sub := [*self.policy.defer(edge.target), *_options(edge.target, spec, self.policy)]:
                 option = option.options(*sub)
             with Session(self.engine, expire_on_commit=False) as session:
-                where = _where_key(tree.mapped_table(mapper), parents)
+                where = _where_key(mapper, parents)
                 stmt = sa.select(mapper).where(where).options(*self.policy.defer(mapper), option)
                 found = session.scalars(stmt).unique()
                 return {
@@ -420,11 +455,7 @@ class RowSource:
         found: dict[tuple[Any, ...], Any] = {}
         with Session(self.engine, expire_on_commit=False) as session:
             for start in range(0, len(keys), BATCH):
-                self.queries["objects"] += 1
-                where = _where_key(tree.mapped_table(mapper), keys[start : start + BATCH])
-                stmt = sa.select(mapper).where(where)
-                options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
-                for obj in session.scalars(stmt.options(*options)).unique():
+                for obj in self._load(session, mapper, keys[start : start + BATCH], spec):
                     found[tree.primary_key(obj)] = obj
         return found
 

@@ -35,7 +35,7 @@ from sqlalchemy.sql.util import find_tables
 
 from rowsync import ordering
 from rowsync.ordering import Term
-from rowsync.tree import mapped_table
+from rowsync.tree import hierarchy_tables, identity_table, mapped_table
 
 Pairs = tuple[tuple[sa.Column[Any], sa.Column[Any]], ...]
 
@@ -71,6 +71,24 @@ class Edge:
     @cached_property
     def target_table(self) -> sa.Table:
         return mapped_table(self.target)
+
+    @cached_property
+    def target_identity(self) -> sa.Table:
+        """The table naming the target's rows in a tree's index (its hierarchy's base)."""
+        return identity_table(self.target)
+
+    @cached_property
+    def row_tables(self) -> tuple[sa.Table, ...]:
+        """Tables whose change of a held target row the edge's own key does not catch: the
+        target's table behind an association, the other tables of an inheritance hierarchy."""
+        where = self.secondary if self.secondary is not None else self.target_table
+        return tuple(t for t in hierarchy_tables(self.target) if t is not where)
+
+    @cached_property
+    def by_class(self) -> bool:
+        """A single-table subclass shares its table with other classes: a row of it belongs
+        only if its discriminator says it is of the target's class."""
+        return bool(self.target.single)
 
     @cached_property
     def parent_table(self) -> sa.Table:
@@ -138,17 +156,26 @@ class Graph:
         self.criteria: dict[sa.Table, list[tuple[str, ColumnElement[bool]]]] = defaultdict(list)
         self._by_table: dict[sa.Table, list[Edge]] = defaultdict(list)
         counter = itertools.count()
+        made: dict[RelationshipProperty[Any], Edge] = {}
         for mapper in mappers:
             self.digraph.add_node(mapper)
             for rel in mapper.relationships:
-                edge = _edge(rel, counter)
+                inherited = rel in made  # a subclass's mapper lists its base's relationships
+                edge = made[rel] = made[rel] if inherited else _edge(rel, counter)
+                # A place holding a class holds its subclasses' rows, and what they hold.
+                for owner in mapper.iterate_to_root():
+                    self.digraph.add_edge(owner, rel.mapper, key=rel.key, edge=edge)
+                if inherited:
+                    continue
                 self.edges.append(edge)
-                self.digraph.add_edge(mapper, rel.mapper, key=rel.key, edge=edge)
                 if edge.criteria is not None and edge.criteria_table is not None:
                     self.criteria[edge.criteria_table].append((edge.criteria, _criteria(rel)))
                 for table in edge.tables:
                     self._by_table[table].append(edge)
         self._reachable = self._tables_below()
+        self._hierarchy = {
+            table: hierarchy_tables(m) for m in self.digraph.nodes for table in hierarchy_tables(m)
+        }
 
     @classmethod
     def for_models(cls, models: Iterable[Any]) -> Graph:
@@ -160,6 +187,15 @@ class Graph:
     def edges_for(self, table: sa.Table) -> Sequence[Edge]:
         """Relationships a change of a row of ``table`` can alter."""
         return self._by_table.get(table, ())
+
+    def identity(self, table: sa.Table) -> sa.Table:
+        """The table naming ``table``'s rows: the base table of an inheritance hierarchy (the
+        primary key of a subclass table is the base's, column for column), else ``table``."""
+        return self.hierarchy(table)[0]
+
+    def hierarchy(self, table: sa.Table) -> tuple[sa.Table, ...]:
+        """Every table holding a part of ``table``'s rows' objects, the identity table first."""
+        return self._hierarchy.get(table, (table,))
 
     def edge(self, mapper: Mapper[Any], key: str) -> Edge:
         for _, _, k, data in self.digraph.out_edges(mapper, keys=True, data=True):
@@ -180,8 +216,7 @@ class Graph:
         for component in dag.nodes:
             tables = own[component] = set()
             for mapper in dag.nodes[component]["members"]:
-                if isinstance(mapper.local_table, sa.Table):
-                    tables.add(mapper.local_table)
+                tables.update(hierarchy_tables(mapper))
                 for _, _, data in self.digraph.out_edges(mapper, data=True):
                     tables.update(data["edge"].tables)
         below: dict[int, frozenset[sa.Table]] = {}

@@ -181,11 +181,24 @@ class _Plan:
         spec = tree.options_spec(mapper, statement._with_options)
         assocs = spec_assocs(spec)
         below: dict[sa.Table, None] = {}
+        mappers = [mapper]
         pending = list(rs.router.spec(mapper, assocs))
         while pending:
             edge, nested = pending.pop()
             below.update(dict.fromkeys(sorted(edge.tables, key=lambda t: t.fullname)))
+            mappers.append(edge.target)
             pending.extend(nested)
+        if inherited := sorted(
+            {
+                m.base_mapper.class_.__name__
+                for m in mappers
+                if len(m.base_mapper.self_and_descendants) > 1
+            }
+        ):
+            raise ConfigurationError(
+                f"a live query over an inheritance hierarchy ({', '.join(inherited)}) is not "
+                "supported: keep it with rs.load(session, statement) and rs.sync"
+            )
         order = tuple(_term(clause) for clause in statement._order_by_clauses)
         pk = list(table.primary_key.columns)
         keys = statement.with_only_columns(*pk, *(t.expr for t in order))
@@ -861,7 +874,7 @@ class LiveQuery:
 
         def own(obj: Any) -> Any:
             state = instance_state(obj)
-            found = index.instances(tree.mapped_table(state.mapper), tree.primary_key(obj))
+            found = index.instances(tree.identity_table(state.mapper), tree.primary_key(obj))
             return found[0] if found else None
 
         admitted = []

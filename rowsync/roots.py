@@ -76,7 +76,11 @@ class Filters:
         return None
 
     def admits(self, key: tuple[Any, ...], values: Mapping[str, Any]) -> bool:
-        return all(name in values and values[name] == v for name, v in self.filters.items())
+        """The filters hold, and the row is of the mapper's class (a single-table subclass
+        shares its table: the discriminator says)."""
+        return tree.isa(tree.row_mapper(self.mapper, values), self.mapper) and all(
+            name in values and values[name] == v for name, v in self.filters.items()
+        )
 
     def arrange(self, roots: list[Any]) -> None:
         """No order is declared: rows stay in the order they came."""
@@ -102,9 +106,10 @@ class Statement:
         mapper: Mapper[Any] = sa.inspect(entity)
         table = tree.mapped_table(mapper)
         refused = whole_result_clauses(statement)
-        keys = statement.with_only_columns(*table.primary_key.columns)
+        keys = statement.with_only_columns(*table.primary_key.columns, maintain_column_froms=True)
         read = {t for t in find_tables(keys, check_columns=True) if isinstance(t, sa.Table)}
-        others = {t.fullname for t in read - {table}}  # annotated copies compare equal
+        # annotated copies compare equal; a joined subclass reads its base table too
+        others = {t.fullname for t in read} - {t.fullname for t in tree.hierarchy_tables(mapper)}
         if refused or others:
             what = ", ".join(refused + sorted(f"a read of {name}" for name in others))
             raise ConfigurationError(
@@ -119,7 +124,9 @@ class Statement:
 
     def admits(self, key: tuple[Any, ...], values: Mapping[str, Any]) -> bool:
         table = tree.mapped_table(self.mapper)
-        probe = self.statement.with_only_columns(sa.literal(1)).where(_where_key(table, [key]))
+        probe = self.statement.with_only_columns(sa.literal(1), maintain_column_froms=True).where(
+            _where_key(table, [key])
+        )
         with self.engine.connect() as conn:
             return conn.execute(probe.limit(1)).first() is not None
 
@@ -128,7 +135,9 @@ class Statement:
         if not self.statement._order_by_clauses or len(roots) < 2:
             return
         table = tree.mapped_table(self.mapper)
-        keys = self.statement.with_only_columns(*table.primary_key.columns)
+        keys = self.statement.with_only_columns(
+            *table.primary_key.columns, maintain_column_froms=True
+        )
         with self.engine.connect() as conn:
             rank = {tuple(row): i for i, row in enumerate(conn.execute(keys))}
         roots.sort(key=lambda obj: rank.get(tree.primary_key(obj), len(rank)))

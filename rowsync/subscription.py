@@ -64,7 +64,7 @@ class Subscription:
         self._closed = False
         # Routing state, owned by the router (under its lock).
         self.interests: dict[Interest, Counter[Reason]] = {}
-        self.models: list[tuple[Any, str | None, dict[str, Any], Any]] = []
+        self.models: list[tuple[Any, str | None, dict[str, Any], Any, Any]] = []
         self.below: dict[Any, dict[tuple[Any, ...], Any]] = {}
         self.trees: list[tuple[Any, Any]] = []
         """The trees subscribed to (a list of roots or one object) with their ``assocs``: a

@@ -108,14 +108,15 @@ class Syncer:
                     del self._rules[key]
 
     def rule(self, roots: list[Any], table: sa.Table) -> Rule | None:
-        """The rule ``roots`` change by, for rows of ``table``; None: they do not grow."""
+        """The rule ``roots`` change by, for rows of ``table`` (or of any table of its
+        inheritance hierarchy); None: they do not grow."""
         with self._lock:
             entries = self._rules.get(id(roots), ())
             return next(
                 (
                     r
                     for held, r, _ in entries
-                    if held is roots and tree.mapped_table(r.mapper) is table
+                    if held is roots and tree.identity_table(r.mapper) is self.graph.identity(table)
                 ),
                 None,
             )
@@ -171,18 +172,19 @@ class Syncer:
         if not roots or not tree.is_model(roots[0]):
             return value
         groups: dict[Any, list[Any]] = {}
-        for obj in roots:
-            groups.setdefault(instance_state(obj).mapper, []).append(obj)
+        for obj in roots:  # by the mapper they were queried as: their class may have changed
+            groups.setdefault(tree.entity(obj), []).append(obj)
         fresh: dict[tuple[Any, tuple[Any, ...]], Any] = {}
         for mapper, objs in groups.items():
             spec = tree.expected_spec(objs[0])
             found = self.rows.objects(mapper, [tree.primary_key(o) for o in objs], spec)
             for key, obj in found.items():
                 tree.remember_spec(obj, spec)
+                tree.remember_entity(obj, mapper)
                 fresh[(mapper, key)] = obj
         result = [
             fresh[key]
-            for key in ((instance_state(o).mapper, tree.primary_key(o)) for o in roots)
+            for key in ((tree.entity(o), tree.primary_key(o)) for o in roots)
             if key in fresh
         ]
         if isinstance(value, list):
@@ -246,6 +248,8 @@ class _Patch:
         self.roots = roots
         self.change = change
         self.table = table
+        self.identity = self.graph.identity(table)
+        """The table naming the row's object: its hierarchy's base (the key is the same)."""
         self.key = key_of(table, change.ids)
         self.deleted = change.event == "deleted"
         self.preloads = preloads
@@ -271,11 +275,16 @@ class _Patch:
     def apply(self) -> None:
         if self.row is not None:
             ref = self.change.ref
-            for obj in self.index.instances(self.table, self.key):
+            for obj in self.index.instances(self.identity, self.key):
                 info = instance_state(obj).info
                 if info.get(_REF, 0) < ref:  # never older over newer, never twice
-                    tree.patch(obj, self.row.values)
+                    tree.patch(obj, self.row.values, self.table)
                     info[_REF] = ref
+            if (kind := self.row_class) is not None:
+                for obj in list(self.index.instances(self.identity, self.key)):
+                    mapper = instance_state(obj).mapper
+                    if mapper is not kind and mapper.base_mapper is kind.base_mapper:
+                        self.reclass(obj, kind)
         for edge in self.graph.edges_for(self.table):
             parents = self.index.loaded.get((edge.parent, edge.key))
             if not parents:
@@ -300,12 +309,63 @@ class _Patch:
         if self.reshaped:
             self.syncer.forget(self.reshaped)
 
+    @functools.cached_property
+    def row_class(self) -> Mapper[Any] | None:
+        """The mapper the changed row loads as now, read from its discriminator; None for a
+        delete, a row without a class to read (a plain table, a model outside a polymorphic
+        hierarchy), or a subclass table's row (its base row says)."""
+        model = self.change.model
+        if self.row is None or self.table is not self.identity or isinstance(model, sa.Table):
+            return None
+        mapper: Mapper[Any] = sa.inspect(model)
+        if mapper.polymorphic_on is None:
+            return None
+        return tree.row_mapper(mapper, self.row.values)
+
+    def admits(self, edge: Edge) -> bool:
+        """Whether the changed row is of a class ``edge`` holds (a relationship to a
+        single-table subclass holds only the rows its discriminator names)."""
+        kind = self.row_class
+        return not edge.by_class or (kind is not None and tree.isa(kind, edge.target))
+
+    def reclass(self, old: Any, kind: Mapper[Any]) -> None:
+        """The row's class changed: an object of the new class, loaded as ``old`` was, takes
+        every place of ``old`` (then the places that do not hold that class drop it)."""
+        spec = tree.expected_spec(old)
+        fetched = self.rows.load(kind, self.key, spec, self.change.ref)
+        if fetched is None:
+            return  # changed again, or deleted, before it could be read: a later change says
+        places = list(self.index.holders.get(id(old), ()))
+        # a copy of its own (the tree's instance of the row is ``old``), sharing what is below
+        new = tree.clone(fetched, {}, lambda row: None if row is fetched else self.own(row))
+        self.index.replace(old, new)
+        instance_state(new).info[_REF] = self.change.ref
+        tree.remember_spec(new, spec)
+        tree.remember_entity(new, tree.entity(old))
+        for parent, key in places:
+            if parent is None:
+                self.roots[:] = [new if r is old else r for r in self.roots]
+                continue
+            edge = self.graph.edge(instance_state(parent).mapper, key or "")
+            value = tree.loaded_value(parent, edge.key)
+            if edge.uselist:
+                self.assign(parent, edge, [new if o is old else o for o in tree.as_list(value)])
+            else:
+                self.assign(parent, edge, new)
+        self.touched += [old, new]
+        self.reshaped += [old, new]
+        tree.Generation.bump()
+
     # -- where the changed row sits on the edge --------------------------------------
 
     def direct(self, edge: Edge, parents: list[Any]) -> None:
         row = self.row
         remote = edge.remote(row.values) if row else None
-        wanted = row is not None and (edge.criteria is None or edge.criteria in row.matches)
+        wanted = (
+            row is not None
+            and (edge.criteria is None or edge.criteria in row.matches)
+            and self.admits(edge)
+        )
         for parent in self.candidates(edge, parents, remote):
             self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
 
@@ -323,7 +383,7 @@ class _Patch:
             if local is not None:
                 for parent in by_local.get(local, ()):
                     found[id(parent)] = parent
-        for obj in self.index.instances(edge.target_table, self.target_key(edge)):
+        for obj in self.index.instances(edge.target_identity, self.target_key(edge)):
             for parent in self.index.held_by(obj, edge.parent, edge.key):
                 found[id(parent)] = parent
         return list(found.values())
@@ -388,7 +448,7 @@ class _Patch:
 
     def repoint(self, edge: Edge, parents: list[Any]) -> None:
         """A many-to-one whose foreign key lives on the changed row: follow the key."""
-        mine = {id(o) for o in self.index.instances(self.table, self.key)}
+        mine = {id(o) for o in self.index.instances(self.identity, self.key)}
         remote = [r for _, r in edge.pairs]
         by_target_key = set(remote) == set(edge.target_table.primary_key.columns)
         for parent in parents:
@@ -430,39 +490,44 @@ class _Patch:
     def root(self) -> None:
         """The roots themselves. A deleted root leaves. Otherwise the list's rule (declared
         by its subscription: :mod:`rowsync.roots`) says whether the row is a root now, and
-        where; a list without one never gains a row it cannot know its query returns."""
-        model = self.change.model
-        if self.roots and instance_state(self.roots[0]).mapper.local_table is not self.table:
+        where; a list without one never gains a row it cannot know its query returns, and
+        loses one no longer of its class (its discriminator changed)."""
+        entity = self.entity
+        if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
             return
         held = [
-            r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key
+            r for r in self.roots if _table(r) is self.identity and tree.primary_key(r) == self.key
         ]
         if self.deleted:
             self.leave(held)
             return
-        if isinstance(model, sa.Table) or self.row is None:
+        if self.row is None:
             return
         if self.rule is None:
-            wanted = not self.preloads or model in self.preloads  # it names what None becomes
-            if self.growing and self.change.event == "inserted" and wanted:
-                self.join(None)
+            kind = self.row_class
+            if kind is not None and not tree.isa(kind, entity):
+                self.leave(held)
+            elif self.growing and self.change.event == "inserted":
+                self.join(entity, None)
             return
         wanted = self.rule.admits(self.key, self.row.values)
         if wanted and not held:
-            self.join(self.rule.spec)
+            self.join(self.rule.mapper, self.rule.spec)
             self.rule.arrange(self.roots)
         elif held and not wanted:
             self.leave(held)
         elif held and self.change.event == "updated":
             self.rule.arrange(self.roots)
 
-    def join(self, spec: tree.LoadSpec | None) -> None:
-        """The changed row becomes a root, loaded like its sibling roots (or as ``spec`` says);
-        held below already (it entered a collection first), that instance joins the roots."""
+    def join(self, mapper: Mapper[Any], spec: tree.LoadSpec | None) -> None:
+        """The changed row becomes a root of ``mapper`` (the class the list was queried as),
+        loaded like its sibling roots (or as ``spec`` says); held below already (it entered
+        a collection first), that instance joins the roots."""
         if spec is None and self.roots:
             spec = tree.expected_spec(self.roots[0])
-        obj = self.instance(sa.inspect(self.change.model), self.key, self.row, spec)
+        obj = self.instance(mapper, self.key, self.row, spec)
         if obj is not None:
+            tree.remember_entity(obj, mapper)
             self.roots.append(obj)
             self.touched.append(obj)
             self.reshaped.append(obj)
@@ -476,6 +541,16 @@ class _Patch:
         self.touched += gone
         self.reshaped += gone
         tree.Generation.bump()
+
+    @functools.cached_property
+    def entity(self) -> Mapper[Any] | None:
+        """The mapper the roots were queried as; for an emptied list, the model ``preloads``
+        names in the changed row's hierarchy (None if it names none), else the change's."""
+        if self.roots:
+            return tree.entity(self.roots[0])
+        models = [m for m in self.preloads if not isinstance(m, sa.Table)] or [self.change.model]
+        mappers: list[Mapper[Any]] = [sa.inspect(m) for m in models if not isinstance(m, sa.Table)]
+        return next((m for m in mappers if tree.identity_table(m) is self.identity), None)
 
     # -- making a collection hold a row, or not ---------------------------------------
 
@@ -501,7 +576,7 @@ class _Patch:
                 self.assign(parent, edge, None)
             return
         items = tree.as_list(current)
-        at = tree.find(items, target, self.index.instances(edge.target_table, target))
+        at = tree.find(items, target, self.index.instances(edge.target_identity, target))
         held = at >= 0
         if (
             held
@@ -552,20 +627,24 @@ class _Patch:
         """The object for a row joining the tree: the tree's own if it holds one, else new,
         loaded as a fresh query would load it there: like its parent's loader options say,
         or like its sibling roots; with nothing to go by (an empty root), as ``preloads`` says."""
-        table = tree.mapped_table(mapper)
+        table = tree.identity_table(mapper)
         existing = self.index.instances(table, key)
         if existing:
             return existing[0]
         if spec is None:
             spec = _preload_spec(mapper, self.preloads) or {}
-        if spec:
+        if spec or len(tree.hierarchy_tables(mapper)) > 1:
+            # An object spanning several tables is read whole, as its class, by the ORM.
             loaded = self.rows.load(mapper, key, spec, self.change.ref)
             obj = None if loaded is None else self.reuse(loaded, {})
         else:
             if row is None or key_of(table, row.values) != key:
                 found = self.rows.row(table, key, self.change.ref)
                 row = None if found is GONE else found
-            obj = None if row is None else tree.build(mapper, row.values)
+            kind = None if row is None else tree.row_mapper(mapper, row.values)
+            obj = None
+            if row is not None and kind is not None and tree.isa(kind, mapper):
+                obj = tree.build(kind, row.values)
         if obj is not None:
             instance_state(obj).info[_REF] = self.change.ref
             tree.remember_spec(obj, spec)
@@ -615,7 +694,9 @@ class _Patch:
             if rel.key in state.dict and rel.key not in spec:
                 del state.dict[rel.key]  # unloaded again, as a fresh query leaves it
                 self.reshaped.append(obj)
-        missing = {k: v for k, v in spec.items() if k not in state.dict}
+        missing = {
+            k: v for k, v in spec.items() if k not in state.dict and k in state.mapper.relationships
+        }
         if missing:
             self.reshaped.append(obj)
             fetched = self.rows.load(state.mapper, tree.primary_key(obj), missing, self.change.ref)
@@ -643,7 +724,7 @@ class _Patch:
     def own(self, fetched: Any) -> Any:
         """The tree's instance of the row ``fetched`` holds, if it has one."""
         state = instance_state(fetched)
-        table = tree.mapped_table(state.mapper)
+        table = tree.identity_table(state.mapper)
         existing = self.index.instances(table, tree.primary_key(fetched))
         if not existing:
             return None
@@ -661,7 +742,7 @@ def state_class(obj: Any) -> Any:
 
 
 def _table(obj: Any) -> sa.Table:
-    return tree.mapped_table(instance_state(obj).mapper)
+    return tree.identity_table(instance_state(obj).mapper)
 
 
 def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:

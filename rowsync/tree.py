@@ -40,6 +40,39 @@ def mapped_table(mapper: Mapper[Any]) -> sa.Table:
     return cast(sa.Table, mapper.local_table)
 
 
+def identity_table(mapper: Mapper[Any]) -> sa.Table:
+    """The table that names a row of ``mapper``'s hierarchy: its base mapper's. A subclass
+    row of joined-table inheritance is one object whatever table of it changes, as in
+    SQLAlchemy's identity map (a subclass table's primary key is the base's)."""
+    return mapped_table(mapper.base_mapper)
+
+
+@cache
+def hierarchy_tables(mapper: Mapper[Any]) -> tuple[sa.Table, ...]:
+    """Every table of ``mapper``'s inheritance hierarchy, the identity table first: a change of
+    any of them is a change of one of the hierarchy's objects."""
+    tables: list[sa.Table] = []
+    for m in mapper.base_mapper.self_and_descendants:  # the base first
+        if isinstance(m.local_table, sa.Table) and m.local_table not in tables:
+            tables.append(m.local_table)
+    return tuple(tables)
+
+
+def row_mapper(mapper: Mapper[Any], values: Mapping[str, Any]) -> Mapper[Any]:
+    """The mapper a row of ``mapper``'s hierarchy loads as, from its discriminator in the base
+    table's ``values``; ``mapper`` itself outside a polymorphic hierarchy."""
+    column = mapper.base_mapper.polymorphic_on
+    if not isinstance(column, sa.Column) or column.name not in values:
+        return mapper
+    found = mapper.polymorphic_map.get(values[column.name])
+    return mapper if found is None else found
+
+
+def isa(mapper: Mapper[Any], other: Mapper[Any]) -> bool:
+    """Whether objects of ``mapper`` belong where ``other`` is expected (a subclass does)."""
+    return mapper is other or mapper.isa(other)
+
+
 def is_model(obj: Any) -> bool:
     try:
         instance_state(obj)
@@ -100,21 +133,25 @@ def loaded_value(obj: Any, key: str) -> Any:
 
 
 @cache
-def _columns(mapper: Mapper[Any]) -> tuple[tuple[str, str], ...]:
-    """``(attribute key, column name)`` of every column of the mapper's own table."""
-    table = mapper.local_table
+def _columns(mapper: Mapper[Any]) -> tuple[tuple[str, str, sa.Table], ...]:
+    """``(attribute key, column name, table)`` of every column of the mapper's tables (a
+    joined-table subclass maps its base's too; their shared primary key is in both)."""
+    tables = set(mapper.tables)
     return tuple(
-        (prop.key, col.name)
+        (prop.key, col.name, col.table)
         for prop in mapper.column_attrs
-        for col in prop.columns[:1]
-        if isinstance(col, sa.Column) and col.table is table
+        for col in prop.columns
+        if isinstance(col, sa.Column) and col.table in tables
     )
 
 
 @cache
 def _attribute_keys(mapper: Mapper[Any]) -> dict[str, str]:
-    """Column name -> attribute key, for the mapper's own table."""
-    return {name: key for key, name in _columns(mapper)}
+    """Column name -> attribute key, for the mapper's tables."""
+    keys: dict[str, str] = {}
+    for key, name, _ in _columns(mapper):
+        keys.setdefault(name, key)
+    return keys
 
 
 def values_of(obj: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
@@ -170,9 +207,12 @@ def watch_mutations(mappers: Any) -> None:
 def column_values(obj: Any) -> dict[str, Any]:
     """The loaded column values of ``obj`` by column name; the primary key even when expired."""
     state = instance_state(obj)
-    values = {name: state.dict[key] for key, name in _columns(state.mapper) if key in state.dict}
+    values: dict[str, Any] = {}
+    for key, name, _ in _columns(state.mapper):
+        if key in state.dict:
+            values.setdefault(name, state.dict[key])
     if state.key is not None:
-        pk = mapped_table(state.mapper).primary_key.columns
+        pk = identity_table(state.mapper).primary_key.columns
         for col, value in zip(pk, state.key[1], strict=False):
             values.setdefault(col.name, value)
     return values
@@ -183,7 +223,7 @@ def primary_key(obj: Any) -> tuple[Any, ...]:
     if state.key is not None:
         return state.key[1]
     values = column_values(obj)
-    return tuple(values.get(c.name) for c in mapped_table(state.mapper).primary_key.columns)
+    return tuple(values.get(c.name) for c in identity_table(state.mapper).primary_key.columns)
 
 
 def find(objects: list[Any], key: tuple[Any, ...], known: list[Any] | None = None) -> int:
@@ -208,8 +248,9 @@ _EXACT: Final = frozenset({type(None), bool, int, str, bytes, uuid.UUID, datetim
 datetimes in two time zones)."""
 
 
-def patch(obj: Any, values: Mapping[str, Any]) -> None:
+def patch(obj: Any, values: Mapping[str, Any], table: sa.Table | None = None) -> None:
     """Set column attributes as if loaded: nothing is marked dirty, a flush writes nothing.
+    ``values`` are a row of ``table`` (default: any of the object's tables, by column name).
 
     A column whose loaded value already equals the new one (and has no pending history) is
     left alone: setting it would change nothing, and an update usually changes one or two
@@ -219,8 +260,8 @@ def patch(obj: Any, values: Mapping[str, Any]) -> None:
     settled = not (
         state.expired or state.committed_state or state.expired_attributes or state.callables
     )
-    for key, name in _columns(state.mapper):
-        if name not in values:
+    for key, name, owner in _columns(state.mapper):
+        if name not in values or (table is not None and owner is not table):
             continue
         value = values[name]
         if settled and key in data:
@@ -393,7 +434,7 @@ def _expand(
     the part loaded by the same SQL statement, ``recursing`` the ``recursion_depth`` loaders
     still going, by relationship key, with the levels they have left."""
     spec: dict[str, Any] = {}
-    for rel in mapper.relationships:
+    for rel in _relationships(mapper):
         here = (*keys, rel.key)
         said = _said(explicit, here)
         left = recursing.get(rel.key)
@@ -424,6 +465,17 @@ def _expand(
     return spec
 
 
+@cache
+def _relationships(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
+    """``mapper``'s relationships and its subclasses' (each name once): a place holding a
+    class holds rows of its subclasses, loaded with theirs (``of_type``, ``with_polymorphic``)."""
+    found: dict[str, RelationshipProperty[Any]] = {}
+    for m in mapper.self_and_descendants:
+        for rel in m.relationships:
+            found.setdefault(rel.key, rel)
+    return tuple(found.values())
+
+
 def _has_defaults(mapper: Mapper[Any]) -> bool:
     """Whether the mapping loads any relationship of ``mapper`` eagerly by default."""
     return any(r.lazy in EAGER for r in mapper.relationships)
@@ -434,6 +486,25 @@ def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
     for k, v in b.items():
         merged[k] = merge_specs(merged.get(k, {}), v)
     return merged
+
+
+_ENTITY = "rowsync_entity"
+
+
+def entity(obj: Any) -> Mapper[Any]:
+    """The mapper a root was queried as: ``select(Employee)`` returns engineers too, and an
+    engineer joins its root list, where a list of ``Engineer`` takes no manager."""
+    state = instance_state(obj)
+    found: Mapper[Any] | None = state.info.get(_ENTITY)
+    if found is None and state.load_path is not None and len(state.load_path) == 1:
+        # the statement's entity: a mapper, or an alias of one (``with_polymorphic``)
+        found = cast(Any, state.load_path).entity.mapper
+    return state.mapper if found is None else found
+
+
+def remember_entity(obj: Any, mapper: Mapper[Any]) -> None:
+    """Record the mapper a root built by rowsync stands for, as its query would have."""
+    instance_state(obj).info[_ENTITY] = mapper
 
 
 def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
@@ -495,11 +566,7 @@ def _shape(mapper: Mapper[Any]) -> tuple[sa.Table, tuple[tuple[str, Mapper[Any],
     """A mapper's table and ``(key, declaring mapper, uselist)`` of its relationships, read
     once: indexing a tree visits every object."""
     relationships = tuple((r.key, r.parent, bool(r.uselist)) for r in mapper.relationships)
-    return mapped_table(mapper), relationships
-
-
-def _isa(mapper: Mapper[Any], other: Mapper[Any]) -> bool:
-    return mapper is other or mapper.isa(other)
+    return identity_table(mapper), relationships
 
 
 @dataclass
@@ -546,13 +613,29 @@ class Index:
         return [
             p
             for p, k in self.holders.get(id(obj), ())
-            if k == key and p is not None and _isa(instance_state(p).mapper, mapper)
+            if k == key and p is not None and isa(instance_state(p).mapper, mapper)
         ]
 
     def extend(self, roots: list[Any]) -> None:
         """Add ``roots`` and everything loaded below them (objects already indexed are skipped)."""
+        self._walk([(root, None, None) for root in roots])
+
+    def replace(self, old: Any, new: Any) -> None:
+        """``new`` takes every place of ``old`` (the same row, now of another class)."""
+        places = self.holders.pop(id(old), [])
+        self._seen.discard(id(old))
+        for found in self.objects.values():
+            if any(o is old for o in found):
+                found[:] = [o for o in found if o is not old]
+        for parents in self.loaded.values():
+            if any(p is old for p in parents):
+                parents[:] = [p for p in parents if p is not old]
+        self._by_local.clear()
+        self._walk([(new, parent, key) for parent, key in places])
+
+    def _walk(self, stack: list[tuple[Any, Any, str | None]]) -> None:
+        """Index each ``(object, parent, key)`` place and, once, everything loaded below it."""
         seen, holders, objects, loaded = self._seen, self.holders, self.objects, self.loaded
-        stack: list[tuple[Any, Any, str | None]] = [(root, None, None) for root in roots]
         while stack:
             obj, parent, key = stack.pop()
             ident = id(obj)
