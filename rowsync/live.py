@@ -12,9 +12,9 @@ statement once and derives the rest from it:
   Python; it takes its place by its ``ORDER BY`` values as Postgres computed them;
 * what changed, as :class:`Diff` values addressed by primary keys.
 
-Rows are loaded inside a *window*: a model-level subscription to every table below the roots
-is opened before the query and closed after the rows are registered, and what it caught is
-applied; so no change committed between the query's snapshot and the registration is lost.
+Rows are subscribed to from a position taken before their query (:mod:`rowsync.position`):
+what commits between the query's snapshot and the registration is replayed to the live
+query's subscription, so nothing is lost and nothing needs a second look.
 
 One background thread for the whole process (:class:`_Pump`) applies the messages of every
 live query with ``rs.sync``, computes the diffs, calls the callbacks and feeds the
@@ -55,6 +55,7 @@ from rowsync.errors import ConfigurationError, NotRunningError, RowsyncError
 from rowsync.fetch import _where_key, key_of, table_of
 from rowsync.graph import Graph
 from rowsync.messages import Change, Message, Sync
+from rowsync.position import Position
 from rowsync.roots import whole_result_clauses
 from rowsync.subscription import Subscription
 from rowsync.watchers import spec_assocs
@@ -70,7 +71,6 @@ Path: TypeAlias = tuple[Any, ...]
 """Where a row sits: ``(root key, relationship, key, relationship, key, ...)``."""
 SessionFactory: TypeAlias = Callable[[], Session]
 
-_RELOAD_TRIES = 3
 _COMPACT_AFTER = 64
 """Roots that left the WHERE keep their interests until this many (or as many as the list
 holds) have left; then the statement runs again, which registers only what is held."""
@@ -691,30 +691,26 @@ class LiveQuery:
         return self._mirror.refresh(self._value)
 
     def _load_all(self) -> list[Any]:
-        """The statement's rows, registered on a new subscription (which replaces the old)."""
-        for _ in range(_RELOAD_TRIES):
-            old = self._sub
-            feed = self._sub = self._feed()
-            self._backlog.clear()
-            self._reload_needed = False
-            try:
-                with self._window() as caught:
-                    rows = self._rows(None)
-                    roots = [obj for obj, _ in rows]
-                    if roots:
-                        feed.add(roots, assocs=self._plan.assocs)
-            except BaseException:
-                feed.close()
-                self._sub = old
-                raise
-            self._order = {tree.primary_key(obj): order for obj, order in rows}
-            if old is not None:
-                old.close()  # after the new one holds everything: nothing falls in between
-            self._replay(roots, caught)
-            self._stale = 0
-            if not self._reload_needed:
-                return roots
-        logger.warning("%r: changes were missed while loading, %d times", self, _RELOAD_TRIES)
+        """The statement's rows, registered on a new subscription (which replaces the old)
+        from a position taken before the query: what commits meanwhile is replayed to it."""
+        old = self._sub
+        feed = self._sub = self._feed()
+        self._backlog.clear()
+        self._reload_needed = False
+        try:
+            position = self._stream_position()
+            rows = self._rows(None)
+            roots = [obj for obj, _ in rows]
+            if roots:
+                feed.add(roots, assocs=self._plan.assocs, since=position)
+        except BaseException:
+            feed.close()
+            self._sub = old
+            raise
+        self._order = {tree.primary_key(obj): order for obj, order in rows}
+        if old is not None:
+            old.close()  # after the new one holds everything: nothing falls in between
+        self._stale = 0
         return roots
 
     def _feed(self) -> _Feed:
@@ -724,35 +720,10 @@ class LiveQuery:
             feed.add(table)
         return feed
 
-    @contextlib.contextmanager
-    def _window(self) -> Iterator[list[Message]]:
-        """Catch every change below the roots while rows are loaded and registered."""
-        caught: list[Message] = []
-        if not self._plan.below:
-            yield caught
-            return
-        buffer = self.rs.subscribe(self._plan.below[0])
-        for table in self._plan.below[1:]:
-            buffer.add(table)
-        try:
-            yield caught
-        finally:
-            buffer.close()
-            caught.extend(buffer.drain())
-
-    def _replay(self, roots: list[Any], caught: list[Message]) -> list[tuple[sa.Table, Key]]:
-        """Apply what a window caught to the rows it loaded (duplicates of messages queued
-        elsewhere change nothing: sync is idempotent)."""
-        scratch = list(roots)  # the real list's membership is decided by its own messages
-        changed = []
-        for _, info in caught:
-            if not isinstance(info, Change):
-                self._reload_needed = True
-                continue
-            self._sync(scratch, info)
-            table = table_of(info.model)
-            changed.append((table, key_of(table, info.ids)))
-        return changed
+    def _stream_position(self) -> Position | None:
+        """Where the stream stands, to replay from; None when no listener runs (changes then
+        come only from :class:`rowsync.testing.MemoryEvents`, in this thread)."""
+        return self.rs.position() if self.rs.running else None
 
     def _rows(self, where: sa.ColumnElement[bool] | None) -> list[tuple[Any, tuple[Any, ...]]]:
         """Objects of the statement (restricted by ``where``), with their ORDER BY values."""
@@ -809,11 +780,11 @@ class LiveQuery:
         key = key_of(table, change.ids)
         changed = [(table, key)]
         if table is self._plan.table:
-            changed += self._root_changed(change, key)
+            self._root_changed(change, key)
         else:
             self._sync(self._roots, change)
             if table in self._plan.where:
-                changed += self._reconcile()
+                self._reconcile()
         if self._reload_needed:
             return self._reload()
         if self._unranked:
@@ -826,7 +797,7 @@ class LiveQuery:
         if roots:
             self.rs.sync(roots, (Sync, _as_nested(change, self._plan.table)))
 
-    def _root_changed(self, change: Change, key: Key) -> list[tuple[sa.Table, Key]]:
+    def _root_changed(self, change: Change, key: Key) -> None:
         """A row of the roots' table changed: sync applies it below the roots, then the
         statement restricted to its key says whether (and where) it is a root."""
         assert self._value is not None
@@ -835,18 +806,18 @@ class LiveQuery:
             if key in self._order:
                 del self._value[self._position(key)]
                 del self._order[key]
-            return []
+            return
         self._sync(self._roots, change)
         if key not in self._order:
-            return self._admit([key])
+            self._admit([key])
+            return
         found = self._keys(_where_key(self._plan.table, [key])).get(key)
         if found is None:
             self._drop(key)
         elif found != self._order[key]:
             self._place(self._value.pop(self._position(key)), key, found)
-        return []
 
-    def _reconcile(self) -> list[tuple[sa.Table, Key]]:
+    def _reconcile(self) -> None:
         """A table the WHERE reads changed: the statement's keys, in its order, say which
         roots there are (one query for the keys, one for the rows that entered)."""
         assert self._value is not None
@@ -854,9 +825,8 @@ class LiveQuery:
         for key in [k for k in self._order if k not in found]:
             self._drop(key)
         self._order.update((k, v) for k, v in found.items() if k in self._order)
-        changed = self._admit([k for k in found if k not in self._order])
+        self._admit([k for k in found if k not in self._order])
         self._rank(found)
-        return changed
 
     def _rank(self, found: dict[Key, tuple[Any, ...]]) -> None:
         """Order the roots as the statement's keys ``found`` are ordered."""
@@ -865,10 +835,11 @@ class LiveQuery:
         self._value.sort(key=lambda obj: rank.get(tree.primary_key(obj), len(rank)))
         self._unranked = False
 
-    def _admit(self, keys: list[Key]) -> list[tuple[sa.Table, Key]]:
-        """Load the rows of ``keys`` the statement returns, as roots in their places."""
+    def _admit(self, keys: list[Key]) -> None:
+        """Load the rows of ``keys`` the statement returns, as roots in their places, and
+        subscribe to them from a position taken before: what commits meanwhile is replayed."""
         if not keys:
-            return []
+            return
         assert self._value is not None and self._sub is not None
         index = self.rs.syncer.index(self._roots, self._roots)
 
@@ -879,21 +850,20 @@ class LiveQuery:
 
         admitted = []
         memo: dict[int, Any] = {}  # rows shared by the new roots stay shared
-        with self._window() as caught:
-            for obj, order in self._rows(_where_key(self._plan.table, keys)):
-                key = tree.primary_key(obj)
-                if key in self._order:
-                    continue
-                held = own(obj)
-                root = tree.clone(obj, memo, own)  # the tree's own instances, where it has them
-                if held is None:
-                    tree.remember_spec(root, self._plan.spec)
-                self._place(root, key, order)
-                self._roots.append(root)
-                admitted.append(root)
-            if admitted:
-                self._sub.add(admitted, assocs=self._plan.assocs)
-        return self._replay(admitted, caught)
+        position = self._stream_position()
+        for obj, order in self._rows(_where_key(self._plan.table, keys)):
+            key = tree.primary_key(obj)
+            if key in self._order:
+                continue
+            held = own(obj)
+            root = tree.clone(obj, memo, own)  # the tree's own instances, where it has them
+            if held is None:
+                tree.remember_spec(root, self._plan.spec)
+            self._place(root, key, order)
+            self._roots.append(root)
+            admitted.append(root)
+        if admitted:
+            self._sub.add(admitted, assocs=self._plan.assocs, since=position)
 
     def _place(self, obj: Any, key: Key, order: tuple[Any, ...]) -> None:
         """Insert a root after every root that sorts before it or ties with it; at the end

@@ -496,7 +496,7 @@ class _Patch:
         if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
             return
         held = [
-            r for r in self.roots if _table(r) is self.identity and tree.primary_key(r) == self.key
+            r for r in self.index.instances(self.identity, self.key) if id(r) in self.index.roots
         ]
         if self.deleted:
             self.leave(held)

@@ -587,12 +587,14 @@ class Index:
     for a root."""
     generation: int = -1
     """``Generation.outside`` when built; stale once it moved on."""
+    roots: set[int] = field(default_factory=set)
+    """``id`` of each root the index was built from."""
     _seen: set[int] = field(default_factory=set)
     _by_local: dict[Any, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, roots: list[Any]) -> Index:
-        index = cls(generation=Generation.outside)
+        index = cls(generation=Generation.outside, roots={id(r) for r in roots})
         index.extend(roots)
         return index
 
@@ -624,6 +626,9 @@ class Index:
         """``new`` takes every place of ``old`` (the same row, now of another class)."""
         places = self.holders.pop(id(old), [])
         self._seen.discard(id(old))
+        if id(old) in self.roots:
+            self.roots.discard(id(old))
+            self.roots.add(id(new))
         for found in self.objects.values():
             if any(o is old for o in found):
                 found[:] = [o for o in found if o is not old]
