@@ -27,6 +27,10 @@ from types import ModuleType
 
 from harness import DEFAULT_DSN, HERE, Context, Result, fmt
 
+# The rowsync of this checkout, not whichever one the environment installed (a worktree shares
+# the venv of the checkout that installed it in editable mode).
+sys.path.insert(1, str(HERE.parent))
+
 logger = logging.getLogger("bench")
 
 COLUMNS = ("#", "name", "metric", "value", "baseline", "ratio", "goal", "verdict")
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
 
+    import rowsync
+
+    logger.info("rowsync %s from %s", rowsync.__version__, Path(rowsync.__file__).parent)
     ctx = Context(
         dsn=os.environ.get("DATABASE_URL") or DEFAULT_DSN, quick=args.quick, profile=args.profile
     )

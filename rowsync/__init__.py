@@ -4,6 +4,7 @@ from rowsync.app import RowSync, sync
 from rowsync.errors import ConfigurationError, NotRunningError, RowsyncError
 from rowsync.live import Diff, LiveQuery
 from rowsync.messages import EVENTS, Change, Event, Message, Resync, ResyncInfo, Sync
+from rowsync.position import Position
 from rowsync.subscription import Subscription
 from rowsync.triggers import Status
 from rowsync.watchers import Watcher, watchers
@@ -17,6 +18,7 @@ __all__ = [
     "LiveQuery",
     "Message",
     "NotRunningError",
+    "Position",
     "Resync",
     "ResyncInfo",
     "RowSync",

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+import sqlalchemy as sa
 from psycopg import sql
 from psycopg.rows import TupleRow
 
@@ -61,17 +62,20 @@ def announce_table(
     if batch < 1:
         raise ValueError(f"batch must be at least 1, not {batch}")
     table = sql.Identifier(watcher.schema, watcher.table)
-    keys = sql.SQL(", ").join(sql.Identifier("t", c) for c in watcher.primary_key)
+    # A table without a primary key may hold equal rows and NULLs: pages follow ``ctid``.
+    page = ("ctid",) if _keyless(watcher) else watcher.primary_key
+    keys = sql.SQL(", ").join(sql.Identifier("t", c) for c in page)
     total = _one(conn, sql.SQL("SELECT count(*) FROM {}").format(table))
     _create_emitter(conn, schema, channel, mode)
     # The lateral subquery draws one ref per row, in key order.
     select = sql.SQL(
         "SELECT {keys}, r.ref, {payload} FROM"
-        " (SELECT * FROM {table} AS t {after} ORDER BY {keys} LIMIT {batch}) AS t"
+        " (SELECT {columns} FROM {table} AS t {after} ORDER BY {keys} LIMIT {batch}) AS t"
         " CROSS JOIN LATERAL (SELECT nextval({seq}) AS ref) AS r ORDER BY {keys}"
     )
     fields = dict(
         keys=keys,
+        columns=sql.SQL("t.ctid, t.*" if _keyless(watcher) else "*"),
         seq=triggers.sequence(schema),
         payload=triggers.payload(
             watcher,
@@ -97,7 +101,7 @@ def announce_table(
             rows = conn.execute(select.format(after=where, **fields), after or ()).fetchall()
             if not rows:
                 break
-            width = len(watcher.primary_key)
+            width = len(page)
             conn.execute(
                 "SELECT pg_temp.rowsync_announce(%s, %s)",
                 ([r[width] for r in rows], [r[width + 1] for r in rows]),
@@ -108,6 +112,11 @@ def announce_table(
             progress(name, done, max(total, done))
     logger.info("announced %d rows of %s", done, name)
     return done
+
+
+def _keyless(watcher: Watcher) -> bool:
+    """Whether the watched table is a table without a primary key (a plain association table)."""
+    return isinstance(watcher.model, sa.Table) and not watcher.model.primary_key.columns
 
 
 def _create_emitter(

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from rowsync import tree, triggers
 from rowsync.announce import BATCH, announce_table, announced
@@ -32,14 +33,16 @@ from rowsync.columns import ColumnPolicy, ColumnsArg
 from rowsync.dispatch import Dispatcher
 from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.fanout.node import Node
-from rowsync.fetch import RowSource, qualified_name, table_of
+from rowsync.fetch import SNAPSHOT, RowSource, qualified_name, table_of
 from rowsync.graph import Graph
 from rowsync.listener import Listener, send_flush
 from rowsync.messages import EVENTS, Change, Message
+from rowsync.position import Position
+from rowsync.roots import Filters, Statement
 from rowsync.router import Router
 from rowsync.subscription import Authorizer, Subscription
 from rowsync.sync import Preloads, Syncer
-from rowsync.watchers import Assocs, Watcher, merge
+from rowsync.watchers import Assocs, Watcher, assocs_spec, merge, spec_assocs
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class RowSync:
         cache_size: int = 10_000,
         cache_ttl: float = 300.0,
         queue_size: int = 10_000,
+        replay_size: int = 10_000,
         probe_interval: float = 5.0,
         start_timeout: float = 10.0,
         origin: str | None = None,
@@ -139,7 +143,9 @@ class RowSync:
         self.router = Router(self.graph, self.rows)
         self.syncer = Syncer(self.graph, self.rows)
         self.stats: Counter[str] = Counter()
-        self.dispatcher = Dispatcher(self._tables, self.rows, self.cache, self.router, self.stats)
+        self.dispatcher = Dispatcher(
+            self._tables, self.rows, self.cache, self.router, self.stats, replay_size
+        )
         self.listener = Listener(
             self.conninfo,
             channel=channel,
@@ -246,6 +252,7 @@ class RowSync:
         self._check_triggers()
         if self.fanout is not None:
             self.fanout.start(self.start_timeout)
+            self.dispatcher.journal.resume(self.rows.snapshot())
             _started.add(self)
             try:  # a barrier back through the broker: some node captures, and reaches us
                 self.flush(self.start_timeout)
@@ -259,6 +266,7 @@ class RowSync:
         if not self.listener.connected.wait(self.start_timeout):
             self.listener.stop()
             raise NotRunningError(f"the listener could not connect within {self.start_timeout} s")
+        self.dispatcher.journal.resume(self.rows.snapshot())
         _started.add(self)
         return self
 
@@ -281,6 +289,7 @@ class RowSync:
 
     def stop(self) -> None:
         _started.discard(self)
+        self.dispatcher.journal.interrupt()  # what commits while stopped is never seen
         if self.fanout is not None:
             self.fanout.stop()
         self.listener.stop()
@@ -317,6 +326,7 @@ class RowSync:
         ignore_origin: str | Iterable[str] | None = None,
         authorize: Authorizer | None = None,
         context: Any = None,
+        since: Position | None = None,
         **filters: Any,
     ) -> Subscription:
         """Subscribe to loaded objects (and what ``assocs`` follows below them), or to a model.
@@ -332,7 +342,63 @@ class RowSync:
         ``authorize(context, change, row) -> bool`` decides, before delivery, whether this
         subscriber may receive a change (``row`` is the fetched row; None for a delete). A
         denial, or an exception (logged), withholds the change.
+        ``since=rs.position()`` (taken before the tree was loaded): the changes committed
+        after that position and already dispatched are queued first, so nothing committed
+        between the load and this call is missed (see :mod:`rowsync.position`); if they can
+        no longer all be known, the subscription starts with ``(Resync, info)``.
         """
+        sub = self._subscription(maxsize, ignore_origin, authorize, context)
+        self._add(sub, target, event, assocs=assocs, follow=follow, since=since, **filters)
+        return sub
+
+    def load(
+        self,
+        session: Session,
+        statement: sa.Select[Any],
+        *,
+        maxsize: int | None = None,
+        ignore_origin: str | Iterable[str] | None = None,
+        authorize: Authorizer | None = None,
+        context: Any = None,
+    ) -> tuple[list[Any], Subscription]:
+        """Run ``statement`` in ``session`` and subscribe to its result, in one step::
+
+            people, sub = rs.load(session, select(Person).options(selectinload(Person.posts)))
+            for message in sub:
+                people = rs.sync(people, message)
+
+        Nothing committed around the load is missed (the subscription starts from a position
+        taken before it, :meth:`position`); what the loader options load is followed; and the
+        list changes as the statement's result would: a row inserted or updated into the
+        ``WHERE`` joins in ``ORDER BY`` place, one updated out of it leaves (the statement,
+        restricted to the row, decides). The statement selects one mapped class and reads no
+        other table (else :meth:`live`, which re-checks it when those change). The other
+        arguments are :meth:`subscribe`'s.
+        """
+        rule = Statement.of(statement, self.engine)
+        self._watched(rule.mapper.class_)
+        tables = [self._watched(t) for t in tree.hierarchy_tables(rule.mapper)]
+        position = self.position(session)
+        roots = list(session.scalars(statement).unique())
+        sub = self._subscription(maxsize, ignore_origin, authorize, context)
+
+        def register() -> None:
+            self.syncer.declare(roots, rule, sub)
+            self._add(sub, roots, None)
+            follow = self.router.spec(rule.mapper, spec_assocs(rule.spec or {}))
+            for table in tables:  # a row of a joined subclass may change in any of its tables
+                self.router.add_model(sub, table, None, {}, follow, rule.mapper)
+
+        self.dispatcher.replay(sub, position, register)
+        return roots, sub
+
+    def _subscription(
+        self,
+        maxsize: int | None,
+        ignore_origin: str | Iterable[str] | None,
+        authorize: Authorizer | None,
+        context: Any,
+    ) -> Subscription:
         ignored = frozenset(
             ()
             if ignore_origin is None
@@ -340,14 +406,16 @@ class RowSync:
             if isinstance(ignore_origin, str)
             else ignore_origin
         )
-        sub = Subscription(
-            self._add, self.router.remove, maxsize or self.queue_size, ignored, authorize, context
+        return Subscription(
+            self._add, self._remove, maxsize or self.queue_size, ignored, authorize, context
         )
-        self._add(sub, target, event, assocs=assocs, follow=follow, **filters)
-        return sub
 
     def subscriptions(self) -> list[Subscription]:
         return self.router.subscriptions()
+
+    def _remove(self, sub: Subscription) -> None:
+        self.router.remove(sub)
+        self.syncer.undeclare(sub)
 
     def _add(
         self,
@@ -357,8 +425,16 @@ class RowSync:
         *,
         assocs: Assocs = (),
         follow: bool = False,
+        since: Position | None = None,
         **filters: Any,
     ) -> None:
+        if since is not None:
+            self.dispatcher.replay(
+                sub,
+                since,
+                lambda: self._add(sub, target, event, assocs=assocs, follow=follow, **filters),
+            )
+            return
         if isinstance(target, (type, sa.Table)):
             table = self._watched(target)
             if event is not None and event not in EVENTS:
@@ -379,14 +455,28 @@ class RowSync:
                 if isinstance(target, sa.Table):
                     raise ConfigurationError("follow needs a mapped model, not a table")
                 spec = self.router.spec(sa.inspect(target), assocs)
+                for roots, _ in sub.trees:
+                    if isinstance(roots, list):
+                        self.syncer.declare(roots, Filters(sa.inspect(target), filters), sub)
             elif assocs:
                 raise ConfigurationError("assocs on a model-level subscription go with follow=True")
-            self.router.add_model(sub, table, event, filters, spec)
+            mapper = None if isinstance(target, sa.Table) else sa.inspect(target)
+            self.router.add_model(sub, table, event, filters, spec, mapper)
             return
         if event is not None or follow or filters:
             raise ConfigurationError(
                 "event, follow and filters go with a model, not with loaded objects"
             )
+        sub.trees.append((target, assocs))
+        if isinstance(target, list):
+            for table, _event, wanted, follows, mapper in sub.models:
+                if follows is not None:
+                    model = self._tables[qualified_name(table)][1]
+                    self.syncer.declare(target, Filters(mapper or sa.inspect(model), wanted), sub)
+        self._hold(sub, target, assocs)
+
+    def _hold(self, sub: Subscription, target: Any, assocs: Assocs) -> None:
+        """Register the interests of a tree (a list of roots or one object) and below."""
         objects = tree.as_list(target)
         by_mapper: dict[Any, list[Any]] = defaultdict(list)
         for obj in objects:
@@ -397,7 +487,10 @@ class RowSync:
             by_mapper[sa.inspect(obj).mapper].append(obj)
         for mapper, objs in by_mapper.items():
             self._watched(mapper.class_)
-            self.router.add_tree(sub, objs, self.router.spec(mapper, assocs))
+            # What the loader loaded is followed too, named in assocs or not: a relationship
+            # loaded by default (lazy="joined") and left unfollowed would silently go stale.
+            loaded = tree.merge_specs(assocs_spec(mapper, assocs), tree.tree_spec(objs))
+            self.router.add_tree(sub, objs, self.router.spec(mapper, spec_assocs(loaded)))
 
     def _watched(self, model: Any) -> sa.Table:
         try:
@@ -409,6 +502,25 @@ class RowSync:
             raise ConfigurationError(f"{table.name!r} is not watched; add rowsync.watchers({name})")
         return table
 
+    # -- positions --------------------------------------------------------------------
+
+    def position(self, on: sa.Connection | Session | None = None) -> Position:
+        """Where the stream of changes stands now: take it before loading a tree, then
+        ``subscribe(tree, since=position)``. ``on``: the connection or session that will load
+        it, when its transaction may already hold a snapshot (``REPEATABLE READ``): the
+        position is then that snapshot, exactly what the load sees."""
+        if not self.running:
+            raise NotRunningError("a position needs a started RowSync (the stream it counts)")
+        query = sa.text(SNAPSHOT)
+        if on is not None and on.in_transaction():
+            # its snapshot may be older than this call: placed by visibility alone
+            return Position.of(on.execute(query).scalar_one())
+        seq, epoch = self.dispatcher.journal.mark()
+        if on is not None:
+            return Position.of(on.execute(query).scalar_one(), seq, epoch)
+        with self.engine.connect() as conn:
+            return Position.of(conn.execute(query).scalar_one(), seq, epoch)
+
     # -- sync -------------------------------------------------------------------------
 
     def sync(self, value: Any, message: Message, preloads: Preloads | None = None) -> Any:
@@ -417,8 +529,25 @@ class RowSync:
 
     def resync(self, value: Any) -> Any:
         """``value`` made consistent with the database after a ``(Resync, info)`` message:
-        what it holds, re-read by primary key in batches, loaded as it was loaded."""
-        return self.syncer.resync(value)
+        what it holds, re-read by primary key in batches, loaded as it was loaded. Every
+        subscription made with this tree follows it again as it now is (rows the re-read
+        brought in included), from a position taken before the re-read."""
+        holders = [s for s in self.router.subscriptions() if any(t is value for t, _ in s.trees)]
+        position = self.position() if holders and self.running else None
+        result = self.syncer.resync(value)
+        for sub in holders:
+            sub.trees = [(result if t is value else t, a) for t, a in sub.trees]
+
+            def register(sub: Subscription = sub) -> None:
+                self.router.drop_trees(sub)
+                for target, assocs in sub.trees:
+                    self._hold(sub, target, assocs)
+
+            if position is None:
+                register()
+            else:
+                self.dispatcher.replay(sub, position, register)
+        return result
 
     def live(
         self, session_factory: Any, statement: sa.Select[Any], *, idle_timeout: float | None = 300.0

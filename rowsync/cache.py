@@ -1,6 +1,6 @@
 """Where changed rows live between the listener's fetch and every subscriber's ``sync``.
 
-Rows are keyed by the change that produced them, ``(table, primary key, ref)``, so N
+Rows are keyed by the change that produced them, ``(table, identity, ref)``, so N
 subscribers applying one change share one fetch. The cache is bounded (LRU with a TTL);
 a miss is fetched again, once, however many threads ask at the same moment (single-flight).
 """

@@ -458,8 +458,8 @@ def _listen(args: argparse.Namespace, on_listening: OnListening | None) -> int:
                         if sub.closed:
                             break
                         continue
+                    seen += 1  # before printing: a SIGTERM once it is out counts it
                     _print_message(message, sys.stdout, as_json=args.json)
-                    seen += 1
         except KeyboardInterrupt:
             print(f"rowsync: stopped after {seen} messages", file=sys.stderr)
     return EXIT_OK

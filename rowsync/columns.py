@@ -52,12 +52,17 @@ class ColumnPolicy:
         return [c for c in table.columns if c.name not in withheld]
 
     def defer(self, mapper: Mapper[Any]) -> list[_AbstractLoad]:
-        """ORM options leaving the withheld columns of ``mapper`` unloaded."""
-        withheld = self.withheld(mapper.local_table)
+        """ORM options leaving the withheld columns of ``mapper`` (of each of its tables)
+        unloaded."""
         return [
             defer(getattr(mapper.class_, prop.key))
             for prop in mapper.column_attrs
-            if any(getattr(c, "name", None) in withheld for c in prop.columns)
+            if any(
+                isinstance(c, sa.Column)
+                and isinstance(c.table, sa.Table)
+                and c.name in self.withheld(c.table)
+                for c in prop.columns
+            )
         ]
 
     def check(self, table: sa.Table, identifying: Iterable[str]) -> None:

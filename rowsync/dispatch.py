@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.fetch import RowSource, coerce, key_of, qualified_name, usable_key
 from rowsync.listener import Flush, Notice
 from rowsync.messages import Change, Event, Message, Resync, ResyncInfo, Sync
+from rowsync.position import Journal, Position
 from rowsync.router import Router
 from rowsync.subscription import Subscription
 
@@ -49,6 +50,8 @@ class Resolved:
     """The row as fetched; None for a delete, or for a row gone before its fetch."""
     readable: bool = True
     """False when the table could not be read (schema drift): subscribers must resync."""
+    xid: int | None = None
+    """The writer's transaction id, when the trigger sent it."""
 
 
 def _with_row(
@@ -96,6 +99,7 @@ class Dispatcher:
         cache: RowCache,
         router: Router,
         stats: Counter[str],
+        journal_size: int = 10_000,
     ) -> None:
         self._tables = tables
         self.rows = rows
@@ -104,6 +108,11 @@ class Dispatcher:
         self.stats = stats
         self.flushes: dict[str, threading.Event] = {}
         """Flush barriers waited for, by token."""
+        self.journal: Journal[Resolved] = Journal(journal_size, lambda change: change.xid)
+        """What was delivered lately, for subscriptions that start from a position."""
+        self._delivering = threading.RLock()
+        """Held while changes are routed and queued: a subscription registered and replayed
+        under it has nothing delivered in between."""
         self._hold_lock = threading.Lock()
         self._held: Held | None = None
         self._pending: list[Notice | Flush] = []
@@ -162,13 +171,13 @@ class Dispatcher:
             if not usable_key(table, new) or (old is not None and not usable_key(table, old)):
                 self.stats["malformed"] += 1
                 logger.warning(
-                    "skipping event for %s without a usable primary key: %.200r",
+                    "skipping event for %s without a usable key: %.200r",
                     table.name,
                     item.new,
                 )
                 continue
             change = Resolved(
-                item.ref, (item.schema, item.table), item.event, new, old, item.origin
+                item.ref, (item.schema, item.table), item.event, new, old, item.origin, xid=item.xid
             )
             if (
                 item.event == "updated"
@@ -197,44 +206,65 @@ class Dispatcher:
     def deliver(self, resolved: Sequence[Resolved | Flush]) -> None:
         """Cache each change's row, route it and queue it, in order; release flush barriers
         once what came before them is queued."""
-        for change in resolved:
-            if isinstance(change, Flush):
-                if (event := self.flushes.pop(change.token, None)) is not None:
-                    event.set()
-                continue
-            table, model = self._tables[change.table]
-            new = change.new
-            if change.event != "deleted" and change.readable:
-                self.cache.put(
-                    (table, key_of(table, new), change.ref),
-                    GONE if change.row is None else change.row,
-                )
-            route_new: dict[str, Any] | None
-            route_old: dict[str, Any] | None
-            if change.event == "deleted":
-                route_new, route_old = None, new
-            else:
-                old = change.old
-                route_new, route_old = (
-                    new,
-                    (old if old is not None else (new if change.event == "updated" else None)),
-                )
-            subs = self.router.route(table, change.event, route_new, route_old)
-            self.stats["dispatched"] += 1
-            message: Message = (
-                (Sync, Change(model, change.event, new, change.ref))
-                if change.readable
-                else (
-                    Resync,
-                    ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
-                )
+        with self._delivering:
+            for change in resolved:
+                if isinstance(change, Flush):
+                    if (event := self.flushes.pop(change.token, None)) is not None:
+                        event.set()
+                    continue
+                table = self._tables[change.table][0]
+                if change.event != "deleted" and change.readable:
+                    self.cache.put(
+                        (table, key_of(table, change.new), change.ref),
+                        GONE if change.row is None else change.row,
+                    )
+                self._route(change)
+                self.journal.add(change)
+                self.stats["dispatched"] += 1
+
+    def replay(self, sub: Subscription, position: Position, register: Callable[[], None]) -> None:
+        """``register()`` ``sub``'s interests, then queue for it alone the changes after
+        ``position`` already delivered, with nothing delivered in between; or, when they can
+        no longer all be known, a ``(Resync, info)`` first."""
+        with self._delivering:
+            register()
+            changes = self.journal.since(position)
+            if changes is None:
+                self.stats["replay_misses"] += 1
+                sub.put((Resync, ResyncInfo("cannot replay from the position", time.monotonic())))
+                return
+            for change in changes:
+                self._route(change, sub)
+
+    def _route(self, change: Resolved, only: Subscription | None = None) -> None:
+        """Queue ``change`` for the subscriptions it concerns (or for ``only``, if it does)."""
+        table, model = self._tables[change.table]
+        new = change.new
+        route_new: dict[str, Any] | None
+        route_old: dict[str, Any] | None
+        if change.event == "deleted":
+            route_new, route_old = None, new
+        else:
+            old = change.old
+            route_new, route_old = (
+                new,
+                (old if old is not None else (new if change.event == "updated" else None)),
             )
-            for sub in subs:
-                if change.origin is not None and change.origin in sub.ignore_origins:
-                    continue
-                if sub.authorize is not None and not self._authorized(sub, message, change.row):
-                    continue
-                sub.put(message)
+        subs = self.router.route(table, change.event, route_new, route_old, only)
+        message: Message = (
+            (Sync, Change(model, change.event, new, change.ref))
+            if change.readable
+            else (
+                Resync,
+                ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
+            )
+        )
+        for sub in subs:
+            if change.origin is not None and change.origin in sub.ignore_origins:
+                continue
+            if sub.authorize is not None and not self._authorized(sub, message, change.row):
+                continue
+            sub.put(message)
 
     def _authorized(self, sub: Subscription, message: Message, row: CachedRow | None) -> bool:
         change = message[1]
@@ -253,6 +283,7 @@ class Dispatcher:
 
     def gap(self, reason: str) -> None:
         """Changes may have been missed: every subscription is told to resync."""
+        self.journal.resume(self.rows.snapshot())
         info = ResyncInfo(reason, time.monotonic())
         for sub in self.router.subscriptions():
             sub.put((Resync, info))

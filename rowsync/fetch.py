@@ -27,26 +27,55 @@ from sqlalchemy.orm.strategy_options import _AbstractLoad
 from rowsync import tree
 from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.columns import ColumnPolicy
+from rowsync.errors import ConfigurationError
 from rowsync.graph import Edge, Graph
+from rowsync.position import Position
 
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
 _LOADERS = {"selectin": selectinload, "joined": joinedload, "subquery": subqueryload}
 
+SNAPSHOT = "SELECT pg_current_snapshot()::text"
+
 
 def key_of(table: sa.Table, values: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The primary key tuple of a row given as a mapping of column names."""
-    names = _key_names(table)
+    """The identity of a row given as a mapping of column names (see :func:`identity`)."""
+    names = key_names(table)
     if len(names) == 1:  # most keys: 5x cheaper than building a list
         return (values.get(names[0]),)
     return tuple([values.get(name) for name in names])
 
 
 @functools.cache
-def _key_names(table: sa.Table) -> tuple[str, ...]:
-    """Primary key column names, read once per table: every change and every sync asks."""
-    return tuple(c.name for c in table.primary_key.columns)
+def identity(table: sa.Table) -> tuple[sa.Column[Any], ...]:
+    """The columns that identify a row of ``table``: its primary key, or every column of a
+    table without one (an association table such as ``followers``). Equal rows of such a
+    table are one identity: a change of any column makes the row another one.
+
+    Every column of a table without a primary key must then be compared with ``=`` in SQL
+    and hashed in Python, so a type that cannot be (json, arrays) is refused by name.
+    """
+    if table.primary_key.columns:
+        return tuple(table.primary_key.columns)
+    if unfit := [c.name for c in table.columns if not _comparable(c.type)]:
+        raise ConfigurationError(
+            f"table {table.fullname!r} has no primary key, and its columns {unfit} cannot "
+            "identify a row (no equality in SQL, or unhashable values): give it a primary key"
+        )
+    return tuple(table.columns)
+
+
+def _comparable(kind: sa.types.TypeEngine[Any]) -> bool:
+    if isinstance(kind, sa.TypeDecorator):
+        kind = kind.impl_instance
+    return not isinstance(kind, sa.JSON | sa.ARRAY | sa.PickleType | postgresql.HSTORE)
+
+
+@functools.cache
+def key_names(table: sa.Table) -> tuple[str, ...]:
+    """Identifying column names, read once per table: every change and every sync asks."""
+    return tuple(c.name for c in identity(table))
 
 
 @functools.cache
@@ -62,10 +91,15 @@ def _python_types(table: sa.Table) -> dict[str, type]:
 
 
 @functools.cache
-def _key_types(table: sa.Table) -> tuple[tuple[str, type | None], ...]:
-    """``(name, Python type or None)`` of each primary key column."""
+def _key_types(table: sa.Table) -> tuple[tuple[str, type | None, bool], ...]:
+    """``(name, Python type or None, nullable)`` of each identifying column."""
     types = _python_types(table)
-    return tuple((c.name, types.get(c.key)) for c in table.primary_key.columns)
+    return tuple((c.name, types.get(c.key), _nullable(c)) for c in identity(table))
+
+
+def _nullable(column: sa.Column[Any]) -> bool:
+    """Whether an identifying column may hold NULL (one of a table without a primary key)."""
+    return bool(column.nullable) and not column.primary_key
 
 
 def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,11 +120,15 @@ def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def usable_key(table: sa.Table, values: Mapping[str, Any]) -> bool:
-    """Whether ``values`` hold a primary key of the right types (anyone may NOTIFY on a
+    """Whether ``values`` hold an identity of the right types (anyone may NOTIFY on a
     channel: a forged or damaged event must not reach a query, let alone a tree)."""
-    for name, python_type in _key_types(table):
+    for name, python_type, nullable in _key_types(table):
         value = values.get(name)
-        if value is None or (isinstance(value, bool) and python_type is not bool):
+        if value is None:
+            if nullable:  # a column of a table without a primary key
+                continue
+            return False
+        if isinstance(value, bool) and python_type is not bool:
             return False
         if python_type is not None and not isinstance(value, python_type):
             return False
@@ -103,6 +141,13 @@ def _to_int(value: Any) -> int:
     return int(value)
 
 
+def _to_float(value: Any) -> float:
+    """JSON writes a whole float without its fraction (``1``), and NaN or infinity as text."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
 _FROM_JSON: dict[type, Any] = {
     uuid.UUID: uuid.UUID,
     datetime.datetime: datetime.datetime.fromisoformat,
@@ -110,6 +155,7 @@ _FROM_JSON: dict[type, Any] = {
     datetime.time: datetime.time.fromisoformat,
     decimal.Decimal: lambda v: decimal.Decimal(str(v)),
     int: _to_int,
+    float: _to_float,
 }
 
 
@@ -132,8 +178,12 @@ def qualified_name(table: sa.Table) -> tuple[str, str]:
     return (table.schema or "public", table.name)
 
 
-def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnElement[bool]:
-    pk = list(table.primary_key.columns)
+def _where_key(
+    entity: sa.Table | Mapper[Any], keys: Sequence[tuple[Any, ...]]
+) -> sa.ColumnElement[bool]:
+    """Rows of a table, or objects of a mapper (by its identity's key), whose key is in
+    ``keys``."""
+    pk = list(entity.primary_key.columns if isinstance(entity, sa.Table) else entity.primary_key)
     if len(pk) == 1:
         return pk[0].in_([k[0] for k in keys])
     return sa.tuple_(*pk).in_(keys)
@@ -141,9 +191,13 @@ def _where_key(table: sa.Table, keys: Sequence[tuple[Any, ...]]) -> sa.ColumnEle
 
 def _options(mapper: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy) -> list[_AbstractLoad]:
     """selectinload options reproducing a LoadSpec, so new objects look like their siblings,
-    with the withheld columns of every level left unloaded."""
+    with the withheld columns of every level left unloaded. Keys ``mapper`` does not have
+    (a subclass's relationships, in a spec of the hierarchy's places) are left to the loads
+    of the objects of that subclass."""
     options: list[_AbstractLoad] = []
     for key, nested in spec.items():
+        if key not in mapper.relationships:
+            continue
         rel = mapper.relationships[key]
         option = selectinload(getattr(mapper.class_, key))
         sub = [*policy.defer(rel.mapper), *_options(rel.mapper, nested, policy)]
@@ -154,7 +208,7 @@ def _options(mapper: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy) -> 
 @dataclass(frozen=True)
 class _RowQuery:
     """The listener's read of one table, built and compiled once: its columns, then one
-    boolean per criteria, for a list of primary keys bound as one parameter."""
+    boolean per criteria, for a list of identities bound as one parameter."""
 
     statement: sa.Select[Any]
     names: tuple[str, ...]
@@ -163,13 +217,20 @@ class _RowQuery:
     """Names of the criteria booleans that follow them."""
     single: bool
     """A one-column key: bound as a list of values, else as a list of tuples."""
+    nullable: tuple[sa.Column[Any], ...] = ()
+    """The identity of a table without a primary key, some of whose columns may be NULL
+    (where ``=`` never holds): then ``statement`` has no WHERE, :meth:`select` adds one."""
 
     @classmethod
     def of(cls, table: sa.Table, policy: ColumnPolicy, graph: Graph) -> _RowQuery:
         columns = policy.columns(table)
         criteria = graph.criteria.get(table, ())
-        pk = list(table.primary_key.columns)
+        pk = list(identity(table))
         single = len(pk) == 1
+        statement = sa.select(*columns, *(clause.label(name) for name, clause in criteria))
+        names = tuple(c.name for c in columns)
+        if any(_nullable(c) for c in pk):
+            return cls(statement, names, tuple(name for name, _ in criteria), single, tuple(pk))
         where: sa.ColumnElement[bool]
         if single and _array_safe(pk[0].type):  # one parameter: one statement, prepared once
             where = pk[0] == sa.any_(sa.bindparam("keys", type_=postgresql.ARRAY(pk[0].type)))
@@ -177,16 +238,21 @@ class _RowQuery:
             where = pk[0].in_(sa.bindparam("keys", expanding=True))
         else:
             where = sa.tuple_(*pk).in_(sa.bindparam("keys", expanding=True))
-        statement = sa.select(*columns, *(clause.label(name) for name, clause in criteria))
-        return cls(
-            statement.where(where),
-            tuple(c.name for c in columns),
-            tuple(name for name, _ in criteria),
-            single,
-        )
+        return cls(statement.where(where), names, tuple(name for name, _ in criteria), single)
 
-    def bind(self, keys: list[tuple[Any, ...]]) -> dict[str, Any]:
-        return {"keys": [k[0] for k in keys] if self.single else keys}
+    def select(self, keys: list[tuple[Any, ...]]) -> tuple[sa.Select[Any], dict[str, Any]]:
+        """The statement reading ``keys``, and its parameters."""
+        if not self.nullable:
+            return self.statement, {"keys": [k[0] for k in keys] if self.single else keys}
+        exact = [k for k in keys if all(v is not None for v in k)]
+        where: list[sa.ColumnElement[bool]] = (
+            [sa.tuple_(*self.nullable).in_(exact)] if exact else []
+        )
+        for key in keys:
+            if any(v is None for v in key):
+                pairs = zip(self.nullable, key, strict=True)
+                where.append(sa.and_(*(c.is_(None) if v is None else c == v for c, v in pairs)))
+        return self.statement.where(sa.or_(*where)), {}
 
 
 _NO_MATCHES: frozenset[str] = frozenset()
@@ -246,6 +312,15 @@ class RowSource:
                     held.close()
                 raise
 
+    def snapshot(self) -> Position | None:
+        """A snapshot taken now, or None when the database cannot give one."""
+        try:
+            with self.engine.connect() as conn:
+                return Position.of(conn.execute(sa.text(SNAPSHOT)).scalar_one())
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("cannot take a snapshot: %s", exc)
+            return None
+
     def release(self, timeout: float = 5.0) -> None:
         """Give back the held connection (unless a fetch still runs on it after ``timeout``
         seconds: then it goes when that fetch ends in an error, or with the next release)."""
@@ -272,7 +347,7 @@ class RowSource:
             chunk = wanted[start : start + BATCH]
             self.queries["rows"] += 1
             # all(): one fetch from the driver, where iterating fetches row by row
-            for row in conn.execute(query.statement, query.bind(chunk)).all():
+            for row in conn.execute(*query.select(chunk)).all():
                 values = dict(zip(names, row, strict=False))
                 matches = (
                     frozenset(name for name, hit in zip(criteria, row[width:], strict=True) if hit)
@@ -307,14 +382,41 @@ class RowSource:
         """A detached object with ``spec`` loaded, fetched once per change; callers clone it."""
 
         def fetch() -> Any:
-            self.queries["objects"] += 1
             with Session(self.engine, expire_on_commit=False) as session:
-                pk = tree.mapped_table(mapper).primary_key.columns
-                stmt = sa.select(mapper).where(*(c == v for c, v in zip(pk, key, strict=False)))
-                options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
-                return session.scalars(stmt.options(*options)).one_or_none()
+                found = self._load(session, mapper, [key], spec)
+                return found[0] if found else None
 
         return self.cache.load(("object", mapper, key, _freeze(spec), ref), fetch)
+
+    def _load(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        keys: Sequence[tuple[Any, ...]],
+        spec: tree.LoadSpec,
+    ) -> list[Any]:
+        """The rows ``keys`` as a query of ``mapper`` returns them (a row of another class of
+        its hierarchy is not one of them), each as its own class, with every column of that
+        class and ``spec`` loaded: a row of a subclass is read again as that subclass (its
+        table's columns, its relationships) when the first read could not load it whole."""
+        self.queries["objects"] += 1
+        stmt = sa.select(mapper).where(_where_key(mapper, keys))
+        options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
+        found = list(session.scalars(stmt.options(*options)).unique())
+        partial: dict[Mapper[Any], list[tuple[Any, ...]]] = {}
+        for obj in found:
+            actual = sa.inspect(obj).mapper
+            if actual is not mapper and (
+                set(actual.tables) - set(mapper.tables)
+                or any(k in actual.relationships and k not in mapper.relationships for k in spec)
+            ):
+                partial.setdefault(actual, []).append(tree.primary_key(obj))
+        for actual, again in partial.items():
+            self.queries["objects"] += 1
+            stmt = sa.select(actual).where(_where_key(actual, again))
+            options = [*self.policy.defer(actual), *_options(actual, spec, self.policy)]
+            session.scalars(stmt.options(*options).execution_options(populate_existing=True)).all()
+        return found
 
     def reload(
         self,
@@ -335,7 +437,7 @@ class RowSource:
             if sub := [*self.policy.defer(edge.target), *_options(edge.target, spec, self.policy)]:
                 option = option.options(*sub)
             with Session(self.engine, expire_on_commit=False) as session:
-                where = _where_key(tree.mapped_table(mapper), parents)
+                where = _where_key(mapper, parents)
                 stmt = sa.select(mapper).where(where).options(*self.policy.defer(mapper), option)
                 found = session.scalars(stmt).unique()
                 return {
@@ -353,11 +455,7 @@ class RowSource:
         found: dict[tuple[Any, ...], Any] = {}
         with Session(self.engine, expire_on_commit=False) as session:
             for start in range(0, len(keys), BATCH):
-                self.queries["objects"] += 1
-                where = _where_key(tree.mapped_table(mapper), keys[start : start + BATCH])
-                stmt = sa.select(mapper).where(where)
-                options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
-                for obj in session.scalars(stmt.options(*options)).unique():
+                for obj in self._load(session, mapper, keys[start : start + BATCH], spec):
                     found[tree.primary_key(obj)] = obj
         return found
 

@@ -8,7 +8,8 @@ in a loaded collection, whatever the relationship kind:
   its ``remote`` columns equal the parent's ``local`` columns and the criteria hold;
 * through an association table or object (``secondary``): a link row pairs a parent key
   with a target key; the criteria are evaluated on the target row;
-* anything else (a ``secondary`` that is a join, criteria spanning several tables):
+* anything else (a ``secondary`` that is a join, criteria spanning several tables, an
+  ``order_by`` term Python cannot order as Postgres does, see :mod:`rowsync.ordering`):
   ``recompute`` - the membership is re-queried for the affected parents.
 
 Criteria are never evaluated in Python: each is compiled into the listener's row fetch as
@@ -32,7 +33,9 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, ColumnElement
 from sqlalchemy.sql.util import find_tables
 
-from rowsync.tree import mapped_table
+from rowsync import ordering
+from rowsync.ordering import Term
+from rowsync.tree import hierarchy_tables, identity_table, mapped_table
 
 Pairs = tuple[tuple[sa.Column[Any], sa.Column[Any]], ...]
 
@@ -54,10 +57,11 @@ class Edge:
     criteria: str | None
     """Name of the boolean the row fetch computes for the extra criteria, if any."""
     criteria_table: sa.Table | None
-    order_by: tuple[tuple[sa.Column[Any], bool], ...]
-    """``(column of the target, descending)``, in order."""
+    order_by: tuple[Term, ...]
+    """The relationship's ``order_by``. Unless the edge recomputes, each term is a column of
+    the target's table that Python orders as Postgres does (``order_names``)."""
     recompute: bool
-    """Membership cannot be read off rows: re-query it for the affected parents."""
+    """Membership or order cannot be read off rows: re-query it for the affected parents."""
     tables: frozenset[sa.Table] = field(repr=False)
     """Every table whose change can alter this relationship's contents."""
 
@@ -69,14 +73,55 @@ class Edge:
         return mapped_table(self.target)
 
     @cached_property
+    def target_identity(self) -> sa.Table:
+        """The table naming the target's rows in a tree's index (its hierarchy's base)."""
+        return identity_table(self.target)
+
+    @cached_property
+    def row_tables(self) -> tuple[sa.Table, ...]:
+        """Tables whose change of a held target row the edge's own key does not catch: the
+        target's table behind an association, the other tables of an inheritance hierarchy."""
+        where = self.secondary if self.secondary is not None else self.target_table
+        return tuple(t for t in hierarchy_tables(self.target) if t is not where)
+
+    @cached_property
+    def by_class(self) -> bool:
+        """A single-table subclass shares its table with other classes: a row of it belongs
+        only if its discriminator says it is of the target's class."""
+        return bool(self.target.single)
+
+    @cached_property
     def parent_table(self) -> sa.Table:
         return mapped_table(self.parent)
+
+    @cached_property
+    def order_names(self) -> tuple[str, ...]:
+        """The target's columns ``order_by`` orders by, by name (a recomputed edge has none)."""
+        if self.recompute:
+            return ()
+        return tuple(c.name for c in map(ordering.column, self.order_by) if c is not None)
 
     @cached_property
     def local_is_key(self) -> bool:
         """The parent side is its primary key (one-to-many, many-to-many): a parent's own
         update can never change what it holds. Otherwise (many-to-one) it can."""
         return {c for c, _ in self.pairs} == set(self.parent_table.primary_key.columns)
+
+    @cached_property
+    def links_repeat(self) -> bool:
+        """Two rows of ``secondary`` may link the same parent and target: no primary key or
+        unique constraint lies within the columns of the pair (a table without a primary key,
+        or with a surrogate one). A link row then cannot tell alone whether its pair is still
+        linked, nor how many times (selectin loads a pair linked twice twice)."""
+        if self.secondary is None:
+            return False
+        pair = {r for _, r in self.pairs} | {s for s, _ in self.target_pairs}
+        unique = [set(self.secondary.primary_key.columns)]
+        unique += [
+            set(c.columns) for c in self.secondary.constraints if isinstance(c, sa.UniqueConstraint)
+        ]
+        unique += [set(i.columns) for i in self.secondary.indexes if i.unique]
+        return not any(columns and columns <= pair for columns in unique)
 
     @cached_property
     def local_names(self) -> tuple[str, ...]:
@@ -111,17 +156,26 @@ class Graph:
         self.criteria: dict[sa.Table, list[tuple[str, ColumnElement[bool]]]] = defaultdict(list)
         self._by_table: dict[sa.Table, list[Edge]] = defaultdict(list)
         counter = itertools.count()
+        made: dict[RelationshipProperty[Any], Edge] = {}
         for mapper in mappers:
             self.digraph.add_node(mapper)
             for rel in mapper.relationships:
-                edge = _edge(rel, counter)
+                inherited = rel in made  # a subclass's mapper lists its base's relationships
+                edge = made[rel] = made[rel] if inherited else _edge(rel, counter)
+                # A place holding a class holds its subclasses' rows, and what they hold.
+                for owner in mapper.iterate_to_root():
+                    self.digraph.add_edge(owner, rel.mapper, key=rel.key, edge=edge)
+                if inherited:
+                    continue
                 self.edges.append(edge)
-                self.digraph.add_edge(mapper, rel.mapper, key=rel.key, edge=edge)
                 if edge.criteria is not None and edge.criteria_table is not None:
                     self.criteria[edge.criteria_table].append((edge.criteria, _criteria(rel)))
                 for table in edge.tables:
                     self._by_table[table].append(edge)
         self._reachable = self._tables_below()
+        self._hierarchy = {
+            table: hierarchy_tables(m) for m in self.digraph.nodes for table in hierarchy_tables(m)
+        }
 
     @classmethod
     def for_models(cls, models: Iterable[Any]) -> Graph:
@@ -133,6 +187,15 @@ class Graph:
     def edges_for(self, table: sa.Table) -> Sequence[Edge]:
         """Relationships a change of a row of ``table`` can alter."""
         return self._by_table.get(table, ())
+
+    def identity(self, table: sa.Table) -> sa.Table:
+        """The table naming ``table``'s rows: the base table of an inheritance hierarchy (the
+        primary key of a subclass table is the base's, column for column), else ``table``."""
+        return self.hierarchy(table)[0]
+
+    def hierarchy(self, table: sa.Table) -> tuple[sa.Table, ...]:
+        """Every table holding a part of ``table``'s rows' objects, the identity table first."""
+        return self._hierarchy.get(table, (table,))
 
     def edge(self, mapper: Mapper[Any], key: str) -> Edge:
         for _, _, k, data in self.digraph.out_edges(mapper, keys=True, data=True):
@@ -153,8 +216,7 @@ class Graph:
         for component in dag.nodes:
             tables = own[component] = set()
             for mapper in dag.nodes[component]["members"]:
-                if isinstance(mapper.local_table, sa.Table):
-                    tables.add(mapper.local_table)
+                tables.update(hierarchy_tables(mapper))
                 for _, _, data in self.digraph.out_edges(mapper, data=True):
                     tables.update(data["edge"].tables)
         below: dict[int, frozenset[sa.Table]] = {}
@@ -208,8 +270,11 @@ def _edge(rel: RelationshipProperty[Any], counter: Iterator[int]) -> Edge:
     extra = _extra(rel)
     extra_tables = {t for c in extra for t in find_tables(c, check_columns=True)}
     criteria_table = next(iter(extra_tables)) if len(extra_tables) == 1 else None
-    recompute = (rel.secondary is not None and secondary is None) or (
-        bool(extra) and criteria_table not in {target_table, secondary}
+    order_by = ordering.terms(rel.order_by or ())
+    recompute = (
+        (rel.secondary is not None and secondary is None)
+        or (bool(extra) and criteria_table not in {target_table, secondary})
+        or not all(_in_python(t, target_table) for t in order_by)
     )
     if secondary is not None:
         pairs = _columns(rel.synchronize_pairs)
@@ -217,16 +282,13 @@ def _edge(rel: RelationshipProperty[Any], counter: Iterator[int]) -> Edge:
     else:
         pairs, target_pairs = _columns(rel.local_remote_pairs), ()
     tables = {target_table, *extra_tables}
-    for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
+    for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin, *(t.expr for t in order_by)):
         if clause is not None:
             tables.update(find_tables(clause))
     if not all(c.table is parent.local_table for c, _ in pairs):
         recompute = True
     if not {c for c, _ in pairs} <= set(mapped_table(parent).primary_key.columns):
         tables.add(parent.local_table)  # many-to-one: the parent's own foreign key picks the target
-    order_by = tuple(
-        (column, _descending(o)) for o in (rel.order_by or ()) if (column := _column(o)) is not None
-    )
     return Edge(
         parent=parent,
         key=rel.key,
@@ -250,10 +312,9 @@ def _columns(pairs: Iterable[tuple[ColumnElement[Any], ColumnElement[Any]]] | No
     return cast(Pairs, tuple(pairs or ()))
 
 
-def _column(clause: Any) -> sa.Column[Any] | None:
-    element = getattr(clause, "element", clause)
-    return element if isinstance(element, sa.Column) else None
-
-
-def _descending(clause: Any) -> bool:
-    return getattr(clause, "modifier", None) is operators.desc_op
+def _in_python(term: ordering.Term, table: sa.FromClause) -> bool:
+    """Whether sync can place a row by this term from the row's own values: a column of the
+    target's table, which Python compares as Postgres orders it. Otherwise (an expression, a
+    column of another table, a collation Python does not follow) the edge recomputes."""
+    column = ordering.column(term)
+    return column is not None and column.table is table and ordering.in_python(term)

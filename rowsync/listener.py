@@ -58,6 +58,8 @@ class Notice:
     label: str | None
     origin: str | None = None
     """The writer's ``rowsync.origin`` setting, if it tagged its transaction."""
+    xid: int | None = None
+    """The writer's transaction id: whether a snapshot saw the change (:mod:`rowsync.position`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +84,8 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
         raise ValueError("missing ref")
     if data.get("x") is True:
         return data
-    schema, table, event, new, old, label, origin = (
-        data.get(k) for k in ("s", "t", "e", "n", "o", "l", "g")
+    schema, table, event, new, old, label, origin, xid = (
+        data.get(k) for k in ("s", "t", "e", "n", "o", "l", "g", "v")
     )
     if not (
         isinstance(schema, str)
@@ -99,7 +101,9 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
         raise ValueError("label is not a string")
     if origin is not None and not isinstance(origin, str):
         raise ValueError("origin is not a string")
-    return Notice(ref, schema, table, _EVENTS[event], new, old, label, origin)
+    if xid is not None and (not isinstance(xid, int) or isinstance(xid, bool)):
+        raise ValueError("xid is not an integer")
+    return Notice(ref, schema, table, _EVENTS[event], new, old, label, origin, xid)
 
 
 class Listener:

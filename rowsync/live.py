@@ -12,9 +12,9 @@ statement once and derives the rest from it:
   Python; it takes its place by its ``ORDER BY`` values as Postgres computed them;
 * what changed, as :class:`Diff` values addressed by primary keys.
 
-Rows are loaded inside a *window*: a model-level subscription to every table below the roots
-is opened before the query and closed after the rows are registered, and what it caught is
-applied; so no change committed between the query's snapshot and the registration is lost.
+Rows are subscribed to from a position taken before their query (:mod:`rowsync.position`):
+what commits between the query's snapshot and the registration is replayed to the live
+query's subscription, so nothing is lost and nothing needs a second look.
 
 One background thread for the whole process (:class:`_Pump`) applies the messages of every
 live query with ``rs.sync``, computes the diffs, calls the callbacks and feeds the
@@ -42,22 +42,23 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import instance_state
-from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.util import find_tables
 
-from rowsync import tree
+from rowsync import ordering, tree
 from rowsync.columns import ColumnPolicy
 from rowsync.errors import ConfigurationError, NotRunningError, RowsyncError
 from rowsync.fetch import _where_key, key_of, table_of
 from rowsync.graph import Graph
 from rowsync.messages import Change, Message, Sync
+from rowsync.position import Position
+from rowsync.roots import whole_result_clauses
 from rowsync.subscription import Subscription
+from rowsync.watchers import spec_assocs
 
 if TYPE_CHECKING:
     from rowsync.app import RowSync
@@ -70,7 +71,6 @@ Path: TypeAlias = tuple[Any, ...]
 """Where a row sits: ``(root key, relationship, key, relationship, key, ...)``."""
 SessionFactory: TypeAlias = Callable[[], Session]
 
-_RELOAD_TRIES = 3
 _COMPACT_AFTER = 64
 """Roots that left the WHERE keep their interests until this many (or as many as the list
 holds) have left; then the statement runs again, which registers only what is held."""
@@ -139,14 +139,6 @@ def _jsonable(value: Any) -> Any:
 # -- what a statement asks for -------------------------------------------------------------
 
 
-class _Term(NamedTuple):
-    """One ``ORDER BY`` term."""
-
-    expr: sa.ColumnElement[Any]
-    descending: bool
-    nulls_first: bool
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Plan:
     """What a live query derives from its statement, once."""
@@ -155,7 +147,10 @@ class _Plan:
     table: sa.Table
     spec: tree.LoadSpec
     assocs: list[Any]
-    order: tuple[_Term, ...]
+    order: tuple[ordering.Term, ...]
+    in_python: bool
+    """Python compares every ORDER BY value as Postgres orders it: a row takes its place by
+    its values; otherwise the statement's keys say where it goes."""
     below: tuple[sa.Table, ...]
     """Tables whose changes can alter what is loaded below the roots."""
     where: tuple[sa.Table, ...]
@@ -175,18 +170,7 @@ class _Plan:
             raise ConfigurationError(
                 "a live query selects exactly one mapped class: select(Model).where(...)"
             )
-        refused = [
-            name
-            for name, present in (
-                ("LIMIT", statement._limit_clause is not None),
-                ("OFFSET", statement._offset_clause is not None),
-                ("FETCH", statement._fetch_clause is not None),
-                ("DISTINCT", bool(statement._distinct or statement._distinct_on)),
-                ("GROUP BY", bool(statement._group_by_clauses)),
-                ("HAVING", bool(statement._having_criteria)),
-            )
-            if present
-        ]
+        refused = whole_result_clauses(statement)
         if refused:
             raise ConfigurationError(
                 f"a live query cannot keep a statement with {', '.join(refused)} current: "
@@ -194,14 +178,27 @@ class _Plan:
             )
         mapper: Mapper[Any] = sa.inspect(entity)
         table = rs._watched(entity)
-        spec = tree.options_spec(mapper, statement._with_options, [])
-        assocs = _assocs(spec)
+        spec = tree.options_spec(mapper, statement._with_options)
+        assocs = spec_assocs(spec)
         below: dict[sa.Table, None] = {}
+        mappers = [mapper]
         pending = list(rs.router.spec(mapper, assocs))
         while pending:
             edge, nested = pending.pop()
             below.update(dict.fromkeys(sorted(edge.tables, key=lambda t: t.fullname)))
+            mappers.append(edge.target)
             pending.extend(nested)
+        if inherited := sorted(
+            {
+                m.base_mapper.class_.__name__
+                for m in mappers
+                if len(m.base_mapper.self_and_descendants) > 1
+            }
+        ):
+            raise ConfigurationError(
+                f"a live query over an inheritance hierarchy ({', '.join(inherited)}) is not "
+                "supported: keep it with rs.load(session, statement) and rs.sync"
+            )
         order = tuple(_term(clause) for clause in statement._order_by_clauses)
         pk = list(table.primary_key.columns)
         keys = statement.with_only_columns(*pk, *(t.expr for t in order))
@@ -215,51 +212,21 @@ class _Plan:
             spec=spec,
             assocs=assocs,
             order=order,
+            in_python=all(ordering.in_python(t) for t in order),
             below=tuple(below),
             where=where,
             loading=statement.add_columns(*(t.expr for t in order)),
             keys=keys,
         )
 
-    def compare(self, a: tuple[Any, ...], b: tuple[Any, ...]) -> int:
-        """Postgres' ordering of two rows' ORDER BY values (NULLs last ascending, first
-        descending, unless the term says otherwise)."""
-        for term, x, y in zip(self.order, a, b, strict=True):
-            if x == y:
-                continue
-            if x is None or y is None:
-                return (-1 if x is None else 1) * (1 if term.nulls_first else -1)
-            result = -1 if x < y else 1
-            return -result if term.descending else result
-        return 0
 
-
-def _term(clause: sa.ColumnElement[Any]) -> _Term:
-    expr, descending, nulls_first = clause, False, None
-    while isinstance(expr, UnaryExpression) and expr.modifier in _ORDER_MODIFIERS:
-        if expr.modifier is operators.desc_op:
-            descending = True
-        elif nulls_first is None and expr.modifier is not operators.asc_op:
-            nulls_first = expr.modifier is operators.nulls_first_op
-        expr = expr.element
-    if "label_reference" in expr.__visit_name__:
+def _term(clause: sa.ColumnElement[Any]) -> ordering.Term:
+    found = ordering.term(clause)
+    if "label_reference" in found.expr.__visit_name__:
         raise ConfigurationError(
-            f"order_by({expr}) names a label: a live query orders by columns or expressions"
+            f"order_by({found.expr}) names a label: a live query orders by columns or expressions"
         )
-    return _Term(expr, descending, descending if nulls_first is None else nulls_first)
-
-
-_ORDER_MODIFIERS = (
-    operators.desc_op,
-    operators.asc_op,
-    operators.nulls_first_op,
-    operators.nulls_last_op,
-)
-
-
-def _assocs(spec: tree.LoadSpec) -> list[Any]:
-    """A LoadSpec as the ``assocs`` of ``subscribe``."""
-    return [{key: _assocs(nested)} if nested else key for key, nested in spec.items()]
+    return found
 
 
 def _as_nested(change: Change, root: sa.Table) -> Change:
@@ -546,13 +513,16 @@ class LiveQuery:
         self._sub: _Feed | None = None
         self._mirror: _Mirror | None = None
         self._order: dict[Key, tuple[Any, ...]] = {}
-        self._sort_key = functools.cmp_to_key(self._plan.compare)
+        self._sort_key = ordering.sort_key(self._plan.order)
         self._backlog: collections.deque[Message] = collections.deque()
         self._callbacks: list[Callable[[list[Diff]], Any]] = []
         self._streams: weakref.WeakSet[Changes] = weakref.WeakSet()
         self._last_read = time.monotonic()
         self._stale = 0
         self._reload_needed = False
+        self._unranked = False
+        """A root was placed without its position (see ``_Plan.in_python``): the statement's
+        keys order the roots before the diffs are computed."""
         self._closed = False
         _PUMP.add(self)  # first: messages queued while it loads must wake the pump
         try:
@@ -721,30 +691,26 @@ class LiveQuery:
         return self._mirror.refresh(self._value)
 
     def _load_all(self) -> list[Any]:
-        """The statement's rows, registered on a new subscription (which replaces the old)."""
-        for _ in range(_RELOAD_TRIES):
-            old = self._sub
-            feed = self._sub = self._feed()
-            self._backlog.clear()
-            self._reload_needed = False
-            try:
-                with self._window() as caught:
-                    rows = self._rows(None)
-                    roots = [obj for obj, _ in rows]
-                    if roots:
-                        feed.add(roots, assocs=self._plan.assocs)
-            except BaseException:
-                feed.close()
-                self._sub = old
-                raise
-            self._order = {tree.primary_key(obj): order for obj, order in rows}
-            if old is not None:
-                old.close()  # after the new one holds everything: nothing falls in between
-            self._replay(roots, caught)
-            self._stale = 0
-            if not self._reload_needed:
-                return roots
-        logger.warning("%r: changes were missed while loading, %d times", self, _RELOAD_TRIES)
+        """The statement's rows, registered on a new subscription (which replaces the old)
+        from a position taken before the query: what commits meanwhile is replayed to it."""
+        old = self._sub
+        feed = self._sub = self._feed()
+        self._backlog.clear()
+        self._reload_needed = False
+        try:
+            position = self._stream_position()
+            rows = self._rows(None)
+            roots = [obj for obj, _ in rows]
+            if roots:
+                feed.add(roots, assocs=self._plan.assocs, since=position)
+        except BaseException:
+            feed.close()
+            self._sub = old
+            raise
+        self._order = {tree.primary_key(obj): order for obj, order in rows}
+        if old is not None:
+            old.close()  # after the new one holds everything: nothing falls in between
+        self._stale = 0
         return roots
 
     def _feed(self) -> _Feed:
@@ -754,35 +720,10 @@ class LiveQuery:
             feed.add(table)
         return feed
 
-    @contextlib.contextmanager
-    def _window(self) -> Iterator[list[Message]]:
-        """Catch every change below the roots while rows are loaded and registered."""
-        caught: list[Message] = []
-        if not self._plan.below:
-            yield caught
-            return
-        buffer = self.rs.subscribe(self._plan.below[0])
-        for table in self._plan.below[1:]:
-            buffer.add(table)
-        try:
-            yield caught
-        finally:
-            buffer.close()
-            caught.extend(buffer.drain())
-
-    def _replay(self, roots: list[Any], caught: list[Message]) -> list[tuple[sa.Table, Key]]:
-        """Apply what a window caught to the rows it loaded (duplicates of messages queued
-        elsewhere change nothing: sync is idempotent)."""
-        scratch = list(roots)  # the real list's membership is decided by its own messages
-        changed = []
-        for _, info in caught:
-            if not isinstance(info, Change):
-                self._reload_needed = True
-                continue
-            self._sync(scratch, info)
-            table = table_of(info.model)
-            changed.append((table, key_of(table, info.ids)))
-        return changed
+    def _stream_position(self) -> Position | None:
+        """Where the stream stands, to replay from; None when no listener runs (changes then
+        come only from :class:`rowsync.testing.MemoryEvents`, in this thread)."""
+        return self.rs.position() if self.rs.running else None
 
     def _rows(self, where: sa.ColumnElement[bool] | None) -> list[tuple[Any, tuple[Any, ...]]]:
         """Objects of the statement (restricted by ``where``), with their ORDER BY values."""
@@ -839,13 +780,15 @@ class LiveQuery:
         key = key_of(table, change.ids)
         changed = [(table, key)]
         if table is self._plan.table:
-            changed += self._root_changed(change, key)
+            self._root_changed(change, key)
         else:
             self._sync(self._roots, change)
             if table in self._plan.where:
-                changed += self._reconcile()
+                self._reconcile()
         if self._reload_needed:
             return self._reload()
+        if self._unranked:
+            self._rank(self._keys(None))
         return self._mirror.refresh(self._value, changed)
 
     def _sync(self, roots: list[Any], change: Change) -> None:
@@ -854,7 +797,7 @@ class LiveQuery:
         if roots:
             self.rs.sync(roots, (Sync, _as_nested(change, self._plan.table)))
 
-    def _root_changed(self, change: Change, key: Key) -> list[tuple[sa.Table, Key]]:
+    def _root_changed(self, change: Change, key: Key) -> None:
         """A row of the roots' table changed: sync applies it below the roots, then the
         statement restricted to its key says whether (and where) it is a root."""
         assert self._value is not None
@@ -863,18 +806,18 @@ class LiveQuery:
             if key in self._order:
                 del self._value[self._position(key)]
                 del self._order[key]
-            return []
+            return
         self._sync(self._roots, change)
         if key not in self._order:
-            return self._admit([key])
+            self._admit([key])
+            return
         found = self._keys(_where_key(self._plan.table, [key])).get(key)
         if found is None:
             self._drop(key)
         elif found != self._order[key]:
             self._place(self._value.pop(self._position(key)), key, found)
-        return []
 
-    def _reconcile(self) -> list[tuple[sa.Table, Key]]:
+    def _reconcile(self) -> None:
         """A table the WHERE reads changed: the statement's keys, in its order, say which
         roots there are (one query for the keys, one for the rows that entered)."""
         assert self._value is not None
@@ -882,45 +825,55 @@ class LiveQuery:
         for key in [k for k in self._order if k not in found]:
             self._drop(key)
         self._order.update((k, v) for k, v in found.items() if k in self._order)
-        changed = self._admit([k for k in found if k not in self._order])
+        self._admit([k for k in found if k not in self._order])
+        self._rank(found)
+
+    def _rank(self, found: dict[Key, tuple[Any, ...]]) -> None:
+        """Order the roots as the statement's keys ``found`` are ordered."""
+        assert self._value is not None
         rank = {key: i for i, key in enumerate(found)}
         self._value.sort(key=lambda obj: rank.get(tree.primary_key(obj), len(rank)))
-        return changed
+        self._unranked = False
 
-    def _admit(self, keys: list[Key]) -> list[tuple[sa.Table, Key]]:
-        """Load the rows of ``keys`` the statement returns, as roots in their places."""
+    def _admit(self, keys: list[Key]) -> None:
+        """Load the rows of ``keys`` the statement returns, as roots in their places, and
+        subscribe to them from a position taken before: what commits meanwhile is replayed."""
         if not keys:
-            return []
+            return
         assert self._value is not None and self._sub is not None
         index = self.rs.syncer.index(self._roots, self._roots)
 
         def own(obj: Any) -> Any:
             state = instance_state(obj)
-            found = index.instances(tree.mapped_table(state.mapper), tree.primary_key(obj))
+            found = index.instances(tree.identity_table(state.mapper), tree.primary_key(obj))
             return found[0] if found else None
 
         admitted = []
         memo: dict[int, Any] = {}  # rows shared by the new roots stay shared
-        with self._window() as caught:
-            for obj, order in self._rows(_where_key(self._plan.table, keys)):
-                key = tree.primary_key(obj)
-                if key in self._order:
-                    continue
-                held = own(obj)
-                root = tree.clone(obj, memo, own)  # the tree's own instances, where it has them
-                if held is None:
-                    tree.remember_spec(root, self._plan.spec)
-                self._place(root, key, order)
-                self._roots.append(root)
-                admitted.append(root)
-            if admitted:
-                self._sub.add(admitted, assocs=self._plan.assocs)
-        return self._replay(admitted, caught)
+        position = self._stream_position()
+        for obj, order in self._rows(_where_key(self._plan.table, keys)):
+            key = tree.primary_key(obj)
+            if key in self._order:
+                continue
+            held = own(obj)
+            root = tree.clone(obj, memo, own)  # the tree's own instances, where it has them
+            if held is None:
+                tree.remember_spec(root, self._plan.spec)
+            self._place(root, key, order)
+            self._roots.append(root)
+            admitted.append(root)
+        if admitted:
+            self._sub.add(admitted, assocs=self._plan.assocs, since=position)
 
     def _place(self, obj: Any, key: Key, order: tuple[Any, ...]) -> None:
-        """Insert a root after every root that sorts before it or ties with it."""
+        """Insert a root after every root that sorts before it or ties with it; at the end
+        when Python cannot compare the ORDER BY values (the statement ranks it later)."""
         assert self._value is not None
         self._order[key] = order
+        if not self._plan.in_python:
+            self._value.append(obj)
+            self._unranked = True
+            return
         at = bisect.bisect_right(
             self._value,
             self._sort_key(order),

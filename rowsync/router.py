@@ -15,6 +15,7 @@ in quick succession is not missed - and drops them when the row leaves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter, defaultdict
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
 
 from rowsync import tree
-from rowsync.fetch import key_of
+from rowsync.fetch import key_names, key_of
 from rowsync.graph import Edge, Graph
 from rowsync.subscription import Subscription
 from rowsync.watchers import Assocs, resolve_assocs
@@ -71,7 +72,7 @@ class Router:
     def spec(self, mapper: Mapper[Any], assocs: Assocs) -> Spec:
         """Validate ``assocs`` against ``mapper`` (clear error for unknown names)."""
         return tuple(
-            (self.graph.edge(mapper, rel.key), self.spec(rel.mapper, nested))
+            (self.graph.edge(rel.parent, rel.key), self.spec(rel.mapper, nested))
             for rel, nested in resolve_assocs(mapper, assocs)
         )
 
@@ -84,23 +85,40 @@ class Router:
         event: str | None,
         filters: dict[str, Any],
         follow: Spec | None = None,
+        mapper: Mapper[Any] | None = None,
     ) -> None:
         """A model-level interest; with ``follow``, each inserted row is then held with that spec
-        (a root list that sync grows with inserts keeps receiving its new rows' changes)."""
+        (a root list that sync grows with inserts keeps receiving its new rows' changes).
+        ``mapper``: the model (a subclass takes only the rows its discriminator names)."""
         with self._lock:
             self._subscriptions[sub.id] = sub
-            if (table, event, filters, follow) not in sub.models:
-                sub.models.append((table, event, filters, follow))
+            if (table, event, filters, follow, mapper) not in sub.models:
+                sub.models.append((table, event, filters, follow, mapper))
             self._models[table].add(sub)
 
     def add_tree(self, sub: Subscription, objects: Iterable[Any], spec: Spec) -> None:
         with self._lock:
             self._subscriptions[sub.id] = sub
             for obj in objects:
-                mapper = sa.inspect(obj).mapper
                 values = tree.column_values(obj)
-                self._bump(sub, _row_key(mapper.local_table, values), (None, spec), +1)
+                for key in self._row_keys(tree.identity_table(sa.inspect(obj).mapper), values):
+                    self._bump(sub, key, (None, spec), +1)
                 self._hold(sub, values, spec, +1, obj)
+
+    def _row_keys(self, table: sa.Table, values: Values) -> list[Interest]:
+        """The keys of a row of ``table`` in every table of its inheritance hierarchy: a
+        change of any of them is a change of the row's object."""
+        key = key_of(table, values)
+        return [_key_in(t, key) for t in self.graph.hierarchy(table)]
+
+    def drop_trees(self, sub: Subscription) -> None:
+        """Forget ``sub``'s tree interests (its model interests stay), to register its trees
+        again as they now are."""
+        with self._lock:
+            for key in list(sub.interests):
+                self._drop_key(sub, key)
+            sub.interests.clear()
+            sub.below.clear()
 
     def remove(self, sub: Subscription) -> None:
         with self._lock:
@@ -162,7 +180,7 @@ class Router:
                 continue
             key = _edge_key(edge, local)
             count = self._bump(sub, key, reason, sign)
-            if not nested and edge.secondary is None:
+            if not nested and not edge.row_tables:
                 continue
             if sign > 0 and count == 1:
                 for child_values, child in self._children(edge, local, obj):
@@ -186,8 +204,8 @@ class Router:
         if child_key in below:
             return
         below[child_key] = values
-        if edge.secondary is not None:
-            self._bump(sub, _row_key(edge.target_table, values), (edge, nested), +1)
+        for table in edge.row_tables:
+            self._bump(sub, _key_in(table, child_key), (edge, nested), +1)
         self._hold(sub, values, nested, +1, obj)
 
     def _leave(
@@ -200,8 +218,8 @@ class Router:
             del sub.below[(key, (edge, nested))]
         if values is None:
             return
-        if edge.secondary is not None:
-            self._bump(sub, _row_key(edge.target_table, values), (edge, nested), -1)
+        for table in edge.row_tables:
+            self._bump(sub, _key_in(table, child_key), (edge, nested), -1)
         self._hold(sub, values, nested, -1)
 
     def _children(self, edge: Edge, local: tuple[Any, ...], obj: Any) -> list[tuple[Values, Any]]:
@@ -215,11 +233,17 @@ class Router:
     # -- routing -----------------------------------------------------------------------
 
     def route(
-        self, table: sa.Table, event: str, new: Values | None, old: Values | None
+        self,
+        table: sa.Table,
+        event: str,
+        new: Values | None,
+        old: Values | None,
+        only: Subscription | None = None,
     ) -> list[Subscription]:
         """Subscriptions concerned by a change (each once), after updating their interests.
 
-        ``new`` is None for a delete, ``old`` None for an insert.
+        ``new`` is None for a delete, ``old`` None for an insert. With ``only``, just that
+        subscription is considered (a change replayed to it alone).
         """
         # An update that kept its identifying columns moves no row in or out of anything
         # followed: no interest changes (the common case, and the one fan-out must keep cheap).
@@ -236,6 +260,10 @@ class Router:
                     subs = self._index.get(key)
                     if not subs:
                         continue
+                    if only is not None:
+                        if only not in subs:
+                            continue
+                        subs = {only}
                     if not upkeep:
                         matched.update(dict.fromkeys(subs, _NO_KEYS))
                         continue
@@ -250,15 +278,27 @@ class Router:
                             self._upkeep(sub, key, edge, nested, event, new, old)
             result = list(matched)
             for sub in self._models.get(table, ()):
+                if only is not None and sub is not only:
+                    continue
                 hit, follow = _model_match(sub, table, event, new, old)
                 if not hit:
                     continue
                 if sub not in matched:
                     result.append(sub)
-                if follow is not None and event == "inserted" and new is not None:
-                    self._bump(sub, _row_key(table, new), (None, follow), +1)
-                    self._hold(sub, new, follow, +1)
+                if follow is not None and new is not None:
+                    for key in self._row_keys(table, new):
+                        self._bump(sub, key, (None, follow), +1)
+                    self._hold(sub, self._whole(table, new), follow, +1)
             return result
+
+    def _whole(self, table: sa.Table, values: Values) -> Values:
+        """A row of a subclass table with its base table's row: the columns its relationships
+        join on may be in either."""
+        identity = self.graph.identity(table)
+        if identity is table:
+            return values
+        base = self.resolver.row_values(identity, key_of(table, values))
+        return values if base is None else {**base, **values}
 
     def _upkeep(
         self,
@@ -289,13 +329,15 @@ class Router:
                 self._hold(sub, old, nested, -1)
                 self._hold(sub, new, nested, +1)
             return
-        if edge.secondary is not None and table is not edge.secondary:
-            return  # an association's target row: its links decide whether it stays
-        if edge.secondary is None and not nested:
+        if table is not _edge_key_table(edge):
+            return  # a held row's own key (behind an association, or of a subclass table)
+        if not nested and not edge.row_tables:
             return  # nothing is followed below this edge's rows
         reason_key = key
         if inside_old and old is not None and (not inside_new or old != new):
-            self._leave(sub, reason_key, edge, nested, self._child_key(edge, old))
+            child_key = self._child_key(edge, old)
+            if not (edge.links_repeat and self._still_linked(edge, old, child_key)):
+                self._leave(sub, reason_key, edge, nested, child_key)
         if inside_new and new is not None and (not inside_old or old != new):
             self._enter(sub, reason_key, edge, nested, self._child_values(edge, new, nested))
 
@@ -303,6 +345,11 @@ class Router:
         if edge.secondary is None:
             return key_of(edge.target_table, values)
         return key_of(edge.target_table, edge.link_target(values))
+
+    def _still_linked(self, edge: Edge, link: Values, child_key: tuple[Any, ...]) -> bool:
+        """Whether another link row still pairs the parent and target ``link`` paired."""
+        members = self.resolver.members(edge, edge.remote(link))
+        return any(key_of(edge.target_table, row) == child_key for row in members)
 
     def _child_values(self, edge: Edge, values: Values, nested: Spec) -> Values:
         """The row an edge's change brings in: the row itself, or a link's target."""
@@ -325,28 +372,50 @@ def _project(values: Values, cols: tuple[str, ...]) -> tuple[Any, ...]:
     return tuple([values.get(c) for c in cols])
 
 
-def _row_key(table: Any, values: Values) -> Interest:
-    cols = tuple(c.name for c in table.primary_key.columns)
-    return (table, cols, tuple(values.get(c) for c in cols))
+def _key_in(table: sa.Table, key: tuple[Any, ...]) -> Interest:
+    """The interest in the row of ``table`` whose key is ``key``."""
+    return (table, key_names(table), key)
+
+
+def _edge_key_table(edge: Edge) -> sa.Table:
+    """The table holding the columns that say which parent a row belongs to."""
+    return edge.secondary if edge.secondary is not None else edge.target_table
 
 
 def _edge_key(edge: Edge, local: tuple[Any, ...]) -> Interest:
-    where = edge.secondary if edge.secondary is not None else edge.target_table
-    return (where, edge.remote_names, local)
+    return (_edge_key_table(edge), edge.remote_names, local)
+
+
+@functools.cache
+def _classes(mapper: Mapper[Any], table: sa.Table) -> tuple[str, frozenset[Any]] | None:
+    """For a subclass whose discriminator is a column of ``table``: its name, and the values
+    naming ``mapper`` or a subclass of it (a row of ``table`` may be of another class)."""
+    column = mapper.polymorphic_on
+    if mapper.inherits is None or not isinstance(column, sa.Column) or column.table is not table:
+        return None
+    return column.name, frozenset(m.polymorphic_identity for m in mapper.self_and_descendants)
 
 
 def _model_match(
     sub: Subscription, table: sa.Table, event: str, new: Values | None, old: Values | None
 ) -> tuple[bool, Spec | None]:
-    """Whether a model-level interest of ``sub`` matches, and the spec to follow the row with."""
+    """Whether a model-level interest of ``sub`` matches, and the spec to follow the row with
+    when it entered the model: inserted, or its discriminator changed to the model's class."""
     hit, spec = False, None
-    for model_table, wanted, filters, follow in sub.models:
+    values = new if new is not None else old
+    for model_table, wanted, filters, follow, mapper in sub.models:
         if model_table is not table or (wanted is not None and wanted != event):
+            continue
+        classes = None if mapper is None else _classes(mapper, table)
+        if classes is not None and (values is None or values.get(classes[0]) not in classes[1]):
             continue
         if all(
             any(v is not None and k in v and v[k] == f for v in (new, old))
             for k, f in filters.items()
         ):
             hit = True
-            spec = follow if follow is not None else spec
+            entered = event == "inserted" or (
+                classes is not None and old is not None and old.get(classes[0]) not in classes[1]
+            )
+            spec = follow if follow is not None and entered else spec
     return hit, spec

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rowsync.messages import Change, Message, Resync, ResyncInfo
 
 if TYPE_CHECKING:
+    from rowsync.position import Position
     from rowsync.router import Interest, Reason
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,11 @@ class Subscription:
         self._closed = False
         # Routing state, owned by the router (under its lock).
         self.interests: dict[Interest, Counter[Reason]] = {}
-        self.models: list[tuple[Any, str | None, dict[str, Any], Any]] = []
+        self.models: list[tuple[Any, str | None, dict[str, Any], Any, Any]] = []
         self.below: dict[Any, dict[tuple[Any, ...], Any]] = {}
+        self.trees: list[tuple[Any, Any]] = []
+        """The trees subscribed to (a list of roots or one object) with their ``assocs``: a
+        resync registers them again, ``follow=True`` model interests say how lists grow."""
 
     def __repr__(self) -> str:
         interests = len(self.interests) + len(self.models)
@@ -80,13 +84,14 @@ class Subscription:
         *,
         assocs: Any = (),
         follow: bool = False,
+        since: Position | None = None,
         **filters: Any,
     ) -> Subscription:
         """Receive more on this same queue; overlapping interests still deliver each change once.
 
         Same arguments as ``rs.subscribe``.
         """
-        self._subscribe(self, target, event, assocs=assocs, follow=follow, **filters)
+        self._subscribe(self, target, event, assocs=assocs, follow=follow, since=since, **filters)
         return self
 
     def close(self) -> None:

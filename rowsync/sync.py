@@ -32,12 +32,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, attributes
 from sqlalchemy.orm.base import instance_state
 
-from rowsync import tree
+from rowsync import ordering, tree
 from rowsync.cache import GONE, CachedRow
 from rowsync.fetch import RowSource, key_of, table_of
 from rowsync.graph import Edge, Graph
 from rowsync.messages import Change, Sync
-from rowsync.watchers import Assocs, _items
+from rowsync.roots import Rule
+from rowsync.watchers import Assocs, assocs_spec
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Syncer:
         """Indexes by ``id`` of the tree's value, least recently used first."""
         self._index_cache = index_cache
         self._lock = threading.Lock()
+        self._rules: dict[int, list[tuple[list[Any], Rule, object]]] = {}
+        """Root lists by ``id``, with the rules their subscriptions declared and who did."""
         tree.watch_mutations(graph.digraph.nodes)
 
     def index(self, value: Any, roots: list[Any]) -> tree.Index:
@@ -88,6 +91,35 @@ class Syncer:
             while len(self._indexes) > self._index_cache:
                 self._indexes.popitem(last=False)
         return index
+
+    def declare(self, roots: list[Any], rule: Rule, owner: object) -> None:
+        """Rows join and leave ``roots`` by ``rule`` (declared by ``owner``, a subscription)."""
+        with self._lock:
+            self._rules.setdefault(id(roots), []).append((roots, rule, owner))
+
+    def undeclare(self, owner: object) -> None:
+        """Forget the rules ``owner`` declared (it is closed)."""
+        with self._lock:
+            for key, entries in list(self._rules.items()):
+                kept = [e for e in entries if e[2] is not owner]
+                if kept:
+                    self._rules[key] = kept
+                else:
+                    del self._rules[key]
+
+    def rule(self, roots: list[Any], table: sa.Table) -> Rule | None:
+        """The rule ``roots`` change by, for rows of ``table`` (or of any table of its
+        inheritance hierarchy); None: they do not grow."""
+        with self._lock:
+            entries = self._rules.get(id(roots), ())
+            return next(
+                (
+                    r
+                    for held, r, _ in entries
+                    if held is roots and tree.identity_table(r.mapper) is self.graph.identity(table)
+                ),
+                None,
+            )
 
     def forget(self, objects: list[Any]) -> None:
         """Drop the cached indexes that hold any of ``objects``: rowsync changed what those
@@ -123,7 +155,8 @@ class Syncer:
         table = table_of(change.model)
         if roots and table not in self.graph.reachable(instance_state(roots[0]).mapper):
             return value
-        patch = _Patch(self, value, roots, change, table, preloads or {})
+        rule = self.rule(value, table) if isinstance(value, list) else None
+        patch = _Patch(self, value, roots, change, table, preloads or {}, rule)
         patch.apply()
         if isinstance(value, list):
             return value
@@ -139,18 +172,19 @@ class Syncer:
         if not roots or not tree.is_model(roots[0]):
             return value
         groups: dict[Any, list[Any]] = {}
-        for obj in roots:
-            groups.setdefault(instance_state(obj).mapper, []).append(obj)
+        for obj in roots:  # by the mapper they were queried as: their class may have changed
+            groups.setdefault(tree.entity(obj), []).append(obj)
         fresh: dict[tuple[Any, tuple[Any, ...]], Any] = {}
         for mapper, objs in groups.items():
             spec = tree.expected_spec(objs[0])
             found = self.rows.objects(mapper, [tree.primary_key(o) for o in objs], spec)
             for key, obj in found.items():
                 tree.remember_spec(obj, spec)
+                tree.remember_entity(obj, mapper)
                 fresh[(mapper, key)] = obj
         result = [
             fresh[key]
-            for key in ((instance_state(o).mapper, tree.primary_key(o)) for o in roots)
+            for key in ((tree.entity(o), tree.primary_key(o)) for o in roots)
             if key in fresh
         ]
         if isinstance(value, list):
@@ -169,18 +203,22 @@ class _CachedIndex:
     value: Any
     roots: list[Any]
     by_identity: bool
-    """Some root class defines ``__eq__``: roots are compared by identity, element by element."""
+    """A class whose instances can be in the list (a root's class or a subclass of it)
+    defines ``__eq__``: roots are compared by identity, element by element."""
     index: tree.Index
 
     @classmethod
     def of(cls, value: Any, roots: list[Any], index: tree.Index) -> _CachedIndex:
-        plain = all(kind.__eq__ is _OBJECT_EQ for kind in {type(r) for r in roots})
+        kinds = {type(r) for r in roots}
+        mappers = {m for kind in kinds for m in sa.inspect(kind).self_and_descendants}
+        plain = all(m.class_.__eq__ is _OBJECT_EQ for m in mappers)
         return cls(value, list(roots), not plain, index)
 
     def holds(self, roots: list[Any]) -> bool:
         """Whether ``roots`` are still the very objects the index was built from. Without a
-        custom ``__eq__``, list equality is identity, compared in C (~1 ns a root, where a
-        tuple of ids costs ~70 us for 1,000 roots, the bulk of a sync)."""
+        custom ``__eq__`` on any class a root can have, list equality is identity, compared in
+        C (~1 ns a root, where a tuple of ids costs ~70 us for 1,000 roots, the bulk of a
+        sync): no user ``__eq__`` can run."""
         if len(roots) != len(self.roots):
             return False
         if self.by_identity:
@@ -199,13 +237,19 @@ class _Patch:
         change: Change,
         table: sa.Table,
         preloads: Preloads,
+        rule: Rule | None = None,
     ) -> None:
         self.syncer = syncer
+        self.rule = rule
+        self.growing = value is None
+        """``sync(None, insert)``: not a root list, a wait for a row; the row is the result."""
         self.graph = syncer.graph
         self.rows = syncer.rows
         self.roots = roots
         self.change = change
         self.table = table
+        self.identity = self.graph.identity(table)
+        """The table naming the row's object: its hierarchy's base (the key is the same)."""
         self.key = key_of(table, change.ids)
         self.deleted = change.event == "deleted"
         self.preloads = preloads
@@ -216,6 +260,8 @@ class _Patch:
         self.reshaped: list[Any] = []
         """Objects of the tree whose relationships this change set or unloaded (or whose
         place among the roots changed): every cached index holding one is stale."""
+        self.requery: dict[Edge, dict[int, Any]] = {}
+        """Parents whose collection only a query can tell (by edge, then ``id``)."""
         self.row: CachedRow | None = None
         if not self.deleted:
             found = self.rows.row(table, self.key, change.ref)
@@ -229,11 +275,16 @@ class _Patch:
     def apply(self) -> None:
         if self.row is not None:
             ref = self.change.ref
-            for obj in self.index.instances(self.table, self.key):
+            for obj in self.index.instances(self.identity, self.key):
                 info = instance_state(obj).info
                 if info.get(_REF, 0) < ref:  # never older over newer, never twice
-                    tree.patch(obj, self.row.values)
+                    tree.patch(obj, self.row.values, self.table)
                     info[_REF] = ref
+            if (kind := self.row_class) is not None:
+                for obj in list(self.index.instances(self.identity, self.key)):
+                    mapper = instance_state(obj).mapper
+                    if mapper is not kind and mapper.base_mapper is kind.base_mapper:
+                        self.reclass(obj, kind)
         for edge in self.graph.edges_for(self.table):
             parents = self.index.loaded.get((edge.parent, edge.key))
             if not parents:
@@ -250,18 +301,71 @@ class _Patch:
                 self.link(edge, parents)
             if self.table is edge.parent_table and not edge.local_is_key and not self.deleted:
                 self.repoint(edge, parents)
+        for edge, stale in self.requery.items():
+            self.recompute(edge, list(stale.values()))
         self.root()
         if self.touched:
             self.conform()
         if self.reshaped:
             self.syncer.forget(self.reshaped)
 
+    @functools.cached_property
+    def row_class(self) -> Mapper[Any] | None:
+        """The mapper the changed row loads as now, read from its discriminator; None for a
+        delete, a row without a class to read (a plain table, a model outside a polymorphic
+        hierarchy), or a subclass table's row (its base row says)."""
+        model = self.change.model
+        if self.row is None or self.table is not self.identity or isinstance(model, sa.Table):
+            return None
+        mapper: Mapper[Any] = sa.inspect(model)
+        if mapper.polymorphic_on is None:
+            return None
+        return tree.row_mapper(mapper, self.row.values)
+
+    def admits(self, edge: Edge) -> bool:
+        """Whether the changed row is of a class ``edge`` holds (a relationship to a
+        single-table subclass holds only the rows its discriminator names)."""
+        kind = self.row_class
+        return not edge.by_class or (kind is not None and tree.isa(kind, edge.target))
+
+    def reclass(self, old: Any, kind: Mapper[Any]) -> None:
+        """The row's class changed: an object of the new class, loaded as ``old`` was, takes
+        every place of ``old`` (then the places that do not hold that class drop it)."""
+        spec = tree.expected_spec(old)
+        fetched = self.rows.load(kind, self.key, spec, self.change.ref)
+        if fetched is None:
+            return  # changed again, or deleted, before it could be read: a later change says
+        places = list(self.index.holders.get(id(old), ()))
+        # a copy of its own (the tree's instance of the row is ``old``), sharing what is below
+        new = tree.clone(fetched, {}, lambda row: None if row is fetched else self.own(row))
+        self.index.replace(old, new)
+        instance_state(new).info[_REF] = self.change.ref
+        tree.remember_spec(new, spec)
+        tree.remember_entity(new, tree.entity(old))
+        for parent, key in places:
+            if parent is None:
+                self.roots[:] = [new if r is old else r for r in self.roots]
+                continue
+            edge = self.graph.edge(instance_state(parent).mapper, key or "")
+            value = tree.loaded_value(parent, edge.key)
+            if edge.uselist:
+                self.assign(parent, edge, [new if o is old else o for o in tree.as_list(value)])
+            else:
+                self.assign(parent, edge, new)
+        self.touched += [old, new]
+        self.reshaped += [old, new]
+        tree.Generation.bump()
+
     # -- where the changed row sits on the edge --------------------------------------
 
     def direct(self, edge: Edge, parents: list[Any]) -> None:
         row = self.row
         remote = edge.remote(row.values) if row else None
-        wanted = row is not None and (edge.criteria is None or edge.criteria in row.matches)
+        wanted = (
+            row is not None
+            and (edge.criteria is None or edge.criteria in row.matches)
+            and self.admits(edge)
+        )
         for parent in self.candidates(edge, parents, remote):
             self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
 
@@ -279,7 +383,7 @@ class _Patch:
             if local is not None:
                 for parent in by_local.get(local, ()):
                     found[id(parent)] = parent
-        for obj in self.index.instances(edge.target_table, self.target_key(edge)):
+        for obj in self.index.instances(edge.target_identity, self.target_key(edge)):
             for parent in self.index.held_by(obj, edge.parent, edge.key):
                 found[id(parent)] = parent
         return list(found.values())
@@ -303,6 +407,9 @@ class _Patch:
             return
         target = tuple(self.row.values.get(t.name) for _, t in edge.target_pairs)
         linked = self.rows.links(edge, target, self.change.ref)
+        if edge.links_repeat:
+            self.relink(edge, parents, list(linked))
+            return
         for parent in self.candidates(edge, parents, *linked):
             self.ensure(
                 parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
@@ -316,6 +423,9 @@ class _Patch:
             pairs.append((old, False))
         if new is not None:
             pairs.append((new, True))
+        if edge.links_repeat:
+            self.relink(edge, parents, [edge.remote(values) for values, _ in pairs])
+            return
         for values, present in pairs:
             local = edge.remote(values)
             target = key_of(edge.target_table, edge.link_target(values))
@@ -328,9 +438,17 @@ class _Patch:
                 if _local(parent, edge) == local:
                     self.ensure(parent, edge, target, present, row)
 
+    def relink(self, edge: Edge, parents: list[Any], locals_: list[tuple[Any, ...]]) -> None:
+        """The links of parents whose local columns are one of ``locals_``, re-read: where a
+        pair may be linked several times, only SQLAlchemy's loader knows what it holds."""
+        wanted = set(locals_)
+        found = self.candidates(edge, parents, *wanted)
+        if group := [p for p in found if _local(p, edge) in wanted]:
+            self.recompute(edge, group)
+
     def repoint(self, edge: Edge, parents: list[Any]) -> None:
         """A many-to-one whose foreign key lives on the changed row: follow the key."""
-        mine = {id(o) for o in self.index.instances(self.table, self.key)}
+        mine = {id(o) for o in self.index.instances(self.identity, self.key)}
         remote = [r for _, r in edge.pairs]
         by_target_key = set(remote) == set(edge.target_table.primary_key.columns)
         for parent in parents:
@@ -359,42 +477,80 @@ class _Patch:
         memo: dict[int, Any] = {}
         for strategy, group in by_strategy.items():
             keys = [tree.primary_key(p) for p in group]
-            fresh = self.rows.reload(
-                edge, keys, _child_spec(group[0], edge), strategy, self.change.ref
-            )
+            spec = _child_spec(group[0], edge)
+            fresh = self.rows.reload(edge, keys, spec, strategy, self.change.ref)
             for parent, key in zip(group, keys, strict=True):
                 items = [self.reuse(o, memo) for o in fresh.get(key, [])]
+                for obj in items:
+                    if not self.index.instances(_table(obj), tree.primary_key(obj)):
+                        # new to the tree: what joins below it later is loaded as it was
+                        tree.remember_spec(obj, spec)
                 self.assign(parent, edge, items if edge.uselist else (items[0] if items else None))
 
     def root(self) -> None:
-        """The roots themselves: a deleted root leaves, an inserted row of the roots' model
-        joins."""
-        model = self.change.model
-        if self.roots and instance_state(self.roots[0]).mapper.local_table is not self.table:
+        """The roots themselves. A deleted root leaves. Otherwise the list's rule (declared
+        by its subscription: :mod:`rowsync.roots`) says whether the row is a root now, and
+        where; a list without one never gains a row it cannot know its query returns, and
+        loses one no longer of its class (its discriminator changed)."""
+        entity = self.entity
+        if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
             return
-        if not self.roots and self.preloads and model not in self.preloads:
-            return  # an emptied root list: ``preloads`` names the models it holds
+        held = [
+            r for r in self.index.instances(self.identity, self.key) if id(r) in self.index.roots
+        ]
         if self.deleted:
-            gone = [
-                r for r in self.roots if _table(r) is self.table and tree.primary_key(r) == self.key
-            ]
-            self.roots[:] = [r for r in self.roots if r not in gone]
-            self.touched += gone
-            self.reshaped += gone
+            self.leave(held)
+            return
+        if self.row is None:
+            return
+        if self.rule is None:
+            kind = self.row_class
+            if kind is not None and not tree.isa(kind, entity):
+                self.leave(held)
+            elif self.growing and self.change.event == "inserted":
+                self.join(entity, None)
+            return
+        wanted = self.rule.admits(self.key, self.row.values)
+        if wanted and not held:
+            self.join(self.rule.mapper, self.rule.spec)
+            self.rule.arrange(self.roots)
+        elif held and not wanted:
+            self.leave(held)
+        elif held and self.change.event == "updated":
+            self.rule.arrange(self.roots)
+
+    def join(self, mapper: Mapper[Any], spec: tree.LoadSpec | None) -> None:
+        """The changed row becomes a root of ``mapper`` (the class the list was queried as),
+        loaded like its sibling roots (or as ``spec`` says); held below already (it entered
+        a collection first), that instance joins the roots."""
+        if spec is None and self.roots:
+            spec = tree.expected_spec(self.roots[0])
+        obj = self.instance(mapper, self.key, self.row, spec)
+        if obj is not None:
+            tree.remember_entity(obj, mapper)
+            self.roots.append(obj)
+            self.touched.append(obj)
+            self.reshaped.append(obj)
             tree.Generation.bump()
-        elif self.change.event == "inserted" and not any(
-            tree.primary_key(r) == self.key for r in self.roots
-        ):
-            # held below already (it entered a collection first): that instance joins the roots too
-            if isinstance(model, sa.Table):
-                return
-            spec = tree.expected_spec(self.roots[0]) if self.roots else None
-            obj = self.instance(sa.inspect(model), self.key, self.row, spec)
-            if obj is not None:
-                self.roots.append(obj)
-                self.touched.append(obj)
-                self.reshaped.append(obj)
-                tree.Generation.bump()
+
+    def leave(self, gone: list[Any]) -> None:
+        if not gone:
+            return
+        gone_ids = {id(r) for r in gone}
+        self.roots[:] = [r for r in self.roots if id(r) not in gone_ids]
+        self.touched += gone
+        self.reshaped += gone
+        tree.Generation.bump()
+
+    @functools.cached_property
+    def entity(self) -> Mapper[Any] | None:
+        """The mapper the roots were queried as; for an emptied list, the model ``preloads``
+        names in the changed row's hierarchy (None if it names none), else the change's."""
+        if self.roots:
+            return tree.entity(self.roots[0])
+        models = [m for m in self.preloads if not isinstance(m, sa.Table)] or [self.change.model]
+        mappers: list[Mapper[Any]] = [sa.inspect(m) for m in models if not isinstance(m, sa.Table)]
+        return next((m for m in mappers if tree.identity_table(m) is self.identity), None)
 
     # -- making a collection hold a row, or not ---------------------------------------
 
@@ -420,8 +576,16 @@ class _Patch:
                 self.assign(parent, edge, None)
             return
         items = tree.as_list(current)
-        at = tree.find(items, target, self.index.instances(edge.target_table, target))
+        at = tree.find(items, target, self.index.instances(edge.target_identity, target))
         held = at >= 0
+        if (
+            held
+            and tree.keyed(current)
+            and (present is False or not tree.placed(parent, edge.key, current, items[at]))
+        ):
+            # leaving its key (or re-keyed) may uncover a row that key hid: ask the database
+            self.requery.setdefault(edge, {})[id(parent)] = parent
+            return
         if present and not held:
             obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
             if obj is None:
@@ -463,20 +627,24 @@ class _Patch:
         """The object for a row joining the tree: the tree's own if it holds one, else new,
         loaded as a fresh query would load it there: like its parent's loader options say,
         or like its sibling roots; with nothing to go by (an empty root), as ``preloads`` says."""
-        table = tree.mapped_table(mapper)
+        table = tree.identity_table(mapper)
         existing = self.index.instances(table, key)
         if existing:
             return existing[0]
         if spec is None:
-            spec = _preload_spec(self.preloads.get(mapper.class_)) or {}
-        if spec:
+            spec = _preload_spec(mapper, self.preloads) or {}
+        if spec or len(tree.hierarchy_tables(mapper)) > 1:
+            # An object spanning several tables is read whole, as its class, by the ORM.
             loaded = self.rows.load(mapper, key, spec, self.change.ref)
             obj = None if loaded is None else self.reuse(loaded, {})
         else:
             if row is None or key_of(table, row.values) != key:
                 found = self.rows.row(table, key, self.change.ref)
                 row = None if found is GONE else found
-            obj = None if row is None else tree.build(mapper, row.values)
+            kind = None if row is None else tree.row_mapper(mapper, row.values)
+            obj = None
+            if row is not None and kind is not None and tree.isa(kind, mapper):
+                obj = tree.build(kind, row.values)
         if obj is not None:
             instance_state(obj).info[_REF] = self.change.ref
             tree.remember_spec(obj, spec)
@@ -512,8 +680,8 @@ class _Patch:
         for parent, key in index.holders[id(obj)]:
             if parent is None:
                 declared = self.root_spec
-                if declared is None and state_class(obj) in self.preloads:
-                    declared = _preload_spec(self.preloads[state_class(obj)])
+                if declared is None:
+                    declared = _preload_spec(instance_state(obj).mapper, self.preloads)
             else:
                 declared = tree.declared_spec(parent)
             if declared is None:
@@ -526,7 +694,9 @@ class _Patch:
             if rel.key in state.dict and rel.key not in spec:
                 del state.dict[rel.key]  # unloaded again, as a fresh query leaves it
                 self.reshaped.append(obj)
-        missing = {k: v for k, v in spec.items() if k not in state.dict}
+        missing = {
+            k: v for k, v in spec.items() if k not in state.dict and k in state.mapper.relationships
+        }
         if missing:
             self.reshaped.append(obj)
             fetched = self.rows.load(state.mapper, tree.primary_key(obj), missing, self.change.ref)
@@ -554,7 +724,7 @@ class _Patch:
     def own(self, fetched: Any) -> Any:
         """The tree's instance of the row ``fetched`` holds, if it has one."""
         state = instance_state(fetched)
-        table = tree.mapped_table(state.mapper)
+        table = tree.identity_table(state.mapper)
         existing = self.index.instances(table, tree.primary_key(fetched))
         if not existing:
             return None
@@ -572,7 +742,7 @@ def state_class(obj: Any) -> Any:
 
 
 def _table(obj: Any) -> sa.Table:
-    return tree.mapped_table(instance_state(obj).mapper)
+    return tree.identity_table(instance_state(obj).mapper)
 
 
 def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
@@ -581,40 +751,22 @@ def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
 
 def _in_place(edge: Edge, items: list[Any], at: int) -> bool:
     """Whether the row at ``items[at]`` is still in ``order_by`` order with its neighbours."""
-    names = _order_names(edge)
+    names = edge.order_names
     here = tree.values_of(items[at], names)
-    if at > 0 and _compare_values(edge, tree.values_of(items[at - 1], names), here) > 0:
+    if at > 0 and ordering.compare(edge.order_by, tree.values_of(items[at - 1], names), here) > 0:
         return False
     last = len(items) - 1
-    return at == last or _compare_values(edge, here, tree.values_of(items[at + 1], names)) <= 0
-
-
-@functools.cache
-def _order_names(edge: Edge) -> tuple[str, ...]:
-    return tuple(column.name for column, _ in edge.order_by)
+    return at == last or (
+        ordering.compare(edge.order_by, here, tree.values_of(items[at + 1], names)) <= 0
+    )
 
 
 def _compare(edge: Edge, a: Any, b: Any) -> int:
-    names = _order_names(edge)
-    return _compare_values(edge, tree.values_of(a, names), tree.values_of(b, names))
+    names = edge.order_names
+    return ordering.compare(edge.order_by, tree.values_of(a, names), tree.values_of(b, names))
 
 
-def _compare_values(edge: Edge, va: tuple[Any, ...], vb: tuple[Any, ...]) -> int:
-    """Postgres' default ordering: NULLs last ascending, first descending."""
-    for (_, descending), x, y in zip(edge.order_by, va, vb, strict=True):
-        if x == y:
-            continue
-        if x is None:
-            result = 1
-        elif y is None:
-            result = -1
-        else:
-            result = -1 if x < y else 1
-        return -result if descending else result
-    return 0
-
-
-def _preload_spec(assocs: Assocs | None) -> dict[str, Any] | None:
-    if assocs is None:
-        return None
-    return {name: _preload_spec(nested) or {} for name, nested in _items(assocs)}
+def _preload_spec(mapper: Mapper[Any], preloads: Preloads) -> dict[str, Any] | None:
+    """What ``preloads`` says objects of ``mapper`` come loaded with, if it names them."""
+    assocs = preloads.get(mapper.class_)
+    return None if assocs is None else assocs_spec(mapper, assocs)

@@ -38,7 +38,8 @@ from rowsync.fetch import RowSource, key_of, qualified_name, table_of, usable_ke
 from rowsync.graph import Edge
 from rowsync.listener import Notice, send_flush
 from rowsync.messages import Change, Event, Message, Sync
-from rowsync.watchers import Assocs, Watcher, resolve_assocs
+from rowsync.position import Position
+from rowsync.watchers import Assocs, Watcher, assocs_spec
 
 __all__ = ["MemoryEvents", "NeedsDatabase", "Recorder", "WaitFor", "loaded", "one_batch"]
 
@@ -337,7 +338,7 @@ def loaded(value: T, assocs: Assocs = ()) -> T:
     included) is a poor guide. ``loaded(people, [{"posts": ["tags"]}])`` says it.
     """
     for obj in tree.as_list(value):
-        spec = _spec(_mapper(obj), assocs)
+        spec = assocs_spec(_mapper(obj), assocs)
         if missing := _missing(obj, spec):
             raise ConfigurationError(
                 f"{obj!r} has {missing} not loaded, which these options load: set it "
@@ -345,10 +346,6 @@ def loaded(value: T, assocs: Assocs = ()) -> T:
             )
         tree.remember_spec(obj, spec)
     return value
-
-
-def _spec(mapper: Mapper[Any], assocs: Assocs) -> dict[str, Any]:
-    return {rel.key: _spec(rel.mapper, nested) for rel, nested in resolve_assocs(mapper, assocs)}
 
 
 def _table(row: Any) -> sa.Table:
@@ -505,6 +502,9 @@ class _MemoryRows(RowSource):
             if (row := self.known[(table, key)]) is not None:
                 found[key] = row
         return found
+
+    def snapshot(self) -> Position | None:
+        return None  # no database: no position can be replayed past a made-up gap
 
     def row_values(self, table: sa.Table, key: tuple[Any, ...]) -> Mapping[str, Any] | None:
         found = self.fetch(table, [key]).get(key)

@@ -12,7 +12,13 @@ from functools import cache
 from typing import Any, Final, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapper, MapperProperty, attributes, make_transient_to_detached
+from sqlalchemy.orm import (
+    Mapper,
+    MapperProperty,
+    RelationshipProperty,
+    attributes,
+    make_transient_to_detached,
+)
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.path_registry import PathRegistry
 
@@ -34,6 +40,39 @@ def mapped_table(mapper: Mapper[Any]) -> sa.Table:
     return cast(sa.Table, mapper.local_table)
 
 
+def identity_table(mapper: Mapper[Any]) -> sa.Table:
+    """The table that names a row of ``mapper``'s hierarchy: its base mapper's. A subclass
+    row of joined-table inheritance is one object whatever table of it changes, as in
+    SQLAlchemy's identity map (a subclass table's primary key is the base's)."""
+    return mapped_table(mapper.base_mapper)
+
+
+@cache
+def hierarchy_tables(mapper: Mapper[Any]) -> tuple[sa.Table, ...]:
+    """Every table of ``mapper``'s inheritance hierarchy, the identity table first: a change of
+    any of them is a change of one of the hierarchy's objects."""
+    tables: list[sa.Table] = []
+    for m in mapper.base_mapper.self_and_descendants:  # the base first
+        if isinstance(m.local_table, sa.Table) and m.local_table not in tables:
+            tables.append(m.local_table)
+    return tuple(tables)
+
+
+def row_mapper(mapper: Mapper[Any], values: Mapping[str, Any]) -> Mapper[Any]:
+    """The mapper a row of ``mapper``'s hierarchy loads as, from its discriminator in the base
+    table's ``values``; ``mapper`` itself outside a polymorphic hierarchy."""
+    column = mapper.base_mapper.polymorphic_on
+    if not isinstance(column, sa.Column) or column.name not in values:
+        return mapper
+    found = mapper.polymorphic_map.get(values[column.name])
+    return mapper if found is None else found
+
+
+def isa(mapper: Mapper[Any], other: Mapper[Any]) -> bool:
+    """Whether objects of ``mapper`` belong where ``other`` is expected (a subclass does)."""
+    return mapper is other or mapper.isa(other)
+
+
 def is_model(obj: Any) -> bool:
     try:
         instance_state(obj)
@@ -43,12 +82,48 @@ def is_model(obj: Any) -> bool:
 
 
 def as_list(value: Any) -> list[Any]:
-    """The objects in a relationship value or a root: a collection, one object, or None."""
+    """The objects in a relationship value or a root list: a collection, one object, or None.
+
+    A loaded collection is read through its SQLAlchemy adapter, as the ORM itself reads it:
+    that is the collection class's own iterator (a dict collection's values, a custom class's
+    ``@collection.iterator``), whatever the class."""
     if value is None:
         return []
-    if isinstance(value, (list, tuple, set)):
+    adapter = getattr(value, "_sa_adapter", None)
+    if adapter is not None:
+        return list(iter(adapter))  # not list(adapter): its len() walks the collection once more
+    if isinstance(value, (list, tuple)):
         return list(value)
     return [value]
+
+
+def collection(obj: Any, key: str, members: Iterable[Any]) -> Any:
+    """A new collection of the class the relationship ``key`` of ``obj`` is mapped with,
+    holding ``members`` as a load builds it: each goes through the class's appender (a dict
+    collection keys it by its values then). Not set on ``obj``: ``set_committed_value`` given
+    the list of members builds the same collection and sets it."""
+    state = instance_state(obj)
+    impl: Any = state.manager[key].impl
+    adapter, data = state.manager.initialize_collection(key, state, impl.collection_factory)
+    adapter.append_multiple_without_event(members)
+    return data
+
+
+def keyed(value: Any) -> bool:
+    """Whether a collection holds its members by key (a mapping): one member a key, so a row
+    loaded under a key another row took is not among its members, and the key's next holder
+    can only be known from the database."""
+    return isinstance(value, Mapping)
+
+
+def placed(obj: Any, key: str, value: Any, member: Any) -> bool:
+    """Whether ``value``, the loaded collection ``key`` of ``obj``, holds ``member`` where its
+    class would put it now. Only a keyed collection places a member by its values (a dict
+    keyed by an attribute that an update of the member changed); a list or a set holds it
+    wherever it is, its order being ``order_by``'s concern."""
+    if not keyed(value):
+        return True
+    return all(value.get(k) is member for k in collection(obj, key, [member]))
 
 
 def loaded_value(obj: Any, key: str) -> Any:
@@ -58,21 +133,25 @@ def loaded_value(obj: Any, key: str) -> Any:
 
 
 @cache
-def _columns(mapper: Mapper[Any]) -> tuple[tuple[str, str], ...]:
-    """``(attribute key, column name)`` of every column of the mapper's own table."""
-    table = mapper.local_table
+def _columns(mapper: Mapper[Any]) -> tuple[tuple[str, str, sa.Table], ...]:
+    """``(attribute key, column name, table)`` of every column of the mapper's tables (a
+    joined-table subclass maps its base's too; their shared primary key is in both)."""
+    tables = set(mapper.tables)
     return tuple(
-        (prop.key, col.name)
+        (prop.key, col.name, col.table)
         for prop in mapper.column_attrs
-        for col in prop.columns[:1]
-        if isinstance(col, sa.Column) and col.table is table
+        for col in prop.columns
+        if isinstance(col, sa.Column) and col.table in tables
     )
 
 
 @cache
 def _attribute_keys(mapper: Mapper[Any]) -> dict[str, str]:
-    """Column name -> attribute key, for the mapper's own table."""
-    return {name: key for key, name in _columns(mapper)}
+    """Column name -> attribute key, for the mapper's tables."""
+    keys: dict[str, str] = {}
+    for key, name, _ in _columns(mapper):
+        keys.setdefault(name, key)
+    return keys
 
 
 def values_of(obj: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
@@ -128,9 +207,12 @@ def watch_mutations(mappers: Any) -> None:
 def column_values(obj: Any) -> dict[str, Any]:
     """The loaded column values of ``obj`` by column name; the primary key even when expired."""
     state = instance_state(obj)
-    values = {name: state.dict[key] for key, name in _columns(state.mapper) if key in state.dict}
+    values: dict[str, Any] = {}
+    for key, name, _ in _columns(state.mapper):
+        if key in state.dict:
+            values.setdefault(name, state.dict[key])
     if state.key is not None:
-        pk = mapped_table(state.mapper).primary_key.columns
+        pk = identity_table(state.mapper).primary_key.columns
         for col, value in zip(pk, state.key[1], strict=False):
             values.setdefault(col.name, value)
     return values
@@ -141,7 +223,7 @@ def primary_key(obj: Any) -> tuple[Any, ...]:
     if state.key is not None:
         return state.key[1]
     values = column_values(obj)
-    return tuple(values.get(c.name) for c in mapped_table(state.mapper).primary_key.columns)
+    return tuple(values.get(c.name) for c in identity_table(state.mapper).primary_key.columns)
 
 
 def find(objects: list[Any], key: tuple[Any, ...], known: list[Any] | None = None) -> int:
@@ -166,8 +248,9 @@ _EXACT: Final = frozenset({type(None), bool, int, str, bytes, uuid.UUID, datetim
 datetimes in two time zones)."""
 
 
-def patch(obj: Any, values: Mapping[str, Any]) -> None:
+def patch(obj: Any, values: Mapping[str, Any], table: sa.Table | None = None) -> None:
     """Set column attributes as if loaded: nothing is marked dirty, a flush writes nothing.
+    ``values`` are a row of ``table`` (default: any of the object's tables, by column name).
 
     A column whose loaded value already equals the new one (and has no pending history) is
     left alone: setting it would change nothing, and an update usually changes one or two
@@ -177,8 +260,8 @@ def patch(obj: Any, values: Mapping[str, Any]) -> None:
     settled = not (
         state.expired or state.committed_state or state.expired_attributes or state.callables
     )
-    for key, name in _columns(state.mapper):
-        if name not in values:
+    for key, name, owner in _columns(state.mapper):
+        if name not in values or (table is not None and owner is not table):
             continue
         value = values[name]
         if settled and key in data:
@@ -245,7 +328,7 @@ def declared_spec(obj: Any) -> dict[str, Any] | None:
     (lazy loading in a session, say), so only what is loaded now can tell."""
     state = instance_state(obj)
     declared = state.info.get(_SPEC)
-    if declared is None and (state.load_options or _defaults(state.mapper, 1)):
+    if declared is None and (state.load_options or _has_defaults(state.mapper)):
         declared = _from_options(state)
     return declared
 
@@ -259,7 +342,7 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
         if value is not NOT_LOADED:
             for child in as_list(value):
                 state = instance_state(child)
-                if _SPEC not in state.info and not state.load_options:  # not the tree's own
+                if _SPEC not in state.info and not state.load_path:  # not a query's own
                     remember_spec(child, nested)
 
 
@@ -278,46 +361,124 @@ def strategy(obj: Any, key: str) -> str:
 
 
 def _path_keys(path: PathRegistry) -> list[str]:
-    """The relationship keys along a loader path: every other element is a property."""
-    return [cast("MapperProperty[Any]", p).key for p in path.path[1::2]]
+    """The relationship keys along a loader path: every other element is a property (or,
+    for a wildcard option such as ``raiseload("*")``, a ``"relationship:*"`` token)."""
+    return [
+        "*" if isinstance(p, str) else cast("MapperProperty[Any]", p).key for p in path.path[1::2]
+    ]
 
 
 def _from_options(state: Any) -> dict[str, Any]:
-    here = _path_keys(state.load_path) if state.load_path else []
-    return options_spec(state.mapper, state.load_options or (), here)
+    return options_spec(state.mapper, state.load_options or (), state.load_path)
 
 
-def options_spec(mapper: Mapper[Any], options: Iterable[Any], here: list[str]) -> dict[str, Any]:
-    """What loader ``options`` load below ``mapper`` at the relationship path ``here`` (``[]``
-    for a statement's own entity), with the mapper's eager defaults: a statement's LoadSpec,
-    known before any row is loaded."""
-    paths = []
+_UNLIMITED = 16
+"""Levels of a ``recursion_depth=-1`` loader a LoadSpec spells out (it must be finite)."""
+
+
+@dataclass(frozen=True)
+class _Explicit:
+    """A loader option's word on one relationship path."""
+
+    lazy: str
+    recursion_depth: int | None
+
+
+def options_spec(
+    mapper: Mapper[Any], options: Iterable[Any], path: PathRegistry | None = None
+) -> dict[str, Any]:
+    """What a query with loader ``options`` loads below an object of ``mapper`` that it
+    loaded at ``path`` (``None``: the statement's own entity): a LoadSpec, known before any
+    row is loaded.
+
+    Where no option speaks, the mapping's eager defaults (``relationship(lazy="selectin")``)
+    load, except where SQLAlchemy stops them: a default never loads a mapper already on the
+    path (for ``joined``, the path within one SQL statement; for the loaders that run a
+    query of their own, the whole path), or past its ``join_depth``."""
+    explicit: dict[tuple[str, ...], _Explicit] = {}
     for option in options:
         for element in getattr(option, "context", ()):
-            keys = _path_keys(element.path)
-            if (
-                dict(element.strategy or ()).get("lazy") in EAGER
-                and keys[: len(here)] == here
-                and len(keys) > len(here)
-            ):
-                paths.append(keys[len(here) :])
+            lazy = dict(element.strategy or ()).get("lazy")
+            if lazy is not None:
+                depth = (getattr(element, "local_opts", None) or {}).get("recursion_depth")
+                explicit[tuple(_path_keys(element.path))] = _Explicit(str(lazy), depth)
+    mappers: list[Mapper[Any]] = [mapper]
+    statement: list[Mapper[Any]] = [mapper]
+    keys: tuple[str, ...] = ()
+    if path is not None and path.path:
+        elements = path.path
+        mappers = [cast("Mapper[Any]", m) for m in elements[0::2]]
+        statement = [mappers[0]]
+        for i, prop in enumerate(elements[1::2]):
+            rel = cast("RelationshipProperty[Any]", prop)
+            keys = (*keys, rel.key)
+            said = _said(explicit, keys)
+            lazy = said.lazy if said is not None else str(rel.lazy)
+            statement = [*statement, mappers[i + 1]] if lazy == "joined" else [mappers[i + 1]]
+    return _expand(mapper, explicit, keys, mappers, statement, {})
+
+
+def _said(explicit: Mapping[tuple[str, ...], _Explicit], keys: tuple[str, ...]) -> _Explicit | None:
+    return explicit.get(keys) or explicit.get((*keys[:-1], "*"))
+
+
+def _expand(
+    mapper: Mapper[Any],
+    explicit: Mapping[tuple[str, ...], _Explicit],
+    keys: tuple[str, ...],
+    mappers: list[Mapper[Any]],
+    statement: list[Mapper[Any]],
+    recursing: Mapping[str, int],
+) -> dict[str, Any]:
+    """``options_spec`` below one object: ``mappers`` is the whole path to it, ``statement``
+    the part loaded by the same SQL statement, ``recursing`` the ``recursion_depth`` loaders
+    still going, by relationship key, with the levels they have left."""
     spec: dict[str, Any] = {}
-    for keys in sorted(paths, key=len):
-        node = spec
-        for key in keys[:-1]:
-            if key not in node:
-                break
-            node = node[key]
+    for rel in _relationships(mapper):
+        here = (*keys, rel.key)
+        said = _said(explicit, here)
+        left = recursing.get(rel.key)
+        depth: int | None
+        if said is None and left is not None:
+            lazy, depth = "selectin", left
+        elif said is not None:
+            lazy, depth = said.lazy, said.recursion_depth
         else:
-            node.setdefault(keys[-1], {})
-    return merge_specs(spec, _defaults(mapper, 3))
+            lazy, depth = str(rel.lazy), None
+            on = statement if lazy == "joined" else mappers
+            if lazy not in EAGER or (
+                len(on) > rel.join_depth if rel.join_depth else any(m.isa(rel.mapper) for m in on)
+            ):
+                continue
+        if lazy not in EAGER:
+            continue
+        nested = dict(recursing)
+        nested.pop(rel.key, None)
+        if depth is not None:
+            levels = _UNLIMITED if depth < 0 else depth
+            if levels > 0:
+                nested[rel.key] = levels - 1
+        below_statement = [*statement, rel.mapper] if lazy == "joined" else [rel.mapper]
+        spec[rel.key] = _expand(
+            rel.mapper, explicit, here, [*mappers, rel.mapper], below_statement, nested
+        )
+    return spec
 
 
-def _defaults(mapper: Mapper[Any], depth: int) -> dict[str, Any]:
-    """Relationships the mapper itself loads eagerly (``relationship(lazy="selectin")``)."""
-    if depth == 0:
-        return {}
-    return {r.key: _defaults(r.mapper, depth - 1) for r in mapper.relationships if r.lazy in EAGER}
+@cache
+def _relationships(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
+    """``mapper``'s relationships and its subclasses' (each name once): a place holding a
+    class holds rows of its subclasses, loaded with theirs (``of_type``, ``with_polymorphic``)."""
+    found: dict[str, RelationshipProperty[Any]] = {}
+    for m in mapper.self_and_descendants:
+        for rel in m.relationships:
+            found.setdefault(rel.key, rel)
+    return tuple(found.values())
+
+
+def _has_defaults(mapper: Mapper[Any]) -> bool:
+    """Whether the mapping loads any relationship of ``mapper`` eagerly by default."""
+    return any(r.lazy in EAGER for r in mapper.relationships)
 
 
 def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
@@ -325,6 +486,25 @@ def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
     for k, v in b.items():
         merged[k] = merge_specs(merged.get(k, {}), v)
     return merged
+
+
+_ENTITY = "rowsync_entity"
+
+
+def entity(obj: Any) -> Mapper[Any]:
+    """The mapper a root was queried as: ``select(Employee)`` returns engineers too, and an
+    engineer joins its root list, where a list of ``Engineer`` takes no manager."""
+    state = instance_state(obj)
+    found: Mapper[Any] | None = state.info.get(_ENTITY)
+    if found is None and state.load_path is not None and len(state.load_path) == 1:
+        # the statement's entity: a mapper, or an alias of one (``with_polymorphic``)
+        found = cast(Any, state.load_path).entity.mapper
+    return state.mapper if found is None else found
+
+
+def remember_entity(obj: Any, mapper: Mapper[Any]) -> None:
+    """Record the mapper a root built by rowsync stands for, as its query would have."""
+    instance_state(obj).info[_ENTITY] = mapper
 
 
 def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
@@ -341,16 +521,52 @@ def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
     return spec
 
 
+def tree_spec(objects: Iterable[Any]) -> dict[str, Any]:
+    """What is loaded anywhere below ``objects`` (objects of one mapper), or declared by their
+    loader options to be loaded there, as one LoadSpec: the union over every object, so a
+    relationship loaded on one parent only, or on an empty collection's future members, is
+    in it. Each object is read once; a cycle of objects ends the path where it closes."""
+    memo: dict[int, dict[str, Any] | None] = {}
+    declared: dict[tuple[Any, ...], dict[str, Any] | None] = {}
+    """Declared specs by (mapper, options, path): one query's objects at one place share it."""
+
+    def of(obj: Any) -> dict[str, Any]:
+        found = memo.get(id(obj), _NOT_DONE)
+        if found is None:
+            return {}  # on the path being read: the cycle closes here
+        if found is not _NOT_DONE:
+            return cast(dict[str, Any], found)
+        memo[id(obj)] = None
+        state = instance_state(obj)
+        place = (state.mapper, id(state.load_options), state.load_path, id(state.info.get(_SPEC)))
+        if place not in declared:
+            declared[place] = declared_spec(obj)
+        spec = dict(declared[place] or {})
+        data = state.dict
+        for key, _owner, _uselist in _shape(state.mapper)[1]:
+            if key in data:
+                below = spec.get(key, {})
+                for child in as_list(data[key]):
+                    below = merge_specs(below, of(child))
+                spec[key] = below
+        memo[id(obj)] = spec
+        return spec
+
+    result: dict[str, Any] = {}
+    for obj in objects:
+        result = merge_specs(result, of(obj))
+    return result
+
+
+_NOT_DONE: Final = object()
+
+
 @cache
 def _shape(mapper: Mapper[Any]) -> tuple[sa.Table, tuple[tuple[str, Mapper[Any], bool], ...]]:
     """A mapper's table and ``(key, declaring mapper, uselist)`` of its relationships, read
     once: indexing a tree visits every object."""
     relationships = tuple((r.key, r.parent, bool(r.uselist)) for r in mapper.relationships)
-    return mapped_table(mapper), relationships
-
-
-def _isa(mapper: Mapper[Any], other: Mapper[Any]) -> bool:
-    return mapper is other or mapper.isa(other)
+    return identity_table(mapper), relationships
 
 
 @dataclass
@@ -371,12 +587,14 @@ class Index:
     for a root."""
     generation: int = -1
     """``Generation.outside`` when built; stale once it moved on."""
+    roots: set[int] = field(default_factory=set)
+    """``id`` of each root the index was built from."""
     _seen: set[int] = field(default_factory=set)
     _by_local: dict[Any, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, roots: list[Any]) -> Index:
-        index = cls(generation=Generation.outside)
+        index = cls(generation=Generation.outside, roots={id(r) for r in roots})
         index.extend(roots)
         return index
 
@@ -397,13 +615,32 @@ class Index:
         return [
             p
             for p, k in self.holders.get(id(obj), ())
-            if k == key and p is not None and _isa(instance_state(p).mapper, mapper)
+            if k == key and p is not None and isa(instance_state(p).mapper, mapper)
         ]
 
     def extend(self, roots: list[Any]) -> None:
         """Add ``roots`` and everything loaded below them (objects already indexed are skipped)."""
+        self._walk([(root, None, None) for root in roots])
+
+    def replace(self, old: Any, new: Any) -> None:
+        """``new`` takes every place of ``old`` (the same row, now of another class)."""
+        places = self.holders.pop(id(old), [])
+        self._seen.discard(id(old))
+        if id(old) in self.roots:
+            self.roots.discard(id(old))
+            self.roots.add(id(new))
+        for found in self.objects.values():
+            if any(o is old for o in found):
+                found[:] = [o for o in found if o is not old]
+        for parents in self.loaded.values():
+            if any(p is old for p in parents):
+                parents[:] = [p for p in parents if p is not old]
+        self._by_local.clear()
+        self._walk([(new, parent, key) for parent, key in places])
+
+    def _walk(self, stack: list[tuple[Any, Any, str | None]]) -> None:
+        """Index each ``(object, parent, key)`` place and, once, everything loaded below it."""
         seen, holders, objects, loaded = self._seen, self.holders, self.objects, self.loaded
-        stack: list[tuple[Any, Any, str | None]] = [(root, None, None) for root in roots]
         while stack:
             obj, parent, key = stack.pop()
             ident = id(obj)
@@ -425,7 +662,7 @@ class Index:
                 if value is None:
                     continue
                 if uselist:
-                    stack.extend([(child, obj, rel_key) for child in value])
+                    stack.extend([(child, obj, rel_key) for child in as_list(value)])
                 else:
                     stack.append((value, obj, rel_key))
 

@@ -154,7 +154,8 @@ def payload(
     return sql.SQL(
         "jsonb_build_object("
         "'r', {ref}, 's', {schema}, 't', {table}, 'e', {letter}, 'l', {label}, "
-        "'g', nullif(current_setting('rowsync.origin', true), ''), 'n', {new}, 'o', {old}"
+        "'g', nullif(current_setting('rowsync.origin', true), ''), 'n', {new}, 'o', {old}, "
+        "'v', pg_current_xact_id()::text::bigint"
         ")::text"
     ).format(
         ref=ref,

@@ -16,7 +16,9 @@ from sqlalchemy.orm import Mapper, RelationshipProperty, class_mapper
 from sqlalchemy.orm.exc import UnmappedClassError
 from sqlalchemy.sql.util import find_tables
 
+from rowsync import tree
 from rowsync.errors import ConfigurationError
+from rowsync.fetch import identity
 from rowsync.messages import EVENTS, Event
 
 Assocs: TypeAlias = Sequence["str | Mapping[str, Assocs]"]
@@ -38,6 +40,7 @@ class Watcher:
     table: str
     event: Event
     primary_key: tuple[str, ...]
+    """The columns identifying a row: the primary key, or every column of a table without one."""
     columns: tuple[str, ...]
     label: str | None = None
     model: Any = field(default=None, compare=False, repr=False)
@@ -70,9 +73,17 @@ def watchers(
     tables: dict[sa.Table, tuple[str, ...]] = {}
     root = _local_table(mapper)
     tables[root] = extra
+    for table in _hierarchy(mapper):
+        tables.setdefault(table, ())
     for table in _tables_reached(mapper, assocs):
         tables.setdefault(table, ())
     owners = _models_by_table(mapper)
+    for table in tables:
+        if not table.primary_key.columns and isinstance(owners.get(table), type):
+            raise ConfigurationError(
+                f"table {table.fullname!r} has no primary key: rowsync follows such a table "
+                f"as an association table (secondary=), not mapped to {owners[table].__name__}"
+            )
     return [
         Watcher(
             schema=table.schema or TABLE_SCHEMA,
@@ -100,15 +111,15 @@ def merge(watchers: Iterable[Watcher]) -> list[Watcher]:
 
 
 def primary_key(table: sa.Table) -> tuple[str, ...]:
-    if not table.primary_key.columns:
-        raise ConfigurationError(f"table {table.fullname!r} has no primary key; rowsync needs one")
-    return tuple(c.name for c in table.primary_key.columns)
+    """The names of the columns identifying a row (:func:`rowsync.fetch.identity`)."""
+    return tuple(c.name for c in identity(table))
 
 
 def identifying_columns(
     table: sa.Table, mapper: Mapper[Any], extra: Sequence[str] = ()
 ) -> tuple[str, ...]:
-    """Primary key, then every column a relationship joins on, then ``extra``; no repeats.
+    """Primary key, then every column a relationship joins on or a hierarchy's class is read
+    from (its discriminator), then ``extra``; no repeats.
 
     Relationship columns are taken from foreign keys and from every relationship's join
     condition in the registry, so view-only relationships without a foreign key count too.
@@ -116,6 +127,9 @@ def identifying_columns(
     names = list(primary_key(table))
     joined = {c.name for fk in table.foreign_keys for c in [fk.parent]}
     for other in mapper.registry.mappers:
+        kind = other.polymorphic_on
+        if isinstance(kind, sa.Column) and kind.table is table:
+            joined.add(kind.name)  # the class of a row: which places and root lists take it
         for rel in other.relationships:
             for left, right in rel.local_remote_pairs or ():
                 for col in (left, right):
@@ -143,6 +157,44 @@ def _local_table(mapper: Mapper[Any]) -> sa.Table:
     return table
 
 
+def _hierarchy(mapper: Mapper[Any]) -> tuple[sa.Table, ...]:
+    """Every table of ``mapper``'s inheritance hierarchy, after checking rowsync can follow
+    it: a row is named by the base table's primary key, its class read from a discriminator
+    column of the base table."""
+    name = mapper.class_.__name__
+    members = list(mapper.base_mapper.self_and_descendants)
+    if any(m.concrete for m in members):
+        raise ConfigurationError(
+            f"{name}: concrete table inheritance is not supported (a row's identity spans "
+            "unrelated tables); map the classes separately or use joined/single inheritance"
+        )
+    if len(members) == 1:
+        return (_local_table(mapper),)
+    base = _local_table(mapper.base_mapper)
+    kind = mapper.base_mapper.polymorphic_on
+    if not (isinstance(kind, sa.Column) and kind.table is base):
+        raise ConfigurationError(
+            f"{name}: inheritance without a polymorphic_on column of {base.name!r} is not "
+            "supported (the class of a changed row could not be known)"
+        )
+    tables = [base]
+    base_key = list(base.primary_key.columns)
+    for m in members:
+        table = _local_table(m)
+        if table in tables:
+            continue
+        key = list(table.primary_key.columns)
+        if len(key) != len(base_key) or not all(
+            c.references(b) for c, b in zip(key, base_key, strict=True)
+        ):
+            raise ConfigurationError(
+                f"{m.class_.__name__}: the primary key of {table.name!r} must be a foreign key "
+                f"to {base.name!r}'s, column for column, for joined-table inheritance"
+            )
+        tables.append(table)
+    return tuple(tables)
+
+
 def _column_name(mapper: Mapper[Any], column: Any) -> str:
     if isinstance(column, str):
         return column
@@ -164,7 +216,7 @@ def _tables_reached(mapper: Mapper[Any], assocs: Assocs) -> Iterator[sa.Table]:
     for name, nested in _items(assocs):
         for rel, sub_nested in _resolve(mapper, name, nested):
             target = rel.mapper
-            yield _local_table(target)
+            yield from _hierarchy(target)
             for clause in (rel.secondary, rel.primaryjoin, rel.secondaryjoin):
                 if clause is not None:
                     yield from (t for t in find_tables(clause) if isinstance(t, sa.Table))
@@ -188,10 +240,13 @@ def _items(assocs: Assocs) -> Iterator[tuple[str, Assocs]]:
 def _resolve(
     mapper: Mapper[Any], name: str, nested: Assocs
 ) -> Iterator[tuple[RelationshipProperty[Any], Assocs]]:
-    """The relationship called ``name``; an association proxy stands for the two it spans."""
-    if name in mapper.relationships:
-        yield mapper.relationships[name], nested
-        return
+    """The relationship called ``name``; an association proxy stands for the two it spans.
+    A subclass's relationship counts too: a place holding the base class holds subclass rows,
+    loaded with their own relationships (``of_type``, ``with_polymorphic``)."""
+    for m in mapper.self_and_descendants:
+        if name in m.relationships:
+            yield m.relationships[name], nested
+            return
     proxy = mapper.all_orm_descriptors.get(name)
     if isinstance(proxy, AssociationProxy):
         via = mapper.relationships[proxy.target_collection]
@@ -215,10 +270,24 @@ def resolve_assocs(
     return [pair for name, nested in _items(assocs) for pair in _resolve(mapper, name, nested)]
 
 
+def assocs_spec(mapper: Mapper[Any], assocs: Assocs) -> dict[str, Any]:
+    """``assocs`` as a LoadSpec (relationship keys, each with what is below it); an
+    association proxy stands for the relationships it spans."""
+    spec: dict[str, Any] = {}
+    for rel, nested in resolve_assocs(mapper, assocs):
+        spec = tree.merge_specs(spec, {rel.key: assocs_spec(rel.mapper, nested)})
+    return spec
+
+
+def spec_assocs(spec: tree.LoadSpec) -> list[Any]:
+    """A LoadSpec as the ``assocs`` of ``subscribe``."""
+    return [{key: spec_assocs(nested)} if nested else key for key, nested in spec.items()]
+
+
 def _models_by_table(mapper: Mapper[Any]) -> dict[sa.Table, Any]:
     """The class mapped to each table; a table mapped by no class stands for itself."""
     owners: dict[sa.Table, Any] = {}
     for m in mapper.registry.mappers:
-        if isinstance(m.local_table, sa.Table):
+        if isinstance(m.local_table, sa.Table) and not m.single:  # not a table's subclass
             owners.setdefault(m.local_table, m.class_)
     return owners

@@ -50,6 +50,23 @@ def sessions(schema: sa.Engine) -> sessionmaker[Session]:
     return sessionmaker(schema, expire_on_commit=False)
 
 
+MODES = [
+    pytest.param({}, id="notify"),
+    pytest.param({"durable": True}, id="durable"),
+    pytest.param({"capture": "stream"}, id="stream"),
+]
+"""Every capture mode, as ``RowSync`` keyword arguments."""
+
+
+@pytest.fixture(params=MODES)
+def moded(schema: sa.Engine, request: pytest.FixtureRequest) -> Iterator[RowSync]:
+    """A started RowSync for the reference schema, once per capture mode."""
+    instance = RowSync(schema, reference_watchers(), **request.param)
+    instance.install()
+    with instance:
+        yield instance
+
+
 @pytest.fixture
 def rs(schema: sa.Engine) -> Iterator[RowSync]:
     """A started RowSync with triggers installed for the whole reference schema."""

@@ -1,28 +1,30 @@
 """The correctness oracle: a loaded tree as plain data, to compare with a fresh query, and
 the trees (statements, loader options, subscriptions) the oracle tests hold.
 
-Only what is loaded is read (never a lazy load): a relationship loaded on one side and not
-on the other is a difference (reading it on a detached object would raise). Collections are
-compared by their collection class: lists and sets as multisets unless the relationship
-declares ``order_by`` (then in order, ties as multisets), dicts by key.
+Only what is loaded is read (never a lazy load). A collection is compared with its class, as
+a multiset unless the relationship declares ``order_by``; then in order, except that rows with
+equal ``order_by`` values (which Postgres returns in no particular order) are compared as a
+multiset within their run. A mapping's members are compared with their keys, a set's as a
+multiset always. A relationship loaded on one side only is a difference (reading it on a
+detached object raises); a column is not, when the fresh query deferred it.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.orm import joinedload, selectinload
 from sqlalchemy.orm.base import instance_state
-from sqlalchemy.sql.elements import UnaryExpression
+from sqlalchemy.orm.exc import UnmappedColumnError
 
 import rowsync
 from fixtures import ALL_ASSOCS
 from models import Person, Post, PostTag, Tag
-from rowsync import tree
+from rowsync import ordering, tree
 
 
 class _Deferred:
@@ -36,12 +38,15 @@ DEFERRED: Final = _Deferred()
 
 def snapshot(value: Any, depth: int = 6, order: Sequence[str] = ()) -> Any:
     """``value`` as plain data. A list of roots is a multiset, unless ``order`` names the
-    attributes its statement orders by (then runs of equal values are multisets, in order)."""
+    attributes its statement orders by (then in order, each run of ties as a multiset)."""
     if value is None:
         return None
     if isinstance(value, list):
-        items = [(tuple(_sort_value(v, k) for k in order), _object(v, depth)) for v in value]
-        return _runs(items) if order else sorted((i for _, i in items), key=repr)
+        items = [_object(v, depth) for v in value]
+        if order:
+            values = [tuple(instance_state(v).dict.get(k, DEFERRED) for k in order) for v in value]
+            return tied_runs(values, items)
+        return sorted(items, key=repr)
     return _object(value, depth)
 
 
@@ -56,53 +61,55 @@ def _object(obj: Any, depth: int) -> dict[str, Any]:
         value = tree.loaded_value(obj, rel.key)
         if rel.lazy == "noload" and (value is tree.NOT_LOADED or not value):
             # reading it gives what loading it gives, an empty value, never a query
-            out[rel.key] = [] if rel.uselist else None
+            out[rel.key] = None if not rel.uselist else {"__class__": "noload", "members": []}
             continue
         if value is tree.NOT_LOADED:
             continue
-        if not rel.uselist:
-            out[rel.key] = None if value is None else _object(value, depth - 1)
-        elif isinstance(value, dict):
-            out[rel.key] = {
-                "__collection__": type(value).__name__,
-                "items": sorted(
-                    ([repr(k), _object(v, depth - 1)] for k, v in value.items()), key=repr
-                ),
-            }
+        if rel.uselist:
+            out[rel.key] = _collection(rel, value, depth - 1)
         else:
-            order = _order_keys(rel) if rel.order_by else ()
-            items = [
-                (tuple(_sort_value(v, k) for k in order), _object(v, depth - 1)) for v in value
-            ]
-            runs = _runs(items) if order else sorted((i for _, i in items), key=repr)
-            # list subclasses other than SQLAlchemy's own (a user's collection class) count
-            kind = type(value).__name__
-            out[rel.key] = (
-                runs if kind == "InstrumentedList" else {"__collection__": kind, "items": runs}
-            )
+            out[rel.key] = None if value is None else _object(value, depth - 1)
     return out
 
 
-def _order_keys(rel: Any) -> tuple[str, ...]:
-    """The attribute keys of the target columns a relationship's ``order_by`` names."""
-    keys = []
-    for term in rel.order_by:
-        while isinstance(term, UnaryExpression):
-            term = term.element
-        keys.append(rel.mapper.get_property_by_column(term).key)
-    return tuple(keys)
+def _ordered(rel: Any, objects: Any, items: list[Any]) -> list[Any]:
+    """``items`` in order, each run of ties sorted. Ties are told by the target's columns the
+    ``order_by`` names; with any other term, the order is compared as it is."""
+    columns = [ordering.column(t) for t in ordering.terms(rel.order_by)]
+    try:
+        keys = [rel.mapper.get_property_by_column(c).key for c in columns if c is not None]
+    except UnmappedColumnError:
+        return items
+    if len(keys) < len(columns):
+        return items
+    return tied_runs([tuple(instance_state(o).dict.get(k) for k in keys) for o in objects], items)
 
 
-def _sort_value(obj: Any, key: str) -> Any:
-    return instance_state(obj).dict.get(key, DEFERRED)
-
-
-def _runs(items: list[tuple[tuple[Any, ...], Any]]) -> list[Any]:
-    """Items in order, each run of equal sort values as a multiset (ties have no order)."""
+def tied_runs(order: list[tuple[Any, ...]], items: list[Any]) -> list[Any]:
+    """``items`` (whose order values are ``order``) with every run of equal values sorted."""
     out: list[Any] = []
-    for _, run in itertools.groupby(items, key=lambda item: item[0]):
-        out.append(sorted((i for _, i in run), key=repr))
-    return out
+    run: list[Any] = []
+    for i, item in enumerate(items):
+        if run and order[i] != order[i - 1]:
+            out += sorted(run, key=repr)
+            run = []
+        run.append(item)
+    return out + sorted(run, key=repr)
+
+
+def _collection(rel: Any, value: Any, depth: int) -> dict[str, Any]:
+    """A collection as its class and its members: a mapping's with their keys; in order when
+    ``order_by`` decides it (a set's never), else as a multiset."""
+    objects = tree.as_list(value)
+    if isinstance(value, Mapping):
+        items: list[Any] = [[key, _object(v, depth)] for key, v in value.items()]
+    else:
+        items = [_object(v, depth) for v in objects]
+    if rel.order_by and not isinstance(value, AbstractSet):
+        items = _ordered(rel, objects, items)
+    else:
+        items = sorted(items, key=repr)
+    return {"__class__": type(value).__name__, "members": items}
 
 
 def fresh(session_factory: Any, statement: sa.Select[Any], *, many: bool = True) -> Any:

@@ -3,7 +3,6 @@ load with triggers disabled) reach every subscriber once announced, in every cap
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,27 +10,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, selectinload, sessionmaker
 
 import rowsync
-from fixtures import apply_all, messages, reference_watchers
+from fixtures import MODES, apply_all, messages
 from models import Person, Post
 from oracle import differences, snapshot
 from rowsync import Change, RowSync
 from rowsync.errors import ConfigurationError
 
-MODES = [
-    pytest.param({}, id="notify"),
-    pytest.param({"durable": True}, id="durable"),
-    pytest.param({"capture": "stream"}, id="stream"),
-]
-
 PEOPLE = sa.select(Person).options(selectinload(Person.posts)).order_by(Person.id)
-
-
-@pytest.fixture(params=MODES)
-def moded(schema: sa.Engine, request: pytest.FixtureRequest) -> Iterator[RowSync]:
-    instance = RowSync(schema, reference_watchers(), **request.param)
-    instance.install()
-    with instance:
-        yield instance
 
 
 def unseen(engine: sa.Engine, *statements: sa.Executable) -> None:

@@ -31,7 +31,7 @@ def seed(rs, write):
 def test_same_messages_applied_twice_change_nothing_the_second_time(rs, sessions, write):
     seed(rs, write)
     people = fresh(sessions, TREE)
-    sub = rs.subscribe(people, assocs=[{"posts": ["tags"]}]).add(Person, "inserted")
+    sub = rs.subscribe(people, assocs=[{"posts": ["tags"]}]).add(Person, "inserted", follow=True)
 
     write(Post(id=20, name="q", person_id=1))
     write(PostTag(post_id=10, tag_id=2), PostTag(post_id=20, tag_id=1))
@@ -64,7 +64,7 @@ def test_insert_applied_twice_adds_one_object(rs, sessions, write):
 def test_root_insert_applied_twice_adds_one_root(rs, sessions, write):
     seed(rs, write)
     people = fresh(sessions, TREE)
-    sub = rs.subscribe(Person, "inserted")
+    sub = rs.subscribe(people).add(Person, "inserted", follow=True)
 
     write(Person(id=3, name="c"))
     [message] = messages(rs, sub)

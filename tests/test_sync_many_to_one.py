@@ -166,7 +166,8 @@ def test_roots_moving_between_parents_loaded_below_them_look_freshly_loaded(
         .options(loader(Post.person).options(loader(Person.posts).options(loader(Post.tags))))
     )
     posts = fresh(sessions, query)
-    sub = rs.subscribe(posts, assocs=[{"person": [{"posts": ["tags"]}]}]).add(Post, "inserted")
+    sub = rs.subscribe(posts, assocs=[{"person": [{"posts": ["tags"]}]}])
+    sub.add(Post, "inserted", follow=True)
 
     write(sa.update(Post).where(Post.id == 11).values(person_id=1))
     write(Post(id=12, name="n", person_id=3), PostTag(post_id=12, tag_id=1))

@@ -197,6 +197,7 @@ def _item(item: Item, criteria: Mapping[str, str]) -> dict[str, Any]:
         "o": _plain(item.old),
         "g": item.origin,
         "x": item.readable,
+        "v": item.xid,
     }
     if item.row is not None:
         data["w"] = _plain(dict(item.row.values))
@@ -322,7 +323,16 @@ class Codec:
             origin=data["g"],
             row=row,
             readable=bool(data["x"]),
+            xid=_xid(data.get("v")),
         )
+
+
+def _xid(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"xid {value!r} is not an integer")
+    return value
 
 
 def _dumps(data: Any) -> bytes:
