@@ -46,14 +46,11 @@ BROKEN: dict[str, str] = {
     "joined_inheritance": "issue 12 item 2",
     "single_inheritance": "issue 12 item 3",
     "filtered_roots": "issue 12 item 4",
-    "collection_classes": "issue 12 item 5",
-    "dataclasses": "issue 12 item 6",
-    "custom_eq": "issue 12 item 6",
-    "many_to_many_no_pk": "issue 12 item 10",
     "root_below": "issue 12 items 7 and 13 (an object both root and below a root, or a new "
     "one below a root, gets the roots' load spec)",
-    # new, each with its regression test in tests/test_sync_regressions.py:
-    "column_options": "new: sync reads load_only/defer path tokens as relationships and crashes",
+    # new (see ELSEWHERE and tests/test_sync_regressions.py for their regression tests):
+    "column_options": "new: load_only() leaving out a foreign key column makes sync fail "
+    "(KeyError / NoSuchColumnError on that column); not minimised yet",
     "contains_eager": "new: with another option beside it, rows sync adds and rs.resync leave "
     "unloaded what contains_eager loads",
     "noload_option": "new: rows sync adds are left unloaded where noload() sets an empty value",
@@ -64,7 +61,6 @@ BROKEN: dict[str, str] = {
 them back; ``feature@variant`` leaves it out of that way of holding a tree only."""
 
 ELSEWHERE: dict[str, str] = {
-    "dataclasses": "issue 12 item 6's regression tests",
     "contains_eager": "test_a_row_joining_roots_gets_what_contains_eager_loads",
     "noload_option": "test_a_row_joining_roots_gets_the_empty_value_noload_sets",
     "root_below": "failures seen in unseeded oracle runs, not minimised yet",

@@ -177,12 +177,6 @@ POSTS_WITH_EAGER_PERSON = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="new (mapping oracle): sync reads load_only's column tokens as relationships "
-    "('PathToken' object has no attribute 'key')",
-)
 def test_a_row_joining_roots_loaded_with_load_only_is_synced(rs, sessions, write):
     write(Person(id=1, name="a"))
     statement = sa.select(Person).options(load_only(Person.id))
