@@ -43,8 +43,8 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 BROKEN: dict[str, str] = {
-    "joined_inheritance": "issue 12 item 2",
-    "single_inheritance": "issue 12 item 3",
+    "joined_inheritance@live": "live queries refuse inheritance hierarchies (a clear error)",
+    "single_inheritance@live": "live queries refuse inheritance hierarchies (a clear error)",
     "filtered_roots": "issue 12 item 4",
     "root_below": "issue 12 items 7 and 13 (an object both root and below a root, or a new "
     "one below a root, gets the roots' load spec)",
@@ -64,6 +64,8 @@ ELSEWHERE: dict[str, str] = {
     "contains_eager": "test_a_row_joining_roots_gets_what_contains_eager_loads",
     "noload_option": "test_a_row_joining_roots_gets_the_empty_value_noload_sets",
     "root_below": "failures seen in unseeded oracle runs, not minimised yet",
+    "column_options": "a failure seen once (NoSuchColumnError for a.c_id, load_only on roots "
+    "with A.c), not minimised yet",
 }
 """BROKEN entries the gated run below does not reproduce within its budget, and their evidence
 (tests named here are in tests/test_sync_regressions.py)."""
