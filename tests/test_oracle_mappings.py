@@ -51,8 +51,8 @@ BROKEN: dict[str, str] = {
     # new (see ELSEWHERE and tests/test_sync_regressions.py for their regression tests):
     "column_options": "new: load_only() leaving out a foreign key column makes sync fail "
     "(KeyError / NoSuchColumnError on that column); not minimised yet",
-    "contains_eager": "new: with another option beside it, rows sync adds and rs.resync leave "
-    "unloaded what contains_eager loads",
+    "contains_eager": "new: with another option beside it, rows sync adds leave unloaded what "
+    "contains_eager loads",
     "noload_option": "new: rows sync adds are left unloaded where noload() sets an empty value",
     "lazy_defaults@resync": "new: rs.resync loads what raiseload()/lazyload() kept unloaded "
     "over an eager lazy= default",
