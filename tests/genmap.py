@@ -61,7 +61,7 @@ FEATURES: dict[str, str] = {
     "column_options": "load_only on the roots, defer on loaded relationships' targets",
     "contains_eager": "A.c loaded by contains_eager over an explicit outer join",
     "recursion_depth": "selectinload(self-referential, recursion_depth=1..3)",
-    "filtered_roots": "a root list with a WHERE, subscribed with follow=True (rs.subscribe)",
+    "filtered_roots": "a root list with a WHERE, kept by its statement (rs.load, rs.live)",
     "noload_option": "noload() among the loader options drawn",
     "root_below": "options that load the root's model again below the roots (A.children, B.a)",
 }
@@ -204,7 +204,9 @@ def mappings(
                 )
                 tiebreak = draw(st.booleans())
             if "collection_classes" in frozen:
-                collection = draw(st.sampled_from(COLLECTIONS))
+                # SQLAlchemy's own set collections hash their members: no unhashable classes
+                kinds = [c for c in COLLECTIONS if c != "set" or "custom_eq" not in frozen]
+                collection = draw(st.sampled_from(kinds))
             if "criteria" in frozen and key in ("A.bs", "B.ds", "A.children"):
                 criteria = draw(st.booleans())
         rels.append((key, Rel(lazy, order, tiebreak, collection, criteria)))
