@@ -318,12 +318,9 @@ _SPEC = "rowsync_spec"
 
 def expected_spec(obj: Any) -> dict[str, Any]:
     """What a fresh query would load on ``obj``: its loader options (and the mapper's eager
-    defaults), and what is loaded on it now. New related objects are loaded so. What is loaded
-    counts too: some options never reach the objects they loaded (``contains_eager`` does not
-    propagate), so only the loaded relationships show them."""
+    defaults); without options, what is loaded on it now. New related objects are loaded so."""
     declared = declared_spec(obj)
-    loaded = loaded_spec(obj)
-    return loaded if declared is None else merge_specs(declared, loaded)
+    return declared if declared is not None else loaded_spec(obj)
 
 
 def declared_spec(obj: Any) -> dict[str, Any] | None:

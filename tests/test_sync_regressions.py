@@ -207,6 +207,11 @@ def test_a_row_joining_roots_gets_what_contains_eager_loads(rs, sessions, write)
     assert not differences(snapshot(posts), snapshot(fresh(sessions, POSTS_WITH_EAGER_PERSON)))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="new (mapping oracle): rs.resync of roots loaded with contains_eager (which does not "
+    "propagate to the objects it loads) brings the relationship back unloaded",
+)
 def test_resync_keeps_what_contains_eager_loaded(rs, sessions, write):
     write(Person(id=1, name="a"), Post(id=10, person_id=1))
     posts = fresh(sessions, POSTS_WITH_EAGER_PERSON)
