@@ -538,8 +538,9 @@ class RowSync:
         for sub in holders:
             sub.trees = [(result if t is value else t, a) for t, a in sub.trees]
 
+            # Registered again on top of what it held: dropping first would also drop the
+            # rows the router registered for messages still queued (a followed insert).
             def register(sub: Subscription = sub) -> None:
-                self.router.drop_trees(sub)
                 for target, assocs in sub.trees:
                     self._hold(sub, target, assocs)
 

@@ -111,15 +111,6 @@ class Router:
         key = key_of(table, values)
         return [_key_in(t, key) for t in self.graph.hierarchy(table)]
 
-    def drop_trees(self, sub: Subscription) -> None:
-        """Forget ``sub``'s tree interests (its model interests stay), to register its trees
-        again as they now are."""
-        with self._lock:
-            for key in list(sub.interests):
-                self._drop_key(sub, key)
-            sub.interests.clear()
-            sub.below.clear()
-
     def remove(self, sub: Subscription) -> None:
         with self._lock:
             self._subscriptions.pop(sub.id, None)
@@ -182,7 +173,9 @@ class Router:
             count = self._bump(sub, key, reason, sign)
             if not nested and not edge.row_tables:
                 continue
-            if sign > 0 and count == 1:
+            # Held again (a tree registered once more, as after a resync): what its loaded
+            # object holds and is not followed yet is entered (``_enter`` skips the rest).
+            if sign > 0 and (count == 1 or obj is not None):
                 for child_values, child in self._children(edge, local, obj):
                     self._enter(sub, key, edge, nested, child_values, child)
             elif sign < 0 and count == 0:
