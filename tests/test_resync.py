@@ -113,3 +113,21 @@ def test_a_resynced_single_object_is_followed_in_its_new_instance(rs, sessions, 
     person = apply_all(rs, sub, person)
 
     assert person.posts[0].name == "renamed"
+
+
+def test_a_followed_insert_still_queued_at_a_resync_is_followed_after_it(rs, sessions, write):
+    """The router registered row 2 when its insert was dispatched; the resync happens before
+    that message is applied. Its later delete must still arrive (no ghost root)."""
+    write(Person(id=1, name="a"))
+    rs.flush()
+    query = sa.select(Person).order_by(Person.id)
+    people = fresh(sessions, query)
+    sub = rs.subscribe(people).add(Person, "inserted", follow=True)
+
+    write(Person(id=2, name="b"))
+    rs.flush()  # dispatched and queued, not applied yet
+    people = rs.resync(people)
+    write(sa.delete(Person).where(Person.id == 2))
+    people = apply_all(rs, sub, people)
+
+    assert [p.id for p in people] == [1]
