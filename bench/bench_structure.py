@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from harness import Context, Goal, Result, median, percentile, write_profile
+from harness import Context, Goal, Queries, Result, median, percentile, write_profile
 
 import rowsync
 from models import Schema, populate, schema
@@ -96,17 +96,6 @@ class _Collections:
             self.seconds += time.perf_counter() - self._started
 
 
-class _Queries:
-    """Counts statements on an engine, to show what sync itself asked the database."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.count = 0
-        sa.event.listen(engine, "before_cursor_execute", self._hit)
-
-    def _hit(self, *args: Any) -> None:
-        self.count += 1
-
-
 @dataclass
 class _Tree:
     """One tree, its RowSync and subscription, and what the database holds (to check it)."""
@@ -117,7 +106,7 @@ class _Tree:
     rs: rowsync.RowSync
     people: list[Any]
     sub: rowsync.Subscription
-    queries: _Queries
+    queries: Queries
     owner: dict[int, int]
     """Post id -> person id, as committed."""
     next_id: int
@@ -178,7 +167,7 @@ def _open(engine: sa.Engine, label: str, persons: int, suffix: str) -> _Tree:
     sub = rs.subscribe(people, assocs=["posts"])
     posts = persons * POSTS_PER_PERSON
     owner = {i: (i - 1) // POSTS_PER_PERSON + 1 for i in range(1, posts + 1)}
-    tree = _Tree(label, s, engine, rs, people, sub, _Queries(engine), owner, posts + 1)
+    tree = _Tree(label, s, engine, rs, people, sub, Queries(engine), owner, posts + 1)
     logger.info("%s tree: %d objects", label, tree.objects())
     return tree
 

@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
-from harness import Context, Goal, Result, median, percentile, write_profile
+from harness import Context, Goal, Queries, Result, median, percentile, write_profile
 from sqlalchemy.orm import Session
 
 import rowsync
@@ -48,17 +48,6 @@ PERSONS = 1000
 POSTS_PER_PERSON = 10
 PER_ROUND = 100
 MIN_SAMPLES = 5
-
-
-class _Queries:
-    """Counts statements on the engine, to show that sync ran none."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.count = 0
-        sa.event.listen(engine, "before_cursor_execute", self._hit)
-
-    def _hit(self, *args: Any) -> None:
-        self.count += 1
 
 
 def run(ctx: Context) -> list[Result]:
@@ -112,7 +101,7 @@ def _run(
         sub = rs.subscribe(people, assocs=["posts"])
         subscribe_s = time.perf_counter() - t0
         posts_by_id = {post.id: post for person in people for post in person.posts}
-        queries = _Queries(engine)
+        queries = Queries(engine)
         sync_queries = wrong = 0
         samples: list[_Round] = []
         key_stmt = sa.select(s.posts).where(s.posts.c.id == sa.bindparam("id"))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+import sqlalchemy as sa
 from psycopg import sql
 
 logger = logging.getLogger(__name__)
@@ -178,3 +179,15 @@ def fmt(value: float | None, unit: str) -> str:
     if unit == "/s":
         return f"{value:,.0f}/s"
     return f"{value:,.2f} {unit}"
+
+
+class Queries:
+    """Counts the statements an engine sends, to show what the code under test asked the
+    database (for ``sync``: nothing, the rows being in the listener's cache)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.count = 0
+        sa.event.listen(engine, "before_cursor_execute", self._hit)
+
+    def _hit(self, *args: Any) -> None:
+        self.count += 1
