@@ -282,8 +282,10 @@ class Dispatcher:
         return allowed
 
     def gap(self, reason: str) -> None:
-        """Changes may have been missed: every subscription is told to resync."""
-        self.journal.resume(self.rows.snapshot())
+        """Changes may have been missed: every subscription is told to resync (first: the
+        snapshot that lets later positions replay again costs a round trip)."""
+        self.journal.interrupt()
         info = ResyncInfo(reason, time.monotonic())
         for sub in self.router.subscriptions():
             sub.put((Resync, info))
+        self.journal.resume(self.rows.snapshot())

@@ -203,10 +203,10 @@ class Node:
                 logger.warning("lost the fan-out broker (%s); reconnecting", exc)
                 resumed = await self._reconnect()
                 self.stats["reconnects"] += 1
-                self.connected.set()
-                if not resumed:
+                if not resumed:  # announced before "connected": a subscriber after it is current
                     self._expect = None
                     self._gap("the connection to the fan-out broker was lost")
+                self.connected.set()
                 continue
             try:
                 self._receive(data)
