@@ -408,6 +408,7 @@ class RowSource:
             actual = sa.inspect(obj).mapper
             if actual is not mapper and (
                 set(actual.tables) - set(mapper.tables)
+                or set(actual.column_attrs.keys()) - set(mapper.column_attrs.keys())
                 or any(k in actual.relationships and k not in mapper.relationships for k in spec)
             ):
                 partial.setdefault(actual, []).append(tree.primary_key(obj))
