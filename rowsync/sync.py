@@ -19,17 +19,18 @@ carry the change's ``ref``, so an older change never overwrites a newer one.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import operator
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapper, attributes
+from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.base import instance_state
 
 from rowsync import ordering, tree
@@ -41,6 +42,9 @@ from rowsync.roots import Rule
 from rowsync.watchers import Assocs, assocs_spec
 
 logger = logging.getLogger(__name__)
+
+Parents = Mapping[int, Any]
+"""The parents having an edge loaded, by ``id``."""
 
 Preloads = Mapping[Any, Assocs]
 """``{Model: assocs}``: what new objects of ``Model`` come back with loaded."""
@@ -63,13 +67,13 @@ class Syncer:
         tree.watch_mutations(graph.digraph.nodes)
 
     def index(self, value: Any, roots: list[Any]) -> tree.Index:
-        """The index of a tree, reused while neither its roots nor any tree's shape changed.
+        """The index of a tree, walked once and then kept current by the syncs that reshape
+        the tree, so that a message costs what it touches, not the size of the tree.
 
-        A tree's shape changes when rowsync adds, removes or moves a row (the indexes holding
-        the objects it changed are forgotten: :meth:`forget`), or when the application
-        appends, removes, assigns or expires a relationship (SQLAlchemy events: every index
-        is stale, see :class:`tree.Generation`). An update that only patches attributes does
-        not, so a stream of updates pays for one walk of the tree, not one per message.
+        It is walked again when something else reshaped the tree: its root list was changed
+        by hand, the application appended, removed, assigned or expired a relationship
+        (SQLAlchemy events: every index is stale, see :class:`tree.Generation`), or a sync of
+        another tree reshaped objects this one shares (:meth:`forget`).
         """
         if not roots:
             return tree.Index.of(roots)
@@ -121,15 +125,29 @@ class Syncer:
                 None,
             )
 
-    def forget(self, objects: list[Any]) -> None:
-        """Drop the cached indexes that hold any of ``objects``: rowsync changed what those
-        objects hold. Other trees keep theirs (a change to one tree used to make every tree
-        walk itself again)."""
+    def forget(self, objects: list[Any], keep: tree.Index) -> None:
+        """Drop the cached indexes, other than ``keep``, that hold any of ``objects``: a sync
+        through ``keep`` changed what those objects hold. Trees sharing none keep theirs."""
         ids = {id(o) for o in objects}
         with self._lock:
-            stale = [k for k, c in self._indexes.items() if c.index.holds_any(ids)]
+            stale = [
+                k
+                for k, c in self._indexes.items()
+                if c.index is not keep and c.index.holds_any(ids)
+            ]
             for key in stale:
                 del self._indexes[key]
+
+    def _rerooted(self, value: Any, roots: list[Any], index: tree.Index) -> None:
+        """The sync through ``index`` changed the root list: the cached copy follows."""
+        with self._lock:
+            cached = self._indexes.get(id(value))
+            if cached is not None and cached.index is index:
+                self._indexes[id(value)] = _CachedIndex.of(value, roots, index)
+
+    def _drop(self, value: Any) -> None:
+        with self._lock:
+            self._indexes.pop(id(value), None)
 
     def sync(self, value: Any, message: Any, preloads: Preloads | None = None) -> Any:
         """Return ``value`` with ``message`` applied (the same list/object, patched in place).
@@ -157,7 +175,13 @@ class Syncer:
             return value
         rule = self.rule(value, table) if isinstance(value, list) else None
         patch = _Patch(self, value, roots, change, table, preloads or {}, rule)
-        patch.apply()
+        try:
+            patch.apply()
+        except BaseException:
+            self._drop(value)  # half applied: its index may not describe it
+            raise
+        if patch.rerooted:
+            self._rerooted(value, roots, patch.index)
         if isinstance(value, list):
             return value
         return roots[0] if roots else None
@@ -259,7 +283,9 @@ class _Patch:
         fresh query would load them where they now are."""
         self.reshaped: list[Any] = []
         """Objects of the tree whose relationships this change set or unloaded (or whose
-        place among the roots changed): every cached index holding one is stale."""
+        place among the roots changed): other trees' cached indexes holding one are stale."""
+        self.rerooted = False
+        """Whether the root list changed (members or order)."""
         self.requery: dict[Edge, dict[int, Any]] = {}
         """Parents whose collection only a query can tell (by edge, then ``id``)."""
         self.row: CachedRow | None = None
@@ -290,7 +316,7 @@ class _Patch:
             if not parents:
                 continue
             if edge.recompute:
-                self.recompute(edge, parents)
+                self.recompute(edge, list(parents.values()))
                 continue
             if self.table is edge.target_table:
                 if edge.secondary is None:
@@ -304,10 +330,11 @@ class _Patch:
         for edge, stale in self.requery.items():
             self.recompute(edge, list(stale.values()))
         self.root()
+        self.index.settle()
         if self.touched:
             self.conform()
         if self.reshaped:
-            self.syncer.forget(self.reshaped)
+            self.syncer.forget(self.reshaped, self.index)
 
     @functools.cached_property
     def row_class(self) -> Mapper[Any] | None:
@@ -335,16 +362,23 @@ class _Patch:
         fetched = self.rows.load(kind, self.key, spec, self.change.ref)
         if fetched is None:
             return  # changed again, or deleted, before it could be read: a later change says
-        places = list(self.index.holders.get(id(old), ()))
+        places = list(self.index.places(old))
         # a copy of its own (the tree's instance of the row is ``old``), sharing what is below
-        new = tree.clone(fetched, {}, lambda row: None if row is fetched else self.own(row))
-        self.index.replace(old, new)
+        new = tree.clone(
+            fetched,
+            {},
+            lambda row: None if row is fetched else self.own(row),
+            self.index.set,
+        )
         instance_state(new).info[_REF] = self.change.ref
         tree.remember_spec(new, spec)
         tree.remember_entity(new, tree.entity(old))
         for parent, key in places:
             if parent is None:
                 self.roots[:] = [new if r is old else r for r in self.roots]
+                self.index.leave(old)
+                self.index.join(new)
+                self.rerooted = True
                 continue
             edge = self.graph.edge(instance_state(parent).mapper, key or "")
             value = tree.loaded_value(parent, edge.key)
@@ -352,13 +386,14 @@ class _Patch:
                 self.assign(parent, edge, [new if o is old else o for o in tree.as_list(value)])
             else:
                 self.assign(parent, edge, new)
+        self.index.settle()  # ``old`` is found no more: the row's instance is ``new``
         self.touched += [old, new]
         self.reshaped += [old, new]
         tree.Generation.bump()
 
     # -- where the changed row sits on the edge --------------------------------------
 
-    def direct(self, edge: Edge, parents: list[Any]) -> None:
+    def direct(self, edge: Edge, parents: Parents) -> None:
         row = self.row
         remote = edge.remote(row.values) if row else None
         wanted = (
@@ -370,13 +405,13 @@ class _Patch:
             self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
 
     def candidates(
-        self, edge: Edge, parents: list[Any], *locals_: tuple[Any, ...] | None
+        self, edge: Edge, parents: Parents, *locals_: tuple[Any, ...] | None
     ) -> list[Any]:
         """Parents whose membership can change: those holding the row now, and those whose
         local columns are one of ``locals_``. Found through the index when the local columns
         are a primary key (they never change); otherwise every parent is looked at."""
         if not edge.local_is_key:
-            return parents
+            return list(parents.values())
         found: dict[int, Any] = {}
         by_local = self.index.by_local(edge.parent, edge.key, edge.local_names)
         for local in locals_:
@@ -395,7 +430,7 @@ class _Patch:
         values = self.change.ids
         return key_of(edge.target_table, edge.link_target(values))
 
-    def association_target(self, edge: Edge, parents: list[Any]) -> None:
+    def association_target(self, edge: Edge, parents: Parents) -> None:
         if self.deleted:
             for parent in self.candidates(edge, parents):
                 self.ensure(parent, edge, self.key, False)
@@ -415,7 +450,7 @@ class _Patch:
                 parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
             )
 
-    def link(self, edge: Edge, parents: list[Any]) -> None:
+    def link(self, edge: Edge, parents: Parents) -> None:
         new = None if self.deleted or self.row is None else self.row.values
         old = self.change.ids if self.deleted else (self.row.old if self.row else None)
         pairs = []
@@ -438,7 +473,7 @@ class _Patch:
                 if _local(parent, edge) == local:
                     self.ensure(parent, edge, target, present, row)
 
-    def relink(self, edge: Edge, parents: list[Any], locals_: list[tuple[Any, ...]]) -> None:
+    def relink(self, edge: Edge, parents: Parents, locals_: list[tuple[Any, ...]]) -> None:
         """The links of parents whose local columns are one of ``locals_``, re-read: where a
         pair may be linked several times, only SQLAlchemy's loader knows what it holds."""
         wanted = set(locals_)
@@ -446,13 +481,12 @@ class _Patch:
         if group := [p for p in found if _local(p, edge) in wanted]:
             self.recompute(edge, group)
 
-    def repoint(self, edge: Edge, parents: list[Any]) -> None:
+    def repoint(self, edge: Edge, parents: Parents) -> None:
         """A many-to-one whose foreign key lives on the changed row: follow the key."""
-        mine = {id(o) for o in self.index.instances(self.identity, self.key)}
         remote = [r for _, r in edge.pairs]
         by_target_key = set(remote) == set(edge.target_table.primary_key.columns)
-        for parent in parents:
-            if id(parent) not in mine:
+        for parent in list(self.index.instances(self.identity, self.key)):
+            if id(parent) not in parents:
                 continue
             if not by_target_key or edge.uselist:
                 self.recompute(edge, [parent])
@@ -518,6 +552,7 @@ class _Patch:
             self.leave(held)
         elif held and self.change.event == "updated":
             self.rule.arrange(self.roots)
+            self.rerooted = True
 
     def join(self, mapper: Mapper[Any], spec: tree.LoadSpec | None) -> None:
         """The changed row becomes a root of ``mapper`` (the class the list was queried as),
@@ -529,6 +564,8 @@ class _Patch:
         if obj is not None:
             tree.remember_entity(obj, mapper)
             self.roots.append(obj)
+            self.index.join(obj)
+            self.rerooted = True
             self.touched.append(obj)
             self.reshaped.append(obj)
             tree.Generation.bump()
@@ -538,6 +575,9 @@ class _Patch:
             return
         gone_ids = {id(r) for r in gone}
         self.roots[:] = [r for r in self.roots if id(r) not in gone_ids]
+        for obj in gone:
+            self.index.leave(obj)
+        self.rerooted = True
         self.touched += gone
         self.reshaped += gone
         tree.Generation.bump()
@@ -590,30 +630,23 @@ class _Patch:
             obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
             if obj is None:
                 return
-            items = [*items, obj]
+            items = _inserted(edge, items, obj)
         elif present is False and held:
             items = [o for o in items if tree.primary_key(o) != target]
         elif not (held and edge.order_by):
             return
         elif _in_place(edge, items, at):
             return  # still between its neighbours: an update that moved nothing
-        if edge.order_by:
-            items = sorted(items, key=functools.cmp_to_key(lambda a, b: _compare(edge, a, b)))
+        else:
+            items = sorted(items, key=_order_key(edge))
         if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
             self.assign(parent, edge, items)
 
     def assign(self, parent: Any, edge: Edge, value: Any) -> None:
         """Set a relationship as if loaded (nothing marked dirty), noting who came and went."""
-        before = tree.loaded_value(parent, edge.key)
-        before_ids = {id(o) for o in tree.as_list(None if before is tree.NOT_LOADED else before)}
-        after_ids = {id(o) for o in tree.as_list(value)}
-        self.touched += [
-            o
-            for o in tree.as_list(None if before is tree.NOT_LOADED else before)
-            if id(o) not in after_ids
-        ]
-        self.touched += [o for o in tree.as_list(value) if id(o) not in before_ids]
-        attributes.set_committed_value(parent, edge.key, value)
+        lost, gained = self.index.set(parent, edge.key, value)
+        self.touched += lost
+        self.touched += gained
         self.reshaped.append(parent)
         tree.Generation.bump()
 
@@ -648,7 +681,7 @@ class _Patch:
         if obj is not None:
             instance_state(obj).info[_REF] = self.change.ref
             tree.remember_spec(obj, spec)
-            self.index.extend([obj])
+            self.index.adopt(obj)
         return obj
 
     @functools.cached_property
@@ -660,24 +693,24 @@ class _Patch:
         """Make each moved object loaded as a fresh query would load it where it now is: the
         union of what its places' loader options load. What none of them loads is unloaded
         (it would go stale: nobody follows it any more), what one loads and it lacks is loaded."""
-        index = tree.Index.of(self.roots)
         done: set[int] = set()
         for obj in self.touched:
-            self._conform(obj, index, done)
+            self._conform(obj, done)
 
-    def _conform(self, obj: Any, index: tree.Index, done: set[int]) -> None:
+    def _conform(self, obj: Any, done: set[int]) -> None:
         if id(obj) in done:
             return
         done.add(id(obj))
-        if id(obj) not in index.holders:
+        index = self.index
+        if not index.holds(obj):
             # Gone from the tree: what it held may have lost a place (or its last one).
             for rel in instance_state(obj).mapper.relationships:
                 value = tree.loaded_value(obj, rel.key)
                 for child in tree.as_list(None if value is tree.NOT_LOADED else value):
-                    self._conform(child, index, done)
+                    self._conform(child, done)
             return
         spec: dict[str, Any] = {}
-        for parent, key in index.holders[id(obj)]:
+        for parent, key in list(index.places(obj)):
             if parent is None:
                 declared = self.root_spec
                 if declared is None:
@@ -689,11 +722,16 @@ class _Patch:
             spec = tree.merge_specs(
                 spec, declared if parent is None else declared.get(key or "", {})
             )
+        tree.remember_own_spec(obj, spec)  # what joins below it later is loaded so too
         state = instance_state(obj)
+        unloaded = []
         for rel in state.mapper.relationships:
             if rel.key in state.dict and rel.key not in spec:
-                del state.dict[rel.key]  # unloaded again, as a fresh query leaves it
+                unloaded += tree.as_list(state.dict[rel.key])
+                index.unset(obj, rel.key)  # as a fresh query leaves it
                 self.reshaped.append(obj)
+        if unloaded:
+            index.settle()
         missing = {
             k: v for k, v in spec.items() if k not in state.dict and k in state.mapper.relationships
         }
@@ -708,18 +746,18 @@ class _Patch:
                     self.reuse(o, memo)
                     for o in tree.as_list(value if value is not tree.NOT_LOADED else None)
                 ]
-                attributes.set_committed_value(
-                    obj, key, items if rel.uselist else (items[0] if items else None)
-                )
+                index.set(obj, key, items if rel.uselist else (items[0] if items else None))
         for key in spec:
             for child in tree.as_list(tree.loaded_value(obj, key)):
-                if len(index.holders.get(id(child), ())) == 1:
-                    self._conform(child, index, done)
+                if len(index.places(child)) == 1:
+                    self._conform(child, done)
+        for child in unloaded:  # a place less: gone, or loaded for its other places only
+            self._conform(child, done)
 
     def reuse(self, fetched: Any, memo: dict[int, Any]) -> Any:
         """The tree's own instance of a fetched row when it has one, else a private copy;
         likewise for every row loaded below it (one instance per row, as one session gives)."""
-        return tree.clone(fetched, memo, self.own)
+        return tree.clone(fetched, memo, self.own, self.index.set)
 
     def own(self, fetched: Any) -> Any:
         """The tree's instance of the row ``fetched`` holds, if it has one."""
@@ -761,9 +799,25 @@ def _in_place(edge: Edge, items: list[Any], at: int) -> bool:
     )
 
 
-def _compare(edge: Edge, a: Any, b: Any) -> int:
+def _order_key(edge: Edge) -> Callable[[Any], Any]:
+    """A sort key ordering a collection's objects as ``edge``'s ``order_by`` does."""
     names = edge.order_names
-    return ordering.compare(edge.order_by, tree.values_of(a, names), tree.values_of(b, names))
+
+    def compare(a: Any, b: Any) -> int:
+        return ordering.compare(edge.order_by, tree.values_of(a, names), tree.values_of(b, names))
+
+    return functools.cmp_to_key(compare)
+
+
+def _inserted(edge: Edge, items: list[Any], obj: Any) -> list[Any]:
+    """``items`` (in ``order_by`` order) with ``obj`` where a fresh query puts it: after the
+    rows it ties with, as a stable sort of ``[*items, obj]`` would (only the new row's place
+    is searched for, not every pair compared again)."""
+    if not edge.order_by:
+        return [*items, obj]
+    key = _order_key(edge)
+    at = bisect.bisect_right(items, key(obj), key=key)
+    return [*items[:at], obj, *items[at:]]
 
 
 def _preload_spec(mapper: Mapper[Any], preloads: Preloads) -> dict[str, Any] | None:

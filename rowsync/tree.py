@@ -3,12 +3,14 @@ building or cloning detached instances whose attributes look freshly loaded."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import threading
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Final, cast
 
 import sqlalchemy as sa
@@ -177,6 +179,7 @@ class Generation:
 
     value = 0
     outside = 0
+    _ours = threading.local()
 
     @classmethod
     def bump(cls, *args: Any, **kwargs: Any) -> None:
@@ -185,7 +188,20 @@ class Generation:
     @classmethod
     def bump_outside(cls, *args: Any, **kwargs: Any) -> None:
         cls.value += 1
-        cls.outside += 1
+        if not getattr(cls._ours, "active", False):
+            cls.outside += 1
+
+    @classmethod
+    @contextlib.contextmanager
+    def ours(cls) -> Iterator[None]:
+        """What fires in here is rowsync's own doing on objects no tree holds yet (a new
+        instance's attributes expired as it is made detached), not the application's."""
+        before = getattr(cls._ours, "active", False)
+        cls._ours.active = True
+        try:
+            yield
+        finally:
+            cls._ours.active = before
 
 
 _watched: set[Any] = set()
@@ -277,17 +293,22 @@ def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
     """A detached instance of ``mapper`` holding ``values``, as a query would have returned it."""
     obj = mapper.class_manager.new_instance()
     patch(obj, values)
-    make_transient_to_detached(obj)
+    with Generation.ours():
+        make_transient_to_detached(obj)
     return obj
 
 
 def clone(
-    obj: Any, memo: dict[int, Any] | None = None, own: Callable[[Any], Any] | None = None
+    obj: Any,
+    memo: dict[int, Any] | None = None,
+    own: Callable[[Any], Any] | None = None,
+    assign: Callable[[Any, str, Any], object] = attributes.set_committed_value,
 ) -> Any:
     """A detached copy of ``obj`` and of everything loaded below it (shared rows stay shared).
 
     ``own(row)`` gives the tree's own instance of a row, if any: it is used instead of a copy
-    (one instance per row, as one session gives) and only gets what it has not loaded yet.
+    (one instance per row, as one session gives) and only gets what it has not loaded yet,
+    through ``assign`` (a tree's :meth:`Index.set`, which indexes what it gains).
     """
     memo = {} if memo is None else memo
     if id(obj) in memo:
@@ -302,13 +323,9 @@ def clone(
         ):
             continue
         if rel.uselist:
-            attributes.set_committed_value(
-                copy, rel.key, [clone(v, memo, own) for v in as_list(value)]
-            )
+            assign(copy, rel.key, [clone(v, memo, own, assign) for v in as_list(value)])
         else:
-            attributes.set_committed_value(
-                copy, rel.key, None if value is None else clone(value, memo, own)
-            )
+            assign(copy, rel.key, None if value is None else clone(value, memo, own, assign))
     return copy
 
 
@@ -346,6 +363,12 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
                     remember_spec(child, nested)
 
 
+def remember_own_spec(obj: Any, spec: LoadSpec) -> None:
+    """Record the spec ``obj`` is loaded with now (the union of its places' specs), without
+    touching what is below it."""
+    instance_state(obj).info[_SPEC] = spec
+
+
 def strategy(obj: Any, key: str) -> str:
     """How the relationship ``key`` of ``obj`` was (or would be) loaded: "selectin", "joined",
     "subquery", or "select" (lazy). It matters: SQLAlchemy's strategies differ in whether a
@@ -369,7 +392,20 @@ def _path_keys(path: PathRegistry) -> list[str]:
 
 
 def _from_options(state: Any) -> dict[str, Any]:
-    return options_spec(state.mapper, state.load_options or (), state.load_path)
+    """The LoadSpec of a query-loaded object (the same for every object one query loaded at
+    one place: computed once for them)."""
+    options = state.load_options or ()
+    try:
+        return _options_spec_of(state.mapper, options, state.load_path)
+    except TypeError:  # an option that cannot be hashed
+        return options_spec(state.mapper, options, state.load_path)
+
+
+@lru_cache(maxsize=1024)
+def _options_spec_of(
+    mapper: Mapper[Any], options: tuple[Any, ...], path: PathRegistry | None
+) -> dict[str, Any]:
+    return options_spec(mapper, options, path)
 
 
 _UNLIMITED = 16
@@ -569,46 +605,59 @@ def _shape(mapper: Mapper[Any]) -> tuple[sa.Table, tuple[tuple[str, Mapper[Any],
     return identity_table(mapper), relationships
 
 
+Place = tuple[Any, str | None]
+"""``(parent, relationship key)`` holding an object; ``(None, None)`` for a root."""
+
+
 @dataclass
 class Index:
-    """Every object of a tree by row, and every loaded relationship by edge key."""
+    """Every object of a tree by row, and every loaded relationship by edge key.
+
+    Built by one walk of the tree, then kept current by whoever reshapes the tree through it
+    (:meth:`set`, :meth:`unset`, :meth:`join`, :meth:`leave`, :meth:`adopt`), so that adding,
+    removing or moving a row costs what it touches, not the size of the tree. An object that
+    lost a place stays indexed until :meth:`settle` finds it unreachable from every root
+    (places may form cycles: a post under its person, the person under the post)."""
 
     objects: dict[tuple[sa.Table, tuple[Any, ...]], list[Any]] = field(
         default_factory=lambda: defaultdict(list)
     )
-    loaded: dict[tuple[Mapper[Any], str], list[Any]] = field(
-        default_factory=lambda: defaultdict(list)
+    loaded: dict[tuple[Mapper[Any], str], dict[int, Any]] = field(
+        default_factory=lambda: defaultdict(dict)
     )
-    """``(parent mapper, relationship key) -> parents`` that have it loaded."""
-    holders: dict[int, list[tuple[Any, str | None]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    """``id(object) -> (parent, relationship key)`` of every place it is held; ``(None, None)``
-    for a root."""
+    """``(parent mapper, relationship key) -> {id: parent}`` of the parents that have it loaded."""
+    holders: dict[int, list[Place]] = field(default_factory=lambda: defaultdict(list))
+    """``id(object) ->`` every place it is held at (once per occurrence)."""
     generation: int = -1
     """``Generation.outside`` when built; stale once it moved on."""
     roots: set[int] = field(default_factory=set)
-    """``id`` of each root the index was built from."""
-    _seen: set[int] = field(default_factory=set)
-    _by_local: dict[Any, dict[tuple[Any, ...], list[Any]]] = field(default_factory=dict)
+    """``id`` of each root."""
+    _seen: dict[int, Any] = field(default_factory=dict)
+    """Every indexed object by ``id`` (held, so an ``id`` is never reused while indexed)."""
+    _by_local: dict[
+        tuple[Mapper[Any], str], tuple[tuple[str, ...], dict[tuple[Any, ...], list[Any]]]
+    ] = field(default_factory=dict)
+    _loose: dict[int, Any] = field(default_factory=dict)
+    """Objects that lost a place, or joined without one yet: :meth:`settle` decides."""
 
     @classmethod
     def of(cls, roots: list[Any]) -> Index:
         index = cls(generation=Generation.outside, roots={id(r) for r in roots})
-        index.extend(roots)
+        index._walk([(root, None, None) for root in roots])
         return index
 
     def by_local(
         self, mapper: Mapper[Any], key: str, columns: tuple[str, ...]
     ) -> dict[tuple[Any, ...], list[Any]]:
-        """Parents having ``key`` loaded, by the values of ``columns`` (built once per index;
-        only for columns that never change on a row: its primary key)."""
+        """Parents having ``key`` loaded, by the values of ``columns`` (built on first use and
+        kept current; only for columns that never change on a row: its primary key)."""
         found = self._by_local.get((mapper, key))
         if found is None:
-            found = self._by_local[(mapper, key)] = defaultdict(list)
-            for parent in self.loaded.get((mapper, key), ()):
-                found[values_of(parent, columns)].append(parent)
-        return found
+            by_values: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
+            for parent in self.loaded.get((mapper, key), {}).values():
+                by_values[values_of(parent, columns)].append(parent)
+            found = self._by_local[(mapper, key)] = (columns, by_values)
+        return found[1]
 
     def held_by(self, obj: Any, mapper: Mapper[Any], key: str) -> list[Any]:
         """The parents holding ``obj`` under their relationship ``key``."""
@@ -618,46 +667,165 @@ class Index:
             if k == key and p is not None and isa(instance_state(p).mapper, mapper)
         ]
 
-    def extend(self, roots: list[Any]) -> None:
-        """Add ``roots`` and everything loaded below them (objects already indexed are skipped)."""
-        self._walk([(root, None, None) for root in roots])
+    def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
+        return self.objects.get((table, key), [])
 
-    def replace(self, old: Any, new: Any) -> None:
-        """``new`` takes every place of ``old`` (the same row, now of another class)."""
-        places = self.holders.pop(id(old), [])
-        self._seen.discard(id(old))
-        if id(old) in self.roots:
-            self.roots.discard(id(old))
-            self.roots.add(id(new))
-        for found in self.objects.values():
-            if any(o is old for o in found):
-                found[:] = [o for o in found if o is not old]
-        for parents in self.loaded.values():
-            if any(p is old for p in parents):
-                parents[:] = [p for p in parents if p is not old]
-        self._by_local.clear()
-        self._walk([(new, parent, key) for parent, key in places])
+    def holds(self, obj: Any) -> bool:
+        """Whether ``obj`` is in the tree (as of the last :meth:`settle`)."""
+        return id(obj) in self._seen
+
+    def places(self, obj: Any) -> list[Place]:
+        """Where ``obj`` is held."""
+        return self.holders.get(id(obj), [])
+
+    def holds_any(self, ids: set[int]) -> bool:
+        """Whether any of the objects whose ``id`` is in ``ids`` is indexed here."""
+        return not ids.isdisjoint(self._seen.keys())
+
+    # -- reshaping the tree through the index -----------------------------------------
+
+    def set(self, obj: Any, key: str, value: Any) -> tuple[list[Any], list[Any]]:
+        """Set the relationship ``key`` of ``obj`` as if loaded (nothing marked dirty),
+        indexing what it gained and lost when ``obj`` is in the tree. Returns the objects it
+        no longer holds there, and those it holds there now and did not before."""
+        before = loaded_value(obj, key)
+        attributes.set_committed_value(obj, key, value)
+        indexed = id(obj) in self._seen
+        if indexed and before is NOT_LOADED:
+            self._loaded(obj, key)
+        return self._replace(obj, key, before, loaded_value(obj, key), indexed)
+
+    def unset(self, obj: Any, key: str) -> None:
+        """Unload the relationship ``key`` of ``obj`` (as a fresh query that does not load it
+        leaves it)."""
+        before = instance_state(obj).dict.pop(key, NOT_LOADED)
+        if id(obj) not in self._seen or before is NOT_LOADED:
+            return
+        self._unloaded(obj, key)
+        self._replace(obj, key, before, None)
+
+    def join(self, obj: Any) -> None:
+        """``obj`` became a root."""
+        self.roots.add(id(obj))
+        self._walk([(obj, None, None)])
+
+    def leave(self, obj: Any) -> None:
+        """``obj`` is a root no more."""
+        self.roots.discard(id(obj))
+        self._unplace(obj, None, None)
+
+    def adopt(self, obj: Any) -> None:
+        """Index ``obj``, new to the tree and not placed yet, with everything loaded below it
+        (so that the rows it holds are found while it is being placed)."""
+        if id(obj) in self._seen:
+            return
+        self._walk([(obj, _UNPLACED, None)])
+        self._loose[id(obj)] = obj
+
+    def settle(self) -> None:
+        """Forget the objects no root reaches any more, and what they held."""
+        while self._loose:
+            _, obj = self._loose.popitem()
+            if id(obj) in self._seen and not self._reachable(obj):
+                self._drop(obj)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _replace(
+        self, obj: Any, key: str, before: Any, after: Any, indexed: bool = True
+    ) -> tuple[list[Any], list[Any]]:
+        old_items = as_list(None if before is NOT_LOADED else before)
+        new_items = as_list(after)
+        objects = {id(o): o for o in old_items}
+        objects.update((id(o), o) for o in new_items)
+        old, new = Counter(map(id, old_items)), Counter(map(id, new_items))
+        if indexed:
+            for ident, count in (old - new).items():
+                for _ in range(count):
+                    self._unplace(objects[ident], obj, key)
+            for ident, count in (new - old).items():
+                self._walk([(objects[ident], obj, key)] * count)
+        return (
+            [objects[i] for i in old if i not in new],
+            [objects[i] for i in new if i not in old],
+        )
+
+    def _unplace(self, obj: Any, parent: Any, key: str | None) -> None:
+        places = self.holders.get(id(obj))
+        if places is None:
+            return
+        for i, (p, k) in enumerate(places):
+            if p is parent and k == key:
+                del places[i]
+                break
+        self._loose[id(obj)] = obj
+
+    def _loaded(self, obj: Any, key: str) -> None:
+        owner = instance_state(obj).mapper.relationships[key].parent
+        self.loaded[(owner, key)][id(obj)] = obj
+        if (by_local := self._by_local.get((owner, key))) is not None:
+            columns, by_values = by_local
+            by_values[values_of(obj, columns)].append(obj)
+
+    def _unloaded(self, obj: Any, key: str) -> None:
+        owner = instance_state(obj).mapper.relationships[key].parent
+        self.loaded.get((owner, key), {}).pop(id(obj), None)
+        if (by_local := self._by_local.get((owner, key))) is not None:
+            columns, by_values = by_local
+            parents = by_values.get(values_of(obj, columns), [])
+            parents[:] = [p for p in parents if p is not obj]
+
+    def _reachable(self, obj: Any) -> bool:
+        """Whether a root holds ``obj``, or holds a parent of it, and so on up."""
+        stack, visited = [obj], {id(obj)}
+        while stack:
+            for parent, _ in self.holders.get(id(stack.pop()), ()):
+                if parent is None:
+                    return True
+                if id(parent) not in visited and id(parent) in self._seen:
+                    visited.add(id(parent))
+                    stack.append(parent)
+        return False
+
+    def _drop(self, obj: Any) -> None:
+        """Forget ``obj``; what it holds loses that place."""
+        ident = id(obj)
+        del self._seen[ident]
+        self.holders.pop(ident, None)
+        state = instance_state(obj)
+        table, relationships = _shape(state.mapper)
+        found = self.objects.get((table, _key(state, obj)), [])
+        found[:] = [o for o in found if o is not obj]
+        data = state.dict
+        for rel_key, _owner, _uselist in relationships:
+            if rel_key in data:
+                self._unloaded(obj, rel_key)
+                for child in as_list(data[rel_key]):
+                    self._unplace(child, obj, rel_key)
 
     def _walk(self, stack: list[tuple[Any, Any, str | None]]) -> None:
         """Index each ``(object, parent, key)`` place and, once, everything loaded below it."""
         seen, holders, objects, loaded = self._seen, self.holders, self.objects, self.loaded
+        by_local = self._by_local
         while stack:
             obj, parent, key = stack.pop()
             ident = id(obj)
-            holders[ident].append((parent, key))
+            if parent is not _UNPLACED:
+                holders[ident].append((parent, key))
             if ident in seen:
                 continue
-            seen.add(ident)
+            seen[ident] = obj
             state = instance_state(obj)
             table, relationships = _shape(state.mapper)
-            pk = state.key[1] if state.key is not None else primary_key(obj)
-            objects[(table, pk)].append(obj)
+            objects[(table, _key(state, obj))].append(obj)
             data = state.dict
             for rel_key, owner, uselist in relationships:
                 if rel_key not in data:
                     # not loaded (or expired): what a lazy load would fetch is not in the tree
                     continue
-                loaded[(owner, rel_key)].append(obj)
+                loaded[(owner, rel_key)][ident] = obj
+                if by_local and (found := by_local.get((owner, rel_key))) is not None:
+                    found[1][values_of(obj, found[0])].append(obj)
                 value = data[rel_key]
                 if value is None:
                     continue
@@ -666,9 +834,10 @@ class Index:
                 else:
                     stack.append((value, obj, rel_key))
 
-    def holds_any(self, ids: set[int]) -> bool:
-        """Whether any of the objects whose ``id`` is in ``ids`` is indexed here."""
-        return not ids.isdisjoint(self._seen)
 
-    def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
-        return self.objects.get((table, key), [])
+_UNPLACED: Final = object()
+"""The parent of an object :meth:`Index.adopt` indexed before placing it."""
+
+
+def _key(state: Any, obj: Any) -> tuple[Any, ...]:
+    return state.key[1] if state.key is not None else primary_key(obj)

@@ -89,3 +89,19 @@ def _url(drivername: str, conn: psycopg.Connection) -> URL:
 # The reference-schema fixtures live in tests/fixtures.py; importing them here shares them.
 from fixtures import moded, rs, schema, sessions, write, write_to  # noqa: E402, F401
 from restartable import restartable_dsn, restartable_server  # noqa: E402, F401
+
+
+@pytest.fixture(autouse=True)
+def _index_checked_after_every_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sync of the suite also checks the index it kept current (tests/index_check.py)."""
+    from index_check import check_after_sync
+    from rowsync.sync import Syncer
+
+    original = Syncer.sync
+
+    def sync(self: Syncer, value: object, message: object, preloads: object = None) -> object:
+        result = original(self, value, message, preloads)  # type: ignore[arg-type]
+        check_after_sync(self, result)
+        return result
+
+    monkeypatch.setattr(Syncer, "sync", sync)

@@ -141,11 +141,6 @@ def test_an_emptied_root_list_takes_inserts_of_its_own_model_only(rs, sessions, 
     assert synced == expected == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a row that is both a root and a self-referential favourite, loaded late "
-    "under another path's options, keeps that path's narrower load spec",
-)
 def test_a_late_root_first_loaded_as_a_favourite_gets_the_roots_loader_options(rs, sessions, write):
     write(*[Person(id=i, name="p") for i in (1, 2, 3)])
     (people,) = [t for t in trees() if t.name == "people, everything"]
