@@ -13,7 +13,7 @@ function returning either. The CLI configures logging (``-v``, ``-vv``); the lib
 An expected error is one line on stderr (``-v`` adds its traceback), with the exit status below;
 a closed stdout (``rowsync sql | head``) ends the command quietly, with status 0.
 Long operations (``install``, ``resync``) draw progress bars on a terminal (``--progress``
-forces them, ``--no-progress`` hides them).
+forces them, ``--no-progress`` hides them) when tqdm is installed (``rowsync[cli]``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import Any, TextIO
 
 import psycopg
 import sqlalchemy as sa
-from tqdm import tqdm
 
 from rowsync import triggers
 from rowsync.alembic import install_text, revision_body
@@ -445,9 +444,17 @@ def _count(n: int, thing: str) -> str:
 @contextmanager
 def _bars(args: argparse.Namespace, unit: str) -> Iterator[Progress | None]:
     """A progress callback drawing one bar per thing done (``triggers``, each table) on
-    stderr, or None when progress is not wanted."""
+    stderr, or None when progress is not wanted. The bars are tqdm's, an optional dependency
+    (``rowsync[cli]``): without it there are none, and asking for them is an error."""
     shown = sys.stderr.isatty() if args.progress is None else args.progress
     if not shown:
+        yield None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        if args.progress:
+            raise UsageError("--progress needs tqdm: pip install 'rowsync[cli]'") from None
         yield None
         return
     bars: dict[str, tqdm[Any]] = {}

@@ -151,6 +151,17 @@ def test_install_shows_its_progress_when_asked_and_not_by_default_off_a_terminal
     assert code == 0 and "triggers:" not in err
 
 
+def test_progress_without_tqdm_is_none_by_default_and_a_usage_error_when_asked(
+    schema, dsn, capsys, monkeypatch
+):
+    """tqdm comes with the ``cli`` extra: a plain ``pip install rowsync`` has no bars."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "install", "--progress")
+    assert (code, err) == (2, "rowsync: error: --progress needs tqdm: pip install 'rowsync[cli]'\n")
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "install")
+    assert (code, err) == (0, "")
+
+
 def test_resync_announces_every_row_a_trigger_missed_to_a_listener(schema, dsn, capsys):
     """``rowsync resync`` after a load with triggers off: ``rowsync listen`` (here, a
     RowSync) receives an update of every row, with one progress bar per table."""
