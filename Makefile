@@ -12,8 +12,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-# Touched after a successful install; pip re-runs when pyproject.toml is newer.
+# Touched after a successful install; pip re-runs when pyproject.toml is newer. The demos
+# need the package and its [web] extra only, not the development set: a stamp of their own.
 STAMP := $(VENV)/.rowsync-installed
+DEMO_STAMP := $(VENV)/.rowsync-web-installed
 PYTEST_ARGS ?=
 # Extra arguments for the demos, e.g. DEMO_ARGS="--no-writer" (both), "--steps 5" (console).
 DEMO_ARGS ?=
@@ -24,13 +26,20 @@ ALLOW_NO_TESTS ?=
 # (`dsn=$(...) || exit` so a failing script is not masked by `export`.)
 WITH_DB = dsn=$$(scripts/ensure-postgres.sh) || exit $$?; export ROWSYNC_TEST_DSN="$$dsn";
 
-.PHONY: test oracle-soak demo demo-console venv db lint docs bench clean distclean
+.PHONY: test oracle-soak demo demo-console venv demo-venv db lint docs bench package-check \
+	clean distclean
 
 venv: $(STAMP)
+demo-venv: $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+$(DEMO_STAMP): pyproject.toml
+	@test -x $(VPY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[web]'
 	@touch $@
 
 db:
@@ -58,19 +67,24 @@ oracle-soak: venv
 	$(VPY) -m pytest tests/test_oracle_mappings.py -k "not broken" $(PYTEST_ARGS)
 
 # The live web demo (examples/web): serves http://127.0.0.1:$PORT/ (PORT defaults to 8000).
-demo: venv
+demo: demo-venv
 	@$(WITH_DB) DATABASE_URL="$$dsn" PYTHONPATH="examples$${PYTHONPATH:+:$$PYTHONPATH}" \
 	$(VPY) -m web $(DEMO_ARGS)
 
 # The console demo (examples/demo.py): the tree printed after each change.
-demo-console: venv
+demo-console: demo-venv
 	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) examples/demo.py $(DEMO_ARGS)
 
 bench: venv
 	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) bench/run.py
 
+# Build the sdist and the wheel into dist/, install the wheel in a fresh virtualenv (core
+# dependencies only, then each extra) and run the README's example there, twice.
+package-check: venv
+	@$(WITH_DB) $(VPY) scripts/package-check.py
+
 # Run every check even if an earlier one fails, then fail if any did.
-LINT_PATHS := rowsync tests bench examples
+LINT_PATHS := rowsync tests bench examples scripts
 lint: venv
 	@rc=0; \
 	$(VENV)/bin/ruff check $(LINT_PATHS) || rc=1; \

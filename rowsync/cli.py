@@ -10,8 +10,10 @@
 
 ``--app module:attribute`` names a :class:`~rowsync.RowSync`, a list of watchers, or a
 function returning either. The CLI configures logging (``-v``, ``-vv``); the library only logs.
+An expected error is one line on stderr (``-v`` adds its traceback), with the exit status below;
+a closed stdout (``rowsync sql | head``) ends the command quietly, with status 0.
 Long operations (``install``, ``resync``) draw progress bars on a terminal (``--progress``
-forces them, ``--no-progress`` hides them).
+forces them, ``--no-progress`` hides them) when tqdm is installed (``rowsync[cli]``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from typing import Any, TextIO
 
 import psycopg
 import sqlalchemy as sa
-from tqdm import tqdm
 
 from rowsync import triggers
 from rowsync.alembic import install_text, revision_body
@@ -75,7 +76,16 @@ def main(argv: Sequence[str] | None = None, *, on_listening: OnListening | None 
     _configure_logging(args.verbose)
     try:
         command: Callable[[argparse.Namespace, OnListening | None], int] = args.command
-        return command(args, on_listening)
+        code = command(args, on_listening)
+        sys.stdout.flush()  # here, so a closed pipe is met below and not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head`): what it wanted was written. Later writes (the
+        # interpreter's last flush) go nowhere instead of raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except ConfigurationError as exc:
@@ -88,7 +98,7 @@ def main(argv: Sequence[str] | None = None, *, on_listening: OnListening | None 
 
 def _fail(message: str, code: int) -> int:
     print(f"rowsync: error: {message}", file=sys.stderr)
-    logger.debug("failed", exc_info=True)
+    logger.info("the traceback of that error:", exc_info=True)
     return code
 
 
@@ -238,7 +248,9 @@ def load_app(spec: str) -> App:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from None
+        raise UsageError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from exc
+    except Exception as exc:  # the app's own code failed, whatever it raised
+        raise _app_failed(spec, f"importing {module_name!r}", exc) from exc
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)
@@ -247,7 +259,10 @@ def load_app(spec: str) -> App:
                 f"--app {spec!r}: {module_name!r} has no attribute {attribute!r}"
             ) from None
     if callable(obj) and not isinstance(obj, RowSync):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise _app_failed(spec, f"calling {attribute!r}", exc) from exc
     if isinstance(obj, RowSync):
         return obj
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(w, Watcher) for w in obj):
@@ -256,6 +271,14 @@ def load_app(spec: str) -> App:
         f"--app {spec!r}: expected a RowSync, a non-empty list of rowsync.Watcher, or a function "
         f"returning one; got {type(obj).__name__}"
     )
+
+
+def _app_failed(spec: str, doing: str, exc: Exception) -> UsageError:
+    """The app's own code raised: say so, with the exception's last line (the line a
+    traceback ends with), and not as an error of the command."""
+    lines = str(exc).strip().splitlines()
+    last = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return UsageError(f"--app {spec!r}: {doing} failed: {last} (-v shows the traceback)")
 
 
 def _app(args: argparse.Namespace) -> App:
@@ -289,11 +312,17 @@ def _conninfo(database: str | sa.Engine) -> str:
 
 def _url(text: str) -> sa.URL:
     try:
-        return sa.make_url(text)
+        url = sa.make_url(text)
     except sa.exc.ArgumentError:
         raise UsageError(
             "the database URL (--dsn or DATABASE_URL) is not a URL like postgresql://user@host/db"
         ) from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise UsageError(
+            f"the database URL (--dsn or DATABASE_URL) is a {url.get_backend_name()} URL: "
+            "rowsync needs PostgreSQL (postgresql://user@host/db)"
+        )
+    return url
 
 
 @contextmanager
@@ -367,7 +396,7 @@ def _uninstall(args: argparse.Namespace, on_listening: OnListening | None) -> in
             conn, schema=schema, channel=channel, drop_schema=args.drop_schema
         )
     also = f' and schema "{schema}"' if args.drop_schema else ""
-    print(f'rowsync uninstall: {dropped} triggers of channel "{channel}" dropped{also}')
+    print(f'rowsync uninstall: {_count(dropped, "trigger")} of channel "{channel}" dropped{also}')
     return EXIT_OK
 
 
@@ -376,6 +405,10 @@ def _status(args: argparse.Namespace, on_listening: OnListening | None) -> int:
         status = rs.status()
     print(f"rowsync status ({_where(rs)})")
     print(f"  schema     {'ready' if status.schema_ready else 'missing or not up to date'}")
+    absent = status.missing_tables
+    print(f"  tables     {f'{len(absent)} missing' if absent else 'ready'}")
+    for schema, table in absent:
+        print(f"    {schema}.{table}")
     for state in ("installed", "outdated", "missing", "orphaned"):
         names: list[tuple[str, str, str]] = getattr(status, state)
         print(f"  {state:<10} {len(names)}")
@@ -385,6 +418,8 @@ def _status(args: argparse.Namespace, on_listening: OnListening | None) -> int:
         print("ok: the database matches the watchers")
         return EXIT_OK
     hint = "run `rowsync install`" + (" --prune" if status.orphaned else "")
+    if absent:  # no trigger can be created before its table
+        hint = f"create the missing tables (your migrations), then {hint}"
     print(f"drift: {hint}")
     return EXIT_DRIFT
 
@@ -396,17 +431,30 @@ def _resync(args: argparse.Namespace, on_listening: OnListening | None) -> int:
         except ConfigurationError as exc:
             raise UsageError(str(exc)) from None
     for name, count in counts.items():
-        print(f"rowsync resync: {name}: {count} rows announced")
-    print(f"rowsync resync: {sum(counts.values())} rows of {len(counts)} tables ({_where(rs)})")
+        print(f"rowsync resync: {name}: {_count(count, 'row')} announced")
+    total = _count(sum(counts.values()), "row")
+    print(f"rowsync resync: {total} of {_count(len(counts), 'table')} ({_where(rs)})")
     return EXIT_OK
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 @contextmanager
 def _bars(args: argparse.Namespace, unit: str) -> Iterator[Progress | None]:
     """A progress callback drawing one bar per thing done (``triggers``, each table) on
-    stderr, or None when progress is not wanted."""
+    stderr, or None when progress is not wanted. The bars are tqdm's, an optional dependency
+    (``rowsync[cli]``): without it there are none, and asking for them is an error."""
     shown = sys.stderr.isatty() if args.progress is None else args.progress
     if not shown:
+        yield None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        if args.progress:
+            raise UsageError("--progress needs tqdm: pip install 'rowsync[cli]'") from None
         yield None
         return
     bars: dict[str, tqdm[Any]] = {}
@@ -427,14 +475,9 @@ def _bars(args: argparse.Namespace, unit: str) -> Iterator[Progress | None]:
 
 def _listen(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     with _rowsync(args) as rs, _sigterm_interrupts():
-        status = rs.status()  # fails fast (and clearly) when the database is unreachable
-        if not status.ok:
-            print(
-                f"rowsync: warning: triggers not up to date ({len(status.missing)} missing, "
-                f"{len(status.outdated)} outdated): some events will not arrive; "
-                "run `rowsync install`",
-                file=sys.stderr,
-            )
+        # Fails fast (and clearly) when the database is unreachable; starting the RowSync
+        # below warns when the triggers are not up to date.
+        rs.status()
         models = list(dict.fromkeys(w.model for w in rs.watchers))
         seen = 0
         try:
@@ -461,7 +504,7 @@ def _listen(args: argparse.Namespace, on_listening: OnListening | None) -> int:
                     seen += 1  # before printing: a SIGTERM once it is out counts it
                     _print_message(message, sys.stdout, as_json=args.json)
         except KeyboardInterrupt:
-            print(f"rowsync: stopped after {seen} messages", file=sys.stderr)
+            print(f"rowsync: stopped after {_count(seen, 'message')}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from rowsync import migrations
+from rowsync.errors import ConfigurationError
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,19 @@ class Trigger:
 
 @dataclass(frozen=True)
 class Status:
-    """What ``install`` would change: triggers by state, as ``(schema, table, trigger)`` names."""
+    """What ``install`` would change: triggers by state, as ``(schema, table, trigger)`` names.
+
+    ``missing_tables`` are watched tables the database does not have, as ``(schema, table)``:
+    their triggers are among the missing, but ``install`` cannot create them until the
+    tables exist (the application's migrations create them, not rowsync).
+    """
 
     installed: list[tuple[str, str, str]]
     outdated: list[tuple[str, str, str]]
     missing: list[tuple[str, str, str]]
     orphaned: list[tuple[str, str, str]]
     schema_ready: bool
+    missing_tables: list[tuple[str, str]]
 
     @property
     def ok(self) -> bool:
@@ -277,6 +284,23 @@ def _found(conn: psycopg.Connection[TupleRow], channel: str) -> list[_Found]:
     return [_Found(*row) for row in conn.execute(_FOUND, (PREFIX,)) if str(row[3]).startswith(mine)]
 
 
+def _missing_tables(
+    conn: psycopg.Connection[TupleRow], trigs: Sequence[Trigger]
+) -> list[tuple[str, str]]:
+    """The watched tables that do not exist, by name (no quoting: the names are values)."""
+    wanted = sorted({(t.watcher.schema, t.watcher.table) for t in trigs})
+    return [
+        (str(row[0]), str(row[1]))
+        for row in conn.execute(
+            "SELECT w.s, w.t FROM unnest(%s::text[], %s::text[]) AS w(s, t)"
+            " WHERE NOT EXISTS (SELECT FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = w.s AND c.relname = w.t) ORDER BY w.s, w.t",
+            ([s for s, _ in wanted], [t for _, t in wanted]),
+        )
+    ]
+
+
 def _schema_ready(conn: psycopg.Connection[TupleRow], schema: str) -> bool:
     row = conn.execute(
         "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, "migrations").as_string(),)
@@ -306,7 +330,14 @@ def status(
             installed.append(key)
         else:
             outdated.append(key)
-    return Status(installed, outdated, missing, sorted(found), _schema_ready(conn, schema))
+    return Status(
+        installed,
+        outdated,
+        missing,
+        sorted(found),
+        _schema_ready(conn, schema),
+        _missing_tables(conn, trigs),
+    )
 
 
 def install(
@@ -321,9 +352,16 @@ def install(
     """Create what is missing or outdated (and drop orphans when ``prune``), in one transaction.
 
     Returns the status found before the change; installing twice changes nothing.
-    ``progress("triggers", done, total)`` is called after each trigger created.
+    ``progress("triggers", done, total)`` is called after each trigger created. Refuses,
+    changing nothing, while a watched table does not exist.
     """
     with conn.transaction():
+        if absent := _missing_tables(conn, trigs):
+            raise ConfigurationError(
+                "the watched tables do not exist: "
+                + ", ".join(f"{s}.{t}" for s, t in absent)
+                + "; create them first (your migrations), then install"
+            )
         conn.execute(_lock(schema))
         ready = _schema_ready(conn, schema)
         migrations.migrate(conn, schema)

@@ -39,11 +39,20 @@ def python_m_rowsync(*argv: str, **kwargs: Any) -> subprocess.Popen[str]:
         [sys.executable, "-m", "rowsync", *argv],
         env=env,
         cwd=TESTS.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         text=True,
-        **kwargs,
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs},
     )
+
+
+def stderr_until_listening(proc: subprocess.Popen[str]) -> str:
+    """What ``listen`` wrote on stderr up to its "listening on" line (or its exit)."""
+    assert proc.stderr is not None
+    lines = []
+    while line := proc.stderr.readline():
+        lines.append(line)
+        if "listening on" in line:
+            break
+    return "".join(lines)
 
 
 def counts(out: str) -> dict[str, int]:
@@ -89,6 +98,7 @@ def test_status_exits_1_before_install_and_0_after(schema, dsn, capsys):
     code, out, _ = run(capsys, *APP, "--dsn", dsn, "status")
     assert code == 1
     assert counts(out) == {"installed": 0, "outdated": 0, "missing": TRIGGERS, "orphaned": 0}
+    assert "  tables     ready\n" in out
     assert "drift: run `rowsync install`" in out
 
     assert run(capsys, *APP, "--dsn", dsn, "install")[0] == 0
@@ -98,6 +108,27 @@ def test_status_exits_1_before_install_and_0_after(schema, dsn, capsys):
     assert counts(out) == {"installed": TRIGGERS, "outdated": 0, "missing": 0, "orphaned": 0}
     assert re.search(r"^    public\.posts  rowsync_ins_posts_\w+$", out, re.M)
     assert "ok: the database matches the watchers" in out
+
+
+def test_status_without_the_watched_tables_says_to_create_them_and_install_refuses(dsn, capsys):
+    """Triggers cannot be created on tables that do not exist: ``status`` names the tables
+    (not only the triggers) and ``install`` refuses, naming them, before changing anything."""
+    tables = sorted({(w.schema, w.table) for w in reference_watchers()})
+    code, out, _ = run(capsys, *APP, "--dsn", dsn, "status")
+    assert code == 1
+    assert re.search(rf"^  tables     {len(tables)} missing$", out, re.M), out
+    for schema, table in tables:
+        assert re.search(rf"^    {schema}\.{table}$", out, re.M)
+    assert out.endswith(
+        "drift: create the missing tables (your migrations), then run `rowsync install`\n"
+    )
+
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "install")
+    assert code == 2
+    assert err.startswith("rowsync: error: configuration: the watched tables do not exist: ")
+    assert "public.persons" in err and len(err.splitlines()) == 1
+    with psycopg.connect(dsn) as conn:  # nothing was installed, not even rowsync's schema
+        assert conn.execute("SELECT to_regnamespace('rowsync')").fetchone() == (None,)
 
 
 def test_install_twice_creates_then_changes_nothing(schema, dsn, capsys):
@@ -120,6 +151,17 @@ def test_install_shows_its_progress_when_asked_and_not_by_default_off_a_terminal
     assert code == 0 and "triggers:" not in err
 
 
+def test_progress_without_tqdm_is_none_by_default_and_a_usage_error_when_asked(
+    schema, dsn, capsys, monkeypatch
+):
+    """tqdm comes with the ``cli`` extra: a plain ``pip install rowsync`` has no bars."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "install", "--progress")
+    assert (code, err) == (2, "rowsync: error: --progress needs tqdm: pip install 'rowsync[cli]'\n")
+    code, _, err = run(capsys, *APP, "--dsn", dsn, "install")
+    assert (code, err) == (0, "")
+
+
 def test_resync_announces_every_row_a_trigger_missed_to_a_listener(schema, dsn, capsys):
     """``rowsync resync`` after a load with triggers off: ``rowsync listen`` (here, a
     RowSync) receives an update of every row, with one progress bar per table."""
@@ -133,11 +175,22 @@ def test_resync_announces_every_row_a_trigger_missed_to_a_listener(schema, dsn, 
         )
         assert code == 0, err
         assert "public.persons: 5 rows announced" in out
+        assert "5 rows of 1 table (" in out
         assert re.search(r"public\.persons: 100%.*5/5", err), err
         rs.flush()
         changes = [change for _, change in sub.drain()]
     assert sorted(c.ids["id"] for c in changes) == [1, 2, 3, 4, 5]
     assert {c.event for c in changes} == {"updated"}
+
+
+def test_resync_of_one_row_says_row_and_table_in_the_singular(schema, dsn, capsys):
+    run(capsys, *APP, "--dsn", dsn, "install")
+    with psycopg.connect(dsn) as conn:
+        conn.execute("INSERT INTO persons (id, name) VALUES (1, 'n')")
+    code, out, err = run(capsys, *APP, "--dsn", dsn, "resync", "persons")
+    assert code == 0, err
+    assert out.startswith("rowsync resync: public.persons: 1 row announced\n")
+    assert "rowsync resync: 1 row of 1 table (" in out
 
 
 def test_resync_of_a_table_that_is_not_watched_is_a_usage_error(schema, dsn, capsys):
@@ -263,7 +316,21 @@ def test_listen_in_a_subprocess_prints_json_and_stops_cleanly_on_sigterm(schema,
         proc.kill() if proc.poll() is None else None
     assert proc.returncode == 0, err
     assert "Traceback" not in err
-    assert "stopped after 1 messages" in err
+    assert "stopped after 1 message\n" in err
+
+
+def test_listen_warns_once_when_the_triggers_are_not_up_to_date(schema, dsn):
+    assert main(["--app", "cli_app:posts_only", "--dsn", dsn, "install"]) == 0
+    proc = python_m_rowsync(*APP, "--dsn", dsn, "listen")
+    try:
+        err = stderr_until_listening(proc)
+        assert "listening on" in err, err
+        proc.send_signal(signal.SIGTERM)
+        err += proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, err
+    assert len(re.findall(rf"{TRIGGERS - 3} missing, 0 outdated", err)) == 1, err
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -283,6 +350,53 @@ def test_a_bad_app_is_one_clear_line_and_exit_code_2(capsys, app, message):
     assert code == 2
     assert err.startswith("rowsync: error: --app ") and message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_app_that_fails_to_import_is_reported_as_that_import_on_one_line():
+    """Not as the error it raised ("database error: duplicate key…"): the command never got
+    as far as its own work."""
+    proc = python_m_rowsync(
+        "--app", "cli_broken_app:watchers", "--dsn", "postgresql://localhost/unused", "status"
+    )
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err == (
+        "rowsync: error: --app 'cli_broken_app:watchers': importing 'cli_broken_app' failed: "
+        'UniqueViolation: duplicate key value violates unique constraint "people_pkey" '
+        "(-v shows the traceback)\n"
+    )
+
+
+def test_v_shows_the_traceback_of_an_app_that_fails_to_import():
+    proc = python_m_rowsync(
+        "-v", "--app", "cli_broken_app:watchers", "--dsn", "postgresql://localhost/unused", "sql"
+    )
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last):" in err
+    assert re.search(r'cli_broken_app\.py", line \d+', err), err
+
+
+@pytest.mark.parametrize("command", ["status", "install", "uninstall", "resync"])
+def test_a_url_of_another_database_is_refused_on_one_line_with_exit_code_2(capsys, command):
+    code, _, err = run(capsys, *APP, "--dsn", "mysql://root@127.0.0.1:1/app", command)
+    assert code == 2
+    assert err == (
+        "rowsync: error: the database URL (--dsn or DATABASE_URL) is a mysql URL: "
+        "rowsync needs PostgreSQL (postgresql://user@host/db)\n"
+    )
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    """``rowsync sql | head -1``: the reader went away, which is no error of the command."""
+    read, write = os.pipe()
+    os.close(read)  # before the command starts: its first write meets a closed pipe
+    try:
+        proc = python_m_rowsync(*APP, "sql", stdout=write)
+    finally:
+        os.close(write)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (0, "")
 
 
 def test_no_dsn_and_no_DATABASE_URL_is_a_clear_error_with_exit_code_2(capsys, monkeypatch):
