@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 from sqlalchemy.orm.base import instance_state
 
 import rowsync
+import rowsync.testing
 from fixtures import counting_queries
 from models import Person, Post, PostTag, Tag
 from oracle import differences, fresh, snapshot
@@ -444,6 +445,154 @@ def test_value_and_a_page_built_from_its_diffs_equal_a_fresh_query_after_random_
     finally:
         for live, _, _ in lives:
             live.close()
+
+
+# -- the roots' model loaded again below the roots ----------------------------------------
+
+SIBLINGS = (
+    sa.select(Post)
+    .where(Post.name.like("a%"))
+    .order_by(Post.id)
+    .options(selectinload(Post.person).selectinload(Person.posts))
+)
+"""Each root's person with all its posts: a root is also held below the roots (in its own
+person's posts, and its siblings'), and a row there may be a root or not."""
+SIBLINGS_SPEC = {"person": {"posts": {}}}
+
+
+def follow(live: LiveQuery) -> Page:
+    """A page built from the live query's diffs alone, from the whole tree as it is now."""
+
+    async def initial() -> list[Diff]:
+        stream = live.changes(initial=True)
+        first = await anext(stream)
+        await stream.aclose()
+        return first
+
+    page = Page()
+    with live.lock:  # nothing is applied between the first diffs and the callback
+        page.apply(asyncio.run(initial()))
+        live.on_change(page.apply)
+    return page
+
+
+def assert_exact(live: LiveQuery, sessions: sessionmaker[Session], page: Page) -> None:
+    """``live.value`` and the page equal a fresh run of ``SIBLINGS``: the same rows in the
+    same order, the same relationships loaded; no message failed (a failure would run the
+    query again, hiding what went wrong) and the page took every diff."""
+    live.rs.flush()
+    live.flush()
+    assert live.rs.stats["live_errors"] == 0
+    assert live.rs.stats["live_callback_errors"] == 0
+    assert_fresh(live, sessions, SIBLINGS)
+    assert page.render() == render(fresh(sessions, SIBLINGS), SIBLINGS_SPEC)
+
+
+def landing(
+    sessions: sessionmaker[Session], write: Any
+) -> tuple[sessionmaker[Session] | Any, list[tuple[Any, ...]]]:
+    """A session factory for a live query, and a list: writes put in the list commit when
+    the live query next opens a session (to check a root, or to load the rows it admits:
+    after it took the position its subscription replays from, before its query reads)."""
+    queued: list[tuple[Any, ...]] = []
+
+    def factory() -> Session:
+        while queued:
+            write(*queued.pop(0))
+        return sessions()
+
+    return factory, queued
+
+
+def two_people_with_a_root_each(write: Any) -> None:
+    write(
+        Person(id=1, name="p"),
+        Person(id=2, name="q"),
+        Post(id=9, name="a", person_id=1),
+        Post(id=20, name="a", person_id=2),
+        Post(id=21, name="b", person_id=2),
+    )
+
+
+def test_a_row_admitted_while_held_below_brings_its_new_parent_loaded_when_it_moves(
+    rs, sessions, write
+):
+    two_people_with_a_root_each(write)
+    write(Person(id=3, name="r"))
+    with rs.live(sessions, SIBLINGS) as live:
+        page = follow(live)
+        write(Post(id=10, name="a", person_id=1))  # below root 9 (in person 1's posts) first
+        assert_exact(live, sessions, page)
+
+        write(sa.update(Post).where(Post.id == 10).values(person_id=3))
+        assert_exact(live, sessions, page)
+        assert [p.id for p in live.value[1].person.posts] == [10]
+
+
+def test_a_commit_landing_during_an_admission_leaves_every_root_loaded_as_a_fresh_query(
+    rs, sessions, write
+):
+    two_people_with_a_root_each(write)
+    factory, queued = landing(sessions, write)
+    with rs.live(factory, SIBLINGS) as live:
+        page = follow(live)
+        queued.append((sa.update(Post).where(Post.id == 9).values(person_id=2),))
+        write(Post(id=10, name="a", person_id=1))
+        live.flush()
+        assert not queued  # it landed during the load of post 10
+
+        assert_exact(live, sessions, page)
+        assert [p.id for p in live.value[1].person.posts] == [10]
+
+
+def test_a_root_leaving_the_where_but_held_below_is_loaded_as_there(rs, sessions, write):
+    two_people_with_a_root_each(write)
+    write(Post(id=10, name="a", person_id=1))
+    with rs.live(sessions, SIBLINGS) as live:
+        page = follow(live)
+        write(sa.update(Post).where(Post.id == 10).values(name="b"))  # still in person 1's
+        assert_exact(live, sessions, page)
+
+        write(sa.update(Post).where(Post.id == 10).values(name="a"))
+        assert_exact(live, sessions, page)
+
+
+@pytest.mark.parametrize(
+    "commits",
+    [
+        [
+            (Post(id=10, name="a", person_id=1),),
+            (sa.update(Post).where(Post.id == 10).values(person_id=2),),
+        ],
+        [
+            (Post(id=10, name="a", person_id=1),),
+            (sa.update(Post).where(Post.id == 10).values(person_id=2),),
+            (sa.delete(Post).where(Post.id == 10),),
+        ],
+        [
+            (sa.update(Post).where(Post.id == 21).values(name="a", person_id=1),),
+            (sa.update(Post).where(Post.id == 9).values(name="b"),),
+            (sa.update(Person).where(Person.id == 1).values(name="z"),),
+        ],
+        [
+            (sa.update(Post).where(Post.id == 20).values(person_id=1),),
+            (sa.delete(Post).where(Post.id == 20),),
+        ],
+    ],
+    ids=["insert-then-move", "insert-move-delete", "enter-leave-rename", "move-then-delete"],
+)
+@pytest.mark.parametrize("during", [False, True], ids=["after", "during-admission"])
+def test_commits_in_one_batch_keep_roots_held_below_exact(rs, sessions, write, commits, during):
+    two_people_with_a_root_each(write)
+    factory, queued = landing(sessions, write)
+    with rs.live(factory, SIBLINGS) as live:
+        page = follow(live)
+        if during:
+            queued.append((Post(id=11, name="b", person_id=1),))
+        with rowsync.testing.one_batch(rs):
+            for commit in commits:
+                write(*commit)
+        assert_exact(live, sessions, page)
 
 
 # -- reading from asyncio and from callbacks -----------------------------------------------
