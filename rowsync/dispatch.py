@@ -3,9 +3,9 @@
 Two stages. ``resolve``: the changed rows are fetched, one query per table
 (:mod:`rowsync.fetch`). ``deliver``: each row is cached under the change that produced it
 (:mod:`rowsync.cache`); each change is then routed (:mod:`rowsync.router`) and queued, in
-notification order, for every subscription it concerns that neither ignores its origin nor
-is denied it by its authorizer. Both run in the listener thread; with a fan-out backend the
-capture process resolves and every node delivers.
+notification order, for every subscription it concerns that does not ignore its origin (one
+with an authorizer gets it once that allows it, :mod:`rowsync.authorizers`). Both run in the
+listener thread; with a fan-out backend the capture process resolves and every node delivers.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from rowsync.authorizers import Authorizers
 from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.fetch import JSON_TYPES, RowSource, coerce, key_of, qualified_name, usable_key
 from rowsync.listener import Flush, Notice
@@ -109,6 +110,8 @@ class Dispatcher:
         self.stats = stats
         self.flushes: dict[str, threading.Event] = {}
         """Flush barriers waited for, by token."""
+        self.authorizers = Authorizers(stats)
+        """Where subscriptions with an authorizer get their messages: off this thread."""
         self.journal: Journal[Resolved] = Journal(journal_size, lambda change: change.xid)
         """What was delivered lately, for subscriptions that start from a position."""
         self._delivering = threading.RLock()
@@ -306,7 +309,7 @@ class Dispatcher:
             for change in resolved:
                 if isinstance(change, Flush):
                     if (event := self.flushes.pop(change.token, None)) is not None:
-                        event.set()
+                        self.authorizers.after(event.set)  # once authorizers ruled on the rest
                     continue
                 table = self._tables[change.table][0]
                 if change.event != "deleted" and change.readable:
@@ -327,7 +330,9 @@ class Dispatcher:
             changes = self.journal.since(position)
             if changes is None:
                 self.stats["replay_misses"] += 1
-                sub.put((Resync, ResyncInfo("cannot replay from the position", time.monotonic())))
+                self._send(
+                    sub, (Resync, ResyncInfo("cannot replay from the position", time.monotonic()))
+                )
                 return
             for change in changes:
                 self._route(change, sub)
@@ -355,27 +360,21 @@ class Dispatcher:
                 ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
             )
         )
+        row = None if change.row is None else change.row.values
         for sub in subs:
             if change.origin is not None and change.origin in sub.ignore_origins:
                 continue
-            if sub.authorize is not None and not self._authorized(sub, message, change.row):
-                continue
-            sub.put(message)
+            self._send(sub, message, row)
 
-    def _authorized(self, sub: Subscription, message: Message, row: CachedRow | None) -> bool:
-        change = message[1]
-        if not isinstance(change, Change):
-            return True  # a Resync carries no row: everyone may know they must resync
-        assert sub.authorize is not None
-        try:
-            allowed = bool(sub.authorize(sub.context, change, None if row is None else row.values))
-        except Exception:
-            self.stats["authorizer_errors"] += 1
-            logger.exception("authorizer of subscription #%d failed: change withheld", sub.id)
-            return False
-        if not allowed:
-            self.stats["denied"] += 1
-        return allowed
+    def _send(
+        self, sub: Subscription, message: Message, row: Mapping[str, Any] | None = None
+    ) -> None:
+        """Queue ``message`` for ``sub``, through its authorizer's lane if it has one (a
+        Resync too: it must not overtake the changes before it)."""
+        if sub.authorize is None:
+            sub.put(message)
+        else:
+            self.authorizers.submit(sub, message, row)
 
     def gap(self, reason: str) -> None:
         """Changes may have been missed: every subscription is told to resync (first: the
@@ -383,5 +382,5 @@ class Dispatcher:
         self.journal.interrupt()
         info = ResyncInfo(reason, time.monotonic())
         for sub in self.router.subscriptions():
-            sub.put((Resync, info))
+            self._send(sub, (Resync, info))
         self.journal.resume(self.rows.snapshot())

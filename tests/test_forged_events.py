@@ -128,9 +128,7 @@ def test_a_flood_of_payloads_is_taken_in_by_batches_of_bounded_size(rs, write, a
 # -- identifiers the row gives the lie to ----------------------------------------------
 
 
-def test_a_forged_insert_naming_another_parents_row_never_reaches_that_parent(
-    rs, write, attacker
-):
+def test_a_forged_insert_naming_another_parents_row_never_reaches_that_parent(rs, write, attacker):
     """Person 1 is a tenant: a forged insert naming person 2's post as person 1's is not
     delivered to person 1's subscribers, and never puts that post in their tree. Who is told
     is what the row says (its own tenant, with its own values)."""
