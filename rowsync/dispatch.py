@@ -3,9 +3,9 @@
 Two stages. ``resolve``: the changed rows are fetched, one query per table
 (:mod:`rowsync.fetch`). ``deliver``: each row is cached under the change that produced it
 (:mod:`rowsync.cache`); each change is then routed (:mod:`rowsync.router`) and queued, in
-notification order, for every subscription it concerns that neither ignores its origin nor
-is denied it by its authorizer. Both run in the listener thread; with a fan-out backend the
-capture process resolves and every node delivers.
+notification order, for every subscription it concerns that does not ignore its origin (one
+with an authorizer gets it once that allows it, :mod:`rowsync.authorizers`). Both run in the
+listener thread; with a fan-out backend the capture process resolves and every node delivers.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from rowsync.authorizers import Authorizers
 from rowsync.cache import GONE, CachedRow, RowCache
-from rowsync.fetch import RowSource, coerce, key_of, qualified_name, usable_key
+from rowsync.fetch import JSON_TYPES, RowSource, coerce, key_of, qualified_name, usable_key
 from rowsync.listener import Flush, Notice
 from rowsync.messages import Change, Event, Message, Resync, ResyncInfo, Sync
 from rowsync.position import Journal, Position
@@ -54,20 +55,21 @@ class Resolved:
     """The writer's transaction id, when the trigger sent it."""
 
 
-def _with_row(
-    item: Resolved | Flush,
-    fetched: dict[tuple[str, str], dict[tuple[Any, ...], CachedRow] | None],
-    tables: dict[tuple[str, str], tuple[sa.Table, Any]],
-) -> Resolved | Flush:
-    if isinstance(item, Flush) or item.event == "deleted":
-        return item
-    rows = fetched[item.table]
-    if rows is None:
-        return dataclasses.replace(item, readable=False)
-    row = rows.get(key_of(tables[item.table][0], item.new))
-    if row is None:
-        return item
-    return dataclasses.replace(item, row=CachedRow(row.values, row.matches, item.old))
+_Read = tuple[dict[tuple[Any, ...], CachedRow], set[tuple[Any, ...]]]
+"""One table's rows read for a batch, by key, and the keys no query could bind."""
+
+
+def _agrees(claimed: dict[str, Any], actual: Mapping[str, Any]) -> bool:
+    """Whether the identifying values an event claims are the row's own. A value is compared
+    when the row's is of a type JSON carries (:func:`rowsync.fetch.coerce` makes the claim one);
+    of another (an enum member, a custom type's value) it cannot be told from the claim."""
+    for name, value in claimed.items():
+        if name not in actual:
+            return False  # no column the listener reads: no trigger sends it
+        real = actual[name]
+        if value != real and (real is None or type(real) in JSON_TYPES):
+            return False
+    return True
 
 
 class Held:
@@ -108,6 +110,8 @@ class Dispatcher:
         self.stats = stats
         self.flushes: dict[str, threading.Event] = {}
         """Flush barriers waited for, by token."""
+        self.authorizers = Authorizers(stats)
+        """Where subscriptions with an authorizer get their messages: off this thread."""
         self.journal: Journal[Resolved] = Journal(journal_size, lambda change: change.xid)
         """What was delivered lately, for subscriptions that start from a position."""
         self._delivering = threading.RLock()
@@ -179,6 +183,7 @@ class Dispatcher:
             change = Resolved(
                 item.ref, (item.schema, item.table), item.event, new, old, item.origin, xid=item.xid
             )
+            changes = [change]
             if (
                 item.event == "updated"
                 and old is not None
@@ -186,22 +191,116 @@ class Dispatcher:
             ):
                 # A primary key changed: for every tree it is another row. The old one goes,
                 # the new one comes (the same ref: they are two rows, each changed once).
-                resolved.append(dataclasses.replace(change, event="deleted", new=old, old=None))
-                change = dataclasses.replace(change, event="inserted", old=None)
-            resolved.append(change)
-            if change.event != "deleted":
-                wanted[table].append(key_of(table, new))
-        fetched: dict[tuple[str, str], dict[tuple[Any, ...], CachedRow] | None] = {}
-        for table, keys in wanted.items():
-            try:
-                fetched[qualified_name(table)] = self.rows.fetch(table, keys, hold=True)
-            except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
-                # The table no longer matches its mapper (a column dropped, renamed, retyped):
-                # the changes cannot be followed, so their subscribers are told to resync.
-                self.stats["fetch_errors"] += 1
-                logger.error("cannot read changed rows of %s: %s", table.name, exc.orig or exc)
-                fetched[qualified_name(table)] = None
-        return [_with_row(item, fetched, self._tables) for item in resolved]
+                changes = [
+                    dataclasses.replace(change, event="deleted", new=old, old=None),
+                    dataclasses.replace(change, event="inserted", old=None),
+                ]
+            for change in changes:
+                resolved.append(change)
+                # a delete is read too: it is believed once its row is gone (:meth:`_checked`)
+                if change.event != "deleted" or table.primary_key.columns:
+                    wanted[table].append(key_of(table, change.new))
+        fetched = {qualified_name(table): self._read(table, keys) for table, keys in wanted.items()}
+        inserts = {
+            (self._tables[item.table][0], key_of(self._tables[item.table][0], item.new)): item.ref
+            for item in resolved
+            if isinstance(item, Resolved) and item.event == "inserted"
+        }
+        return [
+            checked
+            for item in resolved
+            if (
+                checked := item
+                if isinstance(item, Flush)
+                else self._checked(item, fetched, inserts)
+            )
+            is not None
+        ]
+
+    def _read(self, table: sa.Table, keys: list[tuple[Any, ...]]) -> _Read | None:
+        """The rows of ``keys``, in one query; None when the table cannot be read at all.
+
+        A read that fails is tried again without keys: if that works, some key could not be
+        bound (a value a query refuses), and halving the keys finds which, so one bad key
+        never spoils the rows of the others."""
+        try:
+            return self.rows.fetch(table, keys, hold=True), set()
+        except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
+            if self.rows.readable(table):
+                return self._isolate(table, keys)
+            # The table no longer matches its mapper (a column dropped, renamed, retyped):
+            # the changes cannot be followed, so their subscribers are told to resync.
+            self.stats["fetch_errors"] += 1
+            logger.error("cannot read changed rows of %s: %s", table.name, exc.orig or exc)
+            return None
+
+    def _isolate(self, table: sa.Table, keys: list[tuple[Any, ...]]) -> _Read:
+        try:
+            return self.rows.fetch(table, keys, hold=True), set()
+        except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
+            if len(keys) == 1:
+                logger.warning("cannot read %s with key %.200r: %s", table.name, keys[0], exc)
+                return {}, set(keys)
+        half = len(keys) // 2
+        rows, bad = self._isolate(table, keys[:half])
+        more, worse = self._isolate(table, keys[half:])
+        return {**rows, **more}, bad | worse
+
+    def _checked(
+        self,
+        change: Resolved,
+        fetched: dict[tuple[str, str], _Read | None],
+        inserts: dict[tuple[sa.Table, tuple[Any, ...]], int],
+    ) -> Resolved | None:
+        """``change`` with its row, told with the row's own identifying values; None for a
+        delete the row gives the lie to.
+
+        Anyone may NOTIFY: an event is a hint of where to look, its claims are not believed.
+        Who is told of an insert or an update, and with which values, is what the row read
+        says (the values an event claims are its own only if no later change raced the read,
+        and a forged claim would take a row to another tenant). The values before an update
+        cannot be checked (the row has changed since): they only widen who is told. A delete
+        is believed once its row is gone, or inserted again later in the batch (``inserts``:
+        the last ref inserting each key)."""
+        table = self._tables[change.table][0]
+        read = fetched.get(change.table, ({}, set()))
+        if read is None:
+            if change.event == "deleted":
+                return change
+            return dataclasses.replace(change, readable=False)
+        rows, bad = read
+        key = key_of(table, change.new)
+        if key in bad:
+            self.stats["malformed"] += 1
+            return None
+        row = rows.get(key)
+        if change.event == "deleted":
+            if row is None or inserts.get((table, key), 0) > change.ref:
+                return change
+            self.stats["contradicted"] += 1
+            logger.warning(
+                "skipping delete event %d of %s: its row exists: %.200r",
+                change.ref,
+                table.name,
+                change.new,
+            )
+            return None
+        if row is None:
+            return change  # gone since: sync takes it for deleted, whatever the event said
+        if not _agrees(change.new, row.values):
+            self.stats["contradicted"] += 1
+            logger.info(
+                "%s event %d of %s claims %.200r; told with the row's values (a later change "
+                "raced its read, or the event was forged)",
+                change.event,
+                change.ref,
+                table.name,
+                change.new,
+            )
+        ids = {name: row.values[name] for name in change.new if name in row.values}
+        return dataclasses.replace(
+            change, new=ids, row=CachedRow(row.values, row.matches, change.old)
+        )
 
     def deliver(self, resolved: Sequence[Resolved | Flush]) -> None:
         """Cache each change's row, route it and queue it, in order; release flush barriers
@@ -210,7 +309,7 @@ class Dispatcher:
             for change in resolved:
                 if isinstance(change, Flush):
                     if (event := self.flushes.pop(change.token, None)) is not None:
-                        event.set()
+                        self.authorizers.after(event.set)  # once authorizers ruled on the rest
                     continue
                 table = self._tables[change.table][0]
                 if change.event != "deleted" and change.readable:
@@ -231,7 +330,9 @@ class Dispatcher:
             changes = self.journal.since(position)
             if changes is None:
                 self.stats["replay_misses"] += 1
-                sub.put((Resync, ResyncInfo("cannot replay from the position", time.monotonic())))
+                self._send(
+                    sub, (Resync, ResyncInfo("cannot replay from the position", time.monotonic()))
+                )
                 return
             for change in changes:
                 self._route(change, sub)
@@ -259,27 +360,21 @@ class Dispatcher:
                 ResyncInfo(f"rows of {table.name} could not be read", time.monotonic()),
             )
         )
+        row = None if change.row is None else change.row.values
         for sub in subs:
             if change.origin is not None and change.origin in sub.ignore_origins:
                 continue
-            if sub.authorize is not None and not self._authorized(sub, message, change.row):
-                continue
-            sub.put(message)
+            self._send(sub, message, row)
 
-    def _authorized(self, sub: Subscription, message: Message, row: CachedRow | None) -> bool:
-        change = message[1]
-        if not isinstance(change, Change):
-            return True  # a Resync carries no row: everyone may know they must resync
-        assert sub.authorize is not None
-        try:
-            allowed = bool(sub.authorize(sub.context, change, None if row is None else row.values))
-        except Exception:
-            self.stats["authorizer_errors"] += 1
-            logger.exception("authorizer of subscription #%d failed: change withheld", sub.id)
-            return False
-        if not allowed:
-            self.stats["denied"] += 1
-        return allowed
+    def _send(
+        self, sub: Subscription, message: Message, row: Mapping[str, Any] | None = None
+    ) -> None:
+        """Queue ``message`` for ``sub``, through its authorizer's lane if it has one (a
+        Resync too: it must not overtake the changes before it)."""
+        if sub.authorize is None:
+            sub.put(message)
+        else:
+            self.authorizers.submit(sub, message, row)
 
     def gap(self, reason: str) -> None:
         """Changes may have been missed: every subscription is told to resync (first: the
@@ -287,5 +382,5 @@ class Dispatcher:
         self.journal.interrupt()
         info = ResyncInfo(reason, time.monotonic())
         for sub in self.router.subscriptions():
-            sub.put((Resync, info))
+            self._send(sub, (Resync, info))
         self.journal.resume(self.rows.snapshot())

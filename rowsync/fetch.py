@@ -91,10 +91,23 @@ def _python_types(table: sa.Table) -> dict[str, type]:
 
 
 @functools.cache
-def _key_types(table: sa.Table) -> tuple[tuple[str, type | None, bool], ...]:
-    """``(name, Python type or None, nullable)`` of each identifying column."""
+def _key_types(table: sa.Table) -> tuple[tuple[str, type | None, bool, int], ...]:
+    """``(name, Python type or None, nullable, integer bound)`` of each identifying column:
+    an integer column holds values whose magnitude is below the bound."""
     types = _python_types(table)
-    return tuple((c.name, types.get(c.key), _nullable(c)) for c in identity(table))
+    return tuple(
+        (c.name, types.get(c.key), _nullable(c), _integer_bound(c.type)) for c in identity(table)
+    )
+
+
+def _integer_bound(kind: sa.types.TypeEngine[Any]) -> int:
+    if isinstance(kind, sa.TypeDecorator):
+        kind = kind.impl_instance
+    if isinstance(kind, sa.SmallInteger):
+        return 1 << 15
+    if isinstance(kind, sa.BigInteger) or not isinstance(kind, sa.Integer):
+        return 1 << 63
+    return 1 << 31
 
 
 def _nullable(column: sa.Column[Any]) -> bool:
@@ -120,9 +133,10 @@ def coerce(table: sa.Table, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def usable_key(table: sa.Table, values: Mapping[str, Any]) -> bool:
-    """Whether ``values`` hold an identity of the right types (anyone may NOTIFY on a
-    channel: a forged or damaged event must not reach a query, let alone a tree)."""
-    for name, python_type, nullable in _key_types(table):
+    """Whether ``values`` hold an identity of the right types, that a query can bind (anyone
+    may NOTIFY on a channel: a forged or damaged event must not reach a query, let alone a
+    tree, nor make the read of the other rows of its batch fail)."""
+    for name, python_type, nullable, bound in _key_types(table):
         value = values.get(name)
         if value is None:
             if nullable:  # a column of a table without a primary key
@@ -131,6 +145,10 @@ def usable_key(table: sa.Table, values: Mapping[str, Any]) -> bool:
         if isinstance(value, bool) and python_type is not bool:
             return False
         if python_type is not None and not isinstance(value, python_type):
+            return False
+        if isinstance(value, int) and not -bound <= value < bound:
+            return False
+        if isinstance(value, str) and "\x00" in value:  # no text in Postgres holds one
             return False
     return True
 
@@ -157,6 +175,11 @@ _FROM_JSON: dict[type, Any] = {
     int: _to_int,
     float: _to_float,
 }
+
+
+JSON_TYPES = frozenset({*_FROM_JSON, str, bool, list, dict})
+"""Types of the values :func:`coerce` makes of a payload's: a row's value of one of them can
+be compared with the payload's."""
 
 
 def table_of(model: Any) -> sa.Table:
@@ -312,6 +335,17 @@ class RowSource:
                     held.close()
                 raise
 
+    def readable(self, table: sa.Table) -> bool:
+        """Whether the listener's read of ``table`` runs at all, for no key: when it does, a
+        read that failed was refused one of its keys (the dispatcher then finds which)."""
+        query = self._row_query(table)
+        try:
+            with self._reader.connect() as conn:
+                conn.execute(query.statement.limit(0), {} if query.nullable else {"keys": []})
+        except (sa.exc.ProgrammingError, sa.exc.DataError):
+            return False
+        return True
+
     def snapshot(self) -> Position | None:
         """A snapshot taken now, or None when the database cannot give one."""
         try:
@@ -336,9 +370,7 @@ class RowSource:
     def _fetch(
         self, conn: sa.Connection, table: sa.Table, keys: Iterable[tuple[Any, ...]]
     ) -> dict[tuple[Any, ...], CachedRow]:
-        query = self._row_queries.get(table)
-        if query is None:
-            query = self._row_queries[table] = _RowQuery.of(table, self.policy, self.graph)
+        query = self._row_query(table)
         names, criteria = query.names, query.criteria
         width = len(names)
         wanted = list(dict.fromkeys(keys))
@@ -356,6 +388,12 @@ class RowSource:
                 )
                 found[key_of(table, values)] = CachedRow(values, matches)
         return found
+
+    def _row_query(self, table: sa.Table) -> _RowQuery:
+        query = self._row_queries.get(table)
+        if query is None:
+            query = self._row_queries[table] = _RowQuery.of(table, self.policy, self.graph)
+        return query
 
     # -- sync and the router: single-flight through the cache --------------------------
 

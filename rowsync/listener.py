@@ -13,7 +13,9 @@ values and hands each batch to ``on_batch``. Where the events come from depends 
 
 Flush barriers always come as notifications. A quiet connection is probed with ``SELECT 1``.
 
-Bad input never stops the thread: a malformed payload is logged and counted.
+Bad input never stops the thread, and never spoils the rest of its batch: anyone may NOTIFY
+on the channel, so a payload too large or too deeply nested, malformed, or naming a ref or a
+transaction no trigger could have written yet (:class:`Issued`) is skipped, logged and counted.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ APPLICATION_NAME = "rowsync-listener"
 """``application_name`` of the listener's connection, to find it in ``pg_stat_activity``."""
 
 _EVENTS: dict[str, Event] = {"i": "inserted", "u": "updated", "d": "deleted"}
+
+MAX_PAYLOAD = 1 << 20
+"""Bytes (as characters) of the largest event read: identifying columns, not rows, travel."""
+MAX_DEPTH = 32
+"""Nesting of the deepest event read: an event is an object of objects of column values, a
+value of a json column may nest a little further; a parser recursing through thousands of
+levels would raise, or take the stack."""
+MAX_BATCH_BYTES = 1 << 20
+"""Payload bytes the listener takes in before handing a batch over: what it holds at once
+stays bounded however fast the channel is flooded."""
+_BIGINT = 1 << 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +87,21 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
 
     Raises ``ValueError`` for anything else.
     """
-    data = json.loads(payload)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload larger than {MAX_PAYLOAD} characters")
+    try:
+        data = json.loads(payload)
+    except RecursionError:
+        raise ValueError("payload nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("payload is not an object")
+    if _depth(data) > MAX_DEPTH:
+        raise ValueError(f"payload nested deeper than {MAX_DEPTH} levels")
     if set(data) == {"f"} and isinstance(data["f"], str):
         return Flush(data["f"])
     ref = data.get("r")
-    if not isinstance(ref, int) or isinstance(ref, bool):
-        raise ValueError("missing ref")
+    if not isinstance(ref, int) or isinstance(ref, bool) or not 0 < ref < _BIGINT:
+        raise ValueError("missing ref, or not a bigint")
     if data.get("x") is True:
         return data
     schema, table, event, new, old, label, origin, xid = (
@@ -101,9 +121,71 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
         raise ValueError("label is not a string")
     if origin is not None and not isinstance(origin, str):
         raise ValueError("origin is not a string")
-    if xid is not None and (not isinstance(xid, int) or isinstance(xid, bool)):
-        raise ValueError("xid is not an integer")
+    if xid is not None and (
+        not isinstance(xid, int) or isinstance(xid, bool) or not 0 <= xid < _BIGINT
+    ):
+        raise ValueError("xid is not a bigint")
     return Notice(ref, schema, table, _EVENTS[event], new, old, label, origin, xid)
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts, counted without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+class Issued:
+    """How far rowsync's ref sequence and the database's transaction ids have gone.
+
+    Every trigger takes its event's ref from the sequence and sends its transaction's id,
+    and its event is read only once committed: an event beyond either bound was written by
+    no trigger. Such a ref would make ``sync`` ignore every genuine change of its row until
+    the sequence caught up (it keeps the newest ref it applied), such an xid would have the
+    event replayed after any position; so they are skipped. The bounds are read at most
+    once per batch, and only when an event exceeds the last ones read (both only grow).
+    """
+
+    def __init__(self, schema: str) -> None:
+        self.sequence = sql.Identifier(schema, "ref_seq").as_string()
+        self.ref = 0
+        self.xid = 0
+        """The sequence's last value and the next xid, as last read."""
+        self.checked = True
+        """False while the listener's role may not read the sequence (refs go unchecked)."""
+        self._query = sql.SQL(
+            "SELECT CASE WHEN has_sequence_privilege(s, 'SELECT, USAGE')"
+            " THEN coalesce(pg_sequence_last_value(s), 0) END,"
+            " pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+            " FROM (SELECT to_regclass({}) AS s) AS seq"
+        ).format(sql.Literal(self.sequence))
+
+    def beyond(self, item: Notice | dict[str, Any]) -> bool:
+        ref = item.ref if isinstance(item, Notice) else item["r"]
+        xid = item.xid if isinstance(item, Notice) else None
+        return (self.checked and ref > self.ref) or (xid is not None and xid >= self.xid)
+
+    def read(self, conn: psycopg.Connection[TupleRow]) -> None:
+        row = conn.execute(self._query).fetchone()
+        assert row is not None
+        ref, self.xid = row
+        if ref is None:
+            if self.checked:
+                logger.error(
+                    "the listener's role cannot read rowsync's ref sequence %s: events with "
+                    "forged refs cannot be told apart (grant it SELECT on the sequence)",
+                    self.sequence,
+                )
+            self.checked = False
+        else:
+            self.checked, self.ref = True, ref
 
 
 class Listener:
@@ -119,6 +201,7 @@ class Listener:
         on_gap: Callable[[str], None],
         probe_interval: float = 5.0,
         max_batch: int = 5000,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
         backoff: tuple[float, float] = (0.05, 5.0),
         log: ChangeLog | None = None,
         poll_interval: float | None = None,
@@ -130,12 +213,14 @@ class Listener:
         self.on_gap = on_gap
         self.probe_interval = probe_interval
         self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
         self.backoff = backoff
         self.log = log
         """Read events from the change log instead of NOTIFY payloads."""
         self.poll_interval = poll_interval
         """Read the log this often even when no notification wakes the listener up."""
         self.stats: Counter[str] = Counter()
+        self.issued = Issued(schema)
         self.connected = threading.Event()
         self._connected_before = False
         """Any later connection, after a reconnect or a stop and start, may have missed events."""
@@ -261,15 +346,23 @@ class Listener:
             pass
 
     def _receive(self, conn: psycopg.Connection[TupleRow]) -> list[str]:
+        """What has arrived, up to ``max_batch`` notifications and about ``max_batch_bytes``
+        (the rest waits in the socket and the server's queue for the next batch)."""
         payloads: list[str] = []
-        while len(payloads) < self.max_batch:
+        size = 0
+        while len(payloads) < self.max_batch and size < self.max_batch_bytes:
+            # a notification carries at most 8000 bytes: ask for no more than fit the budget
+            room = max(1, (self.max_batch_bytes - size) // 8000)
             got = [
                 n.payload
-                for n in conn.notifies(timeout=0, stop_after=self.max_batch - len(payloads))
+                for n in conn.notifies(
+                    timeout=0, stop_after=min(self.max_batch - len(payloads), room)
+                )
             ]
             if not got:
                 break
             payloads += got
+            size += sum(len(p) for p in got)
         return payloads
 
     def _parse(self, payloads: list[str]) -> list[Notice | Flush | dict[str, Any]]:
@@ -278,12 +371,33 @@ class Listener:
         for payload in payloads:
             try:
                 parsed.append(parse(payload))
-            except (ValueError, TypeError) as exc:
+            except ValueError as exc:
                 self.stats["malformed"] += 1
                 logger.warning(
                     "skipping malformed event on %r (%s): %.200r", self.channel, exc, payload
                 )
         return parsed
+
+    def _issued(
+        self, conn: psycopg.Connection[TupleRow], parsed: list[Notice | Flush | dict[str, Any]]
+    ) -> list[Notice | Flush | dict[str, Any]]:
+        """``parsed`` without the events no trigger could have written (see :class:`Issued`)."""
+        events = [item for item in parsed if not isinstance(item, Flush)]
+        if not any(self.issued.beyond(item) for item in events):
+            return parsed
+        self.issued.read(conn)
+        kept: list[Notice | Flush | dict[str, Any]] = []
+        for item in parsed:
+            if not isinstance(item, Flush) and self.issued.beyond(item):
+                self.stats["unissued"] += 1
+                logger.warning(
+                    "skipping an event on %r with a ref or transaction id not issued yet: %.200r",
+                    self.channel,
+                    item,
+                )
+                continue
+            kept.append(item)
+        return kept
 
     def _read_log(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
         """Deliver what the log holds past the position, then the flush barriers that came
@@ -305,7 +419,11 @@ class Listener:
         self.log.read(
             conn,
             lambda chunk: self._dispatch(
-                [item for item in self._parse(chunk) if isinstance(item, (Notice, Flush))]
+                [
+                    item
+                    for item in self._issued(conn, self._parse(chunk))
+                    if isinstance(item, (Notice, Flush))
+                ]
             ),
         )
         if flushes:
@@ -313,7 +431,7 @@ class Listener:
         self.log.upkeep(conn)
 
     def _handle(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
-        parsed = self._parse(payloads)
+        parsed = self._issued(conn, self._parse(payloads))
         oversized = [p["r"] for p in parsed if isinstance(p, dict)]
         found = self._overflow(conn, oversized) if oversized else {}
         batch: list[Notice | Flush] = []

@@ -35,7 +35,9 @@ class Change(NamedTuple):
     """One committed change of one row.
 
     ``ids`` holds the primary key and the identifying columns (foreign keys and
-    ``extra_columns``) as they are after the change; for a delete, as they were.
+    ``extra_columns``) as the row had them when read after the change (a change made since
+    may already show: what an event claims is not believed, anyone may NOTIFY); for a
+    delete, as they were.
     ``ref`` is unique per database change and grows with every change of a row,
     so an older change can never overwrite a newer one.
     """

@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 Authorizer = Callable[[Any, Change, Mapping[str, Any] | None], bool]
 """Decides whether a subscriber may receive a change: sees the subscription's ``context``,
-the change, and the row as fetched (None for a delete). Runs in the listener thread: keep it
-quick and free of I/O."""
+the change, and the row as fetched (None for a delete). Runs on a worker thread, one change
+at a time per subscription (:mod:`rowsync.authorizers`): a slow one delays only its own."""
 
 _ids = itertools.count(1)
 

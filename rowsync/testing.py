@@ -127,6 +127,8 @@ class Recorder:
 
 
 _ABSENT = object()
+_SETTLE = 5.0
+"""Seconds an event made up in memory waits for authorizers to rule on it."""
 
 
 def _show(values: Mapping[str, Any]) -> list[str]:
@@ -219,6 +221,7 @@ class MemoryEvents:
         """Every subscription receives ``(Resync, ResyncInfo(reason, since))``, as after a
         reconnect of the listener."""
         self.rs.dispatcher.gap(reason)
+        self.rs.dispatcher.authorizers.wait(_SETTLE)
 
     def _emit(
         self,
@@ -262,6 +265,7 @@ class MemoryEvents:
             origin=origin,
         )
         self.rs.dispatcher.batch([notice])
+        self.rs.dispatcher.authorizers.wait(_SETTLE)  # delivered when this returns, as documented
 
     def _values(
         self, event: Event, table: sa.Table, row: Any, values: Mapping[str, Any]
@@ -502,6 +506,9 @@ class _MemoryRows(RowSource):
             if (row := self.known[(table, key)]) is not None:
                 found[key] = row
         return found
+
+    def readable(self, table: sa.Table) -> bool:
+        return True  # memory refuses no key
 
     def snapshot(self) -> Position | None:
         return None  # no database: no position can be replayed past a made-up gap

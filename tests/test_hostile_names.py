@@ -202,6 +202,7 @@ def test_changes_to_hostile_tables_are_delivered_with_the_right_ids(
         LongA(id=8, long_id=7),
         LongB(id=9, long_id=7),
     )
+    hrs.flush()  # each insert is read before the update: it is told with the values it wrote
     write(
         hostile,
         sa.update(Quoted).values(injection="changed"),

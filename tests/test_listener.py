@@ -268,6 +268,8 @@ def test_parse_reads_events_barriers_and_overflow_references() -> None:
 
 
 def test_malformed_notifications_are_counted_and_the_listener_keeps_delivering(rs, write) -> None:
+    write(Post(id=11), Post(id=12), Post(id=13))  # refs 1 to 3 are issued: events could bear them
+    rs.flush()
     sub = rs.subscribe(Post)
     unknown_table = '{"r": 1, "s": "public", "t": "nope", "e": "i", "n": {"id": 1}}'
     without_key = '{"r": 2, "s": "public", "t": "posts", "e": "i", "n": {"name": "x"}}'

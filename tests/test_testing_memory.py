@@ -309,13 +309,17 @@ def test_messages_are_those_the_same_changes_in_the_database_produce(engine):
     real = RowSync(engine, WATCHERS)
     real.install()
     with real, Recorder(real) as recorder:
-        write(Post(id=1, title="a", person_id=1, published=True))
-        write(post_tags.insert().values(post_id=1, tag_id=5))
-        write(sa.update(Post).where(Post.id == 1).values(person_id=2, title="b"))
-        write(sa.delete(post_tags))
-        write(sa.update(Tag).values(id=6))
-        write(sa.delete(Post))
-        real.flush()
+        # each change read before the next, as in memory: a change is told with its row's values
+        for change in [
+            Post(id=1, title="a", person_id=1, published=True),
+            post_tags.insert().values(post_id=1, tag_id=5),
+            sa.update(Post).where(Post.id == 1).values(person_id=2, title="b"),
+            sa.delete(post_tags),
+            sa.update(Tag).values(id=6),
+            sa.delete(Post),
+        ]:
+            write(change)
+            real.flush()
         from_db = [m[1][:3] for m in recorder.sub.drain()]
 
     memory = RowSync("postgresql://nobody@offline.invalid/none", WATCHERS)

@@ -1,0 +1,276 @@
+"""Never trust what arrives: any role that may connect may NOTIFY on rowsync's channel (and,
+in the log modes, a forged row may sit in the change log). A forged or hostile event is
+skipped and counted; it never stops the listener, never spoils the genuine events around it,
+never puts a row where it does not belong, never freezes a tree, never delays other
+subscribers."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+
+import rowsync
+from fixtures import reference_watchers
+from models import Person, Post
+from rowsync import Resync, RowSync, Sync
+from rowsync.testing import one_batch
+
+
+@pytest.fixture
+def attacker(schema: sa.Engine) -> Iterator[str]:
+    """The conninfo of a role that may connect, and nothing else."""
+    role = f"rowsync_attacker_{os.getpid()}"
+    url = schema.url.set(drivername="postgresql")
+    owner = url.render_as_string(hide_password=False)
+    with psycopg.connect(owner, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(url.database or ""), sql.Identifier(role)
+            )
+        )
+    yield url.set(username=role).render_as_string(hide_password=False)
+    with psycopg.connect(owner, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def forge(conninfo: str, channel: str, *payloads: str | dict[str, Any]) -> None:
+    """NOTIFY ``payloads`` on ``channel`` in one transaction, as the role of ``conninfo``."""
+    with psycopg.connect(conninfo) as conn:
+        for payload in payloads:
+            text = payload if isinstance(payload, str) else json.dumps(payload)
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, text))
+
+
+def event(event: str, table: str, new: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """A payload shaped as a trigger's; ``ref`` 1 unless given."""
+    return {"r": 1, "s": "public", "t": table, "e": event[0], "n": new, **more}
+
+
+def changes(messages: list[Any]) -> list[tuple[str, int]]:
+    return [(m[1].event, m[1].ids["id"]) for m in messages if m[0] is Sync]
+
+
+def resyncs(messages: list[Any]) -> list[str]:
+    return [m[1].reason for m in messages if m[0] is Resync]
+
+
+# -- payloads too deep, too large ------------------------------------------------------
+
+NESTED = "[" * 3900 + "]" * 3900
+"""Deeper than any JSON parser recurses (under NOTIFY's 8000 bytes)."""
+NESTED_VALUE = json.dumps(event("u", "posts", {"id": 1, "name": json.loads("[" * 60 + "]" * 60)}))
+"""A rowsync-shaped event with a value nested deeper than any column's."""
+
+
+def test_deeply_nested_payloads_are_skipped_and_counted_without_a_reconnect(rs, write, attacker):
+    write(Post(id=1))
+    rs.flush()
+    sub = rs.subscribe(Post)
+    forge(attacker, rs.channel, NESTED, NESTED_VALUE)
+    write(sa.update(Post).values(name="real"))
+    rs.flush()
+
+    assert changes(sub.drain()) == [("updated", 1)]
+    assert rs.listener.stats["malformed"] == 2
+    assert rs.listener.stats["reconnects"] == rs.listener.stats["listener_errors"] == 0
+
+
+@pytest.mark.parametrize("mode", [{"durable": True}, {"capture": "stream"}])
+def test_a_deeply_nested_row_in_the_change_log_is_skipped_not_read_again_and_again(schema, mode):
+    rs = RowSync(schema, reference_watchers(), **mode)
+    rs.install()
+    with rs:
+        sub = rs.subscribe(Post)
+        with schema.begin() as conn:  # as the log's owner: how a row gets there is another test's
+            conn.execute(sa.text("INSERT INTO rowsync.log (payload) VALUES (:p)"), {"p": NESTED})
+            conn.execute(sa.insert(Post).values(id=1))
+        rs.flush()
+        assert changes(sub.drain()) == [("inserted", 1)]
+        assert rs.listener.stats["malformed"] == 1
+        assert rs.listener.stats["reconnects"] == rs.listener.stats["listener_errors"] == 0
+
+
+def test_a_flood_of_payloads_is_taken_in_by_batches_of_bounded_size(rs, write, attacker):
+    """Each payload is as large as NOTIFY allows and parses into thousands of objects: the
+    listener holds a bounded number of them at once, however many are sent."""
+    write(Post(id=1))
+    rs.flush()
+    sub = rs.subscribe(Post)
+    junk = {"id": 1, "name": [[]] * 1900}
+    flood = [event("u", "posts", junk, g=str(i)) for i in range(1000)]  # NOTIFY folds equal ones
+    tracemalloc.start()
+    try:
+        forge(attacker, rs.channel, *flood)
+        write(sa.update(Post).values(name="real"))
+        rs.flush(timeout=60)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert changes(sub.drain())[-1] == ("updated", 1)
+    assert peak < 64 << 20, f"{peak >> 20} MB"
+
+
+# -- identifiers the row gives the lie to ----------------------------------------------
+
+
+def test_a_forged_insert_naming_another_parents_row_never_reaches_that_parent(rs, write, attacker):
+    """Person 1 is a tenant: a forged insert naming person 2's post as person 1's is not
+    delivered to person 1's subscribers, and never puts that post in their tree. Who is told
+    is what the row says (its own tenant, with its own values)."""
+    write(Person(id=1), Person(id=2), Post(id=20, person_id=2, name="person 2's"))
+    rs.flush()
+    mine = rs.subscribe(Post, "inserted", person_id=1)
+    theirs = rs.subscribe(Post, "inserted", person_id=2)
+
+    forge(attacker, rs.channel, event("i", "posts", {"id": 20, "person_id": 1}, r=2))
+    write(Post(id=10, person_id=1))
+    rs.flush()
+
+    got = mine.drain()
+    assert changes(got) == [("inserted", 10)]
+    assert [rs.sync(None, m).id for m in got] == [10]
+    assert [m[1].ids for m in theirs.drain()] == [{"id": 20, "person_id": 2}]
+    assert rs.stats["contradicted"] == 1
+
+
+def test_a_forged_delete_of_a_row_that_exists_is_not_believed(rs, write, sessions, attacker):
+    write(Person(id=1), Post(id=10, person_id=1))
+    rs.flush()
+    with sessions() as session:
+        person = session.get(Person, 1, options=[sa.orm.selectinload(Person.posts)])
+    sub = rs.subscribe(person, assocs=["posts"])
+
+    forge(attacker, rs.channel, event("d", "posts", {"id": 10, "person_id": 1}))
+    rs.flush()
+
+    assert sub.drain() == []
+    assert [p.id for p in person.posts] == [10]
+    assert rs.stats["contradicted"] == 1
+
+
+def test_an_update_is_told_with_the_rows_own_values(rs, write, attacker):
+    """A forged update claiming new identifying values tells who the row's values say, with
+    those values: never the claimed ones."""
+    write(Person(id=1), Person(id=2), Post(id=20, person_id=2))
+    rs.flush()
+    mine = rs.subscribe(Post, "updated", person_id=1)
+    theirs = rs.subscribe(Post, "updated", person_id=2)
+
+    forge(attacker, rs.channel, event("u", "posts", {"id": 20, "person_id": 1}))
+    rs.flush()
+
+    assert mine.drain() == []
+    assert [m[1].ids for m in theirs.drain()] == [{"id": 20, "person_id": 2}]
+
+
+# -- refs and transactions not issued yet ----------------------------------------------
+
+
+def test_a_forged_ref_from_the_future_does_not_freeze_a_row(rs, write, sessions, attacker):
+    write(Post(id=1, name="before"))
+    rs.flush()
+    with sessions() as session:
+        post = session.get(Post, 1)
+    sub = rs.subscribe(post)
+
+    forge(attacker, rs.channel, event("u", "posts", {"id": 1}, r=2**62))
+    write(sa.update(Post).values(name="after"))
+    rs.flush()
+    for message in sub.drain():
+        post = rs.sync(post, message)
+
+    assert post.name == "after"
+    assert rs.listener.stats["unissued"] == 1
+
+
+def test_a_forged_transaction_id_from_the_future_is_skipped(rs, write, attacker):
+    write(Post(id=1))
+    rs.flush()
+    sub = rs.subscribe(Post)
+
+    forge(attacker, rs.channel, event("u", "posts", {"id": 1}, v=2**62))
+    rs.flush()
+
+    assert sub.drain() == []
+    assert rs.listener.stats["unissued"] == 1
+
+
+@pytest.mark.parametrize("mode", [{"durable": True}, {"capture": "stream"}])
+def test_a_log_row_with_a_ref_from_the_future_is_skipped(schema, mode):
+    rs = RowSync(schema, reference_watchers(), **mode)
+    rs.install()
+    with rs:
+        with schema.begin() as conn:
+            conn.execute(sa.insert(Post).values(id=1, name="before"))
+        rs.flush()
+        sub = rs.subscribe(Post)
+        forged = json.dumps(event("u", "posts", {"id": 1}, r=2**62))
+        with schema.begin() as conn:
+            conn.execute(sa.text("INSERT INTO rowsync.log (payload) VALUES (:p)"), {"p": forged})
+            conn.execute(sa.update(Post).values(name="after"))
+        rs.flush()
+        assert [(c.event, c.ref < 2**62) for _, c in sub.drain()] == [("updated", True)]
+        assert rs.listener.stats["unissued"] == 1
+
+
+# -- one bad key, one batch ------------------------------------------------------------
+
+
+def test_a_key_out_of_its_columns_range_spoils_nothing_else_in_its_batch(rs, write, attacker):
+    write(Post(id=1))
+    rs.flush()
+    sub = rs.subscribe(Post)
+
+    with one_batch(rs):
+        forge(
+            attacker,
+            rs.channel,
+            {"r": 10**30, "x": True},
+            event("u", "posts", {"id": 10**30}),
+            event("u", "posts", {"id": 2**40}),
+        )
+        write(sa.update(Post).values(name="real"), Post(id=2))
+
+    messages = sub.drain()
+    assert resyncs(messages) == []
+    assert changes(messages) == [("updated", 1), ("inserted", 2)]
+    assert rs.stats["fetch_errors"] == 0
+
+
+# -- authorizers -----------------------------------------------------------------------
+
+
+def test_a_blocking_authorizer_delays_only_its_own_subscription(rs, write):
+    release = threading.Event()
+
+    def blocking(context: Any, change: rowsync.Change, row: Any) -> bool:
+        return release.wait()
+
+    stuck = rs.subscribe(Post, authorize=blocking)
+    quick = rs.subscribe(Post, authorize=lambda context, change, row: True)
+    plain = rs.subscribe(Post)
+    try:
+        write(Post(id=1))
+        write(Post(id=2))
+        for sub in (quick, plain):
+            assert [sub.get(timeout=10)[1].ids["id"] for _ in range(2)] == [1, 2]
+        assert len(stuck) == 0
+    finally:
+        release.set()
+    rs.flush()
+    assert changes(stuck.drain()) == [("inserted", 1), ("inserted", 2)]
