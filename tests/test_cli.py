@@ -71,7 +71,7 @@ def test_sql_channel_and_schema_options_reach_the_ddl(capsys):
     code, out, _ = run(capsys, *APP, "sql", "--channel", "other", "--schema", "my schema")
     assert code == 0
     assert 'CREATE SCHEMA IF NOT EXISTS "my schema"' in out
-    assert "pg_notify(''other''" in out
+    assert "pg_notify('other'" in out
 
 
 def test_sql_alembic_prints_a_revision_body_that_compiles(capsys):
