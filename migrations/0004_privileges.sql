@@ -87,18 +87,26 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE ALL ON FUNCTION {schema}.save_cursor(text, pg_snapshot) FROM PUBLIC;
 
--- Each prune that removes rows is counted: a reader that saw no new prune since its last
--- read lost nothing, one that did checks the newest pruned xid against its position.
-ALTER TABLE {schema}.log_pruned ADD COLUMN prunes bigint NOT NULL DEFAULT 1;
+-- Each prune that removes rows is counted, and the range of xids it removed is kept: a
+-- reader that saw no prune since its last read lost nothing; one that saw exactly one lost
+-- rows only if an xid of that range was not visible to its position (past its xmax, or in
+-- progress then); one that missed several compares the newest xid ever pruned (xid).
+ALTER TABLE {schema}.log_pruned
+    ADD COLUMN prunes bigint NOT NULL DEFAULT 1,
+    ADD COLUMN low xid8,
+    ADD COLUMN high xid8;
 
 -- Pruning keeps at least the installed retention whatever the caller asks, and takes turns
 -- through a row lock on the settings (SKIP LOCKED: the others skip), which only roles that
--- may update rowsync's settings can hold; an advisory lock could be held by anyone.
+-- may update rowsync's settings can hold; an advisory lock could be held by anyone. A
+-- listener passes its position (upto): it never prunes a row it has not read itself.
 DROP FUNCTION {schema}.prune_log(interval, integer);
-CREATE FUNCTION {schema}.prune_log(keep interval, batch integer DEFAULT 50000)
+CREATE FUNCTION {schema}.prune_log(
+    keep interval, batch integer DEFAULT 50000, upto pg_snapshot DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     floor interval;
+    oldest xid8;
     newest xid8;
     removed bigint;
 BEGIN
@@ -109,16 +117,18 @@ BEGIN
     WITH gone AS (
         DELETE FROM {schema}.log WHERE ctid = ANY(ARRAY(
             SELECT ctid FROM {schema}.log
-            WHERE at < now() - greatest(keep, floor) LIMIT batch))
+            WHERE at < now() - greatest(keep, floor)
+                AND (upto IS NULL OR pg_visible_in_snapshot(xid, upto))
+            LIMIT batch))
         RETURNING xid
     )
-    SELECT max(xid), count(*) INTO newest, removed FROM gone;
+    SELECT min(xid), max(xid), count(*) INTO oldest, newest, removed FROM gone;
     IF newest IS NOT NULL THEN
-        INSERT INTO {schema}.log_pruned AS p (xid) VALUES (newest)
-        ON CONFLICT (only_row)
-        DO UPDATE SET xid = greatest(p.xid, excluded.xid), prunes = p.prunes + 1;
+        INSERT INTO {schema}.log_pruned AS p (xid, low, high) VALUES (newest, oldest, newest)
+        ON CONFLICT (only_row) DO UPDATE SET xid = greatest(p.xid, excluded.xid),
+            prunes = p.prunes + 1, low = excluded.low, high = excluded.high;
     END IF;
     RETURN removed;
 END
 $$;
-REVOKE ALL ON FUNCTION {schema}.prune_log(interval, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.prune_log(interval, integer, pg_snapshot) FROM PUBLIC;

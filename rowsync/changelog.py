@@ -17,7 +17,10 @@ A saved position belongs to the role that saved it first; no other role can move
 Pruning (by age, never below the installed retention) may still pass a reader that fell
 behind. Every read looks, in its own snapshot, whether a prune happened since the last one
 and removed rows its position had not read; if so it announces a gap before handing over
-anything.
+anything. A prune keeps the range of xids it removed, so a reader that saw one prune tells
+exactly whether it lost rows; one that missed several (or restarts from a saved position)
+compares the newest xid ever pruned with its position's xmin, which may announce a gap that
+did not happen while a transaction older than the retention runs.
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ class ChangeLog:
         ).format(ident)
         self._now = sql.SQL(
             "SELECT pg_current_snapshot()::text, coalesce(p.prunes, 0),"
-            " coalesce(p.xid >= pg_snapshot_xmin(%s::pg_snapshot), false)"
+            " coalesce(p.xid >= pg_snapshot_xmin(%(position)s::pg_snapshot), false),"
+            " coalesce(NOT pg_visible_in_snapshot(p.high, %(position)s::pg_snapshot)"
+            "  OR EXISTS (SELECT FROM pg_snapshot_xip(%(position)s::pg_snapshot) AS x"
+            "   WHERE x BETWEEN p.low AND p.high), true)"
             " FROM (SELECT) AS one LEFT JOIN {}.log_pruned AS p ON true"
         ).format(ident)
 
@@ -94,7 +100,7 @@ class ChangeLog:
                 self.position = self._saved = row[0]
                 logger.info("resuming consumer %r from %s", self.consumer, self.position)
         if self.position is None:
-            row = conn.execute(self._now, (None,)).fetchone()
+            row = conn.execute(self._now, {"position": None}).fetchone()
             assert row is not None
             self.position, self._prunes = row[0], row[1]  # nothing before now is owed
 
@@ -114,10 +120,13 @@ class ChangeLog:
         assert self.position is not None, "resume() first"
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            row = conn.execute(self._now, (self.position,)).fetchone()
+            row = conn.execute(self._now, {"position": self.position}).fetchone()
             assert row is not None
-            now, prunes, past = row
-            if prunes != self._prunes and past:
+            now, prunes, past_any, past_last = row
+            seen = self._prunes
+            if prunes != seen and (
+                past_last if seen is not None and prunes == seen + 1 else past_any
+            ):
                 logger.warning("the change log was pruned past this listener's position")
                 gap("the change log was pruned past this listener's position")
             self._prunes = prunes
@@ -158,11 +167,12 @@ class ChangeLog:
             self._next_save = now + self.save_interval
         if not final and now >= self._next_prune:
             self._next_prune = now + self.prune_interval
+            # Never past this reader's own position (the installed retention is kept anyway).
             row = conn.execute(
-                sql.SQL("SELECT {}.prune_log(make_interval(secs => %s))").format(
-                    sql.Identifier(self.schema)
-                ),
-                (self.retention,),
+                sql.SQL(
+                    "SELECT {}.prune_log(make_interval(secs => %s), upto => %s::pg_snapshot)"
+                ).format(sql.Identifier(self.schema)),
+                (self.retention, self.position),
             ).fetchone()
             if row and row[0]:
                 logger.info("pruned %d change-log rows older than %s s", row[0], self.retention)

@@ -48,7 +48,7 @@ LISTENER: tuple[Grant, ...] = (
     Grant("TABLE", "cursors", "SELECT"),
     Grant("FUNCTION", "parked", "EXECUTE", "bigint[], text[], integer"),
     Grant("FUNCTION", "save_cursor", "EXECUTE", "text, pg_snapshot"),
-    Grant("FUNCTION", "prune_log", "EXECUTE", "interval, integer"),
+    Grant("FUNCTION", "prune_log", "EXECUTE", "interval, integer, pg_snapshot"),
 )
 """What a listener role needs of rowsync's, in every capture mode (plus, outside rowsync's
 schema, CONNECT on the database and SELECT on the watched tables)."""
@@ -85,7 +85,8 @@ FROM (
     FROM pg_namespace AS n WHERE n.nspname = %(schema)s
     UNION ALL
     SELECT 'relation ' || c.oid::regclass::text,
-        coalesce(c.relacl, acldefault((CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::"char", c.relowner))
+        coalesce(c.relacl,
+            acldefault((CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::"char", c.relowner))
     FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
     WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
     UNION ALL

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from fixtures import reference_watchers
 from models import Person, Post, Tag
@@ -98,6 +99,27 @@ def test_status_exits_1_before_install_and_0_after(schema, dsn, capsys):
     assert counts(out) == {"installed": TRIGGERS, "outdated": 0, "missing": 0, "orphaned": 0}
     assert re.search(r"^    public\.posts  rowsync_ins_posts_\w+$", out, re.M)
     assert "ok: the database matches the watchers" in out
+
+
+def test_status_checks_a_listener_role_that_install_grants(schema, dsn, capsys):
+    role = f"rowsync_cli_listener_{os.getpid()}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+    try:
+        assert run(capsys, *APP, "--dsn", dsn, "install")[0] == 0
+        code, out, _ = run(capsys, *APP, "--dsn", dsn, "status", "--listener-role", role)
+        assert code == 1
+        assert f'listener role \'{role}\' lacks SELECT on table "rowsync"."log"' in out
+        assert "--listener-role ROLE" in out
+        assert run(capsys, *APP, "--dsn", dsn, "install", "--listener-role", role)[0] == 0
+        code, out, _ = run(capsys, *APP, "--dsn", dsn, "status", "--listener-role", role)
+        assert code == 0
+        assert "  privileges ok" in out
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_install_twice_creates_then_changes_nothing(schema, dsn, capsys):
