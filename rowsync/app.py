@@ -302,6 +302,13 @@ class RowSync:
         would be missing (a table not captured) or sent where this listener does not look."""
         try:
             status = self.status()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            logger.warning(
+                "this role may not read rowsync's schema (%s): run `rowsync install "
+                "--listener-role ROLE` as the owner, or see `rowsync status`",
+                exc,
+            )
+            return
         except psycopg.Error as exc:
             logger.debug("could not check the triggers: %s", exc)
             return

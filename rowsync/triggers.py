@@ -218,8 +218,9 @@ END
         "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
         " SET search_path = pg_catalog, pg_temp AS "
     ).format(sql.Identifier(schema, function))
-    before, after = body.as_string().split(_RELID)
-    create = _pct(head.as_string()) + _quoted(f"{_pct(before)}%s{_pct(after)}")
+    create = _pct(head.as_string()) + _quoted(
+        "%1$s".join(_pct(part) for part in body.as_string().split(_RELID))
+    )
     table = sql.Identifier(w.schema, w.table)
     definition = sql.SQL(
         "{create};\n"
@@ -243,17 +244,22 @@ _RELID = "\x00relid\x00"
 
 def _guard(w: Watcher, function: str) -> sql.Composed:
     """The check that makes a function refuse any table but its own: the OID fixed at install,
-    or, in a database restored from a dump (new OIDs), the same schema and name."""
+    a partition of it (a row trigger on a partitioned table fires for the partition), or, in
+    a database restored from a dump (new OIDs), the table of the same name. Only a table
+    that is not the one installed for takes the slower, second look."""
     return sql.SQL(
-        """IF TG_RELID <> {relid}
-        AND (TG_TABLE_SCHEMA, TG_TABLE_NAME) IS DISTINCT FROM ({schema}, {table}) THEN
-        RAISE EXCEPTION 'rowsync trigger function % serves %, not %.%',
-            {function}, {qualified}, TG_TABLE_SCHEMA, TG_TABLE_NAME;
+        """IF TG_RELID <> {relid} THEN
+        IF NOT EXISTS (
+            SELECT FROM pg_partition_ancestors(TG_RELID) AS a
+            WHERE a.relid::oid IN ({relid}, to_regclass({regclass})::oid)
+        ) THEN
+            RAISE EXCEPTION 'rowsync trigger function % serves %, not %.%',
+                {function}, {qualified}, TG_TABLE_SCHEMA, TG_TABLE_NAME;
+        END IF;
     END IF;"""
     ).format(
         relid=sql.SQL(_RELID),
-        schema=sql.Literal(w.schema),
-        table=sql.Literal(w.table),
+        regclass=sql.Literal(sql.Identifier(w.schema, w.table).as_string()),
         function=sql.Literal(function),
         qualified=sql.Literal(f"{w.schema}.{w.table}"),
     )
@@ -270,7 +276,7 @@ def _quoted(text: str) -> str:
 
 
 def _with_relid(create: str, table: sql.Identifier) -> sql.Composed:
-    """Run ``create`` (a ``format()`` template whose one ``%s`` is the table's OID) with the
+    """Run ``create`` (a ``format()`` template where ``%1$s`` is the table's OID) with the
     OID filled in by the server: a static script (``rowsync sql``) cannot know it."""
     run = (
         f"\nBEGIN\nEXECUTE pg_catalog.format({_quoted(create)},"

@@ -318,6 +318,21 @@ def test_status_reports_what_public_holds_and_what_a_listener_role_lacks(schema,
     ]
 
 
+def test_a_listener_role_without_its_grants_is_told_so_at_start(schema, roles, caplog) -> None:
+    reader, _ = roles
+    rowsync.RowSync(schema, reference_watchers()).install()  # no listener role named
+    as_reader = sa.create_engine(schema.url.set(username=reader))
+    try:
+        with (
+            caplog.at_level("WARNING", logger="rowsync"),
+            rowsync.RowSync(as_reader, reference_watchers()),
+        ):
+            pass
+    finally:
+        as_reader.dispose()
+    assert "run `rowsync install --listener-role ROLE` as the owner" in caplog.text
+
+
 def write_as(engine: sa.Engine, role: str, *rows: Any) -> None:
     """Commit ``rows`` in one transaction, as ``role``."""
     as_role = sa.create_engine(engine.url.set(username=role))
