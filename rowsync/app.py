@@ -110,6 +110,7 @@ class RowSync:
                 )
         self.channel = channel
         self.schema = schema
+        self.retention = retention
         self.queue_size = queue_size
         self.start_timeout = start_timeout
         self.default_origin = origin
@@ -180,16 +181,29 @@ class RowSync:
 
     # -- migration --------------------------------------------------------------------
 
-    def sql(self) -> str:
+    def sql(self, *, listener_roles: Sequence[str] = ()) -> str:
         """The complete install DDL, for review, ``rowsync sql`` or an Alembic revision."""
         return triggers.install_sql(
-            self.triggers, schema=self.schema, channel=self.channel
+            self.triggers,
+            schema=self.schema,
+            channel=self.channel,
+            listener_roles=listener_roles,
+            retention=self.retention,
         ).as_string()
 
     def install(
-        self, *, prune: bool = False, progress: triggers.Progress | None = None
+        self,
+        *,
+        prune: bool = False,
+        progress: triggers.Progress | None = None,
+        listener_roles: Sequence[str] = (),
     ) -> triggers.Status:
-        """Create or upgrade rowsync's schema and triggers; returns the status found before."""
+        """Create or upgrade rowsync's schema and triggers; returns the status found before.
+
+        Run it as the watched tables' owner. ``listener_roles`` are granted what a listener
+        needs of rowsync's (:mod:`rowsync.privileges`); writers need nothing. The log's
+        ``retention`` becomes the least any prune keeps.
+        """
         with psycopg.connect(self.conninfo) as conn:
             return triggers.install(
                 conn,
@@ -198,6 +212,8 @@ class RowSync:
                 channel=self.channel,
                 prune=prune,
                 progress=progress,
+                listener_roles=listener_roles,
+                retention=self.retention,
             )
 
     def announce(
@@ -241,9 +257,20 @@ class RowSync:
                 conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema
             )
 
-    def status(self) -> triggers.Status:
+    def status(self, *, listener_roles: Sequence[str] | None = None) -> triggers.Status:
+        """What ``install`` would change, and what is wrong with the privileges: checked for
+        ``listener_roles`` (default: the role this RowSync connects as)."""
         with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            return triggers.status(conn, self.triggers, schema=self.schema, channel=self.channel)
+            if listener_roles is None:
+                row = conn.execute("SELECT current_user").fetchone()
+                listener_roles = [str(row[0])] if row else []
+            return triggers.status(
+                conn,
+                self.triggers,
+                schema=self.schema,
+                channel=self.channel,
+                listener_roles=listener_roles,
+            )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -275,6 +302,13 @@ class RowSync:
         would be missing (a table not captured) or sent where this listener does not look."""
         try:
             status = self.status()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            logger.warning(
+                "this role may not read rowsync's schema (%s): run `rowsync install "
+                "--listener-role ROLE` as the owner, or see `rowsync status`",
+                exc,
+            )
+            return
         except psycopg.Error as exc:
             logger.debug("could not check the triggers: %s", exc)
             return
@@ -286,6 +320,8 @@ class RowSync:
                 len(status.outdated),
                 "" if status.schema_ready else ", schema not up to date",
             )
+        for problem in status.privileges:
+            logger.warning("rowsync's privileges: %s (see `rowsync status`)", problem)
 
     def stop(self) -> None:
         _started.discard(self)

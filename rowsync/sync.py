@@ -125,9 +125,10 @@ class Syncer:
                 None,
             )
 
-    def forget(self, objects: list[Any], keep: tree.Index) -> None:
-        """Drop the cached indexes, other than ``keep``, that hold any of ``objects``: a sync
-        through ``keep`` changed what those objects hold. Trees sharing none keep theirs."""
+    def forget(self, objects: list[Any], keep: tree.Index | None = None) -> None:
+        """Drop the cached indexes, other than ``keep``, that hold any of ``objects``: what
+        those objects hold changed (through ``keep``, which followed). Trees sharing none
+        keep theirs."""
         ids = {id(o) for o in objects}
         with self._lock:
             stale = [
