@@ -42,8 +42,11 @@ def test_row_with_identifying_columns_beyond_the_notify_limit_is_written_and_del
     big = "é" * 5000 + "x" * 1000  # 11 kB of UTF-8
     with rs:
         sub = rs.subscribe(Post)
+        # each read on its own: an event is told with its row's values as read
         write(Post(id=1, body=big))
+        rs.flush()
         write(sa.update(Post).values(body=big + "!"))
+        rs.flush()
         write(sa.delete(Post))
         rs.flush()
         got = changes(sub.drain())
