@@ -407,7 +407,8 @@ def options_spec(
     keys: tuple[str, ...] = ()
     if path is not None and path.path:
         elements = path.path
-        mappers = [cast("Mapper[Any]", m) for m in elements[0::2]]
+        # an entity of the path is a mapper, or an alias of one (``of_type``)
+        mappers = [cast("Mapper[Any]", m).mapper for m in elements[0::2]]
         statement = [mappers[0]]
         for i, prop in enumerate(elements[1::2]):
             rel = cast("RelationshipProperty[Any]", prop)
