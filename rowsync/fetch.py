@@ -26,6 +26,7 @@ from sqlalchemy.orm import (
     Session,
     immediateload,
     joinedload,
+    lazyload,
     selectinload,
     subqueryload,
     with_polymorphic,
@@ -234,10 +235,12 @@ def _unloaded(mapper: Mapper[Any], entity: Any, policy: ColumnPolicy) -> list[_A
 def _options(
     mapper: Mapper[Any], entity: Any, spec: tree.LoadSpec, policy: ColumnPolicy
 ) -> list[_AbstractLoad]:
-    """selectinload options below ``entity`` (:func:`whole` of ``mapper``) reproducing a
-    LoadSpec, so new objects look like their siblings: each relationship of the spec that
-    ``mapper`` or a subclass of it has (a spec names the relationships of every class a place
-    holds), its objects loaded whole, with the withheld columns of every level unloaded."""
+    """Options below ``entity`` (:func:`whole` of ``mapper``) loading exactly a LoadSpec, so
+    new objects look like their siblings: each relationship of the spec that ``mapper`` or a
+    subclass of it has (a spec names the relationships of every class a place holds) with
+    selectinload, its objects loaded whole, with the withheld columns of every level
+    unloaded; every other relationship is left unloaded, whatever its ``lazy=`` default (the
+    spec already holds the defaults a query's own options did not turn off)."""
     options: list[_AbstractLoad] = []
     for key, nested in spec.items():
         for owner, part in _parts(mapper, entity):
@@ -246,7 +249,7 @@ def _options(
                 options.append(
                     _loaded(selectinload, getattr(part, key), rel.mapper, nested, policy)
                 )
-    return options
+    return [*options, lazyload("*")]
 
 
 def _loaded(
@@ -256,9 +259,9 @@ def _loaded(
     with ``spec`` below them."""
     entity = whole(target)
     option: _AbstractLoad = loader(attribute.of_type(entity))
-    if sub := [*_unloaded(target, entity, policy), *_options(target, entity, spec, policy)]:
-        option = option.options(*sub)
-    return option
+    return option.options(
+        *_unloaded(target, entity, policy), *_options(target, entity, spec, policy)
+    )
 
 
 @dataclass(frozen=True)
@@ -482,7 +485,8 @@ class RowSource:
             option = _loaded(loader, attribute, edge.target, spec, self.policy)
             with Session(self.engine, expire_on_commit=False) as session:
                 where = _where_key(mapper, parents)
-                stmt = sa.select(mapper).where(where).options(*self.policy.defer(mapper), option)
+                stmt = sa.select(mapper).where(where)
+                stmt = stmt.options(*self.policy.defer(mapper), option, lazyload("*"))
                 found = session.scalars(stmt).unique()
                 return {
                     tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in found

@@ -256,11 +256,6 @@ class _Badge(_EagerBase):
     owner_id: Mapped[int | None] = mapped_column(sa.ForeignKey("owners.id"), unique=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new (mapping oracle): rs.resync loads by the relationships' lazy= defaults, not "
-    "by the query's raiseload()/lazyload() that kept one unloaded",
-)
 def test_resync_leaves_unloaded_what_raiseload_kept_unloaded_over_an_eager_default(
     engine, write_to
 ):
