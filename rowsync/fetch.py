@@ -239,17 +239,20 @@ def _options(
     new objects look like their siblings: each relationship of the spec that ``mapper`` or a
     subclass of it has (a spec names the relationships of every class a place holds) with
     selectinload, its objects loaded whole, with the withheld columns of every level
-    unloaded; every other relationship is left unloaded, whatever its ``lazy=`` default (the
-    spec already holds the defaults a query's own options did not turn off)."""
+    unloaded. Every other relationship loads as if by no option, except that an eager
+    ``lazy=`` default does not load: the spec holds the defaults a query's own options left
+    on."""
     options: list[_AbstractLoad] = []
-    for key, nested in spec.items():
-        for owner, part in _parts(mapper, entity):
-            rel = owner.relationships.get(key)
-            if rel is not None and (owner is mapper or rel.parent is owner):
-                options.append(
-                    _loaded(selectinload, getattr(part, key), rel.mapper, nested, policy)
-                )
-    return [*options, lazyload("*")]
+    for owner, part in _parts(mapper, entity):
+        for rel in owner.relationships:
+            if owner is not mapper and rel.parent is not owner:
+                continue  # reached through the class that declares it
+            attribute = getattr(part, rel.key)
+            if rel.key in spec:
+                options.append(_loaded(selectinload, attribute, rel.mapper, spec[rel.key], policy))
+            elif rel.lazy in tree.EAGER:
+                options.append(lazyload(attribute))
+    return options
 
 
 def _loaded(
@@ -485,8 +488,7 @@ class RowSource:
             option = _loaded(loader, attribute, edge.target, spec, self.policy)
             with Session(self.engine, expire_on_commit=False) as session:
                 where = _where_key(mapper, parents)
-                stmt = sa.select(mapper).where(where)
-                stmt = stmt.options(*self.policy.defer(mapper), option, lazyload("*"))
+                stmt = sa.select(mapper).where(where).options(*self.policy.defer(mapper), option)
                 found = session.scalars(stmt).unique()
                 return {
                     tree.primary_key(p): tree.as_list(tree.loaded_value(p, edge.key)) for p in found

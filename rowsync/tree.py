@@ -509,13 +509,14 @@ def remember_entity(obj: Any, mapper: Mapper[Any]) -> None:
 
 
 def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
-    """What is loaded on ``obj`` (and below, through its first related object), as a LoadSpec."""
+    """What is loaded on ``obj`` (and below, through its first related object), as a LoadSpec.
+    A value ``noload`` set is not loaded: it is empty whatever the database holds."""
     spec: dict[str, Any] = {}
     if depth == 0:
         return spec
     for rel in instance_state(obj).mapper.relationships:
         value = loaded_value(obj, rel.key)
-        if value is NOT_LOADED:
+        if value is NOT_LOADED or strategy(obj, rel.key) == "noload":
             continue
         children = as_list(value)
         spec[rel.key] = loaded_spec(children[0], depth - 1) if children else {}
