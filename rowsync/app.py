@@ -90,6 +90,7 @@ class RowSync:
         retention: float = 3600.0,
         poll_interval: float = 0.02,
         fanout: str | None = None,
+        fanout_key: str | bytes | None = None,
     ) -> None:
         if isinstance(dsn_or_engine, sa.Engine):
             self.engine = dsn_or_engine
@@ -170,11 +171,15 @@ class RowSync:
                 listener=self.listener,
                 dispatcher=self.dispatcher,
                 tables=self._tables,
+                key=fanout_key,
+                columns=self.columns,
                 resumes=self.mode != "notify" and consumer is not None,
             )
         )
         """``fanout=URL``: this process's node of a group that shares one elected capture
-        node through a broker (:mod:`rowsync.fanout`)."""
+        node through a broker (:mod:`rowsync.fanout`); ``fanout_key``, the same secret on
+        every node (16 bytes or more), seals what they publish (:mod:`rowsync.fanout.seal`).
+        Required for a broker: only ``memory://`` does without."""
 
     def __repr__(self) -> str:
         return f"<RowSync channel={self.channel!r} tables={len(self._tables)}>"
