@@ -25,7 +25,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from rowsync import tree, triggers
+from rowsync import tree, triggers, wal
 from rowsync.announce import BATCH, announce_table, announced
 from rowsync.cache import RowCache
 from rowsync.changelog import ChangeLog
@@ -66,6 +66,8 @@ class RowSync:
     - ``capture="stream"``: the change log only, read every ``poll_interval`` seconds. No
       NOTIFY in the writer's transaction (it takes a cluster-wide lock at commit), so many
       concurrent writers keep their throughput. Durable, as above.
+    - ``capture="wal"``: no trigger; changes come from logical decoding (:mod:`rowsync.wal`).
+      Needs ``wal_level = logical`` and ``rowsync[wal]``; after a reconnect, ``(Resync, info)``.
     """
 
     def __init__(
@@ -84,7 +86,7 @@ class RowSync:
         origin: str | None = None,
         exclude: ColumnsArg | None = None,
         allow: ColumnsArg | None = None,
-        capture: Literal["notify", "stream"] = "notify",
+        capture: Literal["notify", "stream", "wal"] = "notify",
         durable: bool = False,
         consumer: str | None = None,
         retention: float = 3600.0,
@@ -125,13 +127,18 @@ class RowSync:
                 "RowSync needs at least one watcher (rowsync.watchers(Model, ...))"
             )
         _reject_label_clashes(self.watchers)
-        if capture not in ("notify", "stream"):
-            raise ConfigurationError(f"capture must be 'notify' or 'stream', not {capture!r}")
+        if capture not in ("notify", "stream", "wal"):
+            raise ConfigurationError(
+                f"capture must be 'notify', 'stream' or 'wal', not {capture!r}"
+            )
+        self.capture = capture
         self.mode: triggers.Mode = (
             "stream" if capture == "stream" else "durable" if durable else "notify"
         )
-        self.triggers = triggers.triggers(
-            self.watchers, schema=schema, channel=channel, mode=self.mode
+        self.triggers = (
+            []
+            if capture == "wal"
+            else triggers.triggers(self.watchers, schema=schema, channel=channel, mode=self.mode)
         )
         self._tables: dict[tuple[str, str], tuple[sa.Table, Any]] = {
             (w.schema, w.table): (table_of(w.model), w.model) for w in self.watchers
@@ -148,17 +155,29 @@ class RowSync:
         self.dispatcher = Dispatcher(
             self._tables, self.rows, self.cache, self.router, self.stats, replay_size
         )
-        self.listener = Listener(
-            self.conninfo,
-            channel=channel,
-            schema=schema,
-            on_batch=self.dispatcher.batch,
-            on_gap=self.dispatcher.gap,
-            probe_interval=probe_interval,
-            log=None
-            if self.mode == "notify"
-            else ChangeLog(schema, consumer=consumer, retention=retention),
-            poll_interval=poll_interval if self.mode == "stream" else None,
+        self.listener = (
+            wal.WalSource(
+                self.conninfo,
+                channel=channel,
+                schema=schema,
+                watchers=self.watchers,
+                on_batch=self.dispatcher.batch,
+                on_gap=self.dispatcher.gap,
+                probe_interval=probe_interval,
+            )
+            if capture == "wal"
+            else Listener(
+                self.conninfo,
+                channel=channel,
+                schema=schema,
+                on_batch=self.dispatcher.batch,
+                on_gap=self.dispatcher.gap,
+                probe_interval=probe_interval,
+                log=None
+                if self.mode == "notify"
+                else ChangeLog(schema, consumer=consumer, retention=retention),
+                poll_interval=poll_interval if self.mode == "stream" else None,
+            )
         )
         self.fanout = (
             None
@@ -210,7 +229,7 @@ class RowSync:
         ``retention`` becomes the least any prune keeps.
         """
         with psycopg.connect(self.conninfo) as conn:
-            return triggers.install(
+            before = triggers.install(
                 conn,
                 self.triggers,
                 schema=self.schema,
@@ -220,6 +239,10 @@ class RowSync:
                 listener_roles=listener_roles,
                 retention=self.retention,
             )
+            if self.capture == "wal":
+                tables = {name: table for name, (table, _) in self._tables.items()}
+                wal.install(conn, self.watchers, tables, self.columns, self.channel)
+            return before
 
     def announce(
         self,
@@ -258,6 +281,8 @@ class RowSync:
 
     def uninstall(self, *, drop_schema: bool = False) -> int:
         with psycopg.connect(self.conninfo) as conn:
+            if self.capture == "wal":
+                wal.uninstall(conn, self.channel)
             return triggers.uninstall(
                 conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema
             )
