@@ -10,6 +10,10 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   change's ``ref`` grows with commit order: it is the commit's LSN, or one past the previous
   change's ref when a transaction holds more changes than its commit record has bytes.
 - ``xid`` comes from the transaction's Begin, so positions (:mod:`rowsync.position`) work.
+- A transaction is decoded as soon as its commit record is written, which can be before other
+  sessions see it committed: the rows of a batch are read only once its last transaction is
+  visible to a new snapshot (:func:`_await_visible`), else a read could find them as they
+  were before.
 - Old values: a row moving between parents must reach both, so an update needs the identifying
   columns it had before. Postgres logs them only as the replica identity: tables identified by
   more than their primary key (foreign keys, ``extra_columns``) get REPLICA IDENTITY FULL, the
@@ -29,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -47,6 +52,39 @@ from rowsync.messages import Event
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
+
+_VISIBLE = sql.SQL(
+    """
+    SELECT pg_visible_in_snapshot(x.full::text::xid8, x.snap)
+    FROM (
+        SELECT snap, CASE WHEN ((top >> 32) << 32) | %(xid)s > top
+                          THEN (((top >> 32) - 1) << 32) | %(xid)s
+                          ELSE ((top >> 32) << 32) | %(xid)s END AS full
+        FROM (SELECT pg_current_snapshot() AS snap) s,
+             LATERAL (SELECT pg_snapshot_xmax(s.snap)::text::bigint AS top) t
+    ) x
+    """
+)
+"""Whether the transaction whose 32-bit id (pgoutput's) is ``xid`` is visible to a snapshot
+taken now: the id widened to the epoch of the snapshot's xmax."""
+
+VISIBLE_TIMEOUT = 5.0
+"""Seconds a decoded transaction may take to become visible before rowsync reads regardless
+(and announces a gap: the rows read may be older than the changes)."""
+
+
+def _await_visible(conn: psycopg.Connection[TupleRow], xid: int) -> bool:
+    """Wait until transaction ``xid`` (and so every earlier one of the stream) is visible to
+    new snapshots; False if it was not within :data:`VISIBLE_TIMEOUT`."""
+    deadline = time.monotonic() + VISIBLE_TIMEOUT
+    while True:
+        row = conn.execute(_VISIBLE, {"xid": xid}).fetchone()
+        if row is not None and row[0]:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0002)  # the commit is being made visible: a matter of microseconds
+
 
 FLUSH_PREFIX = "rowsync.flush:"
 """Prefix of the logical messages that carry flush barriers, followed by the channel."""
@@ -353,6 +391,9 @@ class WalSource(Listener):
                     batch += decoder.feed(decoded)
                     if isinstance(decoded, pgoutput.Commit):
                         end_lsn = decoded.end_lsn
+                xids = [n.xid for n in batch if isinstance(n, Notice) and n.xid is not None]
+                if xids and not _await_visible(notes, max(xids)):
+                    self._gap("a decoded transaction did not become visible to reads")
                 self._dispatch(batch)
                 if end_lsn:
                     cursor.send_feedback(flush_lsn=end_lsn)

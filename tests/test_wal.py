@@ -44,11 +44,6 @@ def people_query() -> sa.Select[tuple[Person]]:
     return sa.select(Person).order_by(Person.id).options(selectinload(Person.posts))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent under load: the last change is sometimes not applied after flush "
-    "(docs/wal-capture-status.md, 'Known problem')",
-)
 def test_inserts_updates_and_deletes_reach_a_synced_tree(wal_rs, wal_sessions):
     write = writer(wal_sessions)
     write(Person(id=1, name="a"), Post(id=10, name="p", person_id=1))
@@ -69,11 +64,6 @@ def test_inserts_updates_and_deletes_reach_a_synced_tree(wal_rs, wal_sessions):
     assert snapshot(people) == snapshot(fresh(wal_sessions, people_query()))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent under load: the last change is sometimes not applied after flush "
-    "(docs/wal-capture-status.md, 'Known problem')",
-)
 def test_a_post_moving_between_people_reaches_both_trees(wal_rs, wal_sessions):
     write = writer(wal_sessions)
     write(Person(id=1, name="a"), Person(id=2, name="b"), Post(id=10, name="p", person_id=1))
