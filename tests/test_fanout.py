@@ -350,7 +350,7 @@ REDIS_ACL = (
     "on >{password} resetkeys resetchannels &rowsync:* -@all"
     " +publish +subscribe +unsubscribe +ping +client|setname"
 )
-"""The Redis ACL rule docs/security-fanout.md gives rowsync's nodes."""
+"""The Redis ACL rule docs/security.md ("The fan-out broker") gives rowsync's nodes."""
 
 
 def test_a_group_runs_with_the_documented_redis_acl_that_other_users_lack(group, write) -> None:

@@ -10,7 +10,7 @@ channel) is not valid in another that happens to share the key and the broker.
 
 A message is the 32-byte tag followed by the codec's bytes. The seal authenticates; it does
 not hide: what travels is readable by whoever may read the stream (broker ACLs, see
-docs/security-fanout.md, decide that).
+docs/security.md, "The fan-out broker", decide that).
 """
 
 from __future__ import annotations
