@@ -764,11 +764,12 @@ class Index:
         objects.update((id(o), o) for o in new_items)
         old, new = Counter(map(id, old_items)), Counter(map(id, new_items))
         if indexed:
-            for ident, count in (old - new).items():
-                for _ in range(count):
+            for ident, count in old.items():
+                for _ in range(count - new.get(ident, 0)):
                     self._unplace(objects[ident], obj, key)
-            for ident, count in (new - old).items():
-                self._walk([(objects[ident], obj, key)] * count)
+            for ident, count in new.items():
+                if (extra := count - old.get(ident, 0)) > 0:
+                    self._walk([(objects[ident], obj, key)] * extra)
         return (
             [objects[i] for i in old if i not in new],
             [objects[i] for i in new if i not in old],
