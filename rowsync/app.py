@@ -30,6 +30,7 @@ from rowsync.announce import BATCH, announce_table, announced
 from rowsync.cache import RowCache
 from rowsync.changelog import ChangeLog
 from rowsync.columns import ColumnPolicy, ColumnsArg
+from rowsync.connect import Database, connector, engine_for, writer_of
 from rowsync.dispatch import Dispatcher
 from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.fanout.node import Node
@@ -52,8 +53,10 @@ _started: weakref.WeakSet[RowSync] = weakref.WeakSet()
 class RowSync:
     """Capture, listen, cache, route and sync for one database and one set of watchers.
 
-    ``dsn_or_engine`` is a libpq/SQLAlchemy URL or an :class:`~sqlalchemy.Engine` (its
-    pool serves row fetches; the listener opens one dedicated connection of its own).
+    ``dsn_or_engine``: a libpq conninfo (``postgresql://...`` or ``host=... dbname=...``), a
+    psycopg :class:`~sqlalchemy.Engine` (its pool serves row fetches) or an
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine`. rowsync's own connections (the listener's,
+    install's, flush's) are made the way the engine makes its own (:mod:`rowsync.connect`).
 
     How changes travel (``install()`` installs triggers to match; see README "Guarantees"):
 
@@ -70,7 +73,7 @@ class RowSync:
 
     def __init__(
         self,
-        dsn_or_engine: str | sa.Engine,
+        dsn_or_engine: Database,
         watchers: Iterable[Watcher],
         *,
         channel: str = triggers.DEFAULT_CHANNEL,
@@ -91,17 +94,10 @@ class RowSync:
         poll_interval: float = 0.02,
         fanout: str | None = None,
     ) -> None:
-        if isinstance(dsn_or_engine, sa.Engine):
-            self.engine = dsn_or_engine
-        else:
-            url = sa.make_url(dsn_or_engine)
-            # pre_ping: pooled connections survive a server restart unnoticed by the pool.
-            self.engine = sa.create_engine(
-                url.set(drivername="postgresql+psycopg"), pool_pre_ping=True
-            )
-        self.conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
-        )
+        self.engine = engine_for(dsn_or_engine)
+        self.connect = connector(self.engine)
+        """Opens a dedicated psycopg connection the way the engine opens its own (rowsync's
+        install, listener, flush and election use these)."""
         for option, name in (("channel", channel), ("schema", schema)):
             if not 0 < len(name.encode()) <= triggers.MAX_IDENTIFIER:
                 raise ConfigurationError(
@@ -116,7 +112,7 @@ class RowSync:
         self._origin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
             f"rowsync_origin_{id(self)}", default=origin
         )
-        sa.event.listen(self.engine, "begin", self._tag_transaction)
+        sa.event.listen(writer_of(dsn_or_engine, self.engine), "begin", self._tag_transaction)
         self.watchers = merge(watchers)
         if not self.watchers:
             raise ConfigurationError(
@@ -147,7 +143,7 @@ class RowSync:
             self._tables, self.rows, self.cache, self.router, self.stats, replay_size
         )
         self.listener = Listener(
-            self.conninfo,
+            self.connect,
             channel=channel,
             schema=schema,
             on_batch=self.dispatcher.batch,
@@ -163,7 +159,7 @@ class RowSync:
             if fanout is None
             else Node(
                 fanout,
-                self.conninfo,
+                self.connect,
                 channel=channel,
                 schema=schema,
                 listener=self.listener,
@@ -190,7 +186,7 @@ class RowSync:
         self, *, prune: bool = False, progress: triggers.Progress | None = None
     ) -> triggers.Status:
         """Create or upgrade rowsync's schema and triggers; returns the status found before."""
-        with psycopg.connect(self.conninfo) as conn:
+        with self.connect() as conn:
             return triggers.install(
                 conn,
                 self.triggers,
@@ -221,7 +217,7 @@ class RowSync:
                 )
             chosen = [w for w in chosen if {w.table, f"{w.schema}.{w.table}"} & wanted]
         counts: dict[str, int] = {}
-        with psycopg.connect(self.conninfo) as conn:
+        with self.connect() as conn:
             for w in chosen:
                 name = f"{w.schema}.{w.table}"
                 counts[name] = counts.get(name, 0) + announce_table(
@@ -236,13 +232,13 @@ class RowSync:
         return counts
 
     def uninstall(self, *, drop_schema: bool = False) -> int:
-        with psycopg.connect(self.conninfo) as conn:
+        with self.connect() as conn:
             return triggers.uninstall(
                 conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema
             )
 
     def status(self) -> triggers.Status:
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+        with self.connect(autocommit=True) as conn:
             return triggers.status(conn, self.triggers, schema=self.schema, channel=self.channel)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -594,7 +590,7 @@ class RowSync:
             token = uuid.uuid4().hex
             done = self.dispatcher.flushes[token] = threading.Event()
             gaps = _disruptions(feed.stats)
-            send_flush(self.conninfo, self.channel, token)
+            send_flush(self.connect, self.channel, token)
             while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
                     self.dispatcher.flushes.pop(token, None)

@@ -27,6 +27,8 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg.rows import TupleRow
 
+from rowsync.connect import Connect
+
 logger = logging.getLogger(__name__)
 
 APPLICATION_NAME = "rowsync-election"
@@ -42,7 +44,7 @@ class Election:
 
     def __init__(
         self,
-        conninfo: str,
+        connect: Connect,
         key: int,
         *,
         on_elected: Callable[[int], None],
@@ -50,7 +52,7 @@ class Election:
         eligible: Callable[[], bool] = lambda: True,
         interval: float = 1.0,
     ) -> None:
-        self.conninfo = conninfo
+        self.connect = connect
         self.eligible = eligible
         self.key = key
         self.on_elected = on_elected
@@ -82,12 +84,7 @@ class Election:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(
-                    self.conninfo,
-                    autocommit=True,
-                    application_name=APPLICATION_NAME,
-                    connect_timeout=max(2, int(self.interval * LEASE)),
-                ) as conn:
+                with self.connect(autocommit=True, name=APPLICATION_NAME) as conn:
                     try:
                         self._campaign(conn)
                     finally:

@@ -25,9 +25,9 @@ from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
-import psycopg
 import sqlalchemy as sa
 
+from rowsync.connect import Connect
 from rowsync.dispatch import Dispatcher, Resolved
 from rowsync.errors import NotRunningError
 from rowsync.fanout import Backend, backend_for, check_url
@@ -60,7 +60,7 @@ class Node:
     def __init__(
         self,
         url: str,
-        conninfo: str,
+        connect: Connect,
         *,
         channel: str,
         schema: str,
@@ -72,7 +72,7 @@ class Node:
     ) -> None:
         check_url(url)
         self.url = url
-        self.conninfo = conninfo
+        self.connect = connect
         self.channel = channel
         self.schema = schema
         self.listener = listener
@@ -94,7 +94,7 @@ class Node:
         """Set while this node reads the broker's stream."""
         self.backend: Backend | None = None
         self.election = Election(
-            conninfo,
+            connect,
             _lock_key(schema, channel),
             on_elected=self._elected,
             on_deposed=self._deposed,
@@ -173,7 +173,7 @@ class Node:
     def _namespace(self) -> str:
         """The group's stream name: this database (of this cluster) and channel, so groups of
         several databases can share a broker."""
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+        with self.connect(autocommit=True) as conn:
             row = conn.execute(
                 "SELECT system_identifier, (SELECT oid FROM pg_database"
                 " WHERE datname = current_database()) FROM pg_control_system()"
