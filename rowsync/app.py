@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
 import uuid
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import psycopg
 import sqlalchemy as sa
@@ -48,6 +49,22 @@ from rowsync.watchers import Assocs, Watcher, assocs_spec, merge, spec_assocs
 logger = logging.getLogger(__name__)
 
 _started: weakref.WeakSet[RowSync] = weakref.WeakSet()
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _in_thread(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``method`` for asyncio: awaited, it runs in a worker thread and the event loop goes on."""
+
+    @functools.wraps(method)
+    async def in_thread(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    name = method.__name__
+    in_thread.__name__ = in_thread.__qualname__ = f"{name}_async"
+    in_thread.__doc__ = f":meth:`{name}` in a worker thread, never blocking the event loop."
+    return in_thread
 
 
 class RowSync:
@@ -604,6 +621,15 @@ class RowSync:
             else:
                 return
             self.dispatcher.flushes.pop(token, None)
+
+    # -- asyncio ----------------------------------------------------------------------
+    # What may wait on the database or the listener, for an event loop: the same methods,
+    # run in a worker thread while the loop goes on (``async with rs`` starts and stops).
+
+    install_async = _in_thread(install)
+    flush_async = _in_thread(flush)
+    sync_async = _in_thread(sync)
+    resync_async = _in_thread(resync)
 
 
 def _disruptions(stats: Counter[str]) -> int:
