@@ -5,8 +5,10 @@ awaits whatever may wait on the database or the listener: ``install_async``, ``f
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -129,3 +131,47 @@ def test_awaiting_a_flush_leaves_the_event_loop_free(schema, write) -> None:
             return [change.event for _, change in sub.drain()]
 
     assert asyncio.run(main()) == ["inserted"]
+
+
+# -- examples/fastapi_app.py ---------------------------------------------------------------
+
+
+def test_the_fastapi_example_pushes_its_own_writes_and_others_over_its_websocket(dsn) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        import fastapi_app
+    finally:
+        sys.path.pop(0)
+    from fastapi.testclient import TestClient
+
+    app = fastapi_app.create_app(dsn)
+    with TestClient(app) as client:
+        assert client.post("/people", json={"id": 1, "name": "Ada"}).status_code == 201
+        app.state.live.flush()  # the insert is in the tree the page starts from
+        with client.websocket_connect("/ws") as ws:
+            (initial,) = ws.receive_json()
+            assert (initial["kind"], initial["values"]) == ("inserted", {"id": 1, "name": "Ada"})
+
+            assert client.put("/people/1", json={"name": "Bea"}).status_code == 200
+            assert ws.receive_json() == [
+                {
+                    "kind": "updated",
+                    "path": [[1]],
+                    "model": "Person",
+                    "key": [1],
+                    "values": {"name": "Bea"},
+                    "index": None,
+                }
+            ]
+
+            writer = sa.create_engine(sa.make_url(dsn).set(drivername="postgresql+psycopg"))
+            with writer.begin() as conn:  # another process's write, psql's say
+                conn.execute(sa.insert(fastapi_app.Post).values(id=10, title="Notes", person_id=1))
+            writer.dispose()
+            (post,) = ws.receive_json()
+            assert (post["kind"], post["path"], post["values"]["title"]) == (
+                "inserted",
+                [[1], "posts", [10]],
+                "Notes",
+            )
+        assert client.get("/people").json() == [{"id": 1, "name": "Bea", "posts": ["Notes"]}]
