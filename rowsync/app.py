@@ -61,9 +61,8 @@ def _in_thread(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
     async def in_thread(*args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.to_thread(method, *args, **kwargs)
 
-    name = method.__name__
-    in_thread.__name__ = in_thread.__qualname__ = f"{name}_async"
-    in_thread.__doc__ = f":meth:`{name}` in a worker thread, never blocking the event loop."
+    in_thread.__name__ = f"{method.__name__}_async"
+    in_thread.__qualname__ = f"{method.__qualname__}_async"
     return in_thread
 
 
@@ -627,9 +626,13 @@ class RowSync:
     # run in a worker thread while the loop goes on (``async with rs`` starts and stops).
 
     install_async = _in_thread(install)
+    """``await rs.install_async(prune=False, progress=None)``: :meth:`install`, off the loop."""
     flush_async = _in_thread(flush)
+    """``await rs.flush_async(timeout=5.0)``: :meth:`flush`, off the loop."""
     sync_async = _in_thread(sync)
+    """``await rs.sync_async(value, message)``: :meth:`sync`, off the loop (it may read rows)."""
     resync_async = _in_thread(resync)
+    """``await rs.resync_async(value)``: :meth:`resync`, off the loop."""
 
 
 def _disruptions(stats: Counter[str]) -> int:
