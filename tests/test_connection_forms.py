@@ -140,3 +140,13 @@ def test_an_engine_of_another_driver_is_refused_clearly() -> None:
 def test_a_string_that_is_no_postgres_conninfo_is_refused_clearly(database, message) -> None:
     with pytest.raises(ConfigurationError, match=message):
         RowSync(database, rowsync.watchers(Person))
+
+
+def test_the_command_line_takes_a_key_value_conninfo(params, capsys) -> None:
+    from rowsync.cli import main
+
+    conninfo = " ".join(f"{k}={v}" for k, v in params.items())
+    assert main(["--app", "cli_app:watchers", "--dsn", conninfo, "install"]) == 0
+    assert main(["--dsn", conninfo, "uninstall"]) == 0
+    out = capsys.readouterr().out
+    assert "rowsync install: " in out and "rowsync uninstall: " in out
