@@ -253,7 +253,7 @@ class Dispatcher:
         inserts: dict[tuple[sa.Table, tuple[Any, ...]], int],
     ) -> Resolved | None:
         """``change`` with its row, told with the row's own identifying values; None for a
-        delete the row gives the lie to.
+        key no query could bind.
 
         Anyone may NOTIFY: an event is a hint of where to look, its claims are not believed.
         Who is told of an insert or an update, and with which values, is what the row read
@@ -261,7 +261,7 @@ class Dispatcher:
         and a forged claim would take a row to another tenant). The values before an update
         cannot be checked (the row has changed since): they only widen who is told. A delete
         is believed once its row is gone, or inserted again later in the batch (``inserts``:
-        the last ref inserting each key)."""
+        the last ref inserting each key); else it is told as an update with the row read."""
         table = self._tables[change.table][0]
         read = fetched.get(change.table, ({}, set()))
         if read is None:
@@ -277,14 +277,15 @@ class Dispatcher:
         if change.event == "deleted":
             if row is None or inserts.get((table, key), 0) > change.ref:
                 return change
+            # Its row exists: inserted again since (in a later batch), or the event is forged.
+            # Either way what is true now is that row: it is told as an update with its values.
             self.stats["contradicted"] += 1
-            logger.warning(
-                "skipping delete event %d of %s: its row exists: %.200r",
+            logger.info(
+                "delete event %d of %s: its row exists; told as an update with its values",
                 change.ref,
                 table.name,
-                change.new,
             )
-            return None
+            change = dataclasses.replace(change, event="updated", old=change.new)
         if row is None:
             return change  # gone since: sync takes it for deleted, whatever the event said
         if not _agrees(change.new, row.values):

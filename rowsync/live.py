@@ -934,7 +934,9 @@ class LiveQuery:
             spec: tree.LoadSpec = self._plan.spec if id(obj) in roots else {}
             for parent, key in places:
                 spec = tree.merge_specs(spec, tree.expected_spec(parent).get(key, {}))
-            tree.remember_spec(obj, spec)
+            if id(obj) in roots:
+                tree.remember_root_spec(obj, self._plan.spec)
+            tree.remember_places_spec(obj, spec)
             for rel in state.mapper.relationships:
                 if rel.key in state.dict and rel.key not in spec:
                     pending += tree.as_list(state.dict.pop(rel.key))

@@ -125,9 +125,10 @@ class Syncer:
                 None,
             )
 
-    def forget(self, objects: list[Any], keep: tree.Index) -> None:
-        """Drop the cached indexes, other than ``keep``, that hold any of ``objects``: a sync
-        through ``keep`` changed what those objects hold. Trees sharing none keep theirs."""
+    def forget(self, objects: list[Any], keep: tree.Index | None = None) -> None:
+        """Drop the cached indexes, other than ``keep``, that hold any of ``objects``: what
+        those objects hold changed (through ``keep``, which followed). Trees sharing none
+        keep theirs."""
         ids = {id(o) for o in objects}
         with self._lock:
             stale = [
@@ -200,7 +201,7 @@ class Syncer:
             groups.setdefault(tree.entity(obj), []).append(obj)
         fresh: dict[tuple[Any, tuple[Any, ...]], Any] = {}
         for mapper, objs in groups.items():
-            spec = tree.expected_spec(objs[0])
+            spec = tree.own_spec(objs[0])
             found = self.rows.objects(mapper, [tree.primary_key(o) for o in objs], spec)
             for key, obj in found.items():
                 tree.remember_spec(obj, spec)
@@ -559,9 +560,11 @@ class _Patch:
         loaded like its sibling roots (or as ``spec`` says); held below already (it entered
         a collection first), that instance joins the roots."""
         if spec is None and self.roots:
-            spec = tree.expected_spec(self.roots[0])
+            spec = tree.own_spec(self.roots[0])
         obj = self.instance(mapper, self.key, self.row, spec)
         if obj is not None:
+            if spec is not None:
+                tree.remember_root_spec(obj, spec)  # held below already, it had another
             tree.remember_entity(obj, mapper)
             self.roots.append(obj)
             self.index.join(obj)
@@ -716,13 +719,13 @@ class _Patch:
                 if declared is None:
                     declared = _preload_spec(instance_state(obj).mapper, self.preloads)
             else:
-                declared = tree.declared_spec(parent)
+                declared = tree.places_spec(parent)
             if declared is None:
                 return  # a place loaded without options: what is loaded is all we know
             spec = tree.merge_specs(
                 spec, declared if parent is None else declared.get(key or "", {})
             )
-        tree.remember_own_spec(obj, spec)  # what joins below it later is loaded so too
+        tree.remember_places_spec(obj, spec)
         state = instance_state(obj)
         unloaded = []
         for rel in state.mapper.relationships:

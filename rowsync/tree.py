@@ -331,13 +331,41 @@ def clone(
 
 EAGER = frozenset({"selectin", "joined", "subquery", "immediate"})
 _SPEC = "rowsync_spec"
+_PLACES = "rowsync_places_spec"
 
 
 def expected_spec(obj: Any) -> dict[str, Any]:
-    """What a fresh query would load on ``obj``: its loader options (and the mapper's eager
-    defaults); without options, what is loaded on it now. New related objects are loaded so."""
+    """What a fresh query would load on ``obj`` where it is now: the union of its places'
+    specs once rowsync moved it (:func:`remember_places_spec`), else :func:`own_spec`. New
+    related objects are loaded so."""
+    places = places_spec(obj)
+    return places if places is not None else loaded_spec(obj)
+
+
+def own_spec(obj: Any) -> dict[str, Any]:
+    """What ``obj`` was loaded with at the place it was loaded for (a root: its query's
+    options), whatever other places it took since; without options, what is loaded on it."""
     declared = declared_spec(obj)
     return declared if declared is not None else loaded_spec(obj)
+
+
+def places_spec(obj: Any) -> dict[str, Any] | None:
+    """The union of ``obj``'s places' specs, as rowsync last recorded it, else its loader
+    options; None when it was loaded without either."""
+    places: dict[str, Any] | None = instance_state(obj).info.get(_PLACES)
+    return places if places is not None else declared_spec(obj)
+
+
+def remember_root_spec(obj: Any, spec: LoadSpec) -> None:
+    """``obj`` became a root loaded with ``spec``: its own spec from now on (what is below it
+    keeps what it was loaded with)."""
+    instance_state(obj).info[_SPEC] = spec
+
+
+def remember_places_spec(obj: Any, spec: LoadSpec) -> None:
+    """Record the union of the specs of the places ``obj`` is held at: what joins below it
+    later is loaded so (its own loader options still say what it loads as a root)."""
+    instance_state(obj).info[_PLACES] = spec
 
 
 def declared_spec(obj: Any) -> dict[str, Any] | None:
@@ -361,12 +389,6 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
                 state = instance_state(child)
                 if _SPEC not in state.info and not state.load_path:  # not a query's own
                     remember_spec(child, nested)
-
-
-def remember_own_spec(obj: Any, spec: LoadSpec) -> None:
-    """Record the spec ``obj`` is loaded with now (the union of its places' specs), without
-    touching what is below it."""
-    instance_state(obj).info[_SPEC] = spec
 
 
 def strategy(obj: Any, key: str) -> str:
