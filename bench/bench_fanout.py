@@ -58,6 +58,8 @@ MODES = {"none": None, "redis": "redis://127.0.0.1:6379/0", "nats": "nats://127.
 SPACING = 0.02
 """Seconds between two changes."""
 REPLY_LIMIT = 120.0
+KEY = "the benchmark's fan-out key"
+"""``fanout_key`` of every node (a group's nodes share it)."""
 
 
 class Base(DeclarativeBase):
@@ -75,7 +77,9 @@ class Item(Base):
 
 def node(dsn: str, url: str | None) -> None:
     """Run one node until stdin closes; answer ``mark`` and ``report N`` with JSON lines."""
-    rs = rowsync.RowSync(dsn, rowsync.watchers(Item), fanout=url, start_timeout=60).start()
+    rs = rowsync.RowSync(
+        dsn, rowsync.watchers(Item), fanout=url, fanout_key=KEY, start_timeout=60
+    ).start()
     sub = rs.subscribe(Item)
     arrived: dict[int, float] = {}
     lock = threading.Lock()

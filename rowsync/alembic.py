@@ -25,7 +25,7 @@ identifier may contain exactly that. A DDL element runs verbatim, online and in
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import sqlalchemy as sa
 
@@ -38,14 +38,21 @@ __all__ = ["install_sql", "revision_body", "uninstall_sql", "verbatim"]
 
 
 def install_sql(
-    target: RowSync | Iterable[Watcher], *, channel: str | None = None, schema: str | None = None
+    target: RowSync | Iterable[Watcher],
+    *,
+    channel: str | None = None,
+    schema: str | None = None,
+    listener_roles: Sequence[str] = (),
 ) -> sa.DDL:
-    """The complete install script (``rs.sql()``): rowsync's schema, then every trigger.
+    """The complete install script (``rs.sql()``): rowsync's schema, the grants to each of
+    ``listener_roles``, then every trigger.
 
     ``target`` is a :class:`~rowsync.RowSync` (its channel and schema are the defaults) or
     watchers. Running the script twice changes nothing; ``rs.status()`` finds it installed.
     """
-    return verbatim(install_text(target, channel=channel, schema=schema))
+    return verbatim(
+        install_text(target, channel=channel, schema=schema, listener_roles=listener_roles)
+    )
 
 
 def uninstall_sql(
@@ -69,16 +76,22 @@ def verbatim(script: str) -> sa.DDL:
 
 
 def install_text(
-    target: RowSync | Iterable[Watcher], *, channel: str | None = None, schema: str | None = None
+    target: RowSync | Iterable[Watcher],
+    *,
+    channel: str | None = None,
+    schema: str | None = None,
+    listener_roles: Sequence[str] = (),
 ) -> str:
     if (
         isinstance(target, RowSync)
         and channel in (None, target.channel)
         and schema in (None, target.schema)
     ):
-        return target.sql()
+        return target.sql(listener_roles=listener_roles)
     trigs, channel, schema = _triggers(target, channel, schema)
-    return triggers.install_sql(trigs, schema=schema, channel=channel).as_string()
+    return triggers.install_sql(
+        trigs, schema=schema, channel=channel, listener_roles=listener_roles
+    ).as_string()
 
 
 def uninstall_text(

@@ -26,7 +26,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from rowsync import tree, triggers
+from rowsync import tree, triggers, wal
 from rowsync.announce import BATCH, announce_table, announced
 from rowsync.cache import RowCache
 from rowsync.changelog import ChangeLog
@@ -85,6 +85,8 @@ class RowSync:
     - ``capture="stream"``: the change log only, read every ``poll_interval`` seconds. No
       NOTIFY in the writer's transaction (it takes a cluster-wide lock at commit), so many
       concurrent writers keep their throughput. Durable, as above.
+    - ``capture="wal"``: no trigger; changes come from logical decoding (:mod:`rowsync.wal`).
+      Needs ``wal_level = logical`` and ``rowsync[wal]``; after a reconnect, ``(Resync, info)``.
     """
 
     def __init__(
@@ -103,12 +105,13 @@ class RowSync:
         origin: str | None = None,
         exclude: ColumnsArg | None = None,
         allow: ColumnsArg | None = None,
-        capture: Literal["notify", "stream"] = "notify",
+        capture: Literal["notify", "stream", "wal"] = "notify",
         durable: bool = False,
         consumer: str | None = None,
         retention: float = 3600.0,
         poll_interval: float = 0.02,
         fanout: str | None = None,
+        fanout_key: str | bytes | None = None,
     ) -> None:
         self.engine = engine_for(dsn_or_engine)
         self.connect = connector(self.engine)
@@ -122,6 +125,7 @@ class RowSync:
                 )
         self.channel = channel
         self.schema = schema
+        self.retention = retention
         self.queue_size = queue_size
         self.start_timeout = start_timeout
         self.default_origin = origin
@@ -135,13 +139,18 @@ class RowSync:
                 "RowSync needs at least one watcher (rowsync.watchers(Model, ...))"
             )
         _reject_label_clashes(self.watchers)
-        if capture not in ("notify", "stream"):
-            raise ConfigurationError(f"capture must be 'notify' or 'stream', not {capture!r}")
+        if capture not in ("notify", "stream", "wal"):
+            raise ConfigurationError(
+                f"capture must be 'notify', 'stream' or 'wal', not {capture!r}"
+            )
+        self.capture = capture
         self.mode: triggers.Mode = (
             "stream" if capture == "stream" else "durable" if durable else "notify"
         )
-        self.triggers = triggers.triggers(
-            self.watchers, schema=schema, channel=channel, mode=self.mode
+        self.triggers = (
+            []
+            if capture == "wal"
+            else triggers.triggers(self.watchers, schema=schema, channel=channel, mode=self.mode)
         )
         self._tables: dict[tuple[str, str], tuple[sa.Table, Any]] = {
             (w.schema, w.table): (table_of(w.model), w.model) for w in self.watchers
@@ -158,17 +167,29 @@ class RowSync:
         self.dispatcher = Dispatcher(
             self._tables, self.rows, self.cache, self.router, self.stats, replay_size
         )
-        self.listener = Listener(
-            self.connect,
-            channel=channel,
-            schema=schema,
-            on_batch=self.dispatcher.batch,
-            on_gap=self.dispatcher.gap,
-            probe_interval=probe_interval,
-            log=None
-            if self.mode == "notify"
-            else ChangeLog(schema, consumer=consumer, retention=retention),
-            poll_interval=poll_interval if self.mode == "stream" else None,
+        self.listener = (
+            wal.WalSource(
+                self.connect,
+                channel=channel,
+                schema=schema,
+                watchers=self.watchers,
+                on_batch=self.dispatcher.batch,
+                on_gap=self.dispatcher.gap,
+                probe_interval=probe_interval,
+            )
+            if capture == "wal"
+            else Listener(
+                self.connect,
+                channel=channel,
+                schema=schema,
+                on_batch=self.dispatcher.batch,
+                on_gap=self.dispatcher.gap,
+                probe_interval=probe_interval,
+                log=None
+                if self.mode == "notify"
+                else ChangeLog(schema, consumer=consumer, retention=retention),
+                poll_interval=poll_interval if self.mode == "stream" else None,
+            )
         )
         self.fanout = (
             None
@@ -181,36 +202,59 @@ class RowSync:
                 listener=self.listener,
                 dispatcher=self.dispatcher,
                 tables=self._tables,
+                key=fanout_key,
+                columns=self.columns,
                 resumes=self.mode != "notify" and consumer is not None,
             )
         )
         """``fanout=URL``: this process's node of a group that shares one elected capture
-        node through a broker (:mod:`rowsync.fanout`)."""
+        node through a broker (:mod:`rowsync.fanout`); ``fanout_key``, the same secret on
+        every node (16 bytes or more), seals what they publish (:mod:`rowsync.fanout.seal`).
+        Required for a broker: only ``memory://`` does without."""
 
     def __repr__(self) -> str:
         return f"<RowSync channel={self.channel!r} tables={len(self._tables)}>"
 
     # -- migration --------------------------------------------------------------------
 
-    def sql(self) -> str:
+    def sql(self, *, listener_roles: Sequence[str] = ()) -> str:
         """The complete install DDL, for review, ``rowsync sql`` or an Alembic revision."""
         return triggers.install_sql(
-            self.triggers, schema=self.schema, channel=self.channel
+            self.triggers,
+            schema=self.schema,
+            channel=self.channel,
+            listener_roles=listener_roles,
+            retention=self.retention,
         ).as_string()
 
     def install(
-        self, *, prune: bool = False, progress: triggers.Progress | None = None
+        self,
+        *,
+        prune: bool = False,
+        progress: triggers.Progress | None = None,
+        listener_roles: Sequence[str] = (),
     ) -> triggers.Status:
-        """Create or upgrade rowsync's schema and triggers; returns the status found before."""
+        """Create or upgrade rowsync's schema and triggers; returns the status found before.
+
+        Run it as the watched tables' owner. ``listener_roles`` are granted what a listener
+        needs of rowsync's (:mod:`rowsync.privileges`); writers need nothing. The log's
+        ``retention`` becomes the least any prune keeps.
+        """
         with self.connect() as conn:
-            return triggers.install(
+            before = triggers.install(
                 conn,
                 self.triggers,
                 schema=self.schema,
                 channel=self.channel,
                 prune=prune,
                 progress=progress,
+                listener_roles=listener_roles,
+                retention=self.retention,
             )
+            if self.capture == "wal":
+                tables = {name: table for name, (table, _) in self._tables.items()}
+                wal.install(conn, self.watchers, tables, self.columns, self.channel)
+            return before
 
     def announce(
         self,
@@ -249,13 +293,26 @@ class RowSync:
 
     def uninstall(self, *, drop_schema: bool = False) -> int:
         with self.connect() as conn:
+            if self.capture == "wal":
+                wal.uninstall(conn, self.channel)
             return triggers.uninstall(
                 conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema
             )
 
-    def status(self) -> triggers.Status:
+    def status(self, *, listener_roles: Sequence[str] | None = None) -> triggers.Status:
+        """What ``install`` would change, and what is wrong with the privileges: checked for
+        ``listener_roles`` (default: the role this RowSync connects as)."""
         with self.connect(autocommit=True) as conn:
-            return triggers.status(conn, self.triggers, schema=self.schema, channel=self.channel)
+            if listener_roles is None:
+                row = conn.execute("SELECT current_user").fetchone()
+                listener_roles = [str(row[0])] if row else []
+            return triggers.status(
+                conn,
+                self.triggers,
+                schema=self.schema,
+                channel=self.channel,
+                listener_roles=listener_roles,
+            )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -287,6 +344,13 @@ class RowSync:
         would be missing (a table not captured) or sent where this listener does not look."""
         try:
             status = self.status()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            logger.warning(
+                "this role may not read rowsync's schema (%s): run `rowsync install "
+                "--listener-role ROLE` as the owner, or see `rowsync status`",
+                exc,
+            )
+            return
         except psycopg.Error as exc:
             logger.debug("could not check the triggers: %s", exc)
             return
@@ -298,6 +362,8 @@ class RowSync:
                 len(status.outdated),
                 "" if status.schema_ready else ", schema not up to date",
             )
+        for problem in status.privileges:
+            logger.warning("rowsync's privileges: %s (see `rowsync status`)", problem)
 
     def stop(self) -> None:
         _started.discard(self)

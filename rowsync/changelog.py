@@ -12,6 +12,15 @@ The position moves once a read's rows are handed over; a read cut short is start
 from the same position, skipping the rows it already handed over. The position is saved
 (when the log has a consumer name) every ``save_interval`` and on stop, so a restarted
 process replays at most the rows since the last save: at-least-once across restarts.
+A saved position belongs to the role that saved it first; no other role can move it.
+
+Pruning (by age, never below the installed retention) may still pass a reader that fell
+behind. Every read looks, in its own snapshot, whether a prune happened since the last one
+and removed rows its position had not read; if so it announces a gap before handing over
+anything. A prune keeps the range of xids it removed, so a reader that saw one prune tells
+exactly whether it lost rows; one that missed several (or restarts from a saved position)
+compares the newest xid ever pruned with its position's xmin, which may announce a gap that
+did not happen while a transaction older than the retention runs.
 """
 
 from __future__ import annotations
@@ -56,6 +65,10 @@ class ChangeLog:
         after a newer one (within a process; after a restart, a replay is possible)."""
         self._next_save = 0.0
         self._next_prune = 0.0
+        self._prunes: int | None = None
+        """The log's prune count at the last read: unchanged, nothing was pruned since."""
+        self._refused = False
+        """Whether the consumer name belongs to another role (this position is not saved)."""
         ident = sql.Identifier(schema)
         self._read = sql.SQL(
             "SELECT id, payload FROM {}.log"
@@ -63,37 +76,43 @@ class ChangeLog:
             " OR xid = ANY(ARRAY(SELECT pg_snapshot_xip(%(position)s::pg_snapshot)))"
             " ORDER BY id"
         ).format(ident)
-        self._pruned_past = sql.SQL(
-            "SELECT EXISTS (SELECT FROM {}.log_pruned"
-            " WHERE xid >= pg_snapshot_xmin(%s::pg_snapshot))"
+        self._now = sql.SQL(
+            "SELECT pg_current_snapshot()::text, coalesce(p.prunes, 0),"
+            " coalesce(p.xid >= pg_snapshot_xmin(%(position)s::pg_snapshot), false),"
+            " coalesce(NOT pg_visible_in_snapshot(p.high, %(position)s::pg_snapshot)"
+            "  OR EXISTS (SELECT FROM pg_snapshot_xip(%(position)s::pg_snapshot) AS x"
+            "   WHERE x BETWEEN p.low AND p.high), true)"
+            " FROM (SELECT) AS one LEFT JOIN {}.log_pruned AS p ON true"
         ).format(ident)
 
-    def resume(self, conn: psycopg.Connection[TupleRow]) -> str | None:
-        """Set the position on (re)connecting: the one held in memory, else the consumer's
-        saved one, else now. Returns why changes may be lost (pruned past), or None."""
+    def resume(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """Set the position on (re)connecting: the one held in memory, else the one this role
+        saved for the consumer, else now."""
         if self.position is None and self.consumer is not None:
             row = conn.execute(
-                sql.SQL("SELECT last_read::text FROM {}.cursors WHERE consumer = %s").format(
-                    sql.Identifier(self.schema)
-                ),
+                sql.SQL(
+                    "SELECT last_read::text FROM {}.cursors"
+                    " WHERE consumer = %s AND owner = session_user"
+                ).format(sql.Identifier(self.schema)),
                 (self.consumer,),
             ).fetchone()
             if row is not None:
                 self.position = self._saved = row[0]
                 logger.info("resuming consumer %r from %s", self.consumer, self.position)
         if self.position is None:
-            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+            row = conn.execute(self._now, {"position": None}).fetchone()
             assert row is not None
-            self.position = row[0]
-            return None
-        row = conn.execute(self._pruned_past, (self.position,)).fetchone()
-        if row is not None and row[0]:
-            return "the change log was pruned past this listener's position"
-        return None
+            self.position, self._prunes = row[0], row[1]  # nothing before now is owed
 
-    def read(self, conn: psycopg.Connection[TupleRow], handle: Callable[[list[str]], None]) -> None:
+    def read(
+        self,
+        conn: psycopg.Connection[TupleRow],
+        handle: Callable[[list[str]], None],
+        gap: Callable[[str], None],
+    ) -> None:
         """Hand the payloads committed since the position to ``handle``, oldest first, in
-        batches; then move the position.
+        batches; then move the position. First, if a prune removed rows the position had not
+        read, call ``gap`` with the reason.
 
         Runs in one repeatable-read transaction, so the rows and the new position come from
         one snapshot. If ``handle`` raises, the position stays: the rows are read again.
@@ -101,9 +120,16 @@ class ChangeLog:
         assert self.position is not None, "resume() first"
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+            row = conn.execute(self._now, {"position": self.position}).fetchone()
             assert row is not None
-            now = row[0]
+            now, prunes, past_any, past_last = row
+            seen = self._prunes
+            if prunes != seen and (
+                past_last if seen is not None and prunes == seen + 1 else past_any
+            ):
+                logger.warning("the change log was pruned past this listener's position")
+                gap("the change log was pruned past this listener's position")
+            self._prunes = prunes
             with conn.cursor(name="rowsync_log") as cursor:
                 cursor.itersize = self.batch
                 cursor.execute(self._read, {"position": self.position})
@@ -122,22 +148,31 @@ class ChangeLog:
             and self.position is not None
             and self.position != self._saved
             and (final or now >= self._next_save)
+            and not self._refused
         ):
-            conn.execute(
+            row = conn.execute(
                 sql.SQL("SELECT {}.save_cursor(%s, %s::pg_snapshot)").format(
                     sql.Identifier(self.schema)
                 ),
                 (self.consumer, self.position),
-            )
+            ).fetchone()
+            if row is None or not row[0]:
+                self._refused = True
+                logger.warning(
+                    "consumer %r belongs to another database role: this listener's position "
+                    "is not saved (choose another consumer name)",
+                    self.consumer,
+                )
             self._saved = self.position
             self._next_save = now + self.save_interval
         if not final and now >= self._next_prune:
             self._next_prune = now + self.prune_interval
+            # Never past this reader's own position (the installed retention is kept anyway).
             row = conn.execute(
-                sql.SQL("SELECT {}.prune_log(make_interval(secs => %s))").format(
-                    sql.Identifier(self.schema)
-                ),
-                (self.retention,),
+                sql.SQL(
+                    "SELECT {}.prune_log(make_interval(secs => %s), upto => %s::pg_snapshot)"
+                ).format(sql.Identifier(self.schema)),
+                (self.retention, self.position),
             ).fetchone()
             if row and row[0]:
                 logger.info("pruned %d change-log rows older than %s s", row[0], self.retention)

@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print an Alembic revision body with the SQL frozen in it",
     )
+    _listener_roles(sql, "grant it what a listener needs in the script")
     sql.set_defaults(command=_sql)
 
     install = commands.add_parser(
@@ -133,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument(
         "--prune", action="store_true", help="also drop orphaned rowsync triggers of this channel"
     )
+    _listener_roles(install, "grant it what a listener needs of rowsync's (writers need nothing)")
     install.set_defaults(command=_install)
 
     uninstall = commands.add_parser(
@@ -148,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", parents=common, help="compare the database with the watchers"
     )
+    _listener_roles(status, "check it has what a listener needs (default: the connecting role)")
     status.set_defaults(command=_status)
 
     listen = commands.add_parser(
@@ -220,6 +223,17 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
         help="log more (-v info, -vv debug) to stderr",
     )
     return parser
+
+
+def _listener_roles(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--listener-role",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        dest="listener_roles",
+        help=f"a database role the listener runs as: {what} (repeatable)",
+    )
 
 
 def _positive(text: str) -> int:
@@ -387,13 +401,16 @@ def _sql(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     if args.alembic:
         print(revision_body(app, channel=args.channel, schema=args.schema), end="")
     else:
-        print(install_text(app, channel=args.channel, schema=args.schema), end="")
+        script = install_text(
+            app, channel=args.channel, schema=args.schema, listener_roles=args.listener_roles
+        )
+        print(script, end="")
     return EXIT_OK
 
 
 def _install(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     with _rowsync(args) as rs, _bars(args, "created") as progress:
-        before = rs.install(prune=args.prune, progress=progress)
+        before = rs.install(prune=args.prune, progress=progress, listener_roles=args.listener_roles)
     summary = (
         f"rowsync install: {len(before.missing)} created, {len(before.outdated)} upgraded, "
         f"{len(before.installed)} unchanged"
@@ -421,7 +438,7 @@ def _uninstall(args: argparse.Namespace, on_listening: OnListening | None) -> in
 
 def _status(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     with _rowsync(args) as rs:
-        status = rs.status()
+        status = rs.status(listener_roles=args.listener_roles or None)
     print(f"rowsync status ({_where(rs)})")
     print(f"  schema     {'ready' if status.schema_ready else 'missing or not up to date'}")
     absent = status.missing_tables
@@ -433,12 +450,17 @@ def _status(args: argparse.Namespace, on_listening: OnListening | None) -> int:
         print(f"  {state:<10} {len(names)}")
         for schema, table, name in names:
             print(f"    {schema}.{table}  {name}")
+    print(f"  privileges {'ok' if not status.privileges else len(status.privileges)}")
+    for problem in status.privileges:
+        print(f"    {problem}")
     if status.ok:
         print("ok: the database matches the watchers")
         return EXIT_OK
     hint = "run `rowsync install`" + (" --prune" if status.orphaned else "")
     if absent:  # no trigger can be created before its table
         hint = f"create the missing tables (your migrations), then {hint}"
+    if status.privileges:
+        hint += " --listener-role ROLE, and revoke what PUBLIC holds"
     print(f"drift: {hint}")
     return EXIT_DRIFT
 

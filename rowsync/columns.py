@@ -51,11 +51,12 @@ class ColumnPolicy:
         withheld = self.withheld(table)
         return [c for c in table.columns if c.name not in withheld]
 
-    def defer(self, mapper: Mapper[Any]) -> list[_AbstractLoad]:
+    def defer(self, mapper: Mapper[Any], entity: Any = None) -> list[_AbstractLoad]:
         """ORM options leaving the withheld columns of ``mapper`` (of each of its tables)
-        unloaded."""
+        unloaded, for ``entity`` (an alias of ``mapper``; default: its class)."""
+        entity = mapper.class_ if entity is None else entity
         return [
-            defer(getattr(mapper.class_, prop.key))
+            defer(getattr(entity, prop.key))
             for prop in mapper.column_attrs
             if any(
                 isinstance(c, sa.Column)

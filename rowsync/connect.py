@@ -24,11 +24,11 @@ psycopg ``Engine`` built the same way when they matter.
 from __future__ import annotations
 
 import logging
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import psycopg
 import sqlalchemy as sa
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -107,6 +107,16 @@ def connector(engine: sa.Engine) -> Connect:
         return conn
 
     return connect
+
+
+def conninfo_of(conn: psycopg.Connection[Any], **extra: str) -> str:
+    """The libpq conninfo ``conn`` was made with, password included, plus ``extra`` where it
+    sets none: for a client that connects by itself (psycopg2's replication connection),
+    the way the engine connected ``conn`` (a token supplied per connection is fresh)."""
+    dsn = conninfo_to_dict(conn.info.dsn)
+    if conn.info.password:
+        dsn["password"] = conn.info.password
+    return make_conninfo(**{**extra, **{k: str(v) for k, v in dsn.items()}})
 
 
 def _twin(database: AsyncEngine) -> sa.Engine:

@@ -21,7 +21,16 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import Mapper, Session, immediateload, joinedload, selectinload, subqueryload
+from sqlalchemy.orm import (
+    Mapper,
+    Session,
+    immediateload,
+    joinedload,
+    lazyload,
+    selectinload,
+    subqueryload,
+    with_polymorphic,
+)
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 
 from rowsync import tree
@@ -207,25 +216,78 @@ def _where_key(
     """Rows of a table, or objects of a mapper (by its identity's key), whose key is in
     ``keys``."""
     pk = list(entity.primary_key.columns if isinstance(entity, sa.Table) else entity.primary_key)
-    if len(pk) == 1:
-        return pk[0].in_([k[0] for k in keys])
-    return sa.tuple_(*pk).in_(keys)
+    return _key_in(pk, keys)
 
 
-def _options(mapper: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy) -> list[_AbstractLoad]:
-    """selectinload options reproducing a LoadSpec, so new objects look like their siblings,
-    with the withheld columns of every level left unloaded. Keys ``mapper`` does not have
-    (a subclass's relationships, in a spec of the hierarchy's places) are left to the loads
-    of the objects of that subclass."""
+def _key_in(
+    columns: Sequence[sa.ColumnElement[Any]], keys: Sequence[tuple[Any, ...]]
+) -> sa.ColumnElement[bool]:
+    """Whether the identifying ``columns`` hold one of ``keys``."""
+    if len(columns) == 1:
+        return columns[0].in_([k[0] for k in keys])
+    return sa.tuple_(*columns).in_(keys)
+
+
+@functools.cache
+def whole(mapper: Mapper[Any]) -> Any:
+    """An entity loading each row of ``mapper`` as its own class with every column of that
+    class (a joined subclass's table joined, a single-table subclass's columns selected), and
+    reaching each subclass's relationships (``entity.Engineer.machines``): what a user's
+    ``with_polymorphic``/``of_type`` loads, and rowsync cannot tell from a loaded object
+    which of them loaded it, so it loads every object whole wherever it is. Flat: it may be
+    joined below another entity (a ``joinedload``) of the same table."""
+    return with_polymorphic(mapper, "*", flat=True)
+
+
+def _parts(mapper: Mapper[Any], entity: Any) -> list[tuple[Mapper[Any], Any]]:
+    """``(mapper, entity)`` of every class ``entity`` (:func:`whole` of ``mapper``) loads."""
+    rest = list(mapper.self_and_descendants)[1:]
+    return [(mapper, entity), *((m, getattr(entity, m.class_.__name__)) for m in rest)]
+
+
+def _key_columns(mapper: Mapper[Any], entity: Any) -> list[sa.ColumnElement[Any]]:
+    """``mapper``'s identifying columns as ``entity`` selects them."""
+    return [getattr(entity, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
+
+
+def _unloaded(mapper: Mapper[Any], entity: Any, policy: ColumnPolicy) -> list[_AbstractLoad]:
+    """Options leaving the withheld columns of every class ``entity`` loads unloaded."""
+    return [option for m, part in _parts(mapper, entity) for option in policy.defer(m, part)]
+
+
+def _options(
+    mapper: Mapper[Any], entity: Any, spec: tree.LoadSpec, policy: ColumnPolicy
+) -> list[_AbstractLoad]:
+    """Options below ``entity`` (:func:`whole` of ``mapper``) loading exactly a LoadSpec, so
+    new objects look like their siblings: each relationship of the spec that ``mapper`` or a
+    subclass of it has (a spec names the relationships of every class a place holds) with
+    selectinload, its objects loaded whole, with the withheld columns of every level
+    unloaded. Every other relationship loads as if by no option, except that an eager
+    ``lazy=`` default does not load: the spec holds the defaults a query's own options left
+    on."""
     options: list[_AbstractLoad] = []
-    for key, nested in spec.items():
-        if key not in mapper.relationships:
-            continue
-        rel = mapper.relationships[key]
-        option = selectinload(getattr(mapper.class_, key))
-        sub = [*policy.defer(rel.mapper), *_options(rel.mapper, nested, policy)]
-        options.append(option.options(*sub) if sub else option)
+    for owner, part in _parts(mapper, entity):
+        for rel in owner.relationships:
+            if owner is not mapper and rel.parent is not owner:
+                continue  # reached through the class that declares it
+            attribute = getattr(part, rel.key)
+            if rel.key in spec:
+                options.append(_loaded(selectinload, attribute, rel.mapper, spec[rel.key], policy))
+            elif rel.lazy in tree.EAGER:
+                options.append(lazyload(attribute))
     return options
+
+
+def _loaded(
+    loader: Any, attribute: Any, target: Mapper[Any], spec: tree.LoadSpec, policy: ColumnPolicy
+) -> _AbstractLoad:
+    """``loader`` of the relationship ``attribute``, its objects (of ``target``) loaded whole
+    with ``spec`` below them."""
+    entity = whole(target)
+    option: _AbstractLoad = loader(attribute.of_type(entity))
+    return option.options(
+        *_unloaded(target, entity, policy), *_options(target, entity, spec, policy)
+    )
 
 
 @dataclass(frozen=True)
@@ -434,28 +496,16 @@ class RowSource:
         spec: tree.LoadSpec,
     ) -> list[Any]:
         """The rows ``keys`` as a query of ``mapper`` returns them (a row of another class of
-        its hierarchy is not one of them), each as its own class, with every column of that
-        class and ``spec`` loaded: a row of a subclass is read again as that subclass (its
-        table's columns, its relationships) when the first read could not load it whole."""
+        its hierarchy is not one of them), each as its own class, loaded whole with ``spec``
+        (see :func:`whole`)."""
         self.queries["objects"] += 1
-        stmt = sa.select(mapper).where(_where_key(mapper, keys))
-        options = [*self.policy.defer(mapper), *_options(mapper, spec, self.policy)]
-        found = list(session.scalars(stmt.options(*options)).unique())
-        partial: dict[Mapper[Any], list[tuple[Any, ...]]] = {}
-        for obj in found:
-            actual = sa.inspect(obj).mapper
-            if actual is not mapper and (
-                set(actual.tables) - set(mapper.tables)
-                or set(actual.column_attrs.keys()) - set(mapper.column_attrs.keys())
-                or any(k in actual.relationships and k not in mapper.relationships for k in spec)
-            ):
-                partial.setdefault(actual, []).append(tree.primary_key(obj))
-        for actual, again in partial.items():
-            self.queries["objects"] += 1
-            stmt = sa.select(actual).where(_where_key(actual, again))
-            options = [*self.policy.defer(actual), *_options(actual, spec, self.policy)]
-            session.scalars(stmt.options(*options).execution_options(populate_existing=True)).all()
-        return found
+        entity = whole(mapper)
+        stmt = sa.select(entity).where(_key_in(_key_columns(mapper, entity), keys))
+        options = [
+            *_unloaded(mapper, entity, self.policy),
+            *_options(mapper, entity, spec, self.policy),
+        ]
+        return list(session.scalars(stmt.options(*options)).unique())
 
     def reload(
         self,
@@ -472,9 +522,8 @@ class RowSource:
             self.queries["reload"] += 1
             mapper = edge.parent
             loader = _LOADERS.get(strategy, immediateload)
-            option = loader(getattr(mapper.class_, edge.key))
-            if sub := [*self.policy.defer(edge.target), *_options(edge.target, spec, self.policy)]:
-                option = option.options(*sub)
+            attribute = getattr(mapper.class_, edge.key)
+            option = _loaded(loader, attribute, edge.target, spec, self.policy)
             with Session(self.engine, expire_on_commit=False) as session:
                 where = _where_key(mapper, parents)
                 stmt = sa.select(mapper).where(where).options(*self.policy.defer(mapper), option)

@@ -56,6 +56,8 @@ MAX_BATCH_BYTES = 1 << 20
 """Payload bytes the listener takes in before handing a batch over: what it holds at once
 stays bounded however fast the channel is flooded."""
 _BIGINT = 1 << 63
+_PARKED_CHUNK = 16
+"""Parked events read back per query: at most this many times ``max_parked`` bytes at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +207,7 @@ class Listener:
         backoff: tuple[float, float] = (0.05, 5.0),
         log: ChangeLog | None = None,
         poll_interval: float | None = None,
+        max_parked: int = 1 << 20,
     ) -> None:
         self.connect = connect
         self.channel = channel
@@ -219,6 +222,8 @@ class Listener:
         """Read events from the change log instead of NOTIFY payloads."""
         self.poll_interval = poll_interval
         """Read the log this often even when no notification wakes the listener up."""
+        self.max_parked = max_parked
+        """Bytes above which a parked event is not read back (announced as a gap instead)."""
         self.stats: Counter[str] = Counter()
         self.issued = Issued(schema)
         self.connected = threading.Event()
@@ -270,15 +275,14 @@ class Listener:
             try:
                 with self.connect(autocommit=True, name=APPLICATION_NAME) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                    lost = self.log.resume(conn) if self.log is not None else None
+                    if self.log is not None:
+                        self.log.resume(conn)  # its first read says if rows were pruned
                     self.connected.set()
                     if self._connected_before:
                         self.stats["reconnects"] += 1
                         logger.info("listener reconnected on channel %r", self.channel)
                         if self.log is None:
-                            lost = "reconnect"
-                    if lost is not None:
-                        self._gap(lost)
+                            self._gap("reconnect")
                     self._connected_before = True
                     delay = self.backoff[0]
                     self._serve(conn)
@@ -419,6 +423,7 @@ class Listener:
                     if isinstance(item, (Notice, Flush))
                 ]
             ),
+            self._gap,
         )
         if flushes:
             self._dispatch(flushes)
@@ -426,19 +431,16 @@ class Listener:
 
     def _handle(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
         parsed = self._issued(conn, self._parse(payloads))
-        oversized = [p["r"] for p in parsed if isinstance(p, dict)]
-        found = self._overflow(conn, oversized) if oversized else {}
+        stubs = [p for p in parsed if isinstance(p, dict)]
+        found, lost = self._overflow(conn, stubs) if stubs else ({}, 0)
         batch: list[Notice | Flush] = []
         for item in parsed:
             if isinstance(item, dict):
-                resolved = found.get(item["r"])
-                if resolved is None:
-                    self.stats["overflow_missing"] += 1
-                    logger.warning("oversized event %s not found in the overflow table", item["r"])
-                    continue
+                if (resolved := found.get(item["r"])) is None:
+                    continue  # counted by _overflow
                 item = resolved
             batch.append(item)
-        if lost := len(oversized) - len(found):
+        if lost:
             self._gap(f"{lost} oversized event(s) could not be read back")
         self._dispatch(batch)
 
@@ -466,24 +468,63 @@ class Listener:
         self.stats["gaps"] += 1
         self.on_gap(reason)
 
-    def _overflow(self, conn: psycopg.Connection[TupleRow], refs: list[int]) -> dict[int, Notice]:
-        """Oversized events, read back from the overflow table where the trigger left them."""
-        self.stats["overflow"] += len(refs)
-        table = sql.Identifier(self.schema, "overflow")
-        rows = conn.execute(
-            sql.SQL("SELECT ref, payload FROM {} WHERE ref = ANY(%s)").format(table), (refs,)
+    def _overflow(
+        self, conn: psycopg.Connection[TupleRow], stubs: list[dict[str, Any]]
+    ) -> tuple[dict[int, Notice], int]:
+        """Oversized events, read back from the overflow table where the trigger parked them,
+        and how many genuine ones could not be (pruned, or larger than ``max_parked``).
+
+        Only a stub whose seal matches its ref was sent by a trigger: any other is counted
+        and dropped (anyone may NOTIFY; a forged stub must not make every subscriber
+        resync). Parked payloads are read a few at a time, none larger than ``max_parked``.
+        """
+        self.stats["overflow"] += len(stubs)
+        sealed: list[tuple[int, str]] = []
+        for stub in stubs:
+            if isinstance(stub.get("k"), str) and -(2**63) <= stub["r"] < 2**63:
+                sealed.append((stub["r"], stub["k"]))
+            else:
+                self._forged(stub["r"])
+        parked = sql.SQL("SELECT ref, sealed, bytes, payload FROM {}(%s, %s, %s)").format(
+            sql.Identifier(self.schema, "parked")
         )
         result: dict[int, Notice] = {}
-        for ref, payload in rows:
+        lost = 0
+        for start in range(0, len(sealed), _PARKED_CHUNK):
+            chunk = sealed[start : start + _PARKED_CHUNK]
             try:
-                notice = parse(payload)
-            except ValueError:
-                notice = None
-            if isinstance(notice, Notice):
-                result[ref] = notice
-            else:
-                self.stats["malformed"] += 1
-        return result
+                rows = conn.execute(
+                    parked, ([r for r, _ in chunk], [k for _, k in chunk], self.max_parked)
+                ).fetchall()
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
+                logger.warning("cannot read oversized events back (%s): see `rowsync status`", exc)
+                self.stats["overflow_missing"] += len(sealed) - start
+                return result, lost + len(sealed) - start
+            for ref, genuine, size, payload in rows:
+                if not genuine:
+                    self._forged(ref)
+                    continue
+                try:
+                    notice = parse(payload) if payload is not None else None
+                except ValueError:
+                    notice = None
+                if isinstance(notice, Notice):
+                    result[ref] = notice
+                    continue
+                lost += 1
+                problem = "missing" if size is None else "too_large" if payload is None else None
+                self.stats[f"overflow_{problem}" if problem else "malformed"] += 1
+                logger.warning(
+                    "oversized event %s could not be read back (%s bytes parked, at most %d read)",
+                    ref,
+                    size,
+                    self.max_parked,
+                )
+        return result, lost
+
+    def _forged(self, ref: object) -> None:
+        self.stats["overflow_forged"] += 1
+        logger.warning("dropping an overflow reference without a valid seal (ref %.30r)", ref)
 
 
 class _Stopped(Exception):

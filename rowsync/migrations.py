@@ -24,9 +24,25 @@ def migration_files() -> list[tuple[str, str]]:
     return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
 
 
+def dollar_tag(text: str) -> str:
+    """A dollar-quote tag (``$rowsync$``, ``$rowsync1$``…) that ``text`` does not contain, so
+    ``tag + text + tag`` is a string constant whatever ``text`` holds."""
+    tag, n = "$rowsync$", 0
+    while tag in text:
+        n += 1
+        tag = f"$rowsync{n}$"
+    return tag
+
+
 def render(text: str, schema: str) -> sql.Composed:
-    """``{schema}`` becomes the quoted identifier, ``{schema_name}`` the name as a literal."""
-    return sql.SQL(text).format(schema=sql.Identifier(schema), schema_name=sql.Literal(schema))
+    """``{schema}`` becomes the quoted identifier, ``{schema_name}`` the name as a literal.
+
+    Function bodies are written between ``$$`` in the files; they are quoted with a dollar
+    tag the schema's name does not contain, so no name can end a body early.
+    """
+    return sql.SQL(text.replace("$$", dollar_tag(schema))).format(
+        schema=sql.Identifier(schema), schema_name=sql.Literal(schema)
+    )
 
 
 def migrate(conn: psycopg.Connection[TupleRow], schema: str) -> list[str]:

@@ -465,7 +465,8 @@ def options_spec(
     keys: tuple[str, ...] = ()
     if path is not None and path.path:
         elements = path.path
-        mappers = [cast("Mapper[Any]", m) for m in elements[0::2]]
+        # an entity of the path is a mapper, or an alias of one (``of_type``)
+        mappers = [cast("Mapper[Any]", m).mapper for m in elements[0::2]]
         statement = [mappers[0]]
         for i, prop in enumerate(elements[1::2]):
             rel = cast("RelationshipProperty[Any]", prop)
@@ -566,13 +567,14 @@ def remember_entity(obj: Any, mapper: Mapper[Any]) -> None:
 
 
 def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
-    """What is loaded on ``obj`` (and below, through its first related object), as a LoadSpec."""
+    """What is loaded on ``obj`` (and below, through its first related object), as a LoadSpec.
+    A value ``noload`` set is not loaded: it is empty whatever the database holds."""
     spec: dict[str, Any] = {}
     if depth == 0:
         return spec
     for rel in instance_state(obj).mapper.relationships:
         value = loaded_value(obj, rel.key)
-        if value is NOT_LOADED:
+        if value is NOT_LOADED or strategy(obj, rel.key) == "noload":
             continue
         children = as_list(value)
         spec[rel.key] = loaded_spec(children[0], depth - 1) if children else {}

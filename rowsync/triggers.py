@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from rowsync import migrations
+from rowsync import migrations, privileges
 from rowsync.errors import ConfigurationError
 from rowsync.watchers import Watcher
 
@@ -91,10 +91,14 @@ class Status:
     orphaned: list[tuple[str, str, str]]
     schema_ready: bool
     missing_tables: list[tuple[str, str]]
+    privileges: list[str] = field(default_factory=list)
+    """What PUBLIC may do with rowsync's objects, what a listener role lacks (one line each)."""
 
     @property
     def ok(self) -> bool:
-        return self.schema_ready and not (self.outdated or self.missing or self.orphaned)
+        return self.schema_ready and not (
+            self.outdated or self.missing or self.orphaned or self.privileges
+        )
 
 
 def triggers(
@@ -129,9 +133,9 @@ def emit(mode: Mode, schema: str, channel: str) -> sql.Composed:
     if mode == "notify":
         return sql.SQL(
             """IF octet_length(payload) > {limit} THEN
-        -- Too large for NOTIFY: park it (migration 0002) and notify its ref only.
-        PERFORM {park}(rowsync_ref, payload);
-        payload := jsonb_build_object('r', rowsync_ref, 'x', true)::text;
+        -- Too large for NOTIFY: park it (migration 0004) and notify its ref, sealed.
+        payload := jsonb_build_object(
+            'r', rowsync_ref, 'x', true, 'k', {park}(rowsync_ref, payload))::text;
     END IF;
     PERFORM pg_notify({channel}, payload);"""
         ).format(
@@ -197,6 +201,7 @@ DECLARE
     old_ids jsonb := {old};
     payload text;
 BEGIN
+    {guard}
     IF old_ids = new_ids THEN
         old_ids := NULL;  -- identifying columns unchanged: the new ones say it all
     END IF;
@@ -207,30 +212,84 @@ END
 """
     ).format(
         seq=sequence(schema),
+        guard=_guard(w, function),
         rows=rows,
         new=ids(sql.SQL("new_row"), w.columns),
         old=old,
         payload=payload(w, sql.SQL("rowsync_ref"), sql.SQL("new_ids"), sql.SQL("old_ids")),
         emit=emit(mode, schema, channel),
     )
-    # A log-mode function runs as its owner (the installer), so writers need no privilege on
-    # the log; its search_path is fixed either way.
-    definer = sql.SQL(" SECURITY DEFINER" if mode != "notify" else "")
+    # The function runs as its owner (the installer), with a fixed search_path: writers need
+    # no privilege of rowsync's, and no one else may call it or attach it to a table.
+    head = sql.SQL(
+        "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER"
+        " SET search_path = pg_catalog, pg_temp AS "
+    ).format(sql.Identifier(schema, function))
+    create = _pct(head.as_string()) + _quoted(
+        "%1$s".join(_pct(part) for part in body.as_string().split(_RELID))
+    )
+    table = sql.Identifier(w.schema, w.table)
     definition = sql.SQL(
-        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql{definer}"
-        " SET search_path = pg_catalog, pg_temp AS {body};\n"
+        "{create};\n"
+        "REVOKE ALL ON FUNCTION {function}() FROM PUBLIC;\n"
         "CREATE OR REPLACE TRIGGER {name} AFTER {verb} ON {table}"
         " FOR EACH ROW EXECUTE FUNCTION {function}();\n"
     ).format(
+        create=_with_relid(create, table),
         function=sql.Identifier(schema, function),
-        definer=definer,
-        body=sql.Literal(body.as_string()),
         name=sql.Identifier(name),
         verb=sql.SQL(verb),
-        table=sql.Identifier(w.schema, w.table),
+        table=table,
     )
     digest = hashlib.sha256(definition.as_string().encode()).hexdigest()[:16]
     return Trigger(w, name, function, definition, digest)
+
+
+_RELID = "\x00relid\x00"
+"""Where the table's OID goes in a function body (NUL: no name or SQL text can contain it)."""
+
+
+def _guard(w: Watcher, function: str) -> sql.Composed:
+    """The check that makes a function refuse any table but its own: the OID fixed at install,
+    a partition of it (a row trigger on a partitioned table fires for the partition), or, in
+    a database restored from a dump (new OIDs), the table of the same name. Only a table
+    that is not the one installed for takes the slower, second look."""
+    return sql.SQL(
+        """IF TG_RELID <> {relid} THEN
+        IF NOT EXISTS (
+            SELECT FROM pg_partition_ancestors(TG_RELID) AS a
+            WHERE a.relid::oid IN ({relid}, to_regclass({regclass})::oid)
+        ) THEN
+            RAISE EXCEPTION 'rowsync trigger function % serves %, not %.%',
+                {function}, {qualified}, TG_TABLE_SCHEMA, TG_TABLE_NAME;
+        END IF;
+    END IF;"""
+    ).format(
+        relid=sql.SQL(_RELID),
+        regclass=sql.Literal(sql.Identifier(w.schema, w.table).as_string()),
+        function=sql.Literal(function),
+        qualified=sql.Literal(f"{w.schema}.{w.table}"),
+    )
+
+
+def _pct(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a dollar-quoted constant: readable in ``rowsync sql``, nested or not."""
+    tag = migrations.dollar_tag(text)
+    return f"{tag}{text}{tag}"
+
+
+def _with_relid(create: str, table: sql.Identifier) -> sql.Composed:
+    """Run ``create`` (a ``format()`` template where ``%1$s`` is the table's OID) with the
+    OID filled in by the server: a static script (``rowsync sql``) cannot know it."""
+    run = (
+        f"\nBEGIN\nEXECUTE pg_catalog.format({_quoted(create)},"
+        f" {sql.Literal(table.as_string()).as_string()}::regclass::oid);\nEND\n"
+    )
+    return sql.SQL("DO {}").format(sql.SQL(_quoted(run)))
 
 
 def _comment(t: Trigger, channel: str) -> sql.Composed:
@@ -239,10 +298,23 @@ def _comment(t: Trigger, channel: str) -> sql.Composed:
     )
 
 
-def install_sql(trigs: Sequence[Trigger], *, schema: str, channel: str) -> sql.Composed:
+def install_sql(
+    trigs: Sequence[Trigger],
+    *,
+    schema: str,
+    channel: str,
+    listener_roles: Sequence[str] = (),
+    retention: float | None = None,
+) -> sql.Composed:
     """The whole DDL as one script, for ``rowsync sql`` and Alembic revisions."""
     parts: list[sql.Composable] = [_lock(schema)]
     parts += [m + sql.SQL(";\n") for m in migrations.pending_sql(schema)]
+    parts += [
+        statement + sql.SQL(";\n")
+        for statement in privileges.install_statements(
+            schema, listener_roles=listener_roles, retention=retention
+        )
+    ]
     for t in trigs:
         parts += [t.definition, _comment(t, channel)]
     return sql.Composed(parts)
@@ -317,8 +389,15 @@ def _schema_ready(conn: psycopg.Connection[TupleRow], schema: str) -> bool:
 
 
 def status(
-    conn: psycopg.Connection[TupleRow], trigs: Sequence[Trigger], *, schema: str, channel: str
+    conn: psycopg.Connection[TupleRow],
+    trigs: Sequence[Trigger],
+    *,
+    schema: str,
+    channel: str,
+    listener_roles: Sequence[str] = (),
 ) -> Status:
+    """Triggers by state, whether the schema is up to date, and (once it is) what is wrong
+    with its privileges: anything PUBLIC holds, anything the ``listener_roles`` lack."""
     found = {(f.schema, f.table, f.name): f for f in _found(conn, channel)}
     installed, outdated, missing = [], [], []
     for t in trigs:
@@ -330,13 +409,16 @@ def status(
             installed.append(key)
         else:
             outdated.append(key)
+    ready = _schema_ready(conn, schema)
+    grants = privileges.problems(conn, schema, listener_roles) if ready else []
     return Status(
         installed,
         outdated,
         missing,
         sorted(found),
-        _schema_ready(conn, schema),
+        ready,
         _missing_tables(conn, trigs),
+        grants,
     )
 
 
@@ -348,8 +430,12 @@ def install(
     channel: str,
     prune: bool = False,
     progress: Progress | None = None,
+    listener_roles: Sequence[str] = (),
+    retention: float | None = None,
 ) -> Status:
-    """Create what is missing or outdated (and drop orphans when ``prune``), in one transaction.
+    """Create what is missing or outdated (and drop orphans when ``prune``), in one transaction;
+    grant the ``listener_roles`` what a listener needs, and set the ``retention`` (seconds)
+    no prune may go below, when given.
 
     Returns the status found before the change; installing twice changes nothing.
     ``progress("triggers", done, total)`` is called after each trigger created. Refuses,
@@ -365,6 +451,10 @@ def install(
         conn.execute(_lock(schema))
         ready = _schema_ready(conn, schema)
         migrations.migrate(conn, schema)
+        for statement in privileges.install_statements(
+            schema, listener_roles=listener_roles, retention=retention
+        ):
+            conn.execute(statement)
         before = replace(status(conn, trigs, schema=schema, channel=channel), schema_ready=ready)
         todo = {*before.missing, *before.outdated}
         done = 0

@@ -19,6 +19,9 @@ REDIS = "redis://127.0.0.1:6379/0"
 NATS = "nats://127.0.0.1:4222"
 PORTS = {"redis": 6379, "nats": 4222}
 
+KEY = "the test groups' fan-out key"
+"""The ``fanout_key`` of the tests' groups."""
+
 BROKERS = [pytest.param(REDIS, id="redis"), pytest.param(NATS, id="nats")]
 """The real brokers, for tests that parametrize over them."""
 ALL = [pytest.param("memory://", id="memory"), *BROKERS]
@@ -130,3 +133,30 @@ def drop_stream(url: str, stream: str) -> None:
         await nc.close()
 
     asyncio.run(drop())
+
+
+def inject(backend: object, messages: list[bytes]) -> None:
+    """Publish ``messages`` straight to a group's stream, as any client of the broker may
+    (``backend``: a node's Redis or NATS backend, whose stream names it)."""
+    import asyncio
+
+    import nats
+    import redis
+
+    from rowsync.fanout.nats import NatsBackend
+    from rowsync.fanout.redis import RedisBackend
+
+    if isinstance(backend, RedisBackend):
+        with redis.Redis.from_url(backend.url) as client:
+            for message in messages:
+                client.publish(backend.channel, message)
+        return
+    assert isinstance(backend, NatsBackend)
+
+    async def publish() -> None:
+        nc = await nats.connect(backend.url)
+        for message in messages:
+            await nc.jetstream().publish(backend.subject, message, stream=backend.stream)
+        await nc.close()
+
+    asyncio.run(publish())

@@ -88,7 +88,12 @@ def _url(drivername: str, conn: psycopg.Connection) -> URL:
 
 # The reference-schema fixtures live in tests/fixtures.py; importing them here shares them.
 from fixtures import moded, rs, schema, sessions, write, write_to  # noqa: E402, F401
-from restartable import restartable_dsn, restartable_server  # noqa: E402, F401
+from restartable import (  # noqa: E402, F401
+    logical_dsn,
+    logical_server,
+    restartable_dsn,
+    restartable_server,
+)
 
 
 @pytest.fixture(autouse=True)

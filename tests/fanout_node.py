@@ -1,10 +1,10 @@
 """One app node of a fan-out group, as its own process, for tests/test_fanout_nodes.py.
 
-    python tests/fanout_node.py DSN FANOUT_URL
+    python tests/fanout_node.py DSN FANOUT_URL FANOUT_KEY
 
-It starts ``RowSync(DSN, reference_watchers(), fanout=FANOUT_URL)``, loads the oracle's
-trees (tests/oracle.py) and subscribes to them, prints ``{"ready": ...}``, then answers
-each command read from stdin with one JSON line on stdout:
+It starts ``RowSync(DSN, reference_watchers(), fanout=FANOUT_URL, fanout_key=FANOUT_KEY)``,
+loads the oracle's trees (tests/oracle.py) and subscribes to them, prints
+``{"ready": ...}``, then answers each command read from stdin with one JSON line on stdout:
 
 - ``check``: flush, apply every queued message (on a ``Resync``, run the tree's query
   again: rows inserted meanwhile are unknown to the tree), and report how each tree differs
@@ -72,9 +72,9 @@ def check(rs: rowsync.RowSync, factory: sessionmaker[Any], held: list[Tree]) -> 
     }
 
 
-def main(dsn: str, url: str) -> None:
+def main(dsn: str, url: str, key: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    rs = rowsync.RowSync(dsn, reference_watchers(), fanout=url).start()
+    rs = rowsync.RowSync(dsn, reference_watchers(), fanout=url, fanout_key=key).start()
     factory = sessionmaker(rs.engine, expire_on_commit=False)
     held = trees()
     for t in held:

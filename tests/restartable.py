@@ -1,8 +1,10 @@
-"""A PostgreSQL server of the tests' own, which they may restart.
+"""PostgreSQL servers of the tests' own: one they may restart, one that decodes its WAL.
 
-The shared server must never be restarted under other test runs, so tests that restart
-Postgres get a throwaway cluster (``scripts/ensure-postgres.sh`` with
-``ROWSYNC_PG_THROWAWAY=1`` on a port and directory of its own; created once, reused).
+The shared server must never be restarted under other test runs, and need not run with
+``wal_level = logical``, so these tests get throwaway clusters (``scripts/ensure-postgres.sh``
+with ``ROWSYNC_PG_THROWAWAY=1``, which configures ``wal_level = logical``, on a port and
+directory of their own; created once, reused). The two are apart so that restarting one never
+cuts the other's connections.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +26,8 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parent.parent
 DIRECTORY = Path(os.environ.get("ROWSYNC_RESTART_PG_DIR", "/tmp/rowsync-pg-restart"))
 PORT = os.environ.get("ROWSYNC_RESTART_PG_PORT", "54331")
+LOGICAL_DIRECTORY = Path(os.environ.get("ROWSYNC_WAL_PG_DIR", "/tmp/rowsync-pg-wal"))
+LOGICAL_PORT = os.environ.get("ROWSYNC_WAL_PG_PORT", "54332")
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,15 @@ class Server:
         subprocess.run(command, check=True, capture_output=True, cwd="/tmp")
 
 
-@pytest.fixture(scope="session")
-def restartable_server() -> Server:
+def throwaway(directory: Path, port: str, what: str) -> str:
+    """The DSN of the throwaway cluster in ``directory``, started (or created) if needed."""
     if shutil.which("pg_config") is None:
         pytest.fail("pg_config is missing: scripts/ensure-postgres.sh installs PostgreSQL")
     env = dict(
         os.environ,
         ROWSYNC_PG_THROWAWAY="1",
-        ROWSYNC_PG_DIR=str(DIRECTORY),
-        ROWSYNC_PG_PORT=PORT,
+        ROWSYNC_PG_DIR=str(directory),
+        ROWSYNC_PG_PORT=port,
     )
     for name in ("ROWSYNC_TEST_DSN", "DATABASE_URL"):
         env.pop(name, None)
@@ -58,18 +63,58 @@ def restartable_server() -> Server:
         [str(ROOT / "scripts" / "ensure-postgres.sh")], env=env, capture_output=True, text=True
     )
     if result.returncode != 0:
-        pytest.fail(f"could not start a restartable PostgreSQL server:\n{result.stderr}")
-    return Server(result.stdout.strip())
+        pytest.fail(f"could not start {what} PostgreSQL server:\n{result.stderr}")
+    return result.stdout.strip()
+
+
+def fresh_database(server_dsn: str, prefix: str) -> Iterator[str]:
+    """A fresh database on the server, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield sa.make_url(server_dsn).set(database=name).render_as_string(False)
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        # A replication slot in use keeps even a forced DROP DATABASE out; a temporary one
+        # goes with its connection, which the server closes a moment after the client did.
+        deadline = time.monotonic() + 30
+        while (
+            conn.execute(
+                "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots"
+                " WHERE database = %s AND active_pid IS NOT NULL",
+                (name,),
+            ).fetchone()
+            != (0,)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def restartable_server() -> Server:
+    return Server(throwaway(DIRECTORY, PORT, "a restartable"))
 
 
 @pytest.fixture
 def restartable_dsn(restartable_server: Server) -> Iterator[str]:
     """A fresh database on the restartable server, dropped afterwards."""
-    name = f"rowsync_restart_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(restartable_server.dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield sa.make_url(restartable_server.dsn).set(database=name).render_as_string(False)
-    with psycopg.connect(restartable_server.dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    yield from fresh_database(restartable_server.dsn, "rowsync_restart")
+
+
+@pytest.fixture(scope="session")
+def logical_server() -> str:
+    """The DSN of a server with ``wal_level = logical`` (never skipped: started if need be)."""
+    dsn = throwaway(LOGICAL_DIRECTORY, LOGICAL_PORT, "a wal_level=logical")
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW wal_level").fetchone()
+    if row is None or row[0] != "logical":
+        pytest.fail(f"the throwaway server {dsn} runs with wal_level={row}, not logical")
+    return dsn
+
+
+@pytest.fixture
+def logical_dsn(logical_server: str) -> Iterator[str]:
+    """A fresh database on the ``wal_level = logical`` server, dropped afterwards."""
+    yield from fresh_database(logical_server, "rowsync_wal")

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from fixtures import reference_watchers
 from models import Person, Post, Tag
@@ -80,7 +81,7 @@ def test_sql_channel_and_schema_options_reach_the_ddl(capsys):
     code, out, _ = run(capsys, *APP, "sql", "--channel", "other", "--schema", "my schema")
     assert code == 0
     assert 'CREATE SCHEMA IF NOT EXISTS "my schema"' in out
-    assert "pg_notify(''other''" in out
+    assert "pg_notify('other'" in out
 
 
 def test_sql_alembic_prints_a_revision_body_that_compiles(capsys):
@@ -129,6 +130,27 @@ def test_status_without_the_watched_tables_says_to_create_them_and_install_refus
     assert "public.persons" in err and len(err.splitlines()) == 1
     with psycopg.connect(dsn) as conn:  # nothing was installed, not even rowsync's schema
         assert conn.execute("SELECT to_regnamespace('rowsync')").fetchone() == (None,)
+
+
+def test_status_checks_a_listener_role_that_install_grants(schema, dsn, capsys):
+    role = f"rowsync_cli_listener_{os.getpid()}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+    try:
+        assert run(capsys, *APP, "--dsn", dsn, "install")[0] == 0
+        code, out, _ = run(capsys, *APP, "--dsn", dsn, "status", "--listener-role", role)
+        assert code == 1
+        assert f'listener role \'{role}\' lacks SELECT on table "rowsync"."log"' in out
+        assert "--listener-role ROLE" in out
+        assert run(capsys, *APP, "--dsn", dsn, "install", "--listener-role", role)[0] == 0
+        code, out, _ = run(capsys, *APP, "--dsn", dsn, "status", "--listener-role", role)
+        assert code == 0
+        assert "  privileges ok" in out
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def test_install_twice_creates_then_changes_nothing(schema, dsn, capsys):

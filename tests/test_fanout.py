@@ -6,6 +6,7 @@ The multi-process proof (kill -9 of the capture process) is tests/test_fanout_no
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,12 +14,27 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.orm import selectinload
 
-from brokers import ALL, BROKERS, NATS, REDIS, drop_stream, relay, require, wait_until
+from brokers import (
+    ALL,
+    BROKERS,
+    KEY,
+    NATS,
+    REDIS,
+    drop_stream,
+    inject,
+    relay,
+    require,
+    wait_until,
+)
 from fixtures import reference_watchers, terminate_listener
 from models import Person, Post
 from oracle import fresh, snapshot
 from rowsync import ConfigurationError, NotRunningError, Resync, RowSync, Sync
+from rowsync.cache import CachedRow
+from rowsync.dispatch import Resolved
 from rowsync.fanout.codec import Gap
+from rowsync.fanout.node import Node
+from rowsync.fanout.seal import Seal
 
 Group = Callable[..., list[RowSync]]
 
@@ -33,7 +49,7 @@ def group(schema: sa.Engine, dsn: str) -> Iterator[Group]:
         require(url)
         nodes = []
         for _ in range(count):
-            rs = RowSync(dsn, reference_watchers(), fanout=url, **options)
+            rs = RowSync(dsn, reference_watchers(), fanout=url, fanout_key=KEY, **options)
             if not made:
                 rs.install()
             made.append(rs.start())
@@ -50,6 +66,13 @@ def group(schema: sa.Engine, dsn: str) -> Iterator[Group]:
 
 def kinds(messages: list[tuple[object, object]]) -> list[object]:
     return [kind for kind, _ in messages]
+
+
+def sealed(node: Node, term: int, seq: int, items: list[object]) -> list[bytes]:
+    """``items`` as messages of ``term`` sealed with the group's key, as only a node of the
+    group (or a holder of its key) can make them."""
+    assert node.seal is not None
+    return [node.seal.seal(m) for m in node.codec.encode(term, seq, items, 1 << 20)]
 
 
 # -- delivery ----------------------------------------------------------------------------
@@ -199,12 +222,11 @@ def test_a_capture_node_cut_from_the_broker_steps_down_for_one_that_can_publish(
         assert far.fanout.capturing and not capture.fanout.capturing
 
 
-def test_an_unreadable_message_on_the_channel_tells_every_node_to_resync(group, write) -> None:
+def test_an_unreadable_sealed_message_tells_every_node_to_resync(group, write) -> None:
     nodes = group(REDIS, 2)
     subs = [rs.subscribe(Post) for rs in nodes]
-    channel = nodes[0].fanout.backend.channel
-    with redis.Redis.from_url(REDIS) as client:
-        client.publish(channel, b"\x00 not json")
+    node = nodes[0].fanout
+    inject(node.backend, [node.seal.seal(b"\x00 not json")])
     write(Person(id=1, name="a"), Post(id=1, person_id=1))
     for rs, sub in zip(nodes, subs, strict=True):
         rs.flush()
@@ -216,15 +238,139 @@ def test_what_a_replaced_capture_node_still_publishes_is_ignored(group, write) -
     nodes = group(REDIS, 2)
     subs = [rs.subscribe(Post) for rs in nodes]
     node = nodes[1].fanout
-    stale = node.codec.encode(1, 0, [Gap("from a capture node long gone")], 1 << 20)
-    with redis.Redis.from_url(REDIS) as client:
-        for message in stale:
-            client.publish(node.backend.channel, message)
+    inject(node.backend, sealed(node, 1, 0, [Gap("from a capture node long gone")]))
     write(Person(id=1, name="a"), Post(id=1, person_id=1))
     for rs, sub in zip(nodes, subs, strict=True):
         rs.flush()
         assert kinds(sub.drain()) == [Sync]
         assert rs.fanout.stats["stale"] == 1
+
+
+# -- trust: what anyone who can publish to the broker can do --------------------------------
+
+
+def forged_update(values: dict[str, object]) -> Resolved:
+    """An update of a person, its row as the forger wants it (a high ref: newer than all)."""
+    return Resolved(
+        10**9, ("public", "persons"), "updated", {"id": 1}, None, None, CachedRow(values)
+    )
+
+
+@pytest.mark.parametrize("url", BROKERS)
+def test_a_message_without_the_groups_seal_is_dropped_and_counted(url, group, write, sessions):
+    write(Person(id=1, name="a"))
+    nodes = group(url, 2)
+    statement = sa.select(Person).where(Person.id == 1)
+    trees = [fresh(sessions, statement, many=False) for _ in nodes]
+    subs = [rs.subscribe(tree) for rs, tree in zip(nodes, trees, strict=True)]
+    capture = nodes[0].fanout
+    forged = capture.codec.encode(
+        capture.election.term, 10**6, [forged_update({"id": 1, "name": "forged"})], 1 << 20
+    )
+    other_key = Seal(b"a key that is not the group's", "its stream")
+    inject(capture.backend, [*forged, *(other_key.seal(m) for m in forged)])
+
+    write(sa.update(Person).values(name="b"))
+    for i, (rs, sub) in enumerate(zip(nodes, subs, strict=True)):
+        rs.flush()
+        messages = sub.drain()
+        assert kinds(messages) == [Sync]  # no forged change, and no resync either
+        trees[i] = rs.sync(trees[i], messages[0])
+        assert rs.fanout.stats["forged"] == 2
+    assert [tree.name for tree in trees] == ["b", "b"]
+
+
+@pytest.mark.parametrize("url", BROKERS)
+def test_a_message_claiming_a_huge_term_does_not_fence_out_the_capture_node(
+    url, group, write
+) -> None:
+    """Even sealed with the group's key: a term counts once the election in Postgres says
+    it is the elected node's."""
+    nodes = group(url, 2)
+    subs = [rs.subscribe(Post) for rs in nodes]
+    node = nodes[1].fanout
+    inject(node.backend, sealed(node, 2**62, 0, [Gap("from a node that was never elected")]))
+
+    write(Person(id=1, name="a"), Post(id=1, person_id=1))
+    for rs, sub in zip(nodes, subs, strict=True):
+        rs.flush()
+        messages = sub.drain()
+        assert [(kind, getattr(info, "reason", None)) for kind, info in messages[:1]] == [
+            (Resync, f"messages of capture term {2**62} are not the elected node's")
+        ]
+        assert kinds(messages[1:]) == [Sync] and messages[1][1].ids["id"] == 1
+        assert rs.fanout.stats["unverified"] == 1
+    write(Post(id=2, person_id=1))
+    for rs, sub in zip(nodes, subs, strict=True):
+        rs.flush()
+        assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 2)]
+
+
+def test_a_message_read_again_is_dropped_and_counted(group, write) -> None:
+    nodes = group(REDIS, 2)
+    subs = [rs.subscribe(Post) for rs in nodes]
+    node = nodes[1].fanout
+    with redis.Redis.from_url(REDIS) as client, client.pubsub() as listener:
+        listener.subscribe(node.backend.channel)
+        write(Person(id=1, name="a"), Post(id=1, person_id=1))
+        for rs in nodes:
+            rs.flush()
+        recorded = [m["data"] for m in iter(listener.get_message, None) if m["type"] == "message"]
+    assert recorded  # the change and the barriers, sealed by the capture node
+    inject(node.backend, recorded)
+
+    write(Post(id=2, person_id=1))
+    for rs, sub in zip(nodes, subs, strict=True):
+        rs.flush()
+        assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 1), (Sync, 2)]
+        assert rs.fanout.stats["replayed"] == len(recorded)  # and no resync either
+
+
+@pytest.mark.parametrize("url", ALL)
+def test_a_column_this_node_withholds_is_not_patched_even_from_a_sealed_message(
+    url, group, write, sessions
+) -> None:
+    """The capture node reads ``body`` (configured differently): the far node does not."""
+    write(Person(id=1, name="a"), Post(id=1, person_id=1, name="n", body="original"))
+    (capture,) = group(url)
+    (far,) = group(url, exclude={Post: ["body"]})
+    tree = fresh(sessions, sa.select(Post).where(Post.id == 1), many=False)
+    sub = far.subscribe(tree)
+
+    write(sa.update(Post).values(name="n2", body="withheld here"))
+    far.flush()
+    (message,) = sub.drain()
+    tree = far.sync(tree, message)
+    assert (tree.name, tree.body) == ("n2", "original")
+    assert far.fanout.stats["withheld"] == 1
+    assert capture.fanout.stats["withheld"] == 0
+
+
+REDIS_ACL = (
+    "on >{password} resetkeys resetchannels &rowsync:* -@all"
+    " +publish +subscribe +unsubscribe +ping +client|setname"
+)
+"""The Redis ACL rule docs/security.md ("The fan-out broker") gives rowsync's nodes."""
+
+
+def test_a_group_runs_with_the_documented_redis_acl_that_other_users_lack(group, write) -> None:
+    user, other = f"rowsync-test-{uuid.uuid4().hex}", f"other-test-{uuid.uuid4().hex}"
+    with redis.Redis.from_url(REDIS) as admin:
+        admin.execute_command("ACL", "SETUSER", user, *REDIS_ACL.format(password="pw1").split())
+        admin.execute_command("ACL", "SETUSER", other, "on", ">pw2", "resetchannels", "+@all")
+        try:
+            _, node = group(f"redis://{user}:pw1@127.0.0.1:6379/0", 2)
+            sub = node.subscribe(Post)
+            write(Person(id=1, name="a"), Post(id=1, person_id=1))
+            node.flush()
+            assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 1)]
+            with (
+                redis.Redis.from_url(f"redis://{other}:pw2@127.0.0.1:6379/0") as client,
+                pytest.raises(redis.exceptions.NoPermissionError),
+            ):
+                client.publish(node.fanout.backend.channel, b"forged")
+        finally:
+            admin.acl_deluser(user, other)
 
 
 def test_with_a_shared_durable_consumer_a_new_capture_node_resumes_without_a_gap(
@@ -242,13 +388,21 @@ def test_with_a_shared_durable_consumer_a_new_capture_node_resumes_without_a_gap
 # -- configuration -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("url", [REDIS, NATS])
+def test_a_broker_without_a_key_or_with_a_short_one_is_a_configuration_error(url) -> None:
+    with pytest.raises(ConfigurationError, match="needs fanout_key="):
+        RowSync("postgresql://u@h/db", reference_watchers(), fanout=url)
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+        RowSync("postgresql://u@h/db", reference_watchers(), fanout=url, fanout_key="short")
+
+
 def test_an_unknown_fanout_scheme_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="use redis://, nats:// or memory://"):
         RowSync("postgresql://u@h/db", reference_watchers(), fanout="kafka://h:9092")
 
 
 def test_start_fails_clearly_when_the_broker_cannot_be_reached(schema, dsn) -> None:
-    rs = RowSync(dsn, reference_watchers(), fanout="redis://127.0.0.1:1/0")
+    rs = RowSync(dsn, reference_watchers(), fanout="redis://127.0.0.1:1/0", fanout_key=KEY)
     with pytest.raises(NotRunningError, match="cannot reach the fan-out broker"):
         rs.start()
     assert not rs.running

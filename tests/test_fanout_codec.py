@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from psycopg.types.range import Range
 
 from rowsync.cache import CachedRow
+from rowsync.columns import ColumnPolicy
 from rowsync.dispatch import Resolved
 from rowsync.fanout.codec import Codec, Envelope, Gap, Started
 from rowsync.listener import Flush
@@ -26,18 +27,6 @@ class Mood(enum.Enum):
     HAPPY = "h"
     SAD = "s"
 
-
-metadata = sa.MetaData()
-things = sa.Table(
-    "things",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("mood", sa.Enum(Mood)),
-    sa.Column("moods", sa.ARRAY(sa.Enum(Mood))),
-    sa.Column("doc", sa.JSON),
-    schema="app",
-)
-TABLES = {("app", "things"): things}
 
 VALUES: dict[str, Any] = {
     "text": "héllo ✓",
@@ -68,6 +57,22 @@ VALUES: dict[str, Any] = {
     "mood": Mood.SAD,
     "moods": [Mood.HAPPY, None, Mood.SAD],
 }
+
+metadata = sa.MetaData()
+things = sa.Table(
+    "things",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("key", sa.Uuid),
+    sa.Column("mood", sa.Enum(Mood)),
+    sa.Column("moods", sa.ARRAY(sa.Enum(Mood))),
+    sa.Column("api_token", sa.Text),
+    *(sa.Column(name, sa.JSON) for name in VALUES if name not in ("mood", "moods")),
+    schema="app",
+)
+"""A column for each value (the codec carries its types, the column's type aside from
+enums does not matter), and one whose name says it is sensitive."""
+TABLES = {("app", "things"): things}
 
 
 def change(**row: Any) -> Resolved:
@@ -148,6 +153,20 @@ def test_a_change_of_a_table_this_node_does_not_watch_is_skipped_and_counted() -
     (message,) = Codec({("app", "other"): things}, Counter()).encode(1, 0, [other], 1 << 20)
     assert Codec(TABLES, stats).decode(message).items == []
     assert stats == {"unwatched": 1}
+
+
+def test_a_decoded_row_keeps_only_the_columns_the_receiving_node_reads() -> None:
+    """Whatever the sender read (here it allows ``api_token`` and reads ``text``), and
+    whatever a message carries besides: the receiver's own policy decides."""
+    sender = Codec(TABLES, Counter(), CRITERIA, ColumnPolicy(allow={things: ["api_token"]}))
+    stats: Counter[str] = Counter()
+    receiver = Codec(TABLES, stats, CRITERIA, ColumnPolicy(exclude={things: ["text"]}))
+    sent = change(id=1, text="excluded", api_token="sensitive", unknown=1, int=2)
+    (message,) = sender.encode(1, 0, [sent], 1 << 20)
+    (received,) = receiver.decode(message).items
+    assert received.row.values == {"id": 1, "int": 2}
+    assert received.row.old == sent.row.old and received.new == sent.new
+    assert stats == {"withheld": 1}
 
 
 @pytest.mark.parametrize(

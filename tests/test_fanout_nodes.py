@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from brokers import BROKERS, NATS, drop_stream, require
+from brokers import BROKERS, KEY, NATS, drop_stream, require
 from fixtures import reference_watchers
 from models import Person, Post, PostTag, Profile, Tag
 from rowsync import RowSync
@@ -37,7 +37,7 @@ class NodeProcess:
     def __init__(self, dsn: str, url: str) -> None:
         self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
-            [sys.executable, str(NODE), dsn, url],
+            [sys.executable, str(NODE), dsn, url, KEY],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,

@@ -322,3 +322,19 @@ def test_hostile_rowsync_schema_and_channel_names_work(hostile: sa.Engine) -> No
             )
             is None
         )
+
+
+@pytest.mark.parametrize("capture", [{}, {"durable": True, "consumer": "c", "retention": 0}])
+def test_a_rowsync_schema_name_that_holds_dollar_quotes_installs_and_works(
+    hostile: sa.Engine, capture: dict[str, Any]
+) -> None:
+    """Function bodies are dollar-quoted with a tag the name does not contain."""
+    rs = RowSync(hostile, hostile_watchers(), schema="rs $$ $rowsync$ {x} '", **capture)
+    rs.install()
+    with rs:
+        sub = rs.subscribe(Elephant)
+        write(hostile, Elephant(key=1, name="a"))
+        rs.flush()
+        assert seen(sub.drain()) == [(Elephant, "inserted", {"🔑": 1})]
+    assert rs.status().ok
+    assert rs.uninstall(drop_schema=True) == len(rs.triggers)

@@ -54,8 +54,6 @@ BROKEN: dict[str, str] = {
     "contains_eager": "new: with another option beside it, rows sync adds leave unloaded what "
     "contains_eager loads",
     "noload_option": "new: rows sync adds are left unloaded where noload() sets an empty value",
-    "lazy_defaults@resync": "new: rs.resync loads what raiseload()/lazyload() kept unloaded "
-    "over an eager lazy= default",
 }
 """Features (``genmap.FEATURES``) left out of the CI run, with the issue item whose fix brings
 them back; ``feature@variant`` leaves it out of that way of holding a tree only."""

@@ -1,11 +1,13 @@
-"""Least privilege: once installed (by the schema owner), the listener needs only CONNECT
-and SELECT on the watched tables, and writers need nothing of rowsync's beyond what the
-install grants to PUBLIC (the ref sequence, the overflow table)."""
+"""Least privilege: once installed (by the schema owner), a listener role needs CONNECT,
+SELECT on the watched tables and what install grants it; writers need nothing of rowsync's;
+any other role (CONNECT only) can read, forge, freeze or erase nothing rowsync carries."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -19,13 +21,15 @@ from models import Base, Post
 
 
 @pytest.fixture
-def roles(engine: sa.Engine) -> Iterator[tuple[str, str]]:
-    """A read-only listener role and a writer role (cluster-wide, so named per run)."""
-    reader, writer = f"rowsync_reader_{os.getpid()}", f"rowsync_writer_{os.getpid()}"
+def make_role(engine: sa.Engine) -> Iterator[Callable[[str], str]]:
+    """``make_role(kind)``: a login role with CONNECT on the test database and nothing else
+    (cluster-wide, so named per run); dropped at teardown."""
     url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    tables = sql.SQL(", ").join(sql.Identifier(t.name) for t in Base.metadata.sorted_tables)
-    with psycopg.connect(url, autocommit=True) as conn:
-        for role in (reader, writer):
+    made: list[str] = []
+
+    def make(kind: str) -> str:
+        role = f"rowsync_{kind}_{os.getpid()}"
+        with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
             conn.execute(
@@ -33,17 +37,41 @@ def roles(engine: sa.Engine) -> Iterator[tuple[str, str]]:
                     sql.Identifier(engine.url.database or ""), sql.Identifier(role)
                 )
             )
+        made.append(role)
+        return role
+
+    yield make
+    with psycopg.connect(url, autocommit=True) as conn:
+        for role in made:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture
+def roles(engine: sa.Engine, make_role: Callable[[str], str]) -> tuple[str, str]:
+    """A listener role that may read the watched tables, a writer role that may change them."""
+    reader, writer = make_role("reader"), make_role("writer")
+    tables = sql.SQL(", ").join(sql.Identifier(t.name) for t in Base.metadata.sorted_tables)
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(tables, sql.Identifier(reader)))
         conn.execute(
             sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
                 tables, sql.Identifier(writer)
             )
         )
-    yield reader, writer
-    with psycopg.connect(url, autocommit=True) as conn:
-        for role in (reader, writer):
-            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    return reader, writer
+
+
+@pytest.fixture
+def attacker(make_role: Callable[[str], str]) -> str:
+    """A role with CONNECT and nothing else: no privilege on the watched tables or rowsync's."""
+    return make_role("attacker")
+
+
+def connect_as(engine: sa.Engine, role: str) -> psycopg.Connection[Any]:
+    url = engine.url.set(drivername="postgresql", username=role)
+    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
 
 
 MODES = [
@@ -59,7 +87,9 @@ def test_a_select_only_listener_receives_what_a_plain_writer_writes(schema, role
     pruning all work for a listener that may only SELECT the watched tables."""
     reader, writer = roles
     watchers = reference_watchers() + rowsync.watchers(Post, extra_columns=["body"])
-    rowsync.RowSync(schema, watchers, **mode).install()  # as the owner, once
+    owner = rowsync.RowSync(schema, watchers, **mode)
+    owner.install(listener_roles=[reader])  # as the owner, once
+    assert owner.status(listener_roles=[reader]).privileges == []
     as_reader = sa.create_engine(schema.url.set(username=reader))
     as_writer = sa.create_engine(schema.url.set(username=writer))
     rs = rowsync.RowSync(as_reader, watchers, **mode)
@@ -82,3 +112,236 @@ def test_a_select_only_listener_receives_what_a_plain_writer_writes(schema, role
     finally:
         as_reader.dispose()
         as_writer.dispose()
+
+
+# -- what a role with CONNECT only can do: nothing -----------------------------------------
+
+WITH_BODY = reference_watchers() + rowsync.watchers(Post, extra_columns=["body"])
+"""Posts' events carry their body: a long one is parked in the overflow table."""
+
+
+@pytest.mark.parametrize("table", ["log", "overflow", "cursors", "log_pruned", "migrations"])
+def test_another_role_reads_no_identifier_history(schema, attacker, table) -> None:
+    """The log and the parked events name rows the role may not read (tenant ids, emails
+    given as extra columns); the saved positions are someone else's."""
+    rs = rowsync.RowSync(schema, reference_watchers(), durable=True, consumer="worker")
+    rs.install()
+    with rs:
+        write_as(schema, "postgres", Post(id=1, name="secret tenant's post"))
+        rs.flush()
+    with connect_as(schema, attacker) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier("rowsync", table)))
+
+
+def test_another_role_cannot_attach_a_trigger_function_to_its_own_table(schema, attacker) -> None:
+    """Attached to a temp table of its own, a trigger function would forge rows in the log."""
+    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs.install()
+    function = sql.Identifier("rowsync", rs.triggers[0].function)
+    with connect_as(schema, attacker) as conn:
+        conn.execute("CREATE TEMP TABLE forged (id int)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER t AFTER INSERT ON forged FOR EACH ROW EXECUTE FUNCTION {}()"
+                ).format(function)
+            )
+    with rs.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM rowsync.log").fetchone() == (0,)
+
+
+def test_a_trigger_function_refuses_any_table_but_its_own(schema) -> None:
+    """Even attached by a role that may (the owner), a function serves only its table."""
+    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs.install()
+    function = sql.Identifier("rowsync", rs.triggers[0].function)
+    with rs.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE elsewhere (id int)")
+        conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER t AFTER INSERT ON elsewhere FOR EACH ROW EXECUTE FUNCTION {}()"
+            ).format(function)
+        )
+        with pytest.raises(psycopg.errors.RaiseException, match="serves"):
+            conn.execute("INSERT INTO elsewhere VALUES (1)")
+        assert conn.execute("SELECT count(*) FROM rowsync.log").fetchone() == (0,)
+
+
+def test_another_role_cannot_prune_and_a_listener_role_prunes_no_younger_than_the_retention(
+    schema, roles, attacker
+) -> None:
+    reader, _ = roles
+    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs.install(listener_roles=[reader])  # the default retention: an hour
+    write_as(schema, "postgres", Post(id=1))
+    with connect_as(schema, attacker) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT rowsync.prune_log('0 s')")
+    with connect_as(schema, reader) as conn:
+        assert conn.execute("SELECT rowsync.prune_log('0 s')").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM rowsync.log").fetchone() == (1,)
+
+
+def test_a_prune_that_passes_a_running_listener_is_announced(schema, roles) -> None:
+    """Rows committed but not yet read, pruned under the listener: it says so (a Resync)."""
+    reader, _ = roles
+    owner = rowsync.RowSync(schema, reference_watchers(), retention=0, capture="stream")
+    owner.install(listener_roles=[reader])
+    as_reader = sa.create_engine(schema.url.set(username=reader))
+    # The listener reads only when a flush wakes it up, and never prunes by itself.
+    rs = rowsync.RowSync(
+        as_reader, reference_watchers(), retention=0, poll_interval=3600, capture="stream"
+    )
+    assert rs.listener.log is not None
+    rs.listener.log.prune_interval = 3600
+    try:
+        with rs, rs.subscribe(Post) as sub:
+            rs.flush()
+            write_as(schema, "postgres", Post(id=1), Post(id=2))
+            with connect_as(schema, reader) as conn:
+                assert conn.execute("SELECT rowsync.prune_log('0 s')").fetchone() == (2,)
+            rs.flush()
+            assert [kind for kind, _ in sub.drain()] == [rowsync.Resync]
+            assert rs.listener.stats["gaps"] == 1
+    finally:
+        as_reader.dispose()
+
+
+def test_a_saved_position_can_be_moved_only_by_the_role_that_saved_it(
+    schema, roles, attacker, make_role
+) -> None:
+    reader, _ = roles
+    other_listener = make_role("other_listener")
+    rowsync.RowSync(schema, reference_watchers(), durable=True).install(
+        listener_roles=[reader, other_listener]
+    )
+    as_reader = sa.create_engine(schema.url.set(username=reader))
+    try:
+        with rowsync.RowSync(as_reader, reference_watchers(), durable=True, consumer="worker"):
+            pass  # saves its position on stop
+    finally:
+        as_reader.dispose()
+    future = "SELECT rowsync.save_cursor('worker', pg_current_snapshot())"
+    with connect_as(schema, attacker) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute(future)
+    with connect_as(schema, other_listener) as conn:
+        before = conn.execute("SELECT last_read::text FROM rowsync.cursors").fetchall()
+        conn.execute("SELECT txid_current()")  # the position would move past this
+        assert conn.execute(future).fetchone() == (False,)
+        assert conn.execute("SELECT last_read::text FROM rowsync.cursors").fetchall() == before
+
+
+def test_another_role_cannot_park_or_take_refs_and_oversized_writes_succeed(
+    schema, roles, attacker
+) -> None:
+    reader, writer = roles
+    rowsync.RowSync(schema, WITH_BODY).install(listener_roles=[reader])
+    with connect_as(schema, attacker) as conn:
+        for query in (
+            "SELECT nextval('rowsync.ref_seq')",
+            "SELECT rowsync.park(1000, 'x')",
+            "INSERT INTO rowsync.overflow (ref, payload) VALUES (1000, 'x')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(query)
+    as_reader = sa.create_engine(schema.url.set(username=reader))
+    rs = rowsync.RowSync(as_reader, WITH_BODY)
+    try:
+        with rs, rs.subscribe(Post) as sub:
+            write_as(schema, writer, Post(id=1, body="x" * 9000))  # parked, as the owner
+            rs.flush()
+            assert [(c.event, c.ids["id"]) for _, c in sub.drain()] == [("inserted", 1)]
+    finally:
+        as_reader.dispose()
+
+
+def test_an_overflow_reference_is_honoured_only_if_a_trigger_parked_it(schema, attacker) -> None:
+    """Anyone may NOTIFY: a forged reference is dropped and counted, no one resyncs. (Refs
+    5 and 6 are issued already, so the seal is what gives them away; a ref out of range is
+    malformed.)"""
+    rs = rowsync.RowSync(schema, WITH_BODY)
+    rs.install()
+    with connect_as(schema, "postgres") as conn:
+        conn.execute("SELECT setval('rowsync.ref_seq', 100)")
+    with rs, rs.subscribe(Post) as sub:
+        with connect_as(schema, attacker) as conn:
+            for forged in (
+                {"r": 5, "x": True},
+                {"r": 6, "x": True, "k": "0" * 64},
+                {"r": 10**30, "x": True, "k": "0" * 64},
+            ):
+                conn.execute("SELECT pg_notify('rowsync', %s)", (json.dumps(forged),))
+        write_as(schema, "postgres", Post(id=1, body="x" * 9000))  # a genuine one
+        rs.flush()
+        assert [(kind, c.ids["id"]) for kind, c in sub.drain()] == [(rowsync.Sync, 1)]
+    assert rs.listener.stats["overflow_forged"] == 2
+    assert rs.listener.stats["malformed"] == 1
+    assert rs.listener.stats["gaps"] == 0
+
+
+def test_a_parked_event_larger_than_the_listener_holds_is_announced_not_read(schema) -> None:
+    rs = rowsync.RowSync(schema, WITH_BODY)
+    rs.install()
+    rs.listener.max_parked = 20_000
+    with rs, rs.subscribe(Post) as sub:
+        write_as(schema, "postgres", Post(id=1, body="x" * 9000), Post(id=2, body="x" * 30_000))
+        rs.flush()
+        messages = sub.drain()
+    assert [kind for kind, _ in messages] == [rowsync.Resync, rowsync.Sync]
+    assert messages[1][1].ids["id"] == 1
+    assert rs.listener.stats["overflow_too_large"] == 1
+
+
+def test_holding_rowsyncs_old_prune_lock_does_not_stop_pruning(schema, roles, attacker) -> None:
+    """Advisory locks are anyone's: pruning takes turns through a row lock of its own."""
+    reader, _ = roles
+    rowsync.RowSync(schema, reference_watchers(), durable=True, retention=0).install(
+        listener_roles=[reader]
+    )
+    write_as(schema, "postgres", Post(id=1))
+    with connect_as(schema, attacker) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('rowsync prune ' || 'rowsync'))")
+        with connect_as(schema, reader) as conn:
+            assert conn.execute("SELECT rowsync.prune_log('0 s')").fetchone() == (1,)
+
+
+def test_status_reports_what_public_holds_and_what_a_listener_role_lacks(schema, roles) -> None:
+    reader, _ = roles
+    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs.install()
+    assert rs.status(listener_roles=[]).ok
+    lacking = rs.status(listener_roles=[reader]).privileges
+    assert f'listener role {reader!r} lacks EXECUTE on function "rowsync"."parked"' in "\n".join(
+        lacking
+    )
+    with rs.connect(autocommit=True) as conn:
+        conn.execute("GRANT SELECT ON rowsync.log TO PUBLIC")
+    assert "PUBLIC may SELECT relation rowsync.log" in rs.status(listener_roles=[]).privileges
+    rs.install(listener_roles=[reader])
+    assert rs.status(listener_roles=[reader]).privileges == [
+        "PUBLIC may SELECT relation rowsync.log"  # install does not undo a deliberate grant
+    ]
+
+
+def test_a_listener_role_without_its_grants_is_told_so_at_start(schema, roles, caplog) -> None:
+    reader, _ = roles
+    rowsync.RowSync(schema, reference_watchers()).install()  # no listener role named
+    as_reader = sa.create_engine(schema.url.set(username=reader))
+    try:
+        with (
+            caplog.at_level("WARNING", logger="rowsync"),
+            rowsync.RowSync(as_reader, reference_watchers()),
+        ):
+            pass
+    finally:
+        as_reader.dispose()
+    assert "run `rowsync install --listener-role ROLE` as the owner" in caplog.text
+
+
+def write_as(engine: sa.Engine, role: str, *rows: Any) -> None:
+    """Commit ``rows`` in one transaction, as ``role``."""
+    as_role = sa.create_engine(engine.url.set(username=role))
+    try:
+        with Session(as_role) as session, session.begin():
+            session.add_all(rows)
+    finally:
+        as_role.dispose()

@@ -4,6 +4,8 @@ of the hierarchy changed, and its class is what its discriminator says.
 Joined-table (JTI): ``employee`` is the base table, ``engineer`` and ``manager`` hold the
 subclass columns (loaded inline, so a query of the base loads every column of each row's
 class, as rowsync loads new objects). Single-table (STI): ``worker`` holds clerks and bosses.
+Joined-table loaded when asked: ``vehicle`` and ``truck`` (a truck's own columns are loaded
+only through ``with_polymorphic``/``of_type``; a query of the base leaves them unloaded).
 Every check applies each delivered message and compares with a fresh query of the same
 statement (the snapshot compares classes too).
 """
@@ -112,6 +114,29 @@ class Task(Base):
     boss: Mapped[Boss | None] = relationship()
 
 
+class Garage(Base):
+    __tablename__ = "garage"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vehicles: Mapped[list[Vehicle]] = relationship(order_by="Vehicle.id")
+
+
+class Vehicle(Base):
+    __tablename__ = "vehicle"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    garage_id: Mapped[int | None] = mapped_column(sa.ForeignKey("garage.id"))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "vehicle"}
+
+
+class Truck(Vehicle):
+    __tablename__ = "truck"
+    truck_id: Mapped[int] = mapped_column(
+        "id", sa.ForeignKey("vehicle.id", ondelete="CASCADE"), primary_key=True
+    )
+    payload: Mapped[int | None]
+    __mapper_args__ = {"polymorphic_identity": "truck"}
+
+
 @pytest.fixture
 def db(engine: sa.Engine, write_to: Any) -> Any:
     Base.metadata.create_all(engine)
@@ -126,6 +151,7 @@ def rs(db: Any, engine: sa.Engine) -> Any:
         + rowsync.watchers(Project, ["lead"])
         + rowsync.watchers(Shop, ["staff", "bosses"])
         + rowsync.watchers(Task, ["boss"])
+        + rowsync.watchers(Garage, ["vehicles"])
         + rowsync.watchers(Employee)
         + rowsync.watchers(Worker),
     )
@@ -507,6 +533,31 @@ def test_resync_reads_roots_as_the_class_they_have_now(rs, db):
 
     assert snapshot(rs.resync(workers)) == snapshot(fresh(db.sessions, WORKERS))
     assert rs.resync(bosses) == []  # 3 is a clerk now (2 is a row this list never held)
+
+
+def test_resync_loads_joined_subclass_columns_below_the_roots_as_of_type_did(rs, db):
+    db(Garage(id=1), Vehicle(id=1, garage_id=1), Truck(id=2, payload=5, garage_id=1))
+    trucks = with_polymorphic(Vehicle, [Truck])
+    statement = sa.select(Garage).options(selectinload(Garage.vehicles.of_type(trucks)))
+    garages = fresh(db.sessions, statement)
+
+    db(sa.update(Truck).values(payload=6))
+    garages = rs.resync(garages)
+
+    assert differences(snapshot(garages), snapshot(fresh(db.sessions, statement))) == []
+    assert garages[0].vehicles[1].payload == 6  # loaded: the tree is detached
+
+
+def test_resync_loads_a_subclass_relationship_below_the_roots(rs, db):
+    companies(db)
+    db(Machine(id=1, engineer_id=2))
+    value = fresh(db.sessions, WITH_MACHINES)
+
+    db(Machine(id=2, engineer_id=2))
+    value = rs.resync(value)
+
+    assert differences(snapshot(value), snapshot(fresh(db.sessions, WITH_MACHINES))) == []
+    assert [m.id for m in value[0].employees[1].machines] == [1, 2]
 
 
 def test_a_loaded_subclass_statement_keeps_its_rows_and_classes(rs, db):

@@ -251,11 +251,6 @@ class _Badge(_EagerBase):
     owner_id: Mapped[int | None] = mapped_column(sa.ForeignKey("owners.id"), unique=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new (mapping oracle): rs.resync loads by the relationships' lazy= defaults, not "
-    "by the query's raiseload()/lazyload() that kept one unloaded",
-)
 def test_resync_leaves_unloaded_what_raiseload_kept_unloaded_over_an_eager_default(
     engine, write_to
 ):
@@ -270,3 +265,59 @@ def test_resync_leaves_unloaded_what_raiseload_kept_unloaded_over_an_eager_defau
         owners = rs.resync(owners)
 
     assert not differences(snapshot(owners), snapshot(fresh(write.sessions, statement)))
+
+
+class _NoloadBase(DeclarativeBase):
+    pass
+
+
+class _Node(_NoloadBase):
+    """A tree whose relationships a query never loads (``lazy="noload"``): it sets them empty."""
+
+    __tablename__ = "nodes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(sa.ForeignKey("nodes.id"))
+    parent: Mapped[_Node | None] = relationship(
+        lazy="noload", remote_side=[id], back_populates="children"
+    )
+    children: Mapped[list[_Node]] = relationship(lazy="noload", back_populates="parent")
+
+
+@pytest.fixture
+def nodes(engine, write_to):
+    _NoloadBase.metadata.create_all(engine)
+    write = write_to(engine)
+    rs = rowsync.RowSync(engine, rowsync.watchers(_Node, ["parent", "children"]))
+    rs.install()
+    with rs:
+        yield rs, write
+
+
+def test_resync_leaves_empty_what_a_noload_default_sets_empty(nodes):
+    rs, write = nodes
+    write(_Node(id=1), _Node(id=2, parent_id=1))
+    statement = sa.select(_Node)
+    found = fresh(write.sessions, statement)
+
+    found = rs.resync(found)
+
+    assert not differences(snapshot(found), snapshot(fresh(write.sessions, statement)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the tree's Index counts a relationship loaded when its key is in the object's "
+    "dict; noload puts an empty value there, so sync patches a collection no query fills",
+)
+def test_a_new_row_stays_out_of_a_collection_a_noload_default_sets_empty(nodes):
+    rs, write = nodes
+    write(_Node(id=1))
+    statement = sa.select(_Node)
+    found = fresh(write.sessions, statement)
+    sub = rs.subscribe(found, assocs=[])
+    sub.add(_Node, "inserted", follow=True)
+
+    write(_Node(id=2, parent_id=1))
+    found = apply_all(rs, sub, found)
+
+    assert not differences(snapshot(found), snapshot(fresh(write.sessions, statement)))

@@ -3,6 +3,7 @@ column dropped or renamed under it yields a null, never an error in the writer's
 The listener survives and says what it could not follow."""
 
 import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import rowsync
 from models import Person, Post, Tag
@@ -31,3 +32,25 @@ def test_renaming_the_primary_key_under_the_trigger_skips_the_event_and_counts_i
     rs.flush()
     assert sub.drain() == []
     assert rs.stats["malformed"] == 1
+
+
+def test_a_watched_partitioned_table_takes_writes_through_its_partitions(schema, write) -> None:
+    """The trigger fires for the partition: its function must accept a partition of its
+    table, not only the table it was installed on."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Reading(Base):
+        __tablename__ = "readings"
+        __table_args__ = {"postgresql_partition_by": "RANGE (id)"}
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    Base.metadata.create_all(schema)
+    write(sa.text("CREATE TABLE readings_low PARTITION OF readings FOR VALUES FROM (0) TO (100)"))
+    rs = rowsync.RowSync(schema, rowsync.watchers(Reading))
+    rs.install()
+    with rs, rs.subscribe(Reading) as sub:
+        write(sa.text("INSERT INTO readings (id) VALUES (1)"))
+        rs.flush()
+        assert [(kind, change.ids) for kind, change in sub.drain()] == [(rowsync.Sync, {"id": 1})]

@@ -1,11 +1,11 @@
 """Fan-out: one capture process, many app nodes, one message broker between them.
 
-Every node of a group is configured the same (``RowSync(dsn, watchers, fanout=URL)``). The
-nodes elect one of themselves through a Postgres advisory lock (:mod:`.election`); that
-node runs the listener and publishes each batch with its rows already fetched
-(``Dispatcher.resolve``, encoded by :mod:`.codec`); every node, the capture node included,
-reads the broker's stream and delivers the batches to its own subscriptions
-(``Dispatcher.deliver``), see :mod:`.node`.
+Every node of a group is configured the same (``RowSync(dsn, watchers, fanout=URL,
+fanout_key=KEY)``). The nodes elect one of themselves through a Postgres advisory lock
+(:mod:`.election`); that node runs the listener and publishes each batch with its rows
+already fetched (``Dispatcher.resolve``, encoded by :mod:`.codec`, sealed with the group's
+key by :mod:`.seal`); every node, the capture node included, reads the broker's stream and
+delivers the batches to its own subscriptions (``Dispatcher.deliver``), see :mod:`.node`.
 
 A backend is the broker seen as one ordered stream of byte messages, chosen by the URL's
 scheme: ``memory://`` (in-process: several RowSyncs of one process), ``redis://`` (Redis

@@ -12,6 +12,10 @@ travel as ``{"$t": tag, "v": ...}`` (a JSON column's own object holding a ``"$t"
 escaped the same way). Pickle is never used: a broker is shared, and pickle would run
 whatever it is given. A value of any other type cannot travel: its change arrives as
 unreadable (its subscribers are told to resync) and the capture node logs and counts it.
+
+A decoded row keeps only the columns the receiving node may read of its table (its own
+:class:`ColumnPolicy`, not the sender's word): a node configured differently, or a message
+that should not be, cannot put a withheld column into a tree.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import sqlalchemy as sa
 from psycopg.types.range import Range
 
 from rowsync.cache import CachedRow
+from rowsync.columns import ColumnPolicy
 from rowsync.dispatch import Resolved
 from rowsync.listener import Flush
 from rowsync.messages import Event
@@ -214,6 +219,8 @@ class Codec:
     ``criteria`` maps the names this process gives the relationship criteria a row fetch
     evaluates (``CachedRow.matches``) to names every process agrees on (the
     relationships' paths): the local names are numbered in an order of this process's own.
+    ``columns``: what this node may read of each table; any other value a change carries is
+    dropped on decode, logged and counted.
     """
 
     def __init__(
@@ -221,10 +228,15 @@ class Codec:
         tables: Mapping[tuple[str, str], sa.Table],
         stats: Counter[str],
         criteria: Mapping[str, str] | None = None,
+        columns: ColumnPolicy | None = None,
     ) -> None:
         self.tables = tables
         self.stats = stats
         self._enums = {name: _enum_classes(table) for name, table in tables.items()}
+        policy = columns or ColumnPolicy()
+        self._readable = {
+            name: frozenset(c.name for c in policy.columns(table)) for name, table in tables.items()
+        }
         self._to_wire = dict(criteria or {})
         self._from_wire = {wire: local for local, wire in self._to_wire.items()}
 
@@ -306,25 +318,42 @@ class Codec:
             return None
         row = None
         if "w" in data:
-            values = data["w"]
+            values = self._kept(table, data["w"])
             for name, enum_class in self._enums[table].items():
                 if name in values:
                     values[name] = _members(values[name], enum_class)
             if unknown := [m for m in data["m"] if m not in self._from_wire]:
                 raise ValueError(f"criteria {unknown} of {table} are unknown here")
             matches = frozenset(self._from_wire[m] for m in data["m"])
-            row = CachedRow(values, matches, data["p"])
+            row = CachedRow(
+                values, matches, None if data["p"] is None else self._kept(table, data["p"])
+            )
         return Resolved(
             ref=int(data["r"]),
             table=table,
             event=_EVENTS[data["e"]],
-            new=dict(data["n"]),
-            old=None if data["o"] is None else dict(data["o"]),
+            new=self._kept(table, data["n"]),
+            old=None if data["o"] is None else self._kept(table, data["o"]),
             origin=data["g"],
             row=row,
             readable=bool(data["x"]),
             xid=_xid(data.get("v")),
         )
+
+    def _kept(self, table: tuple[str, str], values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` reduced to the columns of ``table`` this node may read."""
+        readable = self._readable[table]
+        given = dict(values)
+        kept = {name: value for name, value in given.items() if name in readable}
+        if len(kept) < len(given):
+            self.stats["withheld"] += 1
+            logger.warning(
+                "dropped values of %s.%s a published change carried but this node does not "
+                "read: %s",
+                *table,
+                sorted(name for name in given if name not in readable),
+            )
+        return kept
 
 
 def _xid(value: Any) -> int | None:

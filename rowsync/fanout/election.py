@@ -13,7 +13,11 @@ releases the lock, so a node that can publish takes over.
 
 Each new holder gets a *term*: the cluster's next transaction id, larger than any term
 before it. Nodes ignore what an older capture node still publishes once a newer one has
-started (a fencing token).
+started (a fencing token). A term is not taken on the word of a message: the holder shows
+its term in its session's ``application_name``, and a node that reads a new term checks it
+against the session that holds the lock (:func:`current_term`: ``pg_locks`` and
+``pg_stat_activity`` are readable by every role, and only the holder holds the lock), so a
+message claiming a huge term cannot fence out the real capture node.
 """
 
 from __future__ import annotations
@@ -36,6 +40,29 @@ APPLICATION_NAME = "rowsync-election"
 
 LEASE = 10
 """Probe intervals without a probe after which the server ends a node's session."""
+
+SET_NAME: LiteralString = "SELECT set_config('application_name', %s, false)"
+
+HOLDER: LiteralString = """
+SELECT a.application_name
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid::bigint = %s AND l.objid::bigint = %s
+"""
+"""The ``application_name`` of the session holding a bigint advisory lock (which
+``pg_locks`` shows as its high and low 32 bits, unsigned)."""
+
+
+def current_term(connect: Connect, key: int) -> int | None:
+    """The term of the node that holds the lock ``key`` now; None if nobody holds it (or its
+    holder has not shown a term yet). Raises psycopg.Error if Postgres cannot be asked."""
+    bits = key & 0xFFFF_FFFF_FFFF_FFFF
+    with connect(autocommit=True) as conn:
+        row = conn.execute(HOLDER, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
+    name = "" if row is None else str(row[0])
+    term = name.removeprefix(f"{APPLICATION_NAME} ")
+    return int(term) if term != name and term.isdigit() else None
 
 
 class Election:
@@ -102,7 +129,9 @@ class Election:
         while not self._stopping.is_set():
             if self.term is None:
                 if self.eligible() and _one(conn, "SELECT pg_try_advisory_lock(%s)", self.key):
-                    self.term = int(_one(conn, "SELECT pg_current_xact_id()::text::bigint"))
+                    term = int(_one(conn, "SELECT pg_current_xact_id()::text::bigint"))
+                    _one(conn, SET_NAME, f"{APPLICATION_NAME} {term}")  # before it publishes
+                    self.term = term
                     self.stats["elected"] += 1
                     logger.info("elected capture node (term %d)", self.term)
                     self.on_elected(self.term)
@@ -110,6 +139,7 @@ class Election:
                 self.stats["resigned"] += 1
                 self._step_down()
                 _one(conn, "SELECT pg_advisory_unlock(%s)", self.key)
+                _one(conn, SET_NAME, APPLICATION_NAME)
             else:
                 conn.execute("SELECT 1")  # raises once the session, and so the lock, is gone
             self._stopping.wait(self.interval)

@@ -7,11 +7,19 @@ broker's stream and hands each batch to this process's dispatcher, exactly as th
 does without a broker; barriers (``rs.flush``) travel the same way, so ``flush`` works on
 every node.
 
+Trust. What a node reads from the broker counts only if it carries the group's seal
+(:mod:`.seal`); anything else is dropped, logged and counted (``forged``), and announces
+nothing: a stranger who can publish cannot make every subscriber resync either. A new
+capture term is checked against the election in Postgres before it replaces the current one
+(``unverified``), and a message number of the current term that was already read is a
+replay (``replayed``). Decoded rows keep only the columns this node may read.
+
 Gaps. A node tells its subscriptions to resync (``Dispatcher.gap``) when: the capture node
 announces one (its listener reconnected, a batch failed); a new capture node starts, unless
 it resumes where the previous one stopped; the node reconnects to the broker and the backend
 could not resume; a message number is missing (a publish failed, or the broker dropped
-one); a message cannot be decoded.
+one); a sealed message cannot be decoded; a term fails its check (it may have been a capture
+node's that has been replaced since, whose messages are not delivered).
 """
 
 from __future__ import annotations
@@ -25,14 +33,17 @@ from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 
+from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect
 from rowsync.dispatch import Dispatcher, Resolved
 from rowsync.errors import NotRunningError
 from rowsync.fanout import Backend, backend_for, check_url
 from rowsync.fanout.codec import Codec, Gap, Item, Started
-from rowsync.fanout.election import Election
+from rowsync.fanout.election import Election, current_term
+from rowsync.fanout.seal import OVERHEAD, Seal, group_key
 from rowsync.listener import Flush, Listener, Notice
 
 logger = logging.getLogger(__name__)
@@ -46,6 +57,8 @@ BACKOFF = (0.05, 5.0)
 RETRY = 1.0
 """Seconds after a failed publish before the capture node publishes the gap it left, if no
 change has carried it meanwhile."""
+REJECTED = 16
+"""Terms that failed their check remembered (not checked again), the newest ones."""
 
 
 class Node:
@@ -54,7 +67,9 @@ class Node:
     The node takes over the ``listener``'s callbacks: while elected, its batches are
     published instead of delivered; every node delivers what it reads from the broker.
     ``resumes``: a new capture node's listener reads on from where the previous one stopped
-    (durable capture), so a change of capture node is not a gap.
+    (durable capture), so a change of capture node is not a gap. ``key`` seals the group's
+    messages (:func:`.seal.group_key`); ``columns``: what this node may read of each table,
+    applied to every row it decodes.
     """
 
     def __init__(
@@ -67,10 +82,13 @@ class Node:
         listener: Listener,
         dispatcher: Dispatcher,
         tables: Mapping[tuple[str, str], tuple[sa.Table, Any]],
+        key: str | bytes | None,
+        columns: ColumnPolicy,
         resumes: bool = False,
         interval: float = 1.0,
     ) -> None:
         check_url(url)
+        self._key = group_key(url, key)
         self.url = url
         self.connect = connect
         self.channel = channel
@@ -80,7 +98,8 @@ class Node:
         self.resumes = resumes
         self.stats: Counter[str] = Counter()
         """``gaps`` announced here, ``captures`` (capture nodes seen starting), ``received``,
-        ``published``, ``publish_errors``, ``reconnects``, ``stale``, ``malformed``…"""
+        ``published``, ``publish_errors``, ``reconnects``, ``stale``, ``malformed``,
+        ``forged``, ``unverified``, ``replayed``, ``withheld``…"""
         self.codec = Codec(
             {name: table for name, (table, _) in tables.items()},
             self.stats,
@@ -89,10 +108,12 @@ class Node:
                 for edge in dispatcher.rows.graph.edges
                 if edge.criteria is not None
             },
+            columns,
         )
         self.connected = threading.Event()
         """Set while this node reads the broker's stream."""
         self.backend: Backend | None = None
+        self.seal: Seal | None = None
         self.election = Election(
             connect,
             _lock_key(schema, channel),
@@ -105,9 +126,13 @@ class Node:
         listener.on_gap = self._capture_gap
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # Reading: the newest capture node's term, and the message number expected next.
+        # Reading: the newest capture node's term, the message number expected next (a
+        # higher one is a gap, unless ``_excused``: a gap announced already covers it), and
+        # terms that failed their check.
         self._term = 0
-        self._expect: int | None = None
+        self._expect = 0
+        self._excused = False
+        self._rejected: dict[int, None] = {}
         # Publishing (while elected): one message at a time, numbered from 0 in each term.
         self._publishing: asyncio.Lock | None = None
         self._seq = 0
@@ -130,7 +155,9 @@ class Node:
         cannot be reached within ``timeout`` seconds."""
         if self._loop is not None:
             return
-        self.backend = backend_for(self.url, self._namespace())
+        namespace = self._namespace()
+        self.backend = backend_for(self.url, namespace)
+        self.seal = Seal(self._key, namespace)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="rowsync-fanout", daemon=True
@@ -204,12 +231,12 @@ class Node:
                 resumed = await self._reconnect()
                 self.stats["reconnects"] += 1
                 if not resumed:  # announced before "connected": a subscriber after it is current
-                    self._expect = None
+                    self._excused = True
                     self._gap("the connection to the fan-out broker was lost")
                 self.connected.set()
                 continue
             try:
-                self._receive(data)
+                await self._receive(data)
             except Exception:
                 # Whatever it held was not delivered: nobody may go on believing they are current.
                 self.stats["batch_errors"] += 1
@@ -228,24 +255,70 @@ class Node:
                 logger.warning("fan-out broker unreachable (%s); retrying in %.2f s", exc, delay)
                 delay = min(delay * 2, BACKOFF[1])
 
-    def _receive(self, data: bytes) -> None:
+    async def _receive(self, data: bytes) -> None:
+        assert self.seal is not None
         self.stats["received"] += 1
+        body = self.seal.open(data)
+        if body is None:
+            self.stats["forged"] += 1
+            logger.error(
+                "dropped a message from the fan-out broker without a valid seal (forged, or "
+                "published by a node with another fanout_key): %.100r",
+                data,
+            )
+            return
         try:
-            envelope = self.codec.decode(data)
+            envelope = self.codec.decode(body)
         except ValueError as exc:
             self.stats["malformed"] += 1
-            logger.error("unreadable message from the fan-out broker (%s): %.200r", exc, data)
+            logger.error("unreadable message from the fan-out broker (%s): %.200r", exc, body)
             self._gap("a message from the fan-out broker could not be read")
             return
         if envelope.term < self._term:
             self.stats["stale"] += 1  # from a capture node that has been replaced
             return
         if envelope.term > self._term:
-            self._term, self._expect = envelope.term, None
-        if self._expect is not None and envelope.seq != self._expect:
+            if not await self._verified(envelope.term):
+                return
+            self._term, self._expect = envelope.term, envelope.seq
+        if envelope.seq < self._expect:
+            self.stats["replayed"] += 1  # the broker never sends one twice: someone did
+            logger.warning("dropped message %d of term %d: read already", envelope.seq, self._term)
+            return
+        if envelope.seq > self._expect and not self._excused:
             self._gap(f"message {self._expect} of the capture node went missing")
-        self._expect = envelope.seq + 1
+        self._expect, self._excused = envelope.seq + 1, False
         self._deliver(envelope.items)
+
+    async def _verified(self, term: int) -> bool:
+        """Whether ``term``, newer than the current one, is the term of the node that holds
+        the election's lock now: asked of Postgres once per new term (a term that failed is
+        remembered, and its further messages are dropped without asking)."""
+        if term == self.election.term:
+            return True
+        if term in self._rejected:
+            self.stats["unverified"] += 1
+            return False
+        try:
+            elected = await asyncio.to_thread(current_term, self.connect, self.election.key)
+        except psycopg.Error as exc:  # not remembered: the next message asks again
+            self.stats["term_check_errors"] += 1
+            logger.error("cannot check capture term %d against the election: %s", term, exc)
+            self._gap(f"capture term {term} could not be checked against the election")
+            return False
+        if elected == term:
+            return True
+        self.stats["unverified"] += 1
+        logger.error(
+            "dropping messages of capture term %d: the elected node's is %s", term, elected
+        )
+        self._rejected[term] = None
+        if len(self._rejected) > REJECTED:
+            del self._rejected[next(iter(self._rejected))]
+        # Sealed, so perhaps a genuine capture node's, replaced since: what it published is
+        # not delivered.
+        self._gap(f"messages of capture term {term} are not the elected node's")
+        return False
 
     def _deliver(self, items: Sequence[Item]) -> None:
         run: list[Resolved | Flush] = []
@@ -322,10 +395,12 @@ class Node:
                     items = [Started(self.resumes), *items]  # the term's first message says so
                 if not items:
                     return
-                messages = self.codec.encode(term, self._seq, items, self.backend.max_message)
+                assert self.seal is not None
+                room = self.backend.max_message - OVERHEAD
+                messages = self.codec.encode(term, self._seq, items, room)
                 self._seq += len(messages)  # numbered even if lost: the nodes see the hole
                 for message in messages:
-                    await self.backend.publish(message)
+                    await self.backend.publish(self.seal.seal(message))
                 self._unsent = None
                 self.stats["published"] += len(messages)
         except (ConnectionError, asyncio.CancelledError) as exc:
