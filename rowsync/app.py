@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 import time
 import uuid
 import weakref
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import psycopg
 import sqlalchemy as sa
@@ -30,6 +31,7 @@ from rowsync.announce import BATCH, announce_table, announced
 from rowsync.cache import RowCache
 from rowsync.changelog import ChangeLog
 from rowsync.columns import ColumnPolicy, ColumnsArg
+from rowsync.connect import Database, connector, engine_for, writer_of
 from rowsync.dispatch import Dispatcher
 from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.fanout.node import Node
@@ -48,12 +50,29 @@ logger = logging.getLogger(__name__)
 
 _started: weakref.WeakSet[RowSync] = weakref.WeakSet()
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _in_thread(method: Callable[P, T]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``method`` for asyncio: awaited, it runs in a worker thread and the event loop goes on."""
+
+    @functools.wraps(method)
+    async def in_thread(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.to_thread(method, *args, **kwargs)
+
+    in_thread.__name__ = f"{method.__name__}_async"
+    in_thread.__qualname__ = f"{method.__qualname__}_async"
+    return in_thread
+
 
 class RowSync:
     """Capture, listen, cache, route and sync for one database and one set of watchers.
 
-    ``dsn_or_engine`` is a libpq/SQLAlchemy URL or an :class:`~sqlalchemy.Engine` (its
-    pool serves row fetches; the listener opens one dedicated connection of its own).
+    ``dsn_or_engine``: a libpq conninfo (``postgresql://...`` or ``host=... dbname=...``), a
+    psycopg :class:`~sqlalchemy.Engine` (its pool serves row fetches) or an
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine`. rowsync's own connections (the listener's,
+    install's, flush's) are made the way the engine makes its own (:mod:`rowsync.connect`).
 
     How changes travel (``install()`` installs triggers to match; see README "Guarantees"):
 
@@ -72,7 +91,7 @@ class RowSync:
 
     def __init__(
         self,
-        dsn_or_engine: str | sa.Engine,
+        dsn_or_engine: Database,
         watchers: Iterable[Watcher],
         *,
         channel: str = triggers.DEFAULT_CHANNEL,
@@ -94,17 +113,10 @@ class RowSync:
         fanout: str | None = None,
         fanout_key: str | bytes | None = None,
     ) -> None:
-        if isinstance(dsn_or_engine, sa.Engine):
-            self.engine = dsn_or_engine
-        else:
-            url = sa.make_url(dsn_or_engine)
-            # pre_ping: pooled connections survive a server restart unnoticed by the pool.
-            self.engine = sa.create_engine(
-                url.set(drivername="postgresql+psycopg"), pool_pre_ping=True
-            )
-        self.conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
-        )
+        self.engine = engine_for(dsn_or_engine)
+        self.connect = connector(self.engine)
+        """Opens a dedicated psycopg connection the way the engine opens its own (rowsync's
+        install, listener, flush and election use these)."""
         for option, name in (("channel", channel), ("schema", schema)):
             if not 0 < len(name.encode()) <= triggers.MAX_IDENTIFIER:
                 raise ConfigurationError(
@@ -120,7 +132,7 @@ class RowSync:
         self._origin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
             f"rowsync_origin_{id(self)}", default=origin
         )
-        sa.event.listen(self.engine, "begin", self._tag_transaction)
+        sa.event.listen(writer_of(dsn_or_engine, self.engine), "begin", self._tag_transaction)
         self.watchers = merge(watchers)
         if not self.watchers:
             raise ConfigurationError(
@@ -157,7 +169,7 @@ class RowSync:
         )
         self.listener = (
             wal.WalSource(
-                self.conninfo,
+                self.connect,
                 channel=channel,
                 schema=schema,
                 watchers=self.watchers,
@@ -167,7 +179,7 @@ class RowSync:
             )
             if capture == "wal"
             else Listener(
-                self.conninfo,
+                self.connect,
                 channel=channel,
                 schema=schema,
                 on_batch=self.dispatcher.batch,
@@ -184,7 +196,7 @@ class RowSync:
             if fanout is None
             else Node(
                 fanout,
-                self.conninfo,
+                self.connect,
                 channel=channel,
                 schema=schema,
                 listener=self.listener,
@@ -228,7 +240,7 @@ class RowSync:
         needs of rowsync's (:mod:`rowsync.privileges`); writers need nothing. The log's
         ``retention`` becomes the least any prune keeps.
         """
-        with psycopg.connect(self.conninfo) as conn:
+        with self.connect() as conn:
             before = triggers.install(
                 conn,
                 self.triggers,
@@ -265,7 +277,7 @@ class RowSync:
                 )
             chosen = [w for w in chosen if {w.table, f"{w.schema}.{w.table}"} & wanted]
         counts: dict[str, int] = {}
-        with psycopg.connect(self.conninfo) as conn:
+        with self.connect() as conn:
             for w in chosen:
                 name = f"{w.schema}.{w.table}"
                 counts[name] = counts.get(name, 0) + announce_table(
@@ -280,7 +292,7 @@ class RowSync:
         return counts
 
     def uninstall(self, *, drop_schema: bool = False) -> int:
-        with psycopg.connect(self.conninfo) as conn:
+        with self.connect() as conn:
             if self.capture == "wal":
                 wal.uninstall(conn, self.channel)
             return triggers.uninstall(
@@ -290,7 +302,7 @@ class RowSync:
     def status(self, *, listener_roles: Sequence[str] | None = None) -> triggers.Status:
         """What ``install`` would change, and what is wrong with the privileges: checked for
         ``listener_roles`` (default: the role this RowSync connects as)."""
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+        with self.connect(autocommit=True) as conn:
             if listener_roles is None:
                 row = conn.execute("SELECT current_user").fetchone()
                 listener_roles = [str(row[0])] if row else []
@@ -660,7 +672,7 @@ class RowSync:
             token = uuid.uuid4().hex
             done = self.dispatcher.flushes[token] = threading.Event()
             gaps = _disruptions(feed.stats)
-            send_flush(self.conninfo, self.channel, token)
+            send_flush(self.connect, self.channel, token)
             while not done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
                     self.dispatcher.flushes.pop(token, None)
@@ -674,6 +686,19 @@ class RowSync:
             else:
                 return
             self.dispatcher.flushes.pop(token, None)
+
+    # -- asyncio ----------------------------------------------------------------------
+    # What may wait on the database or the listener, for an event loop: the same methods,
+    # run in a worker thread while the loop goes on (``async with rs`` starts and stops).
+
+    install_async = _in_thread(install)
+    """``await rs.install_async(prune=False, progress=None)``: :meth:`install`, off the loop."""
+    flush_async = _in_thread(flush)
+    """``await rs.flush_async(timeout=5.0)``: :meth:`flush`, off the loop."""
+    sync_async = _in_thread(sync)
+    """``await rs.sync_async(value, message)``: :meth:`sync`, off the loop (it may read rows)."""
+    resync_async = _in_thread(resync)
+    """``await rs.resync_async(value)``: :meth:`resync`, off the loop."""
 
 
 def _disruptions(stats: Counter[str]) -> int:

@@ -33,11 +33,13 @@ from typing import Any, TextIO
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.conninfo import conninfo_to_dict
 
 from rowsync import triggers
 from rowsync.alembic import install_text, revision_body
 from rowsync.announce import BATCH
 from rowsync.app import RowSync
+from rowsync.connect import connector, engine_for
 from rowsync.errors import ConfigurationError, RowsyncError
 from rowsync.messages import Change, Message, ResyncInfo
 from rowsync.triggers import Progress
@@ -192,7 +194,10 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
         help="a RowSync, a list of watchers, or a function returning one (default: $ROWSYNC_APP)",
     )
     group.add_argument(
-        "--dsn", metavar="URL", default=default(None), help="database URL (default: $DATABASE_URL)"
+        "--dsn",
+        metavar="URL",
+        default=default(None),
+        help="database URL or libpq conninfo (default: $DATABASE_URL)",
     )
     group.add_argument(
         "--channel",
@@ -319,24 +324,38 @@ def _channel_schema(args: argparse.Namespace, app: App | None) -> tuple[str, str
     return args.channel or triggers.DEFAULT_CHANNEL, args.schema or triggers.DEFAULT_SCHEMA
 
 
-def _conninfo(database: str | sa.Engine) -> str:
-    url = database.url if isinstance(database, sa.Engine) else _url(database)
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+@contextmanager
+def _engine(database: str | sa.Engine) -> Iterator[sa.Engine]:
+    """The engine for ``database``; one made here from a conninfo is disposed of after."""
+    if isinstance(database, sa.Engine):
+        yield engine_for(database)
+        return
+    _check_conninfo(database)
+    engine = engine_for(database)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
-def _url(text: str) -> sa.URL:
+def _check_conninfo(text: str) -> None:
+    """A clear error for a malformed conninfo, or one naming another database system."""
     try:
         url = sa.make_url(text)
-    except sa.exc.ArgumentError:
-        raise UsageError(
-            "the database URL (--dsn or DATABASE_URL) is not a URL like postgresql://user@host/db"
-        ) from None
+    except (sa.exc.ArgumentError, ValueError):
+        try:
+            conninfo_to_dict(text)
+        except psycopg.ProgrammingError:
+            raise UsageError(
+                "the database URL (--dsn or DATABASE_URL) is not a URL like "
+                "postgresql://user@host/db nor a libpq conninfo like 'host=... dbname=...'"
+            ) from None
+        return
     if url.get_backend_name() not in ("postgresql", "postgres"):
         raise UsageError(
             f"the database URL (--dsn or DATABASE_URL) is a {url.get_backend_name()} URL: "
             "rowsync needs PostgreSQL (postgresql://user@host/db)"
         )
-    return url
 
 
 @contextmanager
@@ -350,7 +369,7 @@ def _rowsync(args: argparse.Namespace) -> Iterator[RowSync]:
     channel, schema = _channel_schema(args, app)
     watchers = app.watchers if isinstance(app, RowSync) else app
     if isinstance(database, str):
-        _url(database)  # a clear error for a malformed URL
+        _check_conninfo(database)
     rs = RowSync(database, watchers, channel=channel, schema=schema)
     try:
         yield rs
@@ -408,7 +427,7 @@ def _install(args: argparse.Namespace, on_listening: OnListening | None) -> int:
 def _uninstall(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     app = load_app(args.app) if args.app else None
     channel, schema = _channel_schema(args, app)
-    with psycopg.connect(_conninfo(_database(args, app))) as conn:
+    with _engine(_database(args, app)) as engine, connector(engine)() as conn:
         dropped = triggers.uninstall(
             conn, schema=schema, channel=channel, drop_schema=args.drop_schema
         )

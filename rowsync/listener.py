@@ -33,10 +33,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from rowsync.changelog import ChangeLog
+from rowsync.connect import Connect
 from rowsync.messages import Event
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class Listener:
 
     def __init__(
         self,
-        conninfo: str,
+        connect: Connect,
         *,
         channel: str,
         schema: str,
@@ -209,7 +209,7 @@ class Listener:
         poll_interval: float | None = None,
         max_parked: int = 1 << 20,
     ) -> None:
-        self.conninfo = conninfo
+        self.connect = connect
         self.channel = channel
         self.schema = schema
         self.on_batch = on_batch
@@ -273,7 +273,7 @@ class Listener:
         delay = self.backoff[0]
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self._named_conninfo(), autocommit=True) as conn:
+                with self.connect(autocommit=True, name=APPLICATION_NAME) as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     if self.log is not None:
                         self.log.resume(conn)  # its first read says if rows were pruned
@@ -304,12 +304,6 @@ class Listener:
             if self._stopping.wait(delay):
                 break
             delay = min(delay * 2, self.backoff[1])
-
-    def _named_conninfo(self) -> str:
-        """The DSN, naming the connection in ``pg_stat_activity`` unless it already does."""
-        if "application_name" in conninfo_to_dict(self.conninfo):
-            return self.conninfo
-        return make_conninfo(self.conninfo, application_name=APPLICATION_NAME)
 
     def _serve(self, conn: psycopg.Connection[TupleRow]) -> None:
         with selectors.DefaultSelector() as selector:
@@ -537,7 +531,7 @@ class _Stopped(Exception):
     """Raised inside the thread to leave a read when ``stop`` was asked for."""
 
 
-def send_flush(conninfo: str, channel: str, token: str) -> None:
+def send_flush(connect: Connect, channel: str, token: str) -> None:
     """Commit a flush barrier on ``channel`` from a connection of its own."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with connect(autocommit=True) as conn:
         conn.execute("SELECT pg_notify(%s, %s)", (channel, json.dumps({"f": token})))

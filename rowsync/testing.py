@@ -327,7 +327,7 @@ def one_batch(rs: RowSync, timeout: float = 5.0) -> Iterator[None]:
     with rs.dispatcher.holding() as held:
         yield
         token = uuid.uuid4().hex
-        send_flush(rs.conninfo, rs.channel, token)
+        send_flush(rs.connect, rs.channel, token)
         if not held.wait(token, timeout):
             raise TimeoutError(f"the block's commits did not reach the listener in {timeout} s")
     rs.flush(timeout)

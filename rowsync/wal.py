@@ -46,8 +46,9 @@ from psycopg.rows import TupleRow
 
 from rowsync import pgoutput
 from rowsync.columns import ColumnPolicy
+from rowsync.connect import Connect, conninfo_of
 from rowsync.errors import ConfigurationError
-from rowsync.listener import Flush, Listener, Notice, _Stopped, parse
+from rowsync.listener import APPLICATION_NAME, Flush, Listener, Notice, _Stopped, parse
 from rowsync.messages import Event
 from rowsync.watchers import Watcher
 
@@ -99,9 +100,9 @@ def identity(table: sa.Table, columns: Sequence[str]) -> Identity:
     return "default" if key and set(columns) <= key else "full"
 
 
-def check_server(conninfo: str) -> None:
+def check_server(connect: Connect) -> None:
     """Raise :class:`ConfigurationError` unless the server can decode its WAL logically."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with connect(autocommit=True) as conn:
         row = conn.execute("SHOW wal_level").fetchone()
     level = row[0] if row else None
     if level != "logical":
@@ -278,7 +279,7 @@ class WalSource(Listener):
 
     def __init__(
         self,
-        conninfo: str,
+        connect: Connect,
         *,
         channel: str,
         schema: str,
@@ -288,7 +289,7 @@ class WalSource(Listener):
         probe_interval: float = 5.0,
     ) -> None:
         super().__init__(
-            conninfo,
+            connect,
             channel=channel,
             schema=schema,
             on_batch=on_batch,
@@ -301,7 +302,7 @@ class WalSource(Listener):
         """What a lost connection raises (psycopg2's errors too, once it is imported)."""
 
     def start(self) -> None:
-        check_server(self.conninfo)
+        check_server(self.connect)
         try:
             import psycopg2
         except ImportError:
@@ -336,11 +337,11 @@ class WalSource(Listener):
     def _connect(self) -> None:
         import psycopg2.extras  # the optional extra, checked by start()
 
-        conninfo = self._named_conninfo()
-        with psycopg.connect(conninfo, autocommit=True) as notes:
+        with self.connect(autocommit=True, name=APPLICATION_NAME) as notes:
             notes.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-            repl = psycopg2.connect(
-                conninfo, connection_factory=psycopg2.extras.LogicalReplicationConnection
+            repl = psycopg2.connect(  # as the engine connected notes, credentials included
+                conninfo_of(notes, application_name=APPLICATION_NAME),
+                connection_factory=psycopg2.extras.LogicalReplicationConnection,
             )
             try:
                 cursor = repl.cursor()

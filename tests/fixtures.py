@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -164,7 +163,7 @@ def returning(call: Callable[[], Any], limit: float = 60.0) -> Any:
 
 def terminate_listener(rs: RowSync) -> None:
     """Kill the listener's backend (it reconnects by itself): a lost connection, on demand."""
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = %s AND datname = current_database()",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -145,7 +144,7 @@ def test_offline_mode_writes_sql_that_installs_the_same_triggers(schema, tmp_pat
     assert 'CREATE OR REPLACE TRIGGER "rowsync_ins_posts_' in script
     rs = RowSync(schema, reference_watchers())
     assert not rs.status().ok  # offline mode only wrote SQL
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         conn.execute(script)
     assert rs.status().ok
 

@@ -6,7 +6,6 @@ restart of the listener, or a restart under the same consumer name.
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
 from fixtures import reference_watchers, terminate_listener
@@ -66,7 +65,7 @@ def test_terminated_listener_connection_loses_nothing_and_announces_no_gap(logge
 def test_a_smaller_id_committed_after_a_larger_one_is_not_skipped(logged, schema) -> None:
     """The classic trap: log ids are taken at insert, rows appear at commit."""
     sub = logged.subscribe(Person)
-    with psycopg.connect(logged.conninfo) as slow, psycopg.connect(logged.conninfo) as fast:
+    with logged.connect() as slow, logged.connect() as fast:
         slow.execute("INSERT INTO persons (id, name) VALUES (1, 'slow')")  # takes the smaller id
         fast.execute("INSERT INTO persons (id, name) VALUES (2, 'fast')")
         fast.commit()
@@ -110,7 +109,7 @@ def test_old_position_pruned_past_is_announced_as_a_gap(schema, write) -> None:
         write(Person(id=1, name="a"))
         rs.flush()
     write(Person(id=2, name="b"))
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         conn.execute("SELECT rowsync.prune_log(interval '0')")
     again = RowSync(schema, reference_watchers(), durable=True, consumer="late")
     with again:

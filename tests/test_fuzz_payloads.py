@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -61,7 +60,7 @@ def test_parse_returns_an_event_or_raises_value_error(payload: str) -> None:
 @given(st.lists(PAYLOADS.filter(lambda p: "\x00" not in p and len(p.encode()) < 7000), max_size=20))
 def test_random_notifications_never_stop_real_events(rs_for_fuzz, payloads: list[str]) -> None:
     rs, sub, write = rs_for_fuzz
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         for payload in payloads:
             conn.execute("SELECT pg_notify(%s, %s)", (rs.channel, payload))
     rs.flush()

@@ -8,7 +8,6 @@ import threading
 import time
 from typing import Any
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -26,7 +25,7 @@ def changes(messages: list[Any]) -> list[rowsync.Change]:
 
 def notify(rs: RowSync, *payloads: str) -> None:
     """Send raw payloads on rowsync's channel, each committed on its own."""
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         for payload in payloads:
             conn.execute("SELECT pg_notify(%s, %s)", (rs.channel, payload))
 
@@ -118,7 +117,7 @@ def listener_waits_on_a_lock(rs: RowSync, timeout: float = 30.0) -> bool:
         " AND application_name = %s AND wait_event_type = 'Lock'"
     )
     deadline = time.monotonic() + timeout
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         while time.monotonic() < deadline:
             row = conn.execute(query, (APPLICATION_NAME,)).fetchone()
             if row and row[0]:
@@ -149,7 +148,7 @@ def test_notification_arriving_while_the_listener_reads_the_overflow_table_is_no
         write(Post(id=1))
         assert entered.wait(30)  # the listener is held in the batch of post 1
         write(Post(id=2, body="x" * 9000))  # oversized: read back from the overflow table
-        with psycopg.connect(rs.conninfo) as locker:
+        with rs.connect() as locker:
             locker.execute("LOCK TABLE rowsync.overflow IN ACCESS EXCLUSIVE MODE")
             gate.set()
             assert listener_waits_on_a_lock(rs)  # its overflow read is blocked by our lock

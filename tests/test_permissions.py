@@ -146,7 +146,7 @@ def test_another_role_cannot_attach_a_trigger_function_to_its_own_table(schema, 
                     "CREATE TRIGGER t AFTER INSERT ON forged FOR EACH ROW EXECUTE FUNCTION {}()"
                 ).format(function)
             )
-    with psycopg.connect(rs.conninfo) as conn:
+    with rs.connect() as conn:
         assert conn.execute("SELECT count(*) FROM rowsync.log").fetchone() == (0,)
 
 
@@ -155,7 +155,7 @@ def test_a_trigger_function_refuses_any_table_but_its_own(schema) -> None:
     rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
     rs.install()
     function = sql.Identifier("rowsync", rs.triggers[0].function)
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         conn.execute("CREATE TABLE elsewhere (id int)")
         conn.execute(
             sql.SQL(
@@ -313,7 +313,7 @@ def test_status_reports_what_public_holds_and_what_a_listener_role_lacks(schema,
     assert f'listener role {reader!r} lacks EXECUTE on function "rowsync"."parked"' in "\n".join(
         lacking
     )
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         conn.execute("GRANT SELECT ON rowsync.log TO PUBLIC")
     assert "PUBLIC may SELECT relation rowsync.log" in rs.status(listener_roles=[]).privileges
     rs.install(listener_roles=[reader])

@@ -265,7 +265,7 @@ def test_reinstalling_after_uninstall_restores_every_trigger(schema) -> None:
 
 def test_sql_script_leaves_the_database_as_install_does(schema) -> None:
     rs = RowSync(schema, reference_watchers())
-    with psycopg.connect(rs.conninfo, autocommit=True) as conn:
+    with rs.connect(autocommit=True) as conn:
         conn.execute(rs.sql())
         conn.execute(rs.sql())
 

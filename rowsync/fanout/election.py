@@ -31,6 +31,8 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg.rows import TupleRow
 
+from rowsync.connect import Connect
+
 logger = logging.getLogger(__name__)
 
 APPLICATION_NAME = "rowsync-election"
@@ -52,11 +54,11 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 ``pg_locks`` shows as its high and low 32 bits, unsigned)."""
 
 
-def current_term(conninfo: str, key: int) -> int | None:
+def current_term(connect: Connect, key: int) -> int | None:
     """The term of the node that holds the lock ``key`` now; None if nobody holds it (or its
     holder has not shown a term yet). Raises psycopg.Error if Postgres cannot be asked."""
     bits = key & 0xFFFF_FFFF_FFFF_FFFF
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+    with connect(autocommit=True) as conn:
         row = conn.execute(HOLDER, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
     name = "" if row is None else str(row[0])
     term = name.removeprefix(f"{APPLICATION_NAME} ")
@@ -69,7 +71,7 @@ class Election:
 
     def __init__(
         self,
-        conninfo: str,
+        connect: Connect,
         key: int,
         *,
         on_elected: Callable[[int], None],
@@ -77,7 +79,7 @@ class Election:
         eligible: Callable[[], bool] = lambda: True,
         interval: float = 1.0,
     ) -> None:
-        self.conninfo = conninfo
+        self.connect = connect
         self.eligible = eligible
         self.key = key
         self.on_elected = on_elected
@@ -109,12 +111,7 @@ class Election:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(
-                    self.conninfo,
-                    autocommit=True,
-                    application_name=APPLICATION_NAME,
-                    connect_timeout=max(2, int(self.interval * LEASE)),
-                ) as conn:
+                with self.connect(autocommit=True, name=APPLICATION_NAME) as conn:
                     try:
                         self._campaign(conn)
                     finally:

@@ -37,6 +37,7 @@ import psycopg
 import sqlalchemy as sa
 
 from rowsync.columns import ColumnPolicy
+from rowsync.connect import Connect
 from rowsync.dispatch import Dispatcher, Resolved
 from rowsync.errors import NotRunningError
 from rowsync.fanout import Backend, backend_for, check_url
@@ -74,7 +75,7 @@ class Node:
     def __init__(
         self,
         url: str,
-        conninfo: str,
+        connect: Connect,
         *,
         channel: str,
         schema: str,
@@ -89,7 +90,7 @@ class Node:
         check_url(url)
         self._key = group_key(url, key)
         self.url = url
-        self.conninfo = conninfo
+        self.connect = connect
         self.channel = channel
         self.schema = schema
         self.listener = listener
@@ -114,7 +115,7 @@ class Node:
         self.backend: Backend | None = None
         self.seal: Seal | None = None
         self.election = Election(
-            conninfo,
+            connect,
             _lock_key(schema, channel),
             on_elected=self._elected,
             on_deposed=self._deposed,
@@ -199,7 +200,7 @@ class Node:
     def _namespace(self) -> str:
         """The group's stream name: this database (of this cluster) and channel, so groups of
         several databases can share a broker."""
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+        with self.connect(autocommit=True) as conn:
             row = conn.execute(
                 "SELECT system_identifier, (SELECT oid FROM pg_database"
                 " WHERE datname = current_database()) FROM pg_control_system()"
@@ -299,7 +300,7 @@ class Node:
             self.stats["unverified"] += 1
             return False
         try:
-            elected = await asyncio.to_thread(current_term, self.conninfo, self.election.key)
+            elected = await asyncio.to_thread(current_term, self.connect, self.election.key)
         except psycopg.Error as exc:  # not remembered: the next message asks again
             self.stats["term_check_errors"] += 1
             logger.error("cannot check capture term %d against the election: %s", term, exc)
