@@ -326,9 +326,16 @@ class RowSync:
             try:  # a barrier back through the broker: some node captures, and reaches us
                 self.flush(self.start_timeout)
             except TimeoutError as exc:
+                squatter = self.fanout.squatter()
                 self.stop()
                 raise NotRunningError(
                     f"no capture node answered within {self.start_timeout} s"
+                    + (
+                        f": the election's lock is held by {squatter}, which is not a rowsync "
+                        "node (end that session, or give this group another channel)"
+                        if squatter
+                        else ""
+                    )
                 ) from exc
             return self
         self.listener.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 
+import psycopg
 import pytest
 import redis
 import sqlalchemy as sa
@@ -414,3 +415,20 @@ def test_without_fanout_nothing_is_elected_and_the_listener_delivers(rs, write) 
     rs.flush()
     assert rs.fanout is None
     assert kinds(sub.drain()) == [Sync]
+
+
+def test_a_session_squatting_the_election_lock_is_named_when_no_node_captures(
+    schema: sa.Engine, dsn: str
+) -> None:
+    """Any role may take any advisory lock: one that holds the election's keeps every node
+    from capturing. Starting then fails (nothing is delivered silently meanwhile) and the error
+    names the session, so an operator can end it."""
+    require(REDIS)
+    rs = RowSync(dsn, reference_watchers(), fanout=REDIS, fanout_key=KEY, start_timeout=2.0)
+    rs.install()
+    assert rs.fanout is not None
+    with psycopg.connect(dsn, autocommit=True) as squatter:
+        squatter.execute("SET application_name = 'squatter'")
+        squatter.execute("SELECT pg_advisory_lock(%s)", (rs.fanout.election.key,))
+        with pytest.raises(NotRunningError, match=r"held by pid \d+ .*'squatter'.*not a rowsync"):
+            rs.start()

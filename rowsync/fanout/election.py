@@ -44,25 +44,44 @@ LEASE = 10
 SET_NAME: LiteralString = "SELECT set_config('application_name', %s, false)"
 
 HOLDER: LiteralString = """
-SELECT a.application_name
+SELECT a.application_name, a.pid, a.usename
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.classid::bigint = %s AND l.objid::bigint = %s
 """
-"""The ``application_name`` of the session holding a bigint advisory lock (which
-``pg_locks`` shows as its high and low 32 bits, unsigned)."""
+"""The ``application_name``, pid and role of the session holding a bigint advisory lock
+(which ``pg_locks`` shows as its high and low 32 bits, unsigned)."""
+
+
+def _holder(connect: Connect, key: int) -> tuple[str, int, str] | None:
+    bits = key & 0xFFFF_FFFF_FFFF_FFFF
+    with connect(autocommit=True) as conn:
+        row = conn.execute(HOLDER, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
+    return None if row is None else (str(row[0] or ""), int(row[1]), str(row[2] or ""))
+
+
+def _term(name: str) -> int | None:
+    term = name.removeprefix(f"{APPLICATION_NAME} ")
+    return int(term) if term != name and term.isdigit() else None
 
 
 def current_term(connect: Connect, key: int) -> int | None:
     """The term of the node that holds the lock ``key`` now; None if nobody holds it (or its
     holder has not shown a term yet). Raises psycopg.Error if Postgres cannot be asked."""
-    bits = key & 0xFFFF_FFFF_FFFF_FFFF
-    with connect(autocommit=True) as conn:
-        row = conn.execute(HOLDER, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
-    name = "" if row is None else str(row[0])
-    term = name.removeprefix(f"{APPLICATION_NAME} ")
-    return int(term) if term != name and term.isdigit() else None
+    found = _holder(connect, key)
+    return None if found is None else _term(found[0])
+
+
+def squatter(connect: Connect, key: int) -> str | None:
+    """Who holds the lock ``key`` without being a capture node (no term shown), described for
+    an error message; None if nobody does. Any role may take any advisory lock: a session that
+    holds the election's keeps every node from capturing, and this names it."""
+    found = _holder(connect, key)
+    if found is None or _term(found[0]) is not None:
+        return None
+    name, pid, role = found
+    return f"pid {pid} (role {role!r}, application_name {name!r})"
 
 
 class Election:

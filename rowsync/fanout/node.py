@@ -42,7 +42,7 @@ from rowsync.dispatch import Dispatcher, Resolved
 from rowsync.errors import NotRunningError
 from rowsync.fanout import Backend, backend_for, check_url
 from rowsync.fanout.codec import Codec, Gap, Item, Started
-from rowsync.fanout.election import Election, current_term
+from rowsync.fanout.election import Election, current_term, squatter
 from rowsync.fanout.seal import OVERHEAD, Seal, group_key
 from rowsync.listener import Flush, Listener, Notice
 
@@ -149,6 +149,14 @@ class Node:
         return self.election.term is not None
 
     # -- lifecycle --------------------------------------------------------------------
+
+    def squatter(self) -> str | None:
+        """Who holds the election's lock without being a node of this group, if anyone (to
+        say why no node captures); None when Postgres cannot be asked either."""
+        try:
+            return squatter(self.connect, self.election.key)
+        except psycopg.Error:
+            return None
 
     def start(self, timeout: float) -> None:
         """Connect to the broker and join the election; NotRunningError if the broker
