@@ -24,19 +24,22 @@ psycopg ``Engine`` built the same way when they matter.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol, TypeAlias
+import sys
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import psycopg
 import sqlalchemy as sa
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rowsync.errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 logger = logging.getLogger(__name__)
 
-Database: TypeAlias = str | sa.Engine | AsyncEngine
+Database: TypeAlias = "str | sa.Engine | AsyncEngine"
 """What ``RowSync`` accepts: a libpq conninfo (URL or ``key=value`` string) or an engine."""
 
 DRIVER = "postgresql+psycopg"
@@ -50,10 +53,20 @@ class Connect(Protocol):
     ) -> psycopg.Connection[TupleRow]: ...
 
 
+def _as_async(database: Database) -> AsyncEngine | None:
+    """``database`` if it is an ``AsyncEngine``. Told without importing SQLAlchemy's asyncio
+    extension, which needs greenlet (not a dependency of rowsync's): an application that made
+    an ``AsyncEngine`` has imported it already."""
+    module = sys.modules.get("sqlalchemy.ext.asyncio")
+    if module is not None and isinstance(database, module.AsyncEngine):
+        return cast("AsyncEngine", database)
+    return None
+
+
 def engine_for(database: Database) -> sa.Engine:
     """The psycopg engine rowsync reads rows through: ``database`` itself when it is one."""
-    if isinstance(database, AsyncEngine):
-        return _twin(database)
+    if (async_engine := _as_async(database)) is not None:
+        return _twin(async_engine)
     if isinstance(database, sa.Engine):
         if database.dialect.driver != "psycopg":
             raise ConfigurationError(
@@ -61,6 +74,11 @@ def engine_for(database: Database) -> sa.Engine:
                 f"uses psycopg's notifications (create_engine('{DRIVER}://...'))"
             )
         return database
+    if not isinstance(database, str):
+        raise ConfigurationError(
+            "rowsync needs a libpq conninfo (URL or key=value string), an Engine or an "
+            f"AsyncEngine, not {type(database).__name__}"
+        )
     # pre_ping: pooled connections survive a server restart unnoticed by the pool.
     try:
         url = sa.make_url(database)
@@ -77,7 +95,8 @@ def engine_for(database: Database) -> sa.Engine:
 
 def writer_of(database: Database, engine: sa.Engine) -> sa.Engine:
     """The engine the application writes through (whose transactions ``rs.origin`` tags)."""
-    return database.sync_engine if isinstance(database, AsyncEngine) else engine
+    async_engine = _as_async(database)
+    return engine if async_engine is None else async_engine.sync_engine
 
 
 def connector(engine: sa.Engine) -> Connect:
