@@ -51,7 +51,8 @@ CORE = {
 """Every distribution a plain ``pip install rowsync`` may bring (names normalized)."""
 
 EXTRAS = {
-    "web": "import websockets, web.__main__",  # the demo (examples/web): Starlette, uvicorn
+    # the demo (examples/web: Starlette, uvicorn) and the FastAPI example on an AsyncEngine
+    "web": "import websockets, web.__main__, fastapi_app",
     "redis": "import rowsync.fanout.redis",
     "nats": "import rowsync.fanout.nats",
     "cli": "import tqdm",
