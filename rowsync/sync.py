@@ -298,6 +298,10 @@ class _Patch:
                 self.deleted = True
             else:
                 self.row = found
+        self.row_class = self._row_class()
+        """The mapper the changed row loads as now (see :meth:`_row_class`)."""
+        self.entity = self._entity()
+        """The mapper the roots were queried as (see :meth:`_entity`)."""
 
     def apply(self) -> None:
         if self.row is not None:
@@ -337,8 +341,7 @@ class _Patch:
         if self.reshaped:
             self.syncer.forget(self.reshaped, self.index)
 
-    @functools.cached_property
-    def row_class(self) -> Mapper[Any] | None:
+    def _row_class(self) -> Mapper[Any] | None:
         """The mapper the changed row loads as now, read from its discriminator; None for a
         delete, a row without a class to read (a plain table, a model outside a polymorphic
         hierarchy), or a subclass table's row (its base row says)."""
@@ -585,8 +588,7 @@ class _Patch:
         self.reshaped += gone
         tree.Generation.bump()
 
-    @functools.cached_property
-    def entity(self) -> Mapper[Any] | None:
+    def _entity(self) -> Mapper[Any] | None:
         """The mapper the roots were queried as; for an emptied list, the model ``preloads``
         names in the changed row's hierarchy (None if it names none), else the change's."""
         if self.roots:
