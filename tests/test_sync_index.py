@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import selectinload
 
 from fixtures import apply_all
-from models import Person, Post
+from models import Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
 
 QUERY = sa.select(Person).order_by(Person.id).options(selectinload(Person.posts))
@@ -49,3 +49,26 @@ def test_a_collection_changed_by_hand_is_seen_by_the_next_sync(rs, sessions, wri
 
     assert [p.id for p in people[0].posts] == [10]
     assert [p.id for p in people[1].posts] == [99]
+
+
+def test_a_row_loaded_with_what_is_below_it_keeps_the_index(rs, sessions, write):
+    """A new row that rowsync reads with its loader options (its tags, here) joins the kept
+    index: reading it fires no event that would make every tree walk itself again."""
+    query = (
+        sa.select(Person)
+        .order_by(Person.id)
+        .options(selectinload(Person.posts).selectinload(Post.tags))
+    )
+    write(Person(id=1), Tag(id=5, name="t"), Post(id=10, person_id=1))
+    people = fresh(sessions, query)
+    sub = rs.subscribe(people, assocs=[{"posts": ["tags"]}])
+    write(sa.update(Post).values(name="a"))
+    people = apply_all(rs, sub, people)
+    kept = rs.syncer.index(people, people)
+
+    write(Post(id=11, person_id=1), PostTag(post_id=11, tag_id=5))
+    people = apply_all(rs, sub, people)
+
+    assert rs.syncer.index(people, people) is kept
+    assert [t.id for t in people[0].posts[1].tags] == [5]
+    assert snapshot(people) == snapshot(fresh(sessions, query))
