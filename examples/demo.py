@@ -135,17 +135,33 @@ class Writer(threading.Thread):
         self.join(5)
         self.engine.dispose()
 
+    def spares(self, kind: str, row_id: int) -> bool:
+        """Whether to leave this row (``kind``: person, post or tag) alone: none here."""
+        return False
+
     def change(self, conn: sa.Connection) -> str | None:
         """Make one random change; describe it, or return None if the pick changed nothing."""
         rng = self.rng
-        people = {row.id: row.name for row in conn.execute(sa.select(Person.id, Person.name))}
-        posts = {
-            row.id: row for row in conn.execute(sa.select(Post.id, Post.title, Post.person_id))
+        people = {
+            row.id: row.name
+            for row in conn.execute(sa.select(Person.id, Person.name))
+            if not self.spares("person", row.id)
         }
-        tags = {row.id: row.name for row in conn.execute(sa.select(Tag.id, Tag.name))}
-        links = {(r.post_id, r.tag_id) for r in conn.execute(sa.select(post_tags))}
+        posts = {
+            row.id: row
+            for row in conn.execute(sa.select(Post.id, Post.title, Post.person_id))
+            if not self.spares("post", row.id)
+        }
+        tags = {
+            row.id: row.name
+            for row in conn.execute(sa.select(Tag.id, Tag.name))
+            if not self.spares("tag", row.id)
+        }
+        links = {
+            (r.post_id, r.tag_id) for r in conn.execute(sa.select(post_tags)) if r.post_id in posts
+        }
         if not people:
-            return "(no people left: add some with psql)"
+            return "(no people to change: add some with psql)"
         actions = ["insert post", "rename person", "rename tag"]
         if posts:
             actions += ["retitle post", "move post", "link tag", "unlink tag", "link tag"]

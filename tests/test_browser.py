@@ -1,7 +1,8 @@
 """The live web demo (examples/web) in a real browser: headless Debian Chromium, driven by
 Playwright's Python package (no browser download). The demo runs as `make demo` runs it, in
 a process of its own, against this test's database; rows change from another connection, as
-from psql, and each change must show on the page within ``BOUND_MS``.
+from psql, or from another tab's edits, and each change must show on the page within
+``BOUND_MS``.
 
 Chromium is a hard requirement: when /usr/bin/chromium is missing these tests fail (they do
 not skip). `make test` installs it first with scripts/ensure-chromium.sh.
@@ -113,16 +114,28 @@ def demo(dsn: str) -> Iterator[Demo]:
         running.stop()
 
 
-@pytest.fixture
-def page(browser: Browser, demo: Demo) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 560})
-    opened = context.new_page()
+def open_page(browser: Browser, demo: Demo) -> Page:
+    """A tab of its own (a context of its own: nothing shared but the server)."""
+    opened = browser.new_context(viewport={"width": 1280, "height": 560}).new_page()
     opened.set_default_timeout(BOUND_MS)
     expect.set_options(timeout=BOUND_MS)
     opened.goto(demo.url)
     expect(opened.locator("#status")).to_have_attribute("data-status", "connected")
+    return opened
+
+
+@pytest.fixture
+def page(browser: Browser, demo: Demo) -> Iterator[Page]:
+    opened = open_page(browser, demo)
     yield opened
-    context.close()
+    opened.context.close()
+
+
+@pytest.fixture
+def other_page(browser: Browser, demo: Demo) -> Iterator[Page]:
+    opened = open_page(browser, demo)
+    yield opened
+    opened.context.close()
 
 
 @pytest.fixture
@@ -206,8 +219,6 @@ def test_page_shows_every_change_made_from_another_connection(
 
     expect(page.locator("#status")).to_have_attribute("data-status", "connected")
     expect(published_titles).to_have_text(titles(sql))
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True, animations="disabled")
 
 
 def titles(sql: Callable[..., Any]) -> list[str]:
@@ -235,12 +246,14 @@ def test_page_equals_a_fresh_query_after_the_writers_random_changes(
 ) -> None:
     switch = page.locator("#writer")
     expect(switch).to_have_attribute("aria-pressed", "false")
-    expect(page.locator("#log li")).to_have_count(0)
+    expect(page.locator("#log li")).to_have_count(2)  # each live query's tree, once
+    expect(page.locator("#log li").first).to_contain_text("⟳")
 
     switch.click()
     expect(switch).to_have_attribute("aria-pressed", "true")
     expect(page.locator("#last-change")).to_contain_text("✎")
-    page.wait_for_function("document.querySelectorAll('#log li').length >= 20")  # diff batches
+    expect(page.locator("#log .latency").first).to_contain_text("writer's commit → sent")
+    page.wait_for_function("document.querySelectorAll('#log li').length >= 22")  # diff batches
     switch.click()
     # Off is announced once the writer's last change is committed: the rows stand still.
     expect(switch).to_have_attribute("aria-pressed", "false")
@@ -283,3 +296,50 @@ def fresh(sql: Callable[..., Any]) -> str:
         shown.append([f"published/post-{post}/author/person-{author}", names[author]])
         post_tags(post, f"published/post-{post}")
     return json.dumps(shown, separators=(",", ":"), ensure_ascii=False)
+
+
+def click(page: Page, row: Locator, action: str, answer: str | None = None) -> None:
+    """Click a row's edit button; ``answer`` the question it asks, if it asks one."""
+    if answer is not None:
+        page.once("dialog", lambda dialog: dialog.accept(answer))
+    row.locator(f'[data-action="{action}"]').first.click()
+
+
+def test_an_edit_in_one_tab_shows_in_the_other(
+    page: Page, other_page: Page, sql: Callable[..., Any]
+) -> None:
+    one, two = page, other_page
+    (grace,) = sql("SELECT id FROM people WHERE name = 'Grace Hopper'")
+    initial = fresh(sql)
+
+    click(one, key(one, f"person-{grace}"), "rename", "Amazing Grace")
+    expect(key(two, f"person-{grace}").locator("h2")).to_contain_text("Amazing Grace")
+    expect(key(one, f"person-{grace}").locator("h2")).to_contain_text("Amazing Grace")
+    expect(one.locator("#log .latency").first).to_contain_text("click → page")
+
+    click(two, key(two, f"person-{grace}"), "add-post", "Written in tab two")
+    added = one.locator(f'[data-key^="person-{grace}/posts/"]', has_text="Written in tab two")
+    expect(added).to_have_count(1)
+    post = added.get_attribute("data-key")
+    assert post is not None
+    expect(two.locator("#log .latency").first).to_contain_text("click → page")
+
+    click(one, key(one, post), "tag", "tabs")
+    tag = two.locator(f'[data-key^="{post}/tags/"]')
+    expect(tag).to_have_text("tabs")
+    click(two, tag, "untag")
+    expect(one.locator(f'[data-key^="{post}/tags/"]')).to_have_count(0)
+
+    click(one, key(one, post), "retitle", "Retitled in tab one")
+    expect(key(two, post)).to_contain_text("Retitled in tab one")
+    one.screenshot(path=str(SCREENSHOT), full_page=True, animations="disabled")
+
+    click(two, key(two, post), "delete")
+    expect(key(one, post)).to_have_count(0)
+    for tab in (one, two):
+        tab.wait_for_function(f"expected => JSON.stringify({SHOWN}) === expected", arg=fresh(sql))
+
+    one.locator("#reset").click()
+    for tab in (one, two):
+        expect(key(tab, f"person-{grace}").locator("h2")).to_contain_text("Grace Hopper")
+        tab.wait_for_function(f"expected => JSON.stringify({SHOWN}) === expected", arg=initial)

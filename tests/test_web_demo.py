@@ -1,8 +1,10 @@
 """The live web demo's websocket protocol (examples/web), without a browser: a page gets each
-live query's tree once, then only operations naming what changed; no list is read again."""
+live query's tree once, then only operations naming what changed; no list is read again. Its
+edits are HTTP requests that only write: every page sees them as diffs."""
 
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from demo_models import Post, Tag  # noqa: E402
 from web.app import create_app  # noqa: E402
 from web.database import prepare  # noqa: E402
 from web.view import PEOPLE, PUBLISHED  # noqa: E402
+from web.writer import Writer  # noqa: E402
 
 from rowsync import Diff  # noqa: E402
 
@@ -151,3 +154,108 @@ def test_a_diff_path_becomes_the_key_of_an_element_below_its_parent() -> None:
         "index": None,
         "values": None,
     }
+
+
+def test_an_edit_through_the_server_reaches_every_page_as_a_diff(client, sql) -> None:
+    with client.websocket_connect("/ws") as ws_one, client.websocket_connect("/ws") as ws_two:
+        pages = [Page(ws_one), Page(ws_two)]
+        for page in pages:
+            page.next("snapshot", "people")
+
+        def edit(method: str, path: str, **body: Any) -> list[list[tuple[str, str]]]:
+            """The key the server answers, and each page's next diff of the people list."""
+            answer = client.request(method, path, json=body or None)
+            assert answer.status_code == 200, answer.text
+            key = answer.json()["key"]
+            ops = [page.next("diff", "people")["ops"] for page in pages]
+            assert ops[0] == ops[1]
+            assert any(op["key"].endswith(key) for op in ops[0])  # what the page times
+            return [(op["op"], op["key"]) for op in ops[0]]
+
+        assert edit("PATCH", "/people/2", name="Grace B. M. Hopper") == [("updated", "person-2")]
+        assert sql("SELECT name FROM people WHERE id = 2") == ("Grace B. M. Hopper",)
+        added = edit("POST", "/people/2/posts", title="Nanoseconds")
+        (post,) = sql("SELECT id FROM posts WHERE title = 'Nanoseconds'")
+        assert added == [("inserted", f"person-2/posts/post-{post}")]
+        assert edit("PATCH", f"/posts/{post}", title="Microseconds") == [
+            ("updated", f"person-2/posts/post-{post}")
+        ]
+        tagged = edit("POST", f"/posts/{post}/tags", name="cobol")
+        (cobol,) = sql("SELECT id FROM tags WHERE name = 'cobol'")
+        assert tagged == [("inserted", f"person-2/posts/post-{post}/tags/tag-{cobol}")]
+        assert edit("DELETE", f"/posts/{post}/tags/{cobol}") == [
+            ("removed", f"person-2/posts/post-{post}/tags/tag-{cobol}")
+        ]
+        assert edit("DELETE", f"/posts/{post}") == [("removed", f"person-2/posts/post-{post}")]
+
+        assert client.delete(f"/posts/{post}").status_code == 404
+        assert client.patch("/people/2", json={"name": " "}).status_code == 400
+
+
+def test_reset_puts_the_initial_rows_back_under_their_ids(client, sql) -> None:
+    everything = (
+        "SELECT json_build_array((SELECT json_agg(p ORDER BY id) FROM people p),"
+        " (SELECT json_agg(p ORDER BY id) FROM posts p),"
+        " (SELECT json_agg(t ORDER BY id) FROM tags t),"
+        " (SELECT json_agg(l ORDER BY post_id, tag_id) FROM post_tags l))"
+    )
+    initial = sql(everything)
+    client.patch("/people/1", json={"name": "Ada"})
+    client.post("/posts/4/tags", json={"name": "codd"})
+    client.delete("/posts/5")
+    sql("INSERT INTO people (name) VALUES ('Edsger Dijkstra')")
+    with client.websocket_connect("/ws") as ws:
+        page = Page(ws)
+        page.next("snapshot", "people")
+        assert client.post("/reset").status_code == 204
+        assert sql(everything) == initial
+        page.next("diff", "people")  # the pages are told
+    (person,) = sql("INSERT INTO people (name) VALUES ('Edsger Dijkstra') RETURNING id")
+    assert person == 5  # the sequences start again too
+
+
+def test_writer_leaves_rows_edited_from_a_page_alone(client, sql) -> None:
+    demo = client.app.state.demo
+    client.patch("/people/1", json={"name": "Ada"})
+    client.patch("/posts/1", json={"title": "Notes, edited"})
+    client.post("/posts/1/tags", json={"name": "mine"})
+    kept = (
+        "SELECT p.*, array_agg(t.tag_id ORDER BY t.tag_id) FROM posts p"
+        " JOIN post_tags t ON t.post_id = p.id WHERE p.id = 1 GROUP BY p.id"
+    )
+    before = (
+        sql("SELECT name FROM people WHERE id = 1"),
+        sql(kept),
+        sql("SELECT name FROM tags WHERE name = 'mine'"),
+    )
+    (others,) = sql("SELECT array_agg(p ORDER BY id) FROM posts p WHERE id <> 1")
+
+    writer = Writer(demo.url, random.Random(7), 0, lambda _: None, demo.edited)
+    with writer.engine.connect() as conn:
+        for _ in range(100):
+            writer.step(conn)
+    writer.engine.dispose()
+
+    assert (
+        sql("SELECT name FROM people WHERE id = 1"),
+        sql(kept),
+        sql("SELECT name FROM tags WHERE name = 'mine'"),
+    ) == before
+    assert sql("SELECT array_agg(p ORDER BY id) FROM posts p WHERE id <> 1") != (others,)
+
+
+def test_a_writer_change_is_timed_from_its_commit_and_a_psql_change_is_not(dsn, sql) -> None:
+    url = prepare(dsn, psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+    with (
+        TestClient(create_app(url, interval=0.01)) as test_client,
+        test_client.websocket_connect("/ws") as ws,
+    ):
+        page = Page(ws)
+        page.next("snapshot", "people")
+        sql("UPDATE people SET name = 'Ada L.' WHERE id = 1")
+        assert "writer_ms" not in page.next("diff", "people")
+        ws.send_json({"type": "writer", "enabled": True})
+        while "writer_ms" not in (diff := page.next("diff")):
+            pass
+        ws.send_json({"type": "writer", "enabled": False})
+    assert diff["writer_ms"] >= 0

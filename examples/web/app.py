@@ -1,5 +1,6 @@
-"""The Starlette app: the page, its static files, and one websocket per page that streams the
-page's live queries (:mod:`feed`) and the writer's state, and takes the writer's switch."""
+"""The Starlette app: the page, its static files, one websocket per page that streams the
+page's live queries (:mod:`feed`) and the writer's state and takes the writer's switch, and
+the page's edits (:mod:`edits`) and reset as HTTP endpoints that only write."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,16 @@ import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from rowsync import RowSync
 
+from . import edits
+from .database import restore
+from .edits import Edited
 from .feed import Send, stream
 from .view import VIEWS, WATCHERS
 from .writer import Writer
@@ -51,6 +56,17 @@ def create_app(
         routes=[
             Route("/", demo.index),
             WebSocketRoute("/ws", demo.websocket),
+            Route("/people/{person_id:int}", demo.editing(edits.rename_person), methods=["PATCH"]),
+            Route("/people/{person_id:int}/posts", demo.editing(edits.add_post), methods=["POST"]),
+            Route("/posts/{post_id:int}", demo.editing(edits.retitle_post), methods=["PATCH"]),
+            Route("/posts/{post_id:int}", demo.editing(edits.delete_post), methods=["DELETE"]),
+            Route("/posts/{post_id:int}/tags", demo.editing(edits.tag_post), methods=["POST"]),
+            Route(
+                "/posts/{post_id:int}/tags/{tag_id:int}",
+                demo.editing(edits.untag_post),
+                methods=["DELETE"],
+            ),
+            Route("/reset", demo.reset, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=demo.lifespan,
@@ -60,7 +76,8 @@ def create_app(
 
 
 class LiveDemo:
-    """The app's state: one RowSync, the writer, and a queue per connected page."""
+    """The app's state: one RowSync, the writer, the rows edited lately, and a queue per
+    connected page."""
 
     def __init__(
         self,
@@ -78,6 +95,7 @@ class LiveDemo:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.writer_on, self.interval, self.seed = writer, interval, seed
         self.writer: Writer | None = None
+        self.edited = Edited()
         self.last_change: str | None = None
         self.pages: set[asyncio.Queue[Message]] = set()
 
@@ -89,7 +107,8 @@ class LiveDemo:
             self.last_change = description
             loop.call_soon_threadsafe(self.announce)
 
-        self.writer = Writer(self.url, random.Random(self.seed), self.interval, changed)
+        rng = random.Random(self.seed)
+        self.writer = Writer(self.url, rng, self.interval, changed, self.edited)
         if self.writer_on:
             self.writer.enabled.set()
         await asyncio.to_thread(self.rs.install)
@@ -110,8 +129,13 @@ class LiveDemo:
         """One page: its live queries' trees and diffs, the writer's state, its switch."""
         await ws.accept()
         lock = asyncio.Lock()
+        timed: dict[str, float | None] = dict.fromkeys(
+            [view.name for view in VIEWS], self.writer_committed()
+        )
 
         async def send(message: Message) -> None:
+            if message["type"] == "diff":
+                self.time_writer_change(message, timed)
             async with lock:  # the page's tasks send whole messages, one at a time
                 await ws.send_json(message)
 
@@ -128,6 +152,53 @@ class LiveDemo:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def editing(self, edit: Callable[..., str]) -> Callable[[Request], Awaitable[Response]]:
+        """An endpoint that runs ``edit(session, **path parameters, **JSON body)`` in one
+        transaction and answers the key it returns (or 404, 400), without waiting for the
+        diffs: they reach the pages through the live queries."""
+
+        async def endpoint(request: Request) -> Response:
+            fields = await request.json() if await request.body() else {}
+
+            def write() -> str:
+                with self.sessions.begin() as session:
+                    key = edit(session, **request.path_params, **fields)
+                    self.edited.mark(key)  # before the commit: the writer keeps off at once
+                    return key
+
+            try:
+                return JSONResponse({"key": await asyncio.to_thread(write)})
+            except LookupError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=404)
+            except ValueError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+
+        return endpoint
+
+    async def reset(self, request: Request) -> Response:
+        """Put the initial rows back (the pages see it as diffs)."""
+
+        def write() -> None:
+            with self.engine.begin() as conn:
+                restore(conn)
+
+        await asyncio.to_thread(write)
+        return Response(status_code=204)
+
+    def writer_committed(self) -> float | None:
+        return None if self.writer is None else self.writer.committed
+
+    def time_writer_change(self, message: Message, timed: dict[str, float | None]) -> None:
+        """Give the first diff batch of a view after the writer's latest commit the time from
+        that commit to now (``writer_ms``). The writer runs in this process, so its commit
+        time is known; another process's is not (that would take the commit timestamps of
+        ``track_commit_timestamp``, off by default). A psql change landing between the
+        writer's commit and its diff would be timed as the writer's."""
+        committed = self.writer_committed()
+        if committed is not None and timed[message["view"]] != committed:
+            timed[message["view"]] = committed
+            message["writer_ms"] = round((time.monotonic() - committed) * 1000, 1)
 
     async def switch_writer(self, enabled: bool) -> None:
         """Switch the writer; pages are told once it is on, or off with nothing under way."""

@@ -2,12 +2,14 @@
 // data-view) the server sends the whole tree once ({type: "snapshot"}), then only what
 // changed ({type: "diff"}): operations that insert, update or remove the element named by
 // a data-key, at an index in its list. Nothing here ever asks the server for a list again.
+// Edits go to the server over HTTP; the page changes only when their diffs come back.
 "use strict";
 
 const views = [...document.querySelectorAll("[data-view]")].map((element) => element.id);
 const statusBadge = document.getElementById("status");
 const writerButton = document.getElementById("writer");
 const lastChange = document.getElementById("last-change");
+const resetButton = document.getElementById("reset");
 const log = document.getElementById("log");
 let socket = null;
 let writerOn = false;
@@ -96,7 +98,23 @@ function describe(op, inserted) {
   return `+ ${label(op.key, op.values)}${where(op.parent, op.list)}`;
 }
 
-function applyDiff(ops) {
+function logEntry(text) {
+  const entry = document.createElement("li");
+  entry.textContent = text;
+  log.prepend(entry);
+  while (log.children.length > 30) log.lastElementChild.remove();
+  return entry;
+}
+
+function timed(entry, ms, what) {
+  const span = document.createElement("span");
+  span.className = "latency";
+  span.textContent = ` · ${Math.round(ms)} ms ${what}`;
+  entry.append(span);
+}
+
+function applyDiff(message) {
+  const ops = message.ops;
   const inserted = new Set(ops.filter((op) => op.op === "inserted").map((op) => op.key));
   const told = [];
   for (const op of ops) {
@@ -104,15 +122,18 @@ function applyDiff(ops) {
     if (words) told.push(words);
     flash(apply(op));
   }
-  const entry = document.createElement("li");
-  entry.textContent = told.join("; ");
-  log.prepend(entry);
-  while (log.children.length > 30) log.lastElementChild.remove();
+  const entry = logEntry(told.join("; "));
+  if (message.writer_ms !== undefined) timed(entry, message.writer_ms, "writer's commit → sent");
+  arrived(ops, entry);
 }
 
 function applySnapshot(view, ops) {
   document.getElementById(view).replaceChildren();
   for (const op of ops) apply(op);
+  const counts = {};
+  for (const op of ops) counts[op.list] = (counts[op.list] ?? 0) + 1;
+  const shown = Object.entries(counts).map(([list, count]) => `${count} ${list}`);
+  logEntry(`⟳ ${view}: the whole tree, once (${shown.join(", ") || "empty"})`);
   waiting.delete(view);
   if (waiting.size === 0) setStatus("connected");
 }
@@ -141,7 +162,7 @@ function connect(again) {
   socket.onmessage = (event) => {
     const message = JSON.parse(event.data);
     if (message.type === "snapshot") applySnapshot(message.view, message.ops);
-    else if (message.type === "diff") applyDiff(message.ops);
+    else if (message.type === "diff") applyDiff(message);
     else if (message.type === "status") setStatus(message.status);
     else if (message.type === "writer") setWriter(message.enabled, message.last);
   };
@@ -155,5 +176,78 @@ function connect(again) {
 writerButton.addEventListener("click", () => {
   socket?.send(JSON.stringify({ type: "writer", enabled: !writerOn }));
 });
+
+// -- edits -------------------------------------------------------------------------------------
+// The server answers an edit with the key of the element it changed (a suffix of a data-key).
+// The edit is timed from the click to the first diff naming that key, which may come before
+// the answer: the keys that arrived lately are kept with their time.
+const pending = new Map(); // key -> click time, until its diff arrives
+let arrivals = []; // {key, at, entry} of the latest operations
+
+function names(opKey, key) {
+  return opKey === key || opKey.endsWith(`/${key}`);
+}
+
+function arrived(ops, entry) {
+  const at = performance.now();
+  for (const op of ops) {
+    for (const [key, clicked] of pending) {
+      if (!names(op.key, key)) continue;
+      timed(entry, at - clicked, "click → page");
+      pending.delete(key);
+    }
+    arrivals.push({ key: op.key, at, entry });
+  }
+  arrivals = arrivals.slice(-200);
+}
+
+async function edit(method, path, body) {
+  const clicked = performance.now();
+  const response = await fetch(path, {
+    method,
+    headers: { "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const answer = await response.json();
+  if (!response.ok) {
+    lastChange.textContent = `✗ ${answer.error}`;
+    return;
+  }
+  const seen = arrivals.find((a) => a.at >= clicked && names(a.key, answer.key));
+  if (seen) timed(seen.entry, seen.at - clicked, "click → page");
+  else pending.set(answer.key, clicked);
+}
+
+// Ask for a text (prefilled with `value`); edit with it unless the question is dismissed.
+function ask(question, value, then) {
+  const text = prompt(question, value ?? "");
+  if (text?.trim()) then(text);
+}
+
+// What each button does, given the ids in its row's key ("person-2/posts/post-4":
+// {person: "2", post: "4"}) and the row's element.
+const actions = {
+  rename: (id, row) =>
+    ask("New name", row.dataset.name, (name) => edit("PATCH", `/people/${id.person}`, { name })),
+  "add-post": (id) =>
+    ask("Title of the new post", "", (title) =>
+      edit("POST", `/people/${id.person}/posts`, { title }),
+    ),
+  retitle: (id, row) =>
+    ask("New title", row.dataset.title, (title) => edit("PATCH", `/posts/${id.post}`, { title })),
+  tag: (id) => ask("Tag", "", (name) => edit("POST", `/posts/${id.post}/tags`, { name })),
+  delete: (id) => edit("DELETE", `/posts/${id.post}`),
+  untag: (id) => edit("DELETE", `/posts/${id.post}/tags/${id.tag}`),
+};
+
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("[data-action]");
+  if (!button) return;
+  const row = button.closest("[data-key]");
+  const parts = row.dataset.key.split("/").filter((part) => part.includes("-"));
+  actions[button.dataset.action](Object.fromEntries(parts.map((part) => part.split("-"))), row);
+});
+
+resetButton.addEventListener("click", () => fetch("/reset", { method: "POST" }));
 
 connect(false);
