@@ -112,19 +112,28 @@ def push(dsn: str, received: Received, ready: threading.Event, done: threading.E
             if msg is None:
                 select.select([cur], [], [], 0.2)
                 continue
-            decoded = pgoutput.decode(msg.payload)
-            if isinstance(decoded, pgoutput.Update):
-                value = decoded.new[0]
-                assert isinstance(value, bytes)
-                pending.append(int(value))
-            elif isinstance(decoded, pgoutput.Commit):
-                stamp = now_ns()
-                for key in pending:
-                    received[key] = stamp
-                pending.clear()
+            if _stamp(msg.payload, pending, received):
                 cur.send_feedback(flush_lsn=msg.data_start)
     finally:
         conn.close()
+
+
+def _stamp(payload: bytes, pending: list[int], received: Received) -> bool:
+    """Note the key an Update carries; at its Commit, stamp the transaction's keys as received
+    now. Returns whether ``payload`` was a Commit (the push client then confirms it)."""
+    decoded = pgoutput.decode(payload)
+    if isinstance(decoded, pgoutput.Update):
+        value = decoded.new[0]
+        assert isinstance(value, bytes)
+        pending.append(int(value))
+        return False
+    if not isinstance(decoded, pgoutput.Commit):
+        return False
+    stamp = now_ns()
+    for key in pending:
+        received[key] = stamp
+    pending.clear()
+    return True
 
 
 def poll(poll_ms: float) -> Callable[[str, Received, threading.Event, threading.Event], None]:
@@ -142,16 +151,7 @@ def poll(poll_ms: float) -> Callable[[str, Received, threading.Event, threading.
             while not done.is_set():
                 rows = conn.execute(query, prepare=True).fetchall()
                 for (data,) in rows:
-                    decoded = pgoutput.decode(bytes(data))
-                    if isinstance(decoded, pgoutput.Update):
-                        value = decoded.new[0]
-                        assert isinstance(value, bytes)
-                        pending.append(int(value))
-                    elif isinstance(decoded, pgoutput.Commit):
-                        stamp = now_ns()
-                        for key in pending:
-                            received[key] = stamp
-                        pending.clear()
+                    _stamp(bytes(data), pending, received)
                 if not rows:
                     time.sleep(poll_ms / 1000)
 
