@@ -7,13 +7,12 @@
 * ``log insert`` (row 3 only): ``... INSERT INTO bench_log (id) VALUES (NEW.id)``, the floor
   of a change-log capture;
 * ``rowsync <mode>``: rowsync's own capture, for every mode this ``RowSync`` accepts:
-  ``capture="notify"`` (the default), ``durable=True`` and ``capture="stream"``. Modes are
-  found by reading ``RowSync``'s signature, so the benchmarks follow the library as it grows.
+  ``capture="notify"`` (the default), ``capture="durable"`` and ``capture="stream"``. Modes are
+  taken from ``rowsync.app.CAPTURES``, so the benchmarks follow the library as it grows.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from psycopg import sql
 
 import rowsync
 from models import Schema, populate, schema
+from rowsync.app import CAPTURES
 
 NONE = "none"
 MINIMAL = "pg_notify(id)"
@@ -32,13 +32,11 @@ any per-row change-log capture costs at the least (row 3's context for capture="
 
 def modes() -> dict[str, dict[str, Any]]:
     """rowsync's capture modes this version offers, with the ``RowSync`` keywords for each."""
-    params = inspect.signature(rowsync.RowSync).parameters
-    found: dict[str, dict[str, Any]] = {"notify": {}}
-    if "durable" in params:
-        found["durable"] = {"durable": True}
-    if "capture" in params:
-        found["stream"] = {"capture": "stream"}
-    return found
+    return {
+        mode: ({} if mode == "notify" else {"capture": mode})
+        for mode in CAPTURES
+        if mode != "wal"  # needs wal_level = logical: measured by bench/wal_*.py
+    }
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 _started: weakref.WeakSet[RowSync] = weakref.WeakSet()
 
+Capture = Literal["notify", "durable", "stream", "wal"]
+"""How changes travel from the writer's transaction to the listener (see :class:`RowSync`)."""
+CAPTURES: tuple[Capture, ...] = ("notify", "durable", "stream", "wal")
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -78,7 +82,7 @@ class RowSync:
 
     - ``capture="notify"`` (default): each change is a NOTIFY payload. At-most-once: after a
       reconnect every subscriber gets ``(Resync, info)``.
-    - ``durable=True``: each change is also a row of rowsync's change log, and NOTIFY only
+    - ``capture="durable"``: each change is also a row of rowsync's change log, and NOTIFY only
       wakes the listener, which reads the log from its position after any reconnect:
       at-least-once. With ``consumer="name"`` the position is saved in the database, so a
       restarted process resumes from it; ``retention`` (seconds) bounds the log.
@@ -105,8 +109,7 @@ class RowSync:
         origin: str | None = None,
         exclude: ColumnsArg | None = None,
         allow: ColumnsArg | None = None,
-        capture: Literal["notify", "stream", "wal"] = "notify",
-        durable: bool = False,
+        capture: Capture = "notify",
         consumer: str | None = None,
         retention: float = 3600.0,
         poll_interval: float = 0.02,
@@ -139,18 +142,15 @@ class RowSync:
                 "RowSync needs at least one watcher (rowsync.watchers(Model, ...))"
             )
         _reject_label_clashes(self.watchers)
-        if capture not in ("notify", "stream", "wal"):
+        if capture not in CAPTURES:
             raise ConfigurationError(
-                f"capture must be 'notify', 'stream' or 'wal', not {capture!r}"
+                f"capture must be one of {', '.join(map(repr, CAPTURES))}, not {capture!r}"
             )
-        self.capture = capture
-        self.mode: triggers.Mode = (
-            "stream" if capture == "stream" else "durable" if durable else "notify"
-        )
+        self.capture: Capture = capture
         self.triggers = (
             []
             if capture == "wal"
-            else triggers.triggers(self.watchers, schema=schema, channel=channel, mode=self.mode)
+            else triggers.triggers(self.watchers, schema=schema, channel=channel, mode=capture)
         )
         self._tables: dict[tuple[str, str], tuple[sa.Table, Any]] = {
             (w.schema, w.table): (table_of(w.model), w.model) for w in self.watchers
@@ -186,9 +186,9 @@ class RowSync:
                 on_gap=self.dispatcher.gap,
                 probe_interval=probe_interval,
                 log=None
-                if self.mode == "notify"
+                if capture == "notify"
                 else ChangeLog(schema, consumer=consumer, retention=retention),
-                poll_interval=poll_interval if self.mode == "stream" else None,
+                poll_interval=poll_interval if capture == "stream" else None,
             )
         )
         self.fanout = (
@@ -204,7 +204,7 @@ class RowSync:
                 tables=self._tables,
                 key=fanout_key,
                 columns=self.columns,
-                resumes=self.mode != "notify" and consumer is not None,
+                resumes=capture in ("durable", "stream") and consumer is not None,
             )
         )
         """``fanout=URL``: this process's node of a group that shares one elected capture
@@ -267,6 +267,7 @@ class RowSync:
         as ``schema.table`` or ``table``), for writes the triggers did not see (``pg_restore``,
         triggers disabled); see :mod:`rowsync.announce`. Returns rows announced per table.
         """
+        mode = self._trigger_mode()
         chosen = announced(self.watchers)
         if tables is not None:
             wanted = set(tables)
@@ -285,11 +286,19 @@ class RowSync:
                     w,
                     schema=self.schema,
                     channel=self.channel,
-                    mode=self.mode,
+                    mode=mode,
                     batch=batch,
                     progress=progress,
                 )
         return counts
+
+    def _trigger_mode(self) -> triggers.Mode:
+        if self.capture == "wal":
+            raise ConfigurationError(
+                "announce() is not available with capture='wal' (it emits through the "
+                "triggers' channel, which this mode does not read)"
+            )
+        return self.capture
 
     def uninstall(self, *, drop_schema: bool = False) -> int:
         with self.connect() as conn:

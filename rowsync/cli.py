@@ -38,7 +38,7 @@ from psycopg.conninfo import conninfo_to_dict
 from rowsync import triggers
 from rowsync.alembic import install_text, revision_body
 from rowsync.announce import BATCH
-from rowsync.app import RowSync
+from rowsync.app import CAPTURES, RowSync
 from rowsync.connect import connector, engine_for
 from rowsync.errors import ConfigurationError, RowsyncError
 from rowsync.messages import Change, Message, ResyncInfo
@@ -210,6 +210,12 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
         help=f"rowsync's schema (default: the app's, or {triggers.DEFAULT_SCHEMA})",
     )
     group.add_argument(
+        "--capture",
+        choices=CAPTURES,
+        default=default(None),
+        help="capture mode, when --app names watchers (default: the app's, or notify)",
+    )
+    group.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=default(None),
@@ -362,15 +368,16 @@ def _check_conninfo(text: str) -> None:
 def _rowsync(args: argparse.Namespace) -> Iterator[RowSync]:
     """The app's RowSync, or one built from its watchers and the options; ours are cleaned up."""
     app = _app(args)
-    if isinstance(app, RowSync) and not (args.dsn or args.channel or args.schema):
+    if isinstance(app, RowSync) and not (args.dsn or args.channel or args.schema or args.capture):
         yield app
         return
     database = _database(args, app)
     channel, schema = _channel_schema(args, app)
     watchers = app.watchers if isinstance(app, RowSync) else app
+    capture = args.capture or (app.capture if isinstance(app, RowSync) else "notify")
     if isinstance(database, str):
         _check_conninfo(database)
-    rs = RowSync(database, watchers, channel=channel, schema=schema)
+    rs = RowSync(database, watchers, channel=channel, schema=schema, capture=capture)
     try:
         yield rs
     finally:
@@ -399,10 +406,17 @@ def _database_message(exc: BaseException) -> str:
 def _sql(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     app = _app(args)
     if args.alembic:
-        print(revision_body(app, channel=args.channel, schema=args.schema), end="")
+        print(
+            revision_body(app, channel=args.channel, schema=args.schema, capture=args.capture),
+            end="",
+        )
     else:
         script = install_text(
-            app, channel=args.channel, schema=args.schema, listener_roles=args.listener_roles
+            app,
+            channel=args.channel,
+            schema=args.schema,
+            capture=args.capture,
+            listener_roles=args.listener_roles,
         )
         print(script, end="")
     return EXIT_OK

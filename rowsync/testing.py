@@ -609,7 +609,7 @@ def rowsync_metadata(rowsync_watchers: list[Watcher]) -> list[sa.MetaData]:
 
 @pytest.fixture
 def rowsync_options() -> dict[str, Any]:
-    """Keyword arguments for ``rowsync_app``'s RowSync (``{"durable": True}``…)."""
+    """Keyword arguments for ``rowsync_app``'s RowSync (``{"capture": "durable"}``…)."""
     return {}
 
 

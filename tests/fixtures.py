@@ -51,7 +51,7 @@ def sessions(schema: sa.Engine) -> sessionmaker[Session]:
 
 MODES = [
     pytest.param({}, id="notify"),
-    pytest.param({"durable": True}, id="durable"),
+    pytest.param({"capture": "durable"}, id="durable"),
     pytest.param({"capture": "stream"}, id="stream"),
 ]
 """Every capture mode, as ``RowSync`` keyword arguments."""

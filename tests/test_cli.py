@@ -84,6 +84,26 @@ def test_sql_channel_and_schema_options_reach_the_ddl(capsys):
     assert "pg_notify('other'" in out
 
 
+@pytest.mark.parametrize(
+    ("capture", "writes_the_log", "notifies"),
+    [("notify", False, True), ("durable", True, True), ("stream", True, False)],
+)
+def test_sql_capture_option_picks_the_triggers_of_that_mode(
+    capsys, capture, writes_the_log, notifies
+):
+    code, out, err = run(capsys, *APP, "sql", "--capture", capture)
+    assert code == 0, err
+    assert out == install_text(reference_watchers(), capture=capture)
+    assert ('INSERT INTO "rowsync"."log"' in out) is writes_the_log
+    assert ("PERFORM pg_notify(" in out) is notifies
+
+
+def test_sql_for_wal_capture_creates_no_trigger(capsys):
+    code, out, err = run(capsys, *APP, "sql", "--capture", "wal")
+    assert code == 0, err
+    assert "CREATE OR REPLACE TRIGGER" not in out
+
+
 def test_sql_alembic_prints_a_revision_body_that_compiles(capsys):
     code, out, _ = run(capsys, *APP, "sql", "--alembic")
     assert code == 0

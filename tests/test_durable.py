@@ -13,7 +13,7 @@ from models import Person, Post
 from rowsync import Resync, RowSync, Sync
 
 MODES = [
-    pytest.param({"durable": True}, id="durable"),
+    pytest.param({"capture": "durable"}, id="durable"),
     pytest.param({"capture": "stream"}, id="stream"),
 ]
 
@@ -76,13 +76,13 @@ def test_a_smaller_id_committed_after_a_larger_one_is_not_skipped(logged, schema
 
 
 def test_restarted_process_resumes_from_its_saved_position(schema, write) -> None:
-    first = RowSync(schema, reference_watchers(), durable=True, consumer="worker-1")
+    first = RowSync(schema, reference_watchers(), capture="durable", consumer="worker-1")
     first.install()
     with first:
         write(Person(id=1, name="seen by the first process"))
         first.flush()
     write(Person(id=2, name="committed while no process ran"))
-    second = RowSync(schema, reference_watchers(), durable=True, consumer="worker-1")
+    second = RowSync(schema, reference_watchers(), capture="durable", consumer="worker-1")
     sub = second.subscribe(Person)
     with second:
         second.flush()
@@ -90,12 +90,12 @@ def test_restarted_process_resumes_from_its_saved_position(schema, write) -> Non
 
 
 def test_without_a_consumer_name_a_new_process_starts_from_now(schema, write) -> None:
-    first = RowSync(schema, reference_watchers(), durable=True)
+    first = RowSync(schema, reference_watchers(), capture="durable")
     first.install()
     with first:
         write(Person(id=1, name="a"))
         first.flush()
-    second = RowSync(schema, reference_watchers(), durable=True)
+    second = RowSync(schema, reference_watchers(), capture="durable")
     sub = second.subscribe(Person)
     with second:
         second.flush()
@@ -103,7 +103,7 @@ def test_without_a_consumer_name_a_new_process_starts_from_now(schema, write) ->
 
 
 def test_old_position_pruned_past_is_announced_as_a_gap(schema, write) -> None:
-    rs = RowSync(schema, reference_watchers(), durable=True, consumer="late", retention=0)
+    rs = RowSync(schema, reference_watchers(), capture="durable", consumer="late", retention=0)
     rs.install()
     with rs:
         write(Person(id=1, name="a"))
@@ -111,7 +111,7 @@ def test_old_position_pruned_past_is_announced_as_a_gap(schema, write) -> None:
     write(Person(id=2, name="b"))
     with rs.connect(autocommit=True) as conn:
         conn.execute("SELECT rowsync.prune_log(interval '0')")
-    again = RowSync(schema, reference_watchers(), durable=True, consumer="late")
+    again = RowSync(schema, reference_watchers(), capture="durable", consumer="late")
     with again:
         again.flush()
         assert again.listener.stats["gaps"] == 1
@@ -134,7 +134,7 @@ def test_events_sent_as_notify_payloads_to_a_log_listener_are_announced_as_a_gap
     """Triggers of the notify mode, a durable listener: the events are not in its log, so
     its subscribers are told to resync instead of missing them silently."""
     RowSync(schema, reference_watchers()).install()
-    rs = RowSync(schema, reference_watchers(), durable=True)
+    rs = RowSync(schema, reference_watchers(), capture="durable")
     with rs, rs.subscribe(Person) as sub:
         write(Person(id=1, name="a"))
         rs.flush()

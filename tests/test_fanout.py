@@ -377,7 +377,7 @@ def test_a_group_runs_with_the_documented_redis_acl_that_other_users_lack(group,
 def test_with_a_shared_durable_consumer_a_new_capture_node_resumes_without_a_gap(
     group, write
 ) -> None:
-    first, second = group("memory://", 2, durable=True, consumer="group")
+    first, second = group("memory://", 2, capture="durable", consumer="group")
     sub = second.subscribe(Post)
     first.stop()
     write(Person(id=1, name="a"), Post(id=1, person_id=1))  # maybe while nobody captures

@@ -90,7 +90,7 @@ def test_deeply_nested_payloads_are_skipped_and_counted_without_a_reconnect(rs, 
     assert rs.listener.stats["reconnects"] == rs.listener.stats["listener_errors"] == 0
 
 
-@pytest.mark.parametrize("mode", [{"durable": True}, {"capture": "stream"}])
+@pytest.mark.parametrize("mode", [{"capture": "durable"}, {"capture": "stream"}])
 def test_a_deeply_nested_row_in_the_change_log_is_skipped_not_read_again_and_again(schema, mode):
     rs = RowSync(schema, reference_watchers(), **mode)
     rs.install()
@@ -215,7 +215,7 @@ def test_a_forged_transaction_id_from_the_future_is_skipped(rs, write, attacker)
     assert rs.listener.stats["unissued"] == 1
 
 
-@pytest.mark.parametrize("mode", [{"durable": True}, {"capture": "stream"}])
+@pytest.mark.parametrize("mode", [{"capture": "durable"}, {"capture": "stream"}])
 def test_a_log_row_with_a_ref_from_the_future_is_skipped(schema, mode):
     rs = RowSync(schema, reference_watchers(), **mode)
     rs.install()

@@ -324,7 +324,7 @@ def test_hostile_rowsync_schema_and_channel_names_work(hostile: sa.Engine) -> No
         )
 
 
-@pytest.mark.parametrize("capture", [{}, {"durable": True, "consumer": "c", "retention": 0}])
+@pytest.mark.parametrize("capture", [{}, {"capture": "durable", "consumer": "c", "retention": 0}])
 def test_a_rowsync_schema_name_that_holds_dollar_quotes_installs_and_works(
     hostile: sa.Engine, capture: dict[str, Any]
 ) -> None:

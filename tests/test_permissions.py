@@ -76,7 +76,7 @@ def connect_as(engine: sa.Engine, role: str) -> psycopg.Connection[Any]:
 
 MODES = [
     pytest.param({}, id="notify"),
-    pytest.param({"durable": True, "consumer": "reader"}, id="durable"),
+    pytest.param({"capture": "durable", "consumer": "reader"}, id="durable"),
     pytest.param({"capture": "stream", "retention": 0}, id="stream"),
 ]
 
@@ -124,7 +124,7 @@ WITH_BODY = reference_watchers() + rowsync.watchers(Post, extra_columns=["body"]
 def test_another_role_reads_no_identifier_history(schema, attacker, table) -> None:
     """The log and the parked events name rows the role may not read (tenant ids, emails
     given as extra columns); the saved positions are someone else's."""
-    rs = rowsync.RowSync(schema, reference_watchers(), durable=True, consumer="worker")
+    rs = rowsync.RowSync(schema, reference_watchers(), capture="durable", consumer="worker")
     rs.install()
     with rs:
         write_as(schema, "postgres", Post(id=1, name="secret tenant's post"))
@@ -135,7 +135,7 @@ def test_another_role_reads_no_identifier_history(schema, attacker, table) -> No
 
 def test_another_role_cannot_attach_a_trigger_function_to_its_own_table(schema, attacker) -> None:
     """Attached to a temp table of its own, a trigger function would forge rows in the log."""
-    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs = rowsync.RowSync(schema, reference_watchers(), capture="durable")
     rs.install()
     function = sql.Identifier("rowsync", rs.triggers[0].function)
     with connect_as(schema, attacker) as conn:
@@ -152,7 +152,7 @@ def test_another_role_cannot_attach_a_trigger_function_to_its_own_table(schema, 
 
 def test_a_trigger_function_refuses_any_table_but_its_own(schema) -> None:
     """Even attached by a role that may (the owner), a function serves only its table."""
-    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs = rowsync.RowSync(schema, reference_watchers(), capture="durable")
     rs.install()
     function = sql.Identifier("rowsync", rs.triggers[0].function)
     with rs.connect(autocommit=True) as conn:
@@ -171,7 +171,7 @@ def test_another_role_cannot_prune_and_a_listener_role_prunes_no_younger_than_th
     schema, roles, attacker
 ) -> None:
     reader, _ = roles
-    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs = rowsync.RowSync(schema, reference_watchers(), capture="durable")
     rs.install(listener_roles=[reader])  # the default retention: an hour
     write_as(schema, "postgres", Post(id=1))
     with connect_as(schema, attacker) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -211,12 +211,12 @@ def test_a_saved_position_can_be_moved_only_by_the_role_that_saved_it(
 ) -> None:
     reader, _ = roles
     other_listener = make_role("other_listener")
-    rowsync.RowSync(schema, reference_watchers(), durable=True).install(
+    rowsync.RowSync(schema, reference_watchers(), capture="durable").install(
         listener_roles=[reader, other_listener]
     )
     as_reader = sa.create_engine(schema.url.set(username=reader))
     try:
-        with rowsync.RowSync(as_reader, reference_watchers(), durable=True, consumer="worker"):
+        with rowsync.RowSync(as_reader, reference_watchers(), capture="durable", consumer="worker"):
             pass  # saves its position on stop
     finally:
         as_reader.dispose()
@@ -294,7 +294,7 @@ def test_a_parked_event_larger_than_the_listener_holds_is_announced_not_read(sch
 def test_holding_rowsyncs_old_prune_lock_does_not_stop_pruning(schema, roles, attacker) -> None:
     """Advisory locks are anyone's: pruning takes turns through a row lock of its own."""
     reader, _ = roles
-    rowsync.RowSync(schema, reference_watchers(), durable=True, retention=0).install(
+    rowsync.RowSync(schema, reference_watchers(), capture="durable", retention=0).install(
         listener_roles=[reader]
     )
     write_as(schema, "postgres", Post(id=1))
@@ -306,7 +306,7 @@ def test_holding_rowsyncs_old_prune_lock_does_not_stop_pruning(schema, roles, at
 
 def test_status_reports_what_public_holds_and_what_a_listener_role_lacks(schema, roles) -> None:
     reader, _ = roles
-    rs = rowsync.RowSync(schema, reference_watchers(), durable=True)
+    rs = rowsync.RowSync(schema, reference_watchers(), capture="durable")
     rs.install()
     assert rs.status(listener_roles=[]).ok
     lacking = rs.status(listener_roles=[reader]).privileges

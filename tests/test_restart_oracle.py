@@ -2,7 +2,7 @@
 connection is killed at random moments, the listener is restarted, and the Postgres server
 itself is restarted once. After quiescence every subscriber's tree must equal a fresh query:
 
-- durable modes (``durable=True``, ``capture="stream"``): with no resync at all — nothing
+- durable modes (``capture="durable"``, ``capture="stream"``): with no resync at all — nothing
   committed is lost;
 - the default NOTIFY mode: changes are lost while the listener is away, but every loss is
   announced with ``(Resync, info)``, and the tree made consistent with ``rs.resync``.
@@ -31,7 +31,7 @@ from restartable import Server
 
 SEEDS = int(os.environ.get("ROWSYNC_RESTART_SEEDS", "1"))
 SECONDS = float(os.environ.get("ROWSYNC_RESTART_SECONDS", "4"))
-MODES = {"notify": {}, "durable": {"durable": True}, "stream": {"capture": "stream"}}
+MODES = {"notify": {}, "durable": {"capture": "durable"}, "stream": {"capture": "stream"}}
 
 
 def random_statement(rng: random.Random) -> sa.Executable:

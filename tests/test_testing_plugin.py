@@ -108,11 +108,11 @@ from notes_app import Author
 
 @pytest.fixture
 def rowsync_options():
-    return {"durable": True}
+    return {"capture": "durable"}
 
 
 def test_options_are_passed_to_the_app(rowsync_app, rowsync_engine, rowsync_wait_for):
-    assert rowsync_app.mode == "durable"
+    assert rowsync_app.capture == "durable"
     with Session(rowsync_engine) as session, session.begin():
         session.add(Author(id=2, name="Bob"))
     assert rowsync_wait_for(Author, "inserted", id=2).ids == {"id": 2}
