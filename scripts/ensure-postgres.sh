@@ -131,9 +131,9 @@ port = $PG_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$PG_DIR'
 wal_level = logical
-max_replication_slots = 10
-max_wal_senders = 10
-max_connections = 200
+max_replication_slots = 40
+max_wal_senders = 40
+max_connections = 300
 EOF
     fi
     log "starting throwaway cluster on 127.0.0.1:$PG_PORT (log: $PG_DIR/log)"
