@@ -82,7 +82,9 @@ def _run(
                 baseline_label="time per row of the same statement with no trigger",
                 ratio=median([t / n for t, n in zip(mine, none, strict=True)]),
                 ratio_label="x the statement's time",
-                goal=Goal.at_most("<= 30 us", per_row, 30e-6) if capture.name == "notify" else None,
+                goal=Goal.at_most("<= 30 us", per_row, 30e-6)
+                if capture.name in ("notify", "wal")
+                else None,
                 notes=(
                     f"statement {median(mine) * 1e3:.1f} ms vs {median(none) * 1e3:.1f} ms "
                     "without a trigger; cost = median over pairs of (with - without) / 1,000"
