@@ -35,14 +35,16 @@ def run(ctx: Context) -> list[Result]:
         engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
         try:
             captures = setup(engine, ROWS // 10, 10)
-            return _run(url, engine, captures, rounds, blocks)
+            return measure(url, engine, captures, rounds, blocks)
         finally:
             engine.dispose()
 
 
-def _run(
+def measure(
     url: str, engine: sa.Engine, captures: list[Capture], rounds: int, blocks: int
 ) -> list[Result]:
+    """The statement on every configuration of ``captures`` (one named ``none``: the
+    baseline) in turn, ``blocks`` blocks of rows a round; one row per configuration."""
     times: dict[str, list[float]] = {c.name: [] for c in captures}
     with psycopg.connect(url, autocommit=True) as conn:
         updates = {

@@ -157,18 +157,21 @@ def run(ctx: Context) -> list[Result]:
     with ctx.database("latency") as url:
         engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg"))
         try:
-            return _run(url, engine, rounds, seconds)
+            return measure(url, engine, rounds, seconds)
         finally:
             engine.dispose()
 
 
-def _run(
+def measure(
     url: str,
     engine: sa.Engine,
     rounds: int,
     seconds: float,
     rowsync_modes: Sequence[str] | None = None,
 ) -> list[Result]:
+    """The minimal ``LISTEN`` loop and rowsync in each of ``rowsync_modes`` (default: see
+    :func:`captures.modes`) at every rate, on the server of ``url``; one row per mode, rate
+    and percentile."""
     captures = setup(
         engine, PERSONS, POSTS_PER_PERSON, baselines=(MINIMAL,), rowsync_modes=rowsync_modes
     )

@@ -189,6 +189,7 @@ def _writes(ctx: Context) -> list[Result]:
             tps: dict[str, list[float]] = {name: [] for name in names}
             cores: dict[str, list[float]] = {"bare": [], "wal": []}
             taken: list[int] = []
+            resyncs = 0
             for r in range(rounds):
                 vacuum(engine, captures)
                 for name in _rotated(names, r):
@@ -198,6 +199,7 @@ def _writes(ctx: Context) -> list[Result]:
                         with decoding(wal.rowsync(engine), [wal.schema.post]) as drain:
                             tps[name].append(bench_writes.pgbench(url, script, seconds))
                         taken.append(drain.taken)
+                        resyncs += drain.resyncs
                     elif name == "bare":
                         with bare_decoding(url, wal.channel):
                             tps[name].append(bench_writes.pgbench(url, script, seconds))
@@ -228,7 +230,8 @@ def _writes(ctx: Context) -> list[Result]:
             goal=Goal.at_least(">= 0.90x", _ratios(tps["wal"], tps[NONE]), 0.90, "x"),
             notes=(
                 f"{how}; started RowSync, a subscriber to Post taking every message "
-                f"({sum(taken):,} taken in all, after rs.flush()); posts REPLICA IDENTITY FULL; "
+                f"({sum(taken):,} taken in all, after rs.flush(); {resyncs} Resyncs); posts "
+                "REPLICA IDENTITY FULL; "
                 f"this process used {median(cores['wal']):.2f} cores"
             ),
         ),
@@ -263,7 +266,7 @@ def _writes(ctx: Context) -> list[Result]:
 
 
 def _tpcb(ctx: Context) -> list[Result]:
-    rounds, seconds = ctx.rounds(2, 1), ctx.rounds(10, 3)
+    rounds, seconds = ctx.rounds(3, 1), ctx.rounds(10, 3)  # 3: each configuration in each place
     with ctx.database("wal_tpcb") as url, ctx.database("wal_tpcb_notify") as notify_url:
         engines = {url: _engine(url), notify_url: _engine(notify_url)}
         try:
@@ -279,7 +282,7 @@ def _tpcb(ctx: Context) -> list[Result]:
             rs = watching(engines[url], capture="wal")
             rs.install()
             tps: dict[str, list[float]] = {"none": [], "notify": [], "wal": []}
-            transactions, taken = 0, 0
+            transactions, taken, resyncs = 0, 0, 0
             cores: list[float] = []
             for r in range(rounds):
                 for which in _rotated(list(tps), r):
@@ -289,6 +292,7 @@ def _tpcb(ctx: Context) -> list[Result]:
                             got, done = bench_tpcb.pgbench(url, seconds)
                         cores.append((time.process_time() - cpu) / (time.perf_counter() - wall))
                         taken += drain.taken
+                        resyncs += drain.resyncs
                         transactions += done
                     else:
                         got, _ = bench_tpcb.pgbench(
@@ -316,9 +320,9 @@ def _tpcb(ctx: Context) -> list[Result]:
             goal=Goal.at_least(">= 0.90x", _ratios(tps["wal"], tps["none"]), 0.90, "x"),
             notes=(
                 f"{how}; branches, tellers and accounts watched (REPLICA IDENTITY DEFAULT), a "
-                f"subscriber per table taking every message: {taken:,} taken for "
-                f"{transactions:,} transactions ({3 * transactions:,} changes); this process "
-                f"used {median(cores):.2f} cores"
+                f"subscriber per table taking every message: {taken:,} taken ({resyncs} "
+                f"Resyncs) for {transactions:,} transactions ({3 * transactions:,} changes); "
+                f"this process used {median(cores):.2f} cores"
             ),
         ),
         Result(
@@ -399,7 +403,7 @@ def _bare_drain(url: str, engine: sa.Engine, capture: Capture, changes: int) -> 
     """Seconds a :class:`BareLoop` takes to read the backlog's messages."""
     loop = BareLoop(url, capture.channel)
     try:
-        bench_drain._backlog(engine, capture, changes)
+        bench_drain.backlog(engine, capture, changes)
         start = time.perf_counter()
         loop.read(lambda: loop.updates >= changes)
         return time.perf_counter() - start
@@ -427,7 +431,7 @@ def _drain(ctx: Context) -> list[Result]:
                     if which == "bare":
                         seconds = _bare_drain(url, engine, capture, changes)
                     else:
-                        seconds, stats = bench_drain._rowsync(engine, capture, changes)
+                        seconds, stats = bench_drain.drain_rowsync(engine, capture, changes)
                         queries.append(stats["row_queries"])
                     times[which].append(seconds)
                     logger.info(
@@ -477,7 +481,7 @@ def _latency(ctx: Context) -> list[Result]:
     with ctx.database("wal_latency") as url:
         engine = _engine(url)
         try:
-            found = bench_latency._run(url, engine, rounds, seconds, rowsync_modes=("wal",))
+            found = bench_latency.measure(url, engine, rounds, seconds, rowsync_modes=("wal",))
         finally:
             engine.dispose()
     return _relabel(found, "latency")
@@ -493,7 +497,7 @@ def _bulk(ctx: Context) -> list[Result]:
             )
             wal = next(c for c in captures if c.name == "wal")
             with decoding(wal.rowsync(engine), [wal.schema.post]):
-                found = bench_bulk._run(url, engine, captures, rounds, blocks)
+                found = bench_bulk.measure(url, engine, captures, rounds, blocks)
         finally:
             engine.dispose()
     return _relabel(found, "bulk")
@@ -532,7 +536,7 @@ def _wal_per_row(conn: psycopg.Connection[Any], table: sa.Table, first: int) -> 
 
 
 def _identity(ctx: Context) -> list[Result]:
-    rounds, seconds = ctx.rounds(3, 1), ctx.rounds(5, 2)
+    rounds, seconds = ctx.rounds(6, 1), ctx.rounds(4, 2)
     posts = schema("").posts
     with ctx.database("wal_identity") as url, tempfile.TemporaryDirectory() as tmp:
         engine = _engine(url)
