@@ -43,7 +43,8 @@ PER_TRANSACTION = 1000
 POSTS_PER_PERSON = 10
 
 
-def _backlog(engine: sa.Engine, capture: Capture, changes: int) -> None:
+def backlog(engine: sa.Engine, capture: Capture, changes: int) -> None:
+    """Commit one update of each of the first ``changes`` posts, 1,000 a transaction."""
     posts = capture.schema.posts
     with engine.connect() as conn:
         for start in range(1, changes + 1, PER_TRANSACTION):
@@ -60,7 +61,7 @@ def _baseline(url: str, engine: sa.Engine, capture: Capture, changes: int) -> fl
     """Seconds the minimal loop takes to read and parse the backlog."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(capture.channel)))
-        _backlog(engine, capture, changes)
+        backlog(engine, capture, changes)
         seen = 0
         start = time.perf_counter()
         while seen < changes:
@@ -85,7 +86,9 @@ class _Gate:
         return False
 
 
-def _rowsync(engine: sa.Engine, capture: Capture, changes: int) -> tuple[float, dict[str, Any]]:
+def drain_rowsync(
+    engine: sa.Engine, capture: Capture, changes: int
+) -> tuple[float, dict[str, Any]]:
     """Seconds rowsync takes from the gate opening to the subscriber's last message."""
     rs = capture.rowsync(engine)
     gate = _Gate()
@@ -116,7 +119,7 @@ def _rowsync(engine: sa.Engine, capture: Capture, changes: int) -> tuple[float, 
         if not gate.holding.wait(30):
             raise RuntimeError("the listener never reached the gate")
         try:
-            _backlog(engine, capture, changes)
+            backlog(engine, capture, changes)
         finally:
             queries = rs.rows.queries["rows"]
             start = time.perf_counter()
@@ -157,7 +160,7 @@ def _run(url: str, engine: sa.Engine, rounds: int, changes: int) -> list[Result]
             if capture.options is None:
                 seconds = _baseline(url, engine, capture, changes)
             else:
-                seconds, more = _rowsync(engine, capture, changes)
+                seconds, more = drain_rowsync(engine, capture, changes)
                 stats[capture.name].append(more)
             times[capture.name].append(seconds)
             logger.info(

@@ -67,6 +67,16 @@ def pgbench(url: str, script: Path, seconds: int) -> float:
     return float(found.group(1))
 
 
+def update_script(tmp: Path, table: str, rows: int = ROWS) -> Path:
+    """A pgbench script updating one random row of ``table`` (ids 1 to ``rows``)."""
+    script = tmp / f"{table}.sql"
+    update = sql.SQL("UPDATE {} SET score = score + 1 WHERE id = :id;").format(
+        sql.Identifier(table)
+    )
+    script.write_text(f"\\set id random(1, {rows})\n{update.as_string()}\n")
+    return script
+
+
 def run(ctx: Context) -> list[Result]:
     rounds = ctx.rounds(3, 1)
     seconds = ctx.rounds(5, 2)
@@ -80,14 +90,7 @@ def run(ctx: Context) -> list[Result]:
 
 def _run(url: str, engine: sa.Engine, tmp: Path, rounds: int, seconds: int) -> list[Result]:
     captures = setup(engine, ROWS // 10, 10, baselines=(NONE, MINIMAL, LOG_INSERT))
-    scripts = {}
-    for capture in captures:
-        script = tmp / f"{capture.schema.posts.name}.sql"
-        update = sql.SQL("UPDATE {} SET score = score + 1 WHERE id = :id;").format(
-            sql.Identifier(capture.schema.posts.name)
-        )
-        script.write_text(f"\\set id random(1, {ROWS})\n{update.as_string()}\n")
-        scripts[capture.name] = script
+    scripts = {c.name: update_script(tmp, c.schema.posts.name) for c in captures}
     tps: dict[str, list[float]] = {c.name: [] for c in captures}
     for r in range(rounds):
         vacuum(engine, captures)

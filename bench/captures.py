@@ -8,11 +8,14 @@
   of a change-log capture;
 * ``rowsync <mode>``: rowsync's own capture, for every mode this ``RowSync`` accepts:
   ``capture="notify"`` (the default), ``capture="durable"`` and ``capture="stream"``. Modes are
-  taken from ``rowsync.app.CAPTURES``, so the benchmarks follow the library as it grows.
+  taken from ``rowsync.app.CAPTURES``, so the benchmarks follow the library as it grows;
+  ``capture="wal"`` needs a ``wal_level = logical`` server, and only ``bench_wal.py`` asks
+  for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +33,15 @@ LOG_INSERT = "log insert"
 any per-row change-log capture costs at the least (row 3's context for capture="stream")."""
 
 
-def modes() -> dict[str, dict[str, Any]]:
-    """rowsync's capture modes this version offers, with the ``RowSync`` keywords for each."""
-    return {
-        mode: ({} if mode == "notify" else {"capture": mode})
-        for mode in CAPTURES
-        if mode != "wal"  # needs wal_level = logical: measured by bench/wal_*.py
-    }
+def modes(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """rowsync's capture modes ``names`` (default: every mode this version offers but
+    ``wal``, which needs a ``wal_level = logical`` server), with the ``RowSync`` keywords for
+    each."""
+    wanted = [m for m in CAPTURES if m != "wal"] if names is None else names
+    unknown = set(wanted) - set(CAPTURES)
+    if unknown:
+        raise ValueError(f"no capture mode {sorted(unknown)}; rowsync offers {CAPTURES}")
+    return {mode: ({} if mode == "notify" else {"capture": mode}) for mode in wanted}
 
 
 @dataclass(frozen=True)
@@ -78,13 +83,15 @@ def setup(
     posts_per_person: int,
     *,
     baselines: tuple[str, ...] = (NONE, MINIMAL),
+    rowsync_modes: Sequence[str] | None = None,
 ) -> list[Capture]:
-    """Create and fill one copy of the schema per configuration and install its trigger."""
+    """Create and fill one copy of the schema per configuration and install its trigger (or
+    rowsync's capture, for each of ``rowsync_modes``: see :func:`modes`)."""
     captures = [Capture(name, f"_{i}", schema(f"_{i}")) for i, name in enumerate(baselines)]
     offset = len(captures)
     captures += [
         Capture(name, f"_{offset + i}", schema(f"_{offset + i}"), options)
-        for i, (name, options) in enumerate(modes().items())
+        for i, (name, options) in enumerate(modes(rowsync_modes).items())
     ]
     for capture in captures:
         populate(engine, capture.schema, persons, posts_per_person)

@@ -99,11 +99,28 @@ class Context:
             yield _with_dbname(self.dsn, dbname)
         finally:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
+                _release_slots(conn, dbname)
                 conn.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                         sql.Identifier(dbname)
                     )
                 )
+
+
+def _release_slots(conn: psycopg.Connection[Any], dbname: str) -> None:
+    """Wait until no replication slot of ``dbname`` is active (``capture="wal"``'s temporary
+    slots): an active slot keeps even ``DROP DATABASE ... WITH (FORCE)`` out, and the server
+    drops a temporary one a moment after its connection closed."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL",
+            (dbname,),
+        ).fetchone()
+        if row == (0,):
+            return
+        time.sleep(0.05)
 
 
 def _with_dbname(dsn: str, dbname: str) -> str:
