@@ -25,9 +25,11 @@ def holder(lock: int) -> sql.Composed:
     high and low 32 bits, unsigned."""
     bits = lock & 0xFFFF_FFFF_FFFF_FFFF
     return sql.SQL(
-        "SELECT a.application_name, a.pid, a.usename"
-        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND l.classid::bigint = {} AND l.objid::bigint = {}"
+        """
+SELECT a.application_name, a.pid, a.usename
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid::bigint = {} AND l.objid::bigint = {}
+"""
     ).format(sql.Literal(bits >> 32), sql.Literal(bits & 0xFFFF_FFFF))
