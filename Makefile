@@ -16,6 +16,7 @@ VPY := $(VENV)/bin/python
 # need the package and its [web] extra only, not the development set: a stamp of their own.
 STAMP := $(VENV)/.rowsync-installed
 DEMO_STAMP := $(VENV)/.rowsync-web-installed
+BENCH_STAMP := $(VENV)/.rowsync-bench-installed
 PYTEST_ARGS ?=
 # Extra arguments for the demos, e.g. DEMO_ARGS="--no-writer" (both), "--steps 5" (console).
 DEMO_ARGS ?=
@@ -35,6 +36,11 @@ demo-venv: $(DEMO_STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# The benchmarks need the development set, and matplotlib for their charts ([bench]).
+$(BENCH_STAMP): $(STAMP)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@touch $@
 
 $(DEMO_STAMP): pyproject.toml
@@ -75,8 +81,12 @@ demo: demo-venv
 demo-console: demo-venv
 	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) examples/demo.py $(DEMO_ARGS)
 
-bench: venv
-	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) bench/run.py
+# bench/results.json and its charts in bench/charts/ (drawn even if a benchmark failed; the
+# recipe fails if either step did).
+bench: $(BENCH_STAMP)
+	@$(WITH_DB) DATABASE_URL="$$dsn" $(VPY) bench/run.py; rc=$$?; \
+	$(VPY) bench/charts.py || rc=1; \
+	exit $$rc
 
 # Build the sdist and the wheel into dist/, install the wheel in a fresh virtualenv (core
 # dependencies only, then each extra) and run the README's example there, twice.

@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from rowsync import triggers
+from rowsync.connect import run
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def announce_table(
     keys = sql.SQL(", ").join(sql.Identifier("t", c) for c in page)
     total = _one(conn, sql.SQL("SELECT count(*) FROM {}").format(table))
     _create_emitter(conn, schema, channel, mode)
-    # The lateral subquery draws one ref per row, in key order.
+    # The lateral subquery draws one ref per row, in key order. The query names the table
+    # and takes the last page's keys as values: run raw (``connect.run``).
     select = sql.SQL(
         "SELECT {keys}, r.ref, {payload} FROM"
         " (SELECT {columns} FROM {table} AS t {after} ORDER BY {keys} LIMIT {batch}) AS t"
@@ -95,10 +97,10 @@ def announce_table(
         where: sql.Composable = sql.SQL("")
         if after is not None:
             where = sql.SQL("WHERE ({}) > ({})").format(
-                keys, sql.SQL(", ").join(sql.Placeholder() * len(after))
+                keys, sql.SQL(", ").join(sql.SQL(f"${i}") for i in range(1, len(after) + 1))
             )
         with conn.transaction():
-            rows = conn.execute(select.format(after=where, **fields), after or ()).fetchall()
+            rows = run(conn, select.format(after=where, **fields), after or ()).fetchall()
             if not rows:
                 break
             width = len(page)

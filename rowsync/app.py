@@ -233,12 +233,15 @@ class RowSync:
         prune: bool = False,
         progress: triggers.Progress | None = None,
         listener_roles: Sequence[str] = (),
+        lock_timeout: float = triggers.LOCK_TIMEOUT,
     ) -> triggers.Status:
         """Create or upgrade rowsync's schema and triggers; returns the status found before.
 
         Run it as the watched tables' owner. ``listener_roles`` are granted what a listener
         needs of rowsync's (:mod:`rowsync.privileges`); writers need nothing. The log's
-        ``retention`` becomes the least any prune keeps.
+        ``retention`` becomes the least any prune keeps. Installs take turns: one waits at
+        most ``lock_timeout`` seconds for another, then raises
+        ``psycopg.errors.LockNotAvailable`` naming the session that holds the lock.
         """
         with self.connect() as conn:
             before = triggers.install(
@@ -250,6 +253,7 @@ class RowSync:
                 progress=progress,
                 listener_roles=listener_roles,
                 retention=self.retention,
+                lock_timeout=lock_timeout,
             )
             if self.capture == "wal":
                 tables = {name: table for name, (table, _) in self._tables.items()}
@@ -300,12 +304,18 @@ class RowSync:
             )
         return self.capture
 
-    def uninstall(self, *, drop_schema: bool = False) -> int:
+    def uninstall(
+        self, *, drop_schema: bool = False, lock_timeout: float = triggers.LOCK_TIMEOUT
+    ) -> int:
         with self.connect() as conn:
             if self.capture == "wal":
                 wal.uninstall(conn, self.channel)
             return triggers.uninstall(
-                conn, schema=self.schema, channel=self.channel, drop_schema=drop_schema
+                conn,
+                schema=self.schema,
+                channel=self.channel,
+                drop_schema=drop_schema,
+                lock_timeout=lock_timeout,
             )
 
     def status(self, *, listener_roles: Sequence[str] | None = None) -> triggers.Status:

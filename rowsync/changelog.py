@@ -33,6 +33,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from rowsync.connect import run
+
 logger = logging.getLogger(__name__)
 
 
@@ -69,18 +71,20 @@ class ChangeLog:
         """The log's prune count at the last read: unchanged, nothing was pruned since."""
         self._refused = False
         """Whether the consumer name belongs to another role (this position is not saved)."""
+        # The queries name the schema and take values: run raw (``connect.run``), ``$1`` is
+        # the position.
         ident = sql.Identifier(schema)
         self._read = sql.SQL(
             "SELECT id, payload FROM {}.log"
-            " WHERE xid >= pg_snapshot_xmax(%(position)s::pg_snapshot)"
-            " OR xid = ANY(ARRAY(SELECT pg_snapshot_xip(%(position)s::pg_snapshot)))"
+            " WHERE xid >= pg_snapshot_xmax($1::pg_snapshot)"
+            " OR xid = ANY(ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))"
             " ORDER BY id"
         ).format(ident)
         self._now = sql.SQL(
             "SELECT pg_current_snapshot()::text, coalesce(p.prunes, 0),"
-            " coalesce(p.xid >= pg_snapshot_xmin(%(position)s::pg_snapshot), false),"
-            " coalesce(NOT pg_visible_in_snapshot(p.high, %(position)s::pg_snapshot)"
-            "  OR EXISTS (SELECT FROM pg_snapshot_xip(%(position)s::pg_snapshot) AS x"
+            " coalesce(p.xid >= pg_snapshot_xmin($1::pg_snapshot), false),"
+            " coalesce(NOT pg_visible_in_snapshot(p.high, $1::pg_snapshot)"
+            "  OR EXISTS (SELECT FROM pg_snapshot_xip($1::pg_snapshot) AS x"
             "   WHERE x BETWEEN p.low AND p.high), true)"
             " FROM (SELECT) AS one LEFT JOIN {}.log_pruned AS p ON true"
         ).format(ident)
@@ -89,10 +93,11 @@ class ChangeLog:
         """Set the position on (re)connecting: the one held in memory, else the one this role
         saved for the consumer, else now."""
         if self.position is None and self.consumer is not None:
-            row = conn.execute(
+            row = run(
+                conn,
                 sql.SQL(
                     "SELECT last_read::text FROM {}.cursors"
-                    " WHERE consumer = %s AND owner = session_user"
+                    " WHERE consumer = $1 AND owner = session_user"
                 ).format(sql.Identifier(self.schema)),
                 (self.consumer,),
             ).fetchone()
@@ -100,7 +105,7 @@ class ChangeLog:
                 self.position = self._saved = row[0]
                 logger.info("resuming consumer %r from %s", self.consumer, self.position)
         if self.position is None:
-            row = conn.execute(self._now, {"position": None}).fetchone()
+            row = run(conn, self._now, (None,)).fetchone()
             assert row is not None
             self.position, self._prunes = row[0], row[1]  # nothing before now is owed
 
@@ -120,7 +125,7 @@ class ChangeLog:
         assert self.position is not None, "resume() first"
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            row = conn.execute(self._now, {"position": self.position}).fetchone()
+            row = run(conn, self._now, (self.position,)).fetchone()
             assert row is not None
             now, prunes, past_any, past_last = row
             seen = self._prunes
@@ -130,9 +135,9 @@ class ChangeLog:
                 logger.warning("the change log was pruned past this listener's position")
                 gap("the change log was pruned past this listener's position")
             self._prunes = prunes
-            with conn.cursor(name="rowsync_log") as cursor:
+            with psycopg.RawServerCursor(conn, "rowsync_log") as cursor:
                 cursor.itersize = self.batch
-                cursor.execute(self._read, {"position": self.position})
+                cursor.execute(self._read, (self.position,))
                 while rows := cursor.fetchmany(self.batch):
                     fresh = [(i, payload) for i, payload in rows if i not in self._handed]
                     handle([payload for _, payload in fresh])
@@ -150,8 +155,9 @@ class ChangeLog:
             and (final or now >= self._next_save)
             and not self._refused
         ):
-            row = conn.execute(
-                sql.SQL("SELECT {}.save_cursor(%s, %s::pg_snapshot)").format(
+            row = run(
+                conn,
+                sql.SQL("SELECT {}.save_cursor($1, $2::pg_snapshot)").format(
                     sql.Identifier(self.schema)
                 ),
                 (self.consumer, self.position),
@@ -168,9 +174,10 @@ class ChangeLog:
         if not final and now >= self._next_prune:
             self._next_prune = now + self.prune_interval
             # Never past this reader's own position (the installed retention is kept anyway).
-            row = conn.execute(
+            row = run(
+                conn,
                 sql.SQL(
-                    "SELECT {}.prune_log(make_interval(secs => %s), upto => %s::pg_snapshot)"
+                    "SELECT {}.prune_log(make_interval(secs => $1), upto => $2::pg_snapshot)"
                 ).format(sql.Identifier(self.schema)),
                 (self.retention, self.position),
             ).fetchone()

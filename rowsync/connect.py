@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import psycopg
 import sqlalchemy as sa
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
@@ -126,6 +128,20 @@ def connector(engine: sa.Engine) -> Connect:
         return conn
 
     return connect
+
+
+def run(
+    conn: psycopg.Connection[TupleRow], query: sql.Composed, values: Sequence[Any]
+) -> psycopg.RawCursor[TupleRow]:
+    """Run ``query``, whose values are PostgreSQL's own placeholders (``$1``, ``$2``…).
+
+    For a query that names rowsync's schema or a watched table and takes values. psycopg
+    reads every ``%`` of a query run with values as a placeholder, inside a quoted name too
+    (it does not parse SQL, and ``sql.Identifier`` leaves ``%`` as it is): a schema named
+    ``a%sb`` would take a value's place, one named ``a%%b`` would lose a ``%``. A raw cursor
+    sends the composed text as it is.
+    """
+    return psycopg.RawCursor(conn).execute(query, values)
 
 
 def conninfo_of(conn: psycopg.Connection[Any], **extra: str) -> str:

@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from rowsync.changelog import ChangeLog
-from rowsync.connect import Connect
+from rowsync.connect import Connect, run
 from rowsync.messages import Event
 
 logger = logging.getLogger(__name__)
@@ -485,7 +485,7 @@ class Listener:
                 sealed.append((stub["r"], stub["k"]))
             else:
                 self._forged(stub["r"])
-        parked = sql.SQL("SELECT ref, sealed, bytes, payload FROM {}(%s, %s, %s)").format(
+        parked = sql.SQL("SELECT ref, sealed, bytes, payload FROM {}($1, $2, $3)").format(
             sql.Identifier(self.schema, "parked")
         )
         result: dict[int, Notice] = {}
@@ -493,8 +493,8 @@ class Listener:
         for start in range(0, len(sealed), _PARKED_CHUNK):
             chunk = sealed[start : start + _PARKED_CHUNK]
             try:
-                rows = conn.execute(
-                    parked, ([r for r, _ in chunk], [k for _, k in chunk], self.max_parked)
+                rows = run(
+                    conn, parked, ([r for r, _ in chunk], [k for _, k in chunk], self.max_parked)
                 ).fetchall()
             except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
                 logger.warning("cannot read oversized events back (%s): see `rowsync status`", exc)

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from rowsync import migrations, privileges
+from rowsync import advisory, migrations, privileges
 from rowsync.errors import ConfigurationError
 from rowsync.watchers import Watcher
 
@@ -30,6 +30,8 @@ DEFAULT_CHANNEL = "rowsync"
 DEFAULT_SCHEMA = "rowsync"
 """Where rowsync's own objects live unless told otherwise (``RowSync(schema=...)``)."""
 MAX_IDENTIFIER = 63
+LOCK_TIMEOUT = 60.0
+"""Seconds ``install`` and ``uninstall`` wait for another one to finish (see :func:`_lock`)."""
 NOTIFY_LIMIT = 7900
 """Payload bytes above which an event goes through the overflow table (NOTIFY's hard limit is
 8000)."""
@@ -320,12 +322,47 @@ def install_sql(
     return sql.Composed(parts)
 
 
-def _lock(schema: str) -> sql.Composed:
-    """A transaction-scoped advisory lock, so app processes installing at once take turns."""
-    key = int.from_bytes(
-        hashlib.sha256(f"rowsync install {schema}".encode()).digest()[:8], "big", signed=True
+def _lock(schema: str, timeout: float = LOCK_TIMEOUT) -> sql.Composed:
+    """A transaction-scoped advisory lock, so app processes installing at once take turns,
+    waited for at most ``timeout`` seconds (see :mod:`rowsync.advisory`: any role may hold it).
+    Past that, the statement fails (``lock_not_available``) naming the session that holds it.
+    A statement of its own, so a script (``rowsync sql``, a migration) waits as boundedly as
+    ``install`` does; the transaction's ``lock_timeout`` is restored once the lock is taken."""
+    if not timeout > 0:
+        raise ValueError(f"lock_timeout must be positive, not {timeout}")
+    key = advisory.key(f"rowsync install {schema}")
+    body = sql.SQL(
+        """
+DECLARE
+    previous text := current_setting('lock_timeout');
+    held text;
+BEGIN
+    PERFORM set_config('lock_timeout', {wait}, true);
+    BEGIN
+        PERFORM pg_advisory_xact_lock({key});
+    EXCEPTION WHEN lock_not_available THEN
+        SELECT format('pid %s (role %L, application_name %L)',
+                      h.pid, h.usename, h.application_name)
+            INTO held FROM ({holder}) AS h;
+        RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
+            MESSAGE = format('the rowsync install lock of schema %I was not free within %s s:'
+                             ' it is held by %s', {schema}, {seconds},
+                             coalesce(held, 'a session that has let go since')),
+            HINT = 'another install or uninstall is still running, or a session holds the lock'
+                   ' without being one: end that session (pg_terminate_backend), or wait longer'
+                   ' (install(lock_timeout=...)).';
+    END;
+    PERFORM set_config('lock_timeout', previous, true);
+END
+"""
+    ).format(
+        wait=sql.Literal(f"{max(1, round(timeout * 1000))}ms"),
+        key=sql.Literal(key),
+        holder=advisory.holder(key),
+        schema=sql.Literal(schema),
+        seconds=sql.Literal(f"{timeout:g}"),
     )
-    return sql.SQL("SELECT pg_advisory_xact_lock({});\n").format(sql.Literal(key))
+    return sql.SQL("DO {};\n").format(sql.SQL(_quoted(body.as_string())))
 
 
 _FOUND = """
@@ -432,6 +469,7 @@ def install(
     progress: Progress | None = None,
     listener_roles: Sequence[str] = (),
     retention: float | None = None,
+    lock_timeout: float = LOCK_TIMEOUT,
 ) -> Status:
     """Create what is missing or outdated (and drop orphans when ``prune``), in one transaction;
     grant the ``listener_roles`` what a listener needs, and set the ``retention`` (seconds)
@@ -439,7 +477,9 @@ def install(
 
     Returns the status found before the change; installing twice changes nothing.
     ``progress("triggers", done, total)`` is called after each trigger created. Refuses,
-    changing nothing, while a watched table does not exist.
+    changing nothing, while a watched table does not exist, and when another session holds
+    the install lock for more than ``lock_timeout`` seconds (``psycopg.errors.LockNotAvailable``,
+    naming that session).
     """
     with conn.transaction():
         if absent := _missing_tables(conn, trigs):
@@ -448,7 +488,7 @@ def install(
                 + ", ".join(f"{s}.{t}" for s, t in absent)
                 + "; create them first (your migrations), then install"
             )
-        conn.execute(_lock(schema))
+        conn.execute(_lock(schema, lock_timeout))
         ready = _schema_ready(conn, schema)
         migrations.migrate(conn, schema)
         for statement in privileges.install_statements(
@@ -480,11 +520,17 @@ def install(
 
 
 def uninstall(
-    conn: psycopg.Connection[TupleRow], *, schema: str, channel: str, drop_schema: bool = False
+    conn: psycopg.Connection[TupleRow],
+    *,
+    schema: str,
+    channel: str,
+    drop_schema: bool = False,
+    lock_timeout: float = LOCK_TIMEOUT,
 ) -> int:
-    """Drop every trigger of this channel (and rowsync's schema when asked); return how many."""
+    """Drop every trigger of this channel (and rowsync's schema when asked); return how many.
+    Waits for the install lock as :func:`install` does."""
     with conn.transaction():
-        conn.execute(_lock(schema))
+        conn.execute(_lock(schema, lock_timeout))
         found = _found(conn, channel)
         _drop(conn, found)
         if drop_schema:

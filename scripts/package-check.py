@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -61,6 +62,10 @@ EXTRAS = {
 installed one after the other in one virtualenv, so only the first is checked alone: ``web``,
 all that the demo and the tutorial install."""
 
+SDIST = {"rowsync", "migrations", "README.md", "pyproject.toml", "PKG-INFO", ".gitignore"}
+"""What the sdist may hold at its top (pyproject.toml says why not tests/ or bench/); license
+files are added by the build backend when the repository has them."""
+
 
 def main() -> int:
     server = os.environ.get("ROWSYNC_TEST_DSN")
@@ -69,7 +74,8 @@ def main() -> int:
             "package-check: ROWSYNC_TEST_DSN is not set (run `make package-check`)", file=sys.stderr
         )
         return 2
-    wheel = build()
+    sdist, wheel = build()
+    check_sdist_contents(sdist)
     check_wheel_contents(wheel)
     with tempfile.TemporaryDirectory(prefix="rowsync-package-") as tmp:
         venv = Path(tmp) / "venv"
@@ -95,7 +101,7 @@ def main() -> int:
     return 0
 
 
-def build() -> Path:
+def build() -> tuple[Path, Path]:
     """``python -m build``: the sdist, then the wheel built from it (so the sdist is complete)."""
     for old in DIST.glob("rowsync-*"):
         old.unlink()
@@ -104,7 +110,16 @@ def build() -> Path:
     sdists = list(DIST.glob("rowsync-*.tar.gz"))
     if len(wheels) != 1 or len(sdists) != 1:
         fail(f"expected one wheel and one sdist in {DIST}, found {wheels + sdists}")
-    return wheels[0]
+    return sdists[0], wheels[0]
+
+
+def check_sdist_contents(sdist: Path) -> None:
+    with tarfile.open(sdist) as tar:
+        tops = {name.split("/")[1] for name in tar.getnames() if name.count("/") >= 1}
+    if strays := sorted(
+        t for t in tops - SDIST if not t.upper().startswith(("LICENSE", "COPYING"))
+    ):
+        fail(f"{sdist.name} ships files that are not the package's: {', '.join(strays)}")
 
 
 def check_wheel_contents(wheel: Path) -> None:

@@ -183,6 +183,38 @@ def test_an_update_is_told_with_the_rows_own_values(rs, write, attacker):
     assert [m[1].ids for m in theirs.drain()] == [{"id": 20, "person_id": 2}]
 
 
+def test_forged_values_before_an_update_reach_that_parents_subscribers_and_nothing_more(
+    rs, write, sessions, attacker
+):
+    """The known exposure (docs/security.md, "Forged values before an update"): the values
+    before an update cannot be checked against the row, so a forged update naming person 1
+    as post 20's former owner reaches person 1's subscribers, with the row's true identifying
+    values. Nothing enters their tree, and ``sync`` builds nothing from it."""
+    write(Person(id=1), Person(id=2), Post(id=10, person_id=1), Post(id=20, person_id=2))
+    rs.flush()
+    with sessions() as session:
+        person = session.get(Person, 1, options=[sa.orm.selectinload(Person.posts)])
+    tree = rs.subscribe(person, assocs=["posts"])
+    mine = rs.subscribe(Post, person_id=1)
+
+    forge(
+        attacker,
+        rs.channel,
+        event("u", "posts", {"id": 20, "person_id": 2}, o={"id": 20, "person_id": 1}, r=4),
+    )
+    rs.flush()
+
+    got = {"filter": mine.drain(), "tree": tree.drain()}
+    assert {name: [(m[1].event, m[1].ids) for m in messages] for name, messages in got.items()} == {
+        "filter": [("updated", {"id": 20, "person_id": 2})],
+        "tree": [("updated", {"id": 20, "person_id": 2})],
+    }
+    assert [rs.sync(None, m) for m in got["filter"]] == [None]
+    for message in got["tree"]:
+        person = rs.sync(person, message)
+    assert [p.id for p in person.posts] == [10]
+
+
 # -- refs and transactions not issued yet ----------------------------------------------
 
 

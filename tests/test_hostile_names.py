@@ -98,6 +98,14 @@ class LongB(HostileBase):
     long_id: Mapped[int | None] = mapped_column(sa.ForeignKey(f"{LONG_63}.id"))
 
 
+class Percent(HostileBase):
+    """Names a driver that looks for placeholders in a query's text would take for some."""
+
+    __tablename__ = "100% %s %(x)s"
+    id: Mapped[int] = mapped_column("%%", primary_key=True)
+    share: Mapped[str | None] = mapped_column("%s")
+
+
 class Sentinel(HostileBase):
     """``y``: would be dropped if any name were spliced into SQL unquoted."""
 
@@ -324,17 +332,47 @@ def test_hostile_rowsync_schema_and_channel_names_work(hostile: sa.Engine) -> No
         )
 
 
-@pytest.mark.parametrize("capture", [{}, {"capture": "durable", "consumer": "c", "retention": 0}])
-def test_a_rowsync_schema_name_that_holds_dollar_quotes_installs_and_works(
-    hostile: sa.Engine, capture: dict[str, Any]
+CAPTURES = {
+    "notify": {},
+    "durable": {"capture": "durable", "consumer": "c", "retention": 0},
+    "stream": {"capture": "stream", "consumer": "c", "retention": 0},
+}
+
+
+@pytest.mark.parametrize("capture", CAPTURES.values(), ids=CAPTURES.keys())
+@pytest.mark.parametrize(
+    "name", ["rs %s", "rs %% %(x)s", "rs $$ $rowsync$ {x} '", 'rs "ü"; drop table y']
+)
+def test_a_rowsync_schema_name_that_holds_quotes_or_percents_installs_and_works(
+    hostile: sa.Engine, name: str, capture: dict[str, Any]
 ) -> None:
-    """Function bodies are dollar-quoted with a tag the name does not contain."""
-    rs = RowSync(hostile, hostile_watchers(), schema="rs $$ $rowsync$ {x} '", **capture)
+    """Function bodies are dollar-quoted with a tag the name does not contain; queries that
+    name the schema or a table and take values send a ``%`` as it is. Every query the
+    listener runs (reads of the log, the parked event's, pruning, the saved position),
+    and an announce, names the schema."""
+    rs = RowSync(hostile, [*hostile_watchers(), *rowsync.watchers(Percent)], schema=name, **capture)
     rs.install()
     with rs:
-        sub = rs.subscribe(Elephant)
-        write(hostile, Elephant(key=1, name="a"))
+        subs = [rs.subscribe(Elephant), rs.subscribe(Quoted), rs.subscribe(Percent)]
+        write(hostile, Elephant(key=1, name="a"), Quoted(id=2, injection="x" * 9000))
+        write(hostile, Percent(id=3, share="%s"))
         rs.flush()
-        assert seen(sub.drain()) == [(Elephant, "inserted", {"🔑": 1})]
+        announced = rs.announce(["🐘", Percent.__tablename__])
+        rs.flush()
+        got = [seen(sub.drain()) for sub in subs]
+    assert got == [
+        [(Elephant, "inserted", {"🔑": 1}), (Elephant, "updated", {"🔑": 1})],
+        [(Quoted, "inserted", {"id": 2, 'weird "name"': None, "x; drop table y": "x" * 9000})],
+        [(Percent, "inserted", {"%%": 3}), (Percent, "updated", {"%%": 3})],
+    ]
+    assert announced == {"public.🐘": 1, f"public.{Percent.__tablename__}": 1}
+    assert rs.listener.stats["connection_errors"] == rs.listener.stats["listener_errors"] == 0
+    with hostile.connect() as conn:
+        cursors = sa.table("cursors", sa.column("consumer"), schema=name)
+        if capture:  # the position was saved on stop
+            assert conn.scalars(sa.select(cursors.c.consumer)).all() == ["c"]
+        else:
+            assert rs.listener.stats["overflow"] == 1
     assert rs.status().ok
     assert rs.uninstall(drop_schema=True) == len(rs.triggers)
+    assert sa.inspect(hostile).has_table("y")

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 import rowsync
 from fixtures import reference_watchers
 from models import Base, Post
+from rowsync import advisory
 
 
 @pytest.fixture
@@ -302,6 +303,37 @@ def test_holding_rowsyncs_old_prune_lock_does_not_stop_pruning(schema, roles, at
         holder.execute("SELECT pg_advisory_lock(hashtext('rowsync prune ' || 'rowsync'))")
         with connect_as(schema, reader) as conn:
             assert conn.execute("SELECT rowsync.prune_log('0 s')").fetchone() == (1,)
+
+
+def test_a_session_squatting_the_install_lock_is_named_after_a_bounded_wait(
+    schema, attacker
+) -> None:
+    """Advisory locks are anyone's (the key follows from the schema's name): install and
+    uninstall wait for theirs at most ``lock_timeout``, then fail naming the session that holds
+    it, having changed nothing."""
+    rs = rowsync.RowSync(schema, reference_watchers())
+    with connect_as(schema, attacker) as squatter:
+        squatter.execute("SET application_name = 'squatter'")
+        squatter.execute("SELECT pg_advisory_lock(%s)", (advisory.key("rowsync install rowsync"),))
+        pid = squatter.info.backend_pid
+        named = rf"held by pid {pid} \(role '{attacker}', application_name 'squatter'\)"
+        with pytest.raises(psycopg.errors.LockNotAvailable, match=named):
+            rs.install(lock_timeout=0.2)
+        assert not rs.status().schema_ready
+        with pytest.raises(psycopg.errors.LockNotAvailable, match=named):
+            rs.uninstall(lock_timeout=0.2)
+    rs.install(lock_timeout=0.2)  # the squatter gone
+    assert rs.status().ok
+
+
+def test_the_install_script_restores_the_transactions_lock_timeout(schema) -> None:
+    """A migration's own ``lock_timeout`` applies again once the script has its lock."""
+    rs = rowsync.RowSync(schema, reference_watchers())
+    with rs.connect() as conn, conn.transaction():
+        conn.execute("SET LOCAL lock_timeout = '7s'")
+        conn.execute(rs.sql())
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("7s",)
+    assert rs.status().ok
 
 
 def test_status_reports_what_public_holds_and_what_a_listener_role_lacks(schema, roles) -> None:

@@ -31,6 +31,7 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg.rows import TupleRow
 
+from rowsync import advisory
 from rowsync.connect import Connect
 
 logger = logging.getLogger(__name__)
@@ -43,21 +44,10 @@ LEASE = 10
 
 SET_NAME: LiteralString = "SELECT set_config('application_name', %s, false)"
 
-HOLDER: LiteralString = """
-SELECT a.application_name, a.pid, a.usename
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid::bigint = %s AND l.objid::bigint = %s
-"""
-"""The ``application_name``, pid and role of the session holding a bigint advisory lock
-(which ``pg_locks`` shows as its high and low 32 bits, unsigned)."""
-
 
 def _holder(connect: Connect, key: int) -> tuple[str, int, str] | None:
-    bits = key & 0xFFFF_FFFF_FFFF_FFFF
     with connect(autocommit=True) as conn:
-        row = conn.execute(HOLDER, (bits >> 32, bits & 0xFFFF_FFFF)).fetchone()
+        row = conn.execute(advisory.holder(key)).fetchone()
     return None if row is None else (str(row[0] or ""), int(row[1]), str(row[2] or ""))
 
 

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import psycopg
 import sqlalchemy as sa
 
+from rowsync import advisory
 from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect
 from rowsync.dispatch import Dispatcher, Resolved
@@ -429,8 +430,7 @@ class Node:
 
 def _lock_key(schema: str, channel: str) -> int:
     """The advisory lock the nodes of one group (per database, schema and channel) elect with."""
-    digest = hashlib.sha256(f"rowsync capture {schema}.{channel}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return advisory.key(f"rowsync capture {schema}.{channel}")
 
 
 def _path(cls: type) -> str:
