@@ -1,6 +1,6 @@
 """Draw bench/results.json as PNG charts: one per benchmark, each figure next to its baseline.
 
-    .venv/bin/python bench/charts.py                       # bench/results.json -> bench/charts/
+    .venv/bin/python bench/charts.py                       # bench/results.json -> docs/charts/
     .venv/bin/python bench/charts.py other.json --out DIR
 
 ``make bench`` runs it after ``run.py``. It reads the JSON only (nothing is measured again), so
@@ -100,10 +100,12 @@ def chart(benchmark: str, rows: list[dict[str, Any]], report: dict[str, Any], ou
     for ax, (unit, panel_rows) in zip(axes[:, 0], by_unit.items(), strict=True):
         panel(ax, panel_rows, benchmark, unit)
     machine = report.get("machine", {})
+    where = machine.get("host") or machine.get("platform", "?")
     fig.suptitle(
-        f"{benchmark}: {report.get('when', '?')}{' (quick)' if report.get('quick') else ''},"
-        f" {machine.get('cpus', '?')} cpus; grey: the same run's baseline",
-        fontsize=10,
+        f"{benchmark}: {report.get('when', '?')}{' (quick)' if report.get('quick') else ''}\n"
+        f"{where}, {machine.get('cpu', 'cpu ?')}, {machine.get('cpus', '?')} cpus,"
+        f" Python {machine.get('python', '?')}; grey: the same run's baseline",
+        fontsize=9,
     )
     fig.tight_layout()
     path = out / f"{re.sub(r'[^a-z0-9]+', '-', benchmark.lower()).strip('-')}.png"
@@ -117,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("results", nargs="?", type=Path, default=HERE / "results.json")
-    parser.add_argument("--out", type=Path, default=HERE / "charts", help="where to write them")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE.parent / "docs" / "charts",
+        help="where to write them (the docs show them)",
+    )
     args = parser.parse_args(argv)
     report = json.loads(args.results.read_text())
     args.out.mkdir(parents=True, exist_ok=True)

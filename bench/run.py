@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": ctx.quick,
         "machine": {
+            "host": platform.node(),
+            "cpu": _cpu_model(),
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -167,6 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {args.json}")
     return 1 if failed else 0
+
+
+def _cpu_model() -> str:
+    """The processor's name (Linux), for the charts' labels."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
 
 
 if __name__ == "__main__":
