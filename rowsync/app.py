@@ -91,7 +91,9 @@ class RowSync:
       NOTIFY in the writer's transaction (it takes a cluster-wide lock at commit), so many
       concurrent writers keep their throughput. Durable, as above.
     - ``capture="wal"``: no trigger; changes come from logical decoding (:mod:`rowsync.wal`).
-      Needs ``wal_level = logical`` and ``rowsync[wal]``; after a reconnect, ``(Resync, info)``.
+      Needs ``wal_level = logical`` and ``rowsync[wal]``. With ``consumer="name"``, a
+      replication slot of its own (:mod:`rowsync.slots`): a reconnect or a restarted process
+      reads on from it, at-least-once; without, after a reconnect, ``(Resync, info)``.
     """
 
     def __init__(

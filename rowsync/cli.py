@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     uninstall = commands.add_parser(
         "uninstall",
         parents=common,
-        help="drop every rowsync trigger of the channel (--app not needed)",
+        help="drop every rowsync trigger of the channel (--app not needed); with --capture "
+        "wal, its publication and replication slots",
     )
     uninstall.add_argument(
         "--drop-schema", action="store_true", help="also drop rowsync's own schema"

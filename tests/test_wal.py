@@ -303,6 +303,32 @@ def test_a_restarted_process_resumes_from_the_slot(consumers, wal_sessions):
     assert [s.name for s in channel_slots(second)] == [slots.name(second.channel, "worker")]
 
 
+def test_a_server_restart_resumes_from_the_slot(restartable_dsn, restartable_server):
+    """The slot and its confirmed position survive ``pg_ctl restart``: what committed
+    across it arrives, with no resync."""
+    engine = sa.create_engine(
+        sa.make_url(restartable_dsn).set(drivername="postgresql+psycopg"), pool_pre_ping=True
+    )
+    Base.metadata.create_all(engine)
+    rs = rowsync.RowSync(engine, rowsync.watchers(Tag), capture="wal", consumer="worker")
+    rs.install()
+    write = writer(sessionmaker(engine))
+    try:
+        with rs:
+            sub = rs.subscribe(Tag)
+            write(Tag(id=1, name="before"))
+            rs.flush()
+            restartable_server.restart()
+            write(Tag(id=2, name="after"))
+            got = messages(rs, sub, timeout=60)
+        assert changes(got) == [(Sync, "inserted", 1), (Sync, "inserted", 2)]
+        assert rs.listener.stats["gaps"] == 0
+    finally:
+        rs.stop()
+        rs.uninstall()
+        engine.dispose()
+
+
 def test_without_a_consumer_a_reconnect_is_announced(consumers):
     rs = consumers(consumer=None)
     with rs:
@@ -383,6 +409,25 @@ def test_uninstall_refuses_while_a_listener_streams_then_drops_the_slots(consume
     with pytest.raises(rowsync.NotRunningError, match="publication 'rowsync' does not exist"):
         rs.start()
     assert channel_slots(rs) == []  # no slot is made without the publication
+
+
+def test_a_second_process_of_the_same_consumer_is_told_the_slot_is_in_use(consumers):
+    first = consumers()
+    second = consumers(start_timeout=1.0)
+    with first:
+        (slot,) = channel_slots(first)
+        with pytest.raises(rowsync.NotRunningError, match=rf"is active for PID {slot.active_pid}"):
+            second.start()
+
+
+def test_the_cli_uninstall_drops_the_publication_and_the_slots(consumers, logical_dsn, capsys):
+    rs = consumers()
+    with rs:
+        rs.flush()
+    cli = ["--app", "cli_app:watchers", "--dsn", logical_dsn, "--capture", "wal", "uninstall"]
+    assert main(cli) == 0
+    assert 'publication "rowsync" and 1 replication slot dropped' in capsys.readouterr().out
+    assert channel_slots(rs) == []
 
 
 def test_status_lists_the_slots_with_the_wal_they_keep(
