@@ -30,7 +30,7 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   ``consumer="name"``, the consumer's persistent slot: a reconnect or a restarted process
   reads on from the last position confirmed, and a position is confirmed only once its batch
   was dispatched: at least once. A reconnect starts after what this process dispatched, so
-  only a new process can get a transaction again (its trees were loaded after it). A slot
+  only a new process can get a transaction again. A slot
   that is gone (dropped, invalidated by ``max_slot_wal_keep_size``) is created again,
   announced as ``(Resync, info)``.
 """
