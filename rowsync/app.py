@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import threading
@@ -26,7 +27,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from rowsync import tree, triggers, wal
+from rowsync import slots, tree, triggers, wal
 from rowsync.announce import BATCH, announce_table, announced
 from rowsync.cache import RowCache
 from rowsync.changelog import ChangeLog
@@ -90,7 +91,9 @@ class RowSync:
       NOTIFY in the writer's transaction (it takes a cluster-wide lock at commit), so many
       concurrent writers keep their throughput. Durable, as above.
     - ``capture="wal"``: no trigger; changes come from logical decoding (:mod:`rowsync.wal`).
-      Needs ``wal_level = logical`` and ``rowsync[wal]``; after a reconnect, ``(Resync, info)``.
+      Needs ``wal_level = logical`` and ``rowsync[wal]``. With ``consumer="name"``, a
+      replication slot of its own (:mod:`rowsync.slots`): a reconnect or a restarted process
+      reads on from it, at-least-once; without, after a reconnect, ``(Resync, info)``.
     """
 
     def __init__(
@@ -176,6 +179,8 @@ class RowSync:
                 on_batch=self.dispatcher.batch,
                 on_gap=self.dispatcher.gap,
                 probe_interval=probe_interval,
+                consumer=consumer,
+                slot_timeout=start_timeout,
             )
             if capture == "wal"
             else Listener(
@@ -307,8 +312,12 @@ class RowSync:
     def uninstall(
         self, *, drop_schema: bool = False, lock_timeout: float = triggers.LOCK_TIMEOUT
     ) -> int:
+        """Drop the triggers (or, with ``capture="wal"``, the publication and the channel's
+        replication slots: refused while a listener streams from one); returns the number
+        of triggers dropped."""
         with self.connect() as conn:
             if self.capture == "wal":
+                slots.drop(conn, self.channel)
                 wal.uninstall(conn, self.channel)
             return triggers.uninstall(
                 conn,
@@ -320,17 +329,26 @@ class RowSync:
 
     def status(self, *, listener_roles: Sequence[str] | None = None) -> triggers.Status:
         """What ``install`` would change, and what is wrong with the privileges: checked for
-        ``listener_roles`` (default: the role this RowSync connects as)."""
+        ``listener_roles`` (default: the role this RowSync connects as). With
+        ``capture="wal"``, also the server's ``wal_level`` and the channel's slots."""
         with self.connect(autocommit=True) as conn:
             if listener_roles is None:
                 row = conn.execute("SELECT current_user").fetchone()
                 listener_roles = [str(row[0])] if row else []
-            return triggers.status(
+            found = triggers.status(
                 conn,
                 self.triggers,
                 schema=self.schema,
                 channel=self.channel,
                 listener_roles=listener_roles,
+            )
+            if self.capture != "wal":
+                return found
+            row = conn.execute("SHOW wal_level").fetchone()
+            return dataclasses.replace(
+                found,
+                wal_level=str(row[0]) if row else None,
+                slots=slots.of_channel(conn, self.channel),
             )
 
     # -- lifecycle --------------------------------------------------------------------
@@ -360,7 +378,11 @@ class RowSync:
         self.listener.start()
         if not self.listener.connected.wait(self.start_timeout):
             self.listener.stop()
-            raise NotRunningError(f"the listener could not connect within {self.start_timeout} s")
+            failure = self.listener.failure
+            raise NotRunningError(
+                f"the listener could not connect within {self.start_timeout} s"
+                + (f": {failure}" if failure else "")
+            )
         self.dispatcher.journal.resume(self.rows.snapshot())
         _started.add(self)
         return self

@@ -23,6 +23,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -35,14 +36,14 @@ import psycopg
 import sqlalchemy as sa
 from psycopg.conninfo import conninfo_to_dict
 
-from rowsync import triggers
+from rowsync import slots, triggers, wal
 from rowsync.alembic import install_text, revision_body
 from rowsync.announce import BATCH
 from rowsync.app import CAPTURES, RowSync
 from rowsync.connect import connector, engine_for
 from rowsync.errors import ConfigurationError, RowsyncError
 from rowsync.messages import Change, Message, ResyncInfo
-from rowsync.triggers import Progress
+from rowsync.triggers import Progress, Status
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     uninstall = commands.add_parser(
         "uninstall",
         parents=common,
-        help="drop every rowsync trigger of the channel (--app not needed)",
+        help="drop every rowsync trigger of the channel (--app not needed); with --capture "
+        "wal, its publication and replication slots",
     )
     uninstall.add_argument(
         "--drop-schema", action="store_true", help="also drop rowsync's own schema"
@@ -151,6 +153,14 @@ def _parser() -> argparse.ArgumentParser:
         "status", parents=common, help="compare the database with the watchers"
     )
     _listener_roles(status, "check it has what a listener needs (default: the connecting role)")
+    status.add_argument(
+        "--max-retained",
+        type=_size,
+        default=_size("1GB"),
+        metavar="SIZE",
+        help="capture wal: warn when a replication slot keeps more WAL than this, like 500MB "
+        "(default: 1GB)",
+    )
     status.set_defaults(command=_status)
 
     listen = commands.add_parser(
@@ -250,6 +260,28 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes from ``500MB``, ``1 GB``, ``4096`` (units of 1024, as Postgres counts them)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match[2].lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 1GB, got {text!r}")
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1024
+        if size < 1024 or unit == "TB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -441,7 +473,15 @@ def _install(args: argparse.Namespace, on_listening: OnListening | None) -> int:
 def _uninstall(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     app = load_app(args.app) if args.app else None
     channel, schema = _channel_schema(args, app)
+    capture = args.capture or (app.capture if isinstance(app, RowSync) else None)
     with _engine(_database(args, app)) as engine, connector(engine)() as conn:
+        if capture == "wal":
+            gone = slots.drop(conn, channel)  # refused while a listener streams from one
+            wal.uninstall(conn, channel)
+            print(
+                f'rowsync uninstall: publication "{channel}" and '
+                f"{_count(len(gone), 'replication slot')} dropped"
+            )
         dropped = triggers.uninstall(
             conn, schema=schema, channel=channel, drop_schema=args.drop_schema
         )
@@ -467,16 +507,49 @@ def _status(args: argparse.Namespace, on_listening: OnListening | None) -> int:
     print(f"  privileges {'ok' if not status.privileges else len(status.privileges)}")
     for problem in status.privileges:
         print(f"    {problem}")
-    if status.ok:
+    warnings = _wal(status, args.max_retained) if rs.capture == "wal" else []
+    if status.ok and not warnings:
         print("ok: the database matches the watchers")
         return EXIT_OK
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if status.ok:
+        return EXIT_DRIFT
     hint = "run `rowsync install`" + (" --prune" if status.orphaned else "")
     if absent:  # no trigger can be created before its table
         hint = f"create the missing tables (your migrations), then {hint}"
     if status.privileges:
         hint += " --listener-role ROLE, and revoke what PUBLIC holds"
+    if status.wal_level not in (None, "logical"):
+        hint = "ALTER SYSTEM SET wal_level = logical; restart PostgreSQL; then " + hint
     print(f"drift: {hint}")
     return EXIT_DRIFT
+
+
+def _wal(status: Status, max_retained: int) -> list[str]:
+    """Print the server's ``wal_level`` and the channel's replication slots; return what
+    needs an operator: a slot that keeps too much WAL (whose consumer no longer runs?),
+    one the server invalidated."""
+    print(f"  wal_level  {status.wal_level}")
+    print(f"  slots      {len(status.slots)}")
+    warnings = []
+    for slot in status.slots:
+        kind = "temporary" if slot.temporary else "kept"
+        use = f"streaming (backend {slot.active_pid})" if slot.active_pid else "idle"
+        retained, lag = slot.retained or 0, slot.lag or 0
+        print(f"    {slot.name}  {kind}, {use}, retains {_bytes(retained)}, lag {_bytes(lag)}")
+        if slot.wal_status == "lost":
+            warnings.append(
+                f"slot {slot.name} was invalidated (max_slot_wal_keep_size): its listener "
+                "creates a new one and announces a resync"
+            )
+        elif retained > max_retained:
+            warnings.append(
+                f"slot {slot.name} keeps {_bytes(retained)} of WAL (over --max-retained "
+                f"{_bytes(max_retained)}): if its consumer no longer runs, `rowsync uninstall "
+                f"--capture wal` or SELECT pg_drop_replication_slot('{slot.name}')"
+            )
+    return warnings
 
 
 def _resync(args: argparse.Namespace, on_listening: OnListening | None) -> int:

@@ -227,6 +227,8 @@ class Listener:
         self.stats: Counter[str] = Counter()
         self.issued = Issued(schema)
         self.connected = threading.Event()
+        self.failure: str | None = None
+        """Why the last connection attempt failed, until one succeeds (start() tells it)."""
         self._connected_before = False
         """Any later connection, after a reconnect or a stop and start, may have missed events."""
         self._stopping = threading.Event()
@@ -278,6 +280,7 @@ class Listener:
                     if self.log is not None:
                         self.log.resume(conn)  # its first read says if rows were pruned
                     self.connected.set()
+                    self.failure = None
                     if self._connected_before:
                         self.stats["reconnects"] += 1
                         logger.info("listener reconnected on channel %r", self.channel)
@@ -292,6 +295,7 @@ class Listener:
                 break
             except psycopg.Error as exc:
                 self.stats["connection_errors"] += 1
+                self.failure = str(exc).strip()
                 if not self._stopping.is_set():
                     logger.warning("listener connection lost (%s); retrying in %.2f s", exc, delay)
             except Exception:

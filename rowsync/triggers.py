@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import psycopg
 from psycopg import sql
@@ -22,6 +22,9 @@ from psycopg.rows import TupleRow
 from rowsync import advisory, migrations, privileges
 from rowsync.errors import ConfigurationError
 from rowsync.watchers import Watcher
+
+if TYPE_CHECKING:
+    from rowsync.slots import Slot
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +98,17 @@ class Status:
     missing_tables: list[tuple[str, str]]
     privileges: list[str] = field(default_factory=list)
     """What PUBLIC may do with rowsync's objects, what a listener role lacks (one line each)."""
+    wal_level: str | None = None
+    """The server's ``wal_level`` when the capture is ``wal`` (it needs ``logical``)."""
+    slots: list[Slot] = field(default_factory=list)
+    """rowsync's replication slots of the channel, when the capture is ``wal``."""
 
     @property
     def ok(self) -> bool:
-        return self.schema_ready and not (
-            self.outdated or self.missing or self.orphaned or self.privileges
+        return (
+            self.schema_ready
+            and self.wal_level in (None, "logical")
+            and not (self.outdated or self.missing or self.orphaned or self.privileges)
         )
 
 

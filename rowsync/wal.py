@@ -25,16 +25,22 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
 - Flush barriers still come as NOTIFY (:func:`rowsync.listener.send_flush`), on a connection
   that turns each one into a logical message: it is decoded after every transaction that
   committed before it, as a barrier must be.
-- A new slot starts at the present: after a reconnect the subscribers get ``(Resync, info)``.
+- Slots (:mod:`rowsync.slots`): without a consumer, a temporary slot per connection, which
+  starts at the present: after a reconnect the subscribers get ``(Resync, info)``. With
+  ``consumer="name"``, the consumer's persistent slot: a reconnect or a restarted process
+  reads on from the last position confirmed, and a position is confirmed only once its batch
+  was dispatched: at least once. A reconnect starts after what this process dispatched, so
+  only a new process can get a transaction again. A slot
+  that is gone (dropped, invalidated by ``max_slot_wal_keep_size``) is created again,
+  announced as ``(Resync, info)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import selectors
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -44,10 +50,10 @@ from psycopg import sql
 from psycopg.pq import Format
 from psycopg.rows import TupleRow
 
-from rowsync import pgoutput
+from rowsync import pgoutput, slots
 from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect, conninfo_of
-from rowsync.errors import ConfigurationError
+from rowsync.errors import ConfigurationError, RowsyncError
 from rowsync.listener import APPLICATION_NAME, Flush, Listener, Notice, _Stopped, parse
 from rowsync.messages import Event
 from rowsync.watchers import Watcher
@@ -287,6 +293,8 @@ class WalSource(Listener):
         on_batch: Callable[[Sequence[Notice | Flush]], None],
         on_gap: Callable[[str], None],
         probe_interval: float = 5.0,
+        consumer: str | None = None,
+        slot_timeout: float = 10.0,
     ) -> None:
         super().__init__(
             connect,
@@ -298,6 +306,17 @@ class WalSource(Listener):
         )
         self.watchers = watchers
         self.publication = channel
+        self.consumer = consumer
+        """Name of the persistent slot's reader (:func:`rowsync.slots.name`); None: a
+        temporary slot per connection."""
+        self.slot_timeout = slot_timeout
+        """Seconds a slot's creation may wait for running transactions before it fails."""
+        self.ref = 0
+        """The last ref given, kept across connections, so refs never go back."""
+        self.dispatched = 0
+        """End LSN of the last transaction dispatched: a reconnect asks the slot to start
+        there, so what this process already dispatched is not sent again (the slot's own
+        position may lag: it is confirmed lazily)."""
         self._errors: tuple[type[Exception], ...] = (psycopg.Error,)
         """What a lost connection raises (psycopg2's errors too, once it is imported)."""
 
@@ -322,10 +341,16 @@ class WalSource(Listener):
                 break
             except self._errors as exc:
                 self.stats["connection_errors"] += 1
+                self.failure = str(exc).strip()
                 if not self._stopping.is_set():
                     logger.warning("WAL connection lost (%s); retrying in %.2f s", exc, delay)
+            except RowsyncError as exc:  # no publication, a slot creation that timed out
+                self.stats["connection_errors"] += 1
+                self.failure = str(exc)
+                logger.error("%s; retrying in %.2f s", exc, delay)
             except Exception:
-                # never let the thread die: start over on a new slot (a gap is announced)
+                # never let the thread die: start over on a new connection (the slot says
+                # where; a new temporary one announces a gap)
                 self.stats["listener_errors"] += 1
                 logger.exception("WAL listener failed; reconnecting in %.2f s", delay)
             finally:
@@ -339,17 +364,43 @@ class WalSource(Listener):
 
         with self.connect(autocommit=True, name=APPLICATION_NAME) as notes:
             notes.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            if not notes.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.publication,)
+            ).fetchone():
+                # checked before any slot is made: after an uninstall, none comes back
+                raise ConfigurationError(
+                    f"publication {self.publication!r} does not exist: run rs.install() "
+                    "(or `rowsync install --capture wal`)"
+                )
             repl = psycopg2.connect(  # as the engine connected notes, credentials included
                 conninfo_of(notes, application_name=APPLICATION_NAME),
                 connection_factory=psycopg2.extras.LogicalReplicationConnection,
             )
+            walsender = repl.get_backend_pid()
+            cursor: Any = repl.cursor()  # a ReplicationCursor, untyped in the stubs
             try:
-                cursor = repl.cursor()
-                # generated, [a-z0-9_]: a valid identifier as it is
-                slot = f"rowsync_{os.getpid()}_{uuid.uuid4().hex[:12]}"
-                cursor.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput")
+                gap = None
+                if self.consumer is None:
+                    slot = slots.temporary_name(self.channel)
+                    slots.create(cursor, notes, slot, temporary=True, timeout=self.slot_timeout)
+                    if self._connected_before:
+                        gap = "reconnect on a new temporary replication slot"
+                else:
+                    slot = slots.name(self.channel, self.consumer)
+                    found = slots.find(notes, self.channel, slot)
+                    if found is not None and found.wal_status == "lost":
+                        slots.discard(notes, slot)
+                        found = None
+                        gap = f"replication slot {slot} was invalidated (max_slot_wal_keep_size)"
+                    if found is None:
+                        slots.create(
+                            cursor, notes, slot, temporary=False, timeout=self.slot_timeout
+                        )
+                        if self._connected_before:
+                            gap = gap or f"replication slot {slot} was dropped"
                 cursor.start_replication(
                     slot,
+                    start_lsn=self.dispatched,
                     decode=False,
                     options={
                         "proto_version": "1",
@@ -357,17 +408,26 @@ class WalSource(Listener):
                         "messages": "true",
                     },
                 )
-                self.connected.set()
                 if self._connected_before:
                     self.stats["reconnects"] += 1
-                    self._gap("reconnect: a new replication slot starts at the present")
+                if gap is not None:  # before connected: start() resumes positions after it
+                    logger.warning("%s: changes may have been missed", gap)
+                    self._gap(f"{gap}: the new slot starts at the present")
+                self.connected.set()
+                self.failure = None
                 self._connected_before = True
                 self._stream(notes, cursor)
             finally:
+                if self.consumer is not None:  # what was dispatched, confirmed before leaving
+                    with contextlib.suppress(*self._errors):
+                        cursor.send_feedback(force=True)
                 repl.close()
+                with contextlib.suppress(psycopg.Error):
+                    slots.release(notes, walsender)
 
     def _stream(self, notes: psycopg.Connection[TupleRow], cursor: Any) -> None:
         decoder = Decoder(self.watchers, self.channel)
+        decoder.ref = self.ref
         with selectors.DefaultSelector() as selector:
             selector.register(notes.fileno(), selectors.EVENT_READ)
             selector.register(cursor.connection.fileno(), selectors.EVENT_READ)
@@ -396,7 +456,9 @@ class WalSource(Listener):
                 if xids and not _await_visible(notes, max(xids)):
                     self._gap("a decoded transaction did not become visible to reads")
                 self._dispatch(batch)
-                if end_lsn:
+                self.ref = decoder.ref
+                if end_lsn:  # only once dispatched: the slot resends what it was not told
+                    self.dispatched = end_lsn
                     cursor.send_feedback(flush_lsn=end_lsn)
                 barriers = [p for p in self._receive(notes) if p]
                 for payload in barriers:
