@@ -229,15 +229,6 @@ def _term(clause: sa.ColumnElement[Any]) -> ordering.Term:
     return found
 
 
-def _as_nested(change: Change, root: sa.Table) -> Change:
-    """``sync`` makes every inserted row of the roots' model join a root list (it cannot read
-    a WHERE). A live query decides its roots itself, so it hands sync such an insert as an
-    update: the row still takes its places below the roots, and is not appended to them."""
-    if change.event == "inserted" and table_of(change.model) is root:
-        return change._replace(event="updated")
-    return change
-
-
 # -- the tree as the diffs describe it -----------------------------------------------------
 
 
@@ -792,10 +783,10 @@ class LiveQuery:
         return self._mirror.refresh(self._value, changed)
 
     def _sync(self, roots: list[Any], change: Change) -> None:
-        """``rs.sync`` of the rows below the roots. Not for an empty list: nothing is below
-        it, and sync would take any inserted row for a root of it."""
+        """``rs.sync`` of the rows below the roots (none below an empty list). No rule is
+        declared on the list: sync never makes a row a root of it, the statement decides."""
         if roots:
-            self.rs.sync(roots, (Sync, _as_nested(change, self._plan.table)))
+            self.rs.sync(roots, (Sync, change))
 
     def _root_changed(self, change: Change, key: Key) -> None:
         """A row of the roots' table changed: sync applies it below the roots, then the
