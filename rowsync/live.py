@@ -229,15 +229,6 @@ def _term(clause: sa.ColumnElement[Any]) -> ordering.Term:
     return found
 
 
-def _as_nested(change: Change, root: sa.Table) -> Change:
-    """``sync`` makes every inserted row of the roots' model join a root list (it cannot read
-    a WHERE). A live query decides its roots itself, so it hands sync such an insert as an
-    update: the row still takes its places below the roots, and is not appended to them."""
-    if change.event == "inserted" and table_of(change.model) is root:
-        return change._replace(event="updated")
-    return change
-
-
 # -- the tree as the diffs describe it -----------------------------------------------------
 
 
@@ -784,7 +775,7 @@ class LiveQuery:
         else:
             self._sync(self._roots, change)
             if table in self._plan.where:
-                self._reconcile()
+                self._reconcile(change)
         if self._reload_needed:
             return self._reload()
         if self._unranked:
@@ -792,10 +783,10 @@ class LiveQuery:
         return self._mirror.refresh(self._value, changed)
 
     def _sync(self, roots: list[Any], change: Change) -> None:
-        """``rs.sync`` of the rows below the roots. Not for an empty list: nothing is below
-        it, and sync would take any inserted row for a root of it."""
+        """``rs.sync`` of the rows below the roots (none below an empty list). No rule is
+        declared on the list: sync never makes a row a root of it, the statement decides."""
         if roots:
-            self.rs.sync(roots, (Sync, _as_nested(change, self._plan.table)))
+            self.rs.sync(roots, (Sync, change))
 
     def _root_changed(self, change: Change, key: Key) -> None:
         """A row of the roots' table changed: sync applies it below the roots, then the
@@ -809,22 +800,22 @@ class LiveQuery:
             return
         self._sync(self._roots, change)
         if key not in self._order:
-            self._admit([key])
+            self._admit(change, [key])
             return
         found = self._keys(_where_key(self._plan.table, [key])).get(key)
         if found is None:
-            self._drop([key])
+            self._drop(change, [key])
         elif found != self._order[key]:
             self._place(self._value.pop(self._position(key)), key, found)
 
-    def _reconcile(self) -> None:
-        """A table the WHERE reads changed: the statement's keys, in its order, say which
+    def _reconcile(self, change: Change) -> None:
+        """``change`` of a table the WHERE reads: the statement's keys, in its order, say which
         roots there are (one query for the keys, one for the rows that entered)."""
         assert self._value is not None
         found = self._keys(None)
-        self._drop([k for k in self._order if k not in found])
+        self._drop(change, [k for k in self._order if k not in found])
         self._order.update((k, v) for k, v in found.items() if k in self._order)
-        self._admit([k for k in found if k not in self._order])
+        self._admit(change, [k for k in found if k not in self._order])
         self._rank(found)
 
     def _rank(self, found: dict[Key, tuple[Any, ...]]) -> None:
@@ -834,35 +825,29 @@ class LiveQuery:
         self._value.sort(key=lambda obj: rank.get(tree.primary_key(obj), len(rank)))
         self._unranked = False
 
-    def _admit(self, keys: list[Key]) -> None:
+    def _admit(self, change: Change, keys: list[Key]) -> None:
         """Load the rows of ``keys`` the statement returns, as roots in their places, and
         subscribe to them from a position taken before: what commits meanwhile is replayed.
-        A row the tree holds below a root already becomes a root as that instance: it gets
-        what the statement loads on it that it lacks (see :meth:`_conform`)."""
+        They join the roots as sync's own roots do (:meth:`Syncer.reroot`): a row the tree
+        holds below a root already becomes a root as that instance, given what the statement
+        loads on it that it lacks, and each is loaded as a fresh query loads it there."""
         if not keys:
             return
         assert self._value is not None and self._sub is not None
-        index = self.rs.syncer.index(self._roots, self._roots)
-
-        def own(obj: Any) -> Any:
-            state = instance_state(obj)
-            found = index.instances(tree.identity_table(state.mapper), tree.primary_key(obj))
-            return found[0] if found else None
-
-        admitted = []
-        memo: dict[int, Any] = {}  # rows shared by the new roots stay shared
         position = self._stream_position()
-        for obj, order in self._rows(_where_key(self._plan.table, keys)):
-            key = tree.primary_key(obj)
-            if key in self._order:
-                continue
-            root = tree.clone(obj, memo, own)  # the tree's own instances, where it has them
-            self._place(root, key, order)
-            self._roots.append(root)
-            admitted.append(root)
-        if admitted:
-            self._conform(admitted, index)
-            self._sub.add(admitted, assocs=self._plan.assocs, since=position)
+        fetched = [
+            (obj, order)
+            for obj, order in self._rows(_where_key(self._plan.table, keys))
+            if tree.primary_key(obj) not in self._order
+        ]
+        if not fetched:
+            return
+        admitted = self.rs.syncer.reroot(
+            self._roots, change, [obj for obj, _ in fetched], [], self._plan.spec
+        )
+        for root, (_, order) in zip(admitted, fetched, strict=True):
+            self._place(root, tree.primary_key(root), order)
+        self._sub.add(admitted, assocs=self._plan.assocs, since=position)
 
     def _place(self, obj: Any, key: Key, order: tuple[Any, ...]) -> None:
         """Insert a root after every root that sorts before it or ties with it; at the end
@@ -884,66 +869,21 @@ class LiveQuery:
         assert self._value is not None
         return next(i for i, obj in enumerate(self._value) if tree.primary_key(obj) == key)
 
-    def _drop(self, keys: list[Key]) -> None:
+    def _drop(self, change: Change, keys: list[Key]) -> None:
         """Roots left the WHERE. Their interests stay registered (a subscription cannot drop
         one tree's share); after many, the statement runs again with a fresh subscription. A
-        row still held below a root stays there, loaded as it is loaded there."""
+        row still held below a root stays there, loaded as it is loaded there (as sync's own
+        roots leave: :meth:`Syncer.reroot`)."""
         if not keys:
             return
         assert self._value is not None
-        index = self.rs.syncer.index(self._roots, self._roots)
         dropped = [self._value.pop(self._position(key)) for key in keys]
-        # a row deleted before its batch was read: sync has taken it out of the roots already
-        self._roots[:] = [obj for obj in self._roots if all(obj is not d for d in dropped)]
         for key in keys:
             del self._order[key]
-        self._conform(dropped, index)
+        self.rs.syncer.reroot(self._roots, change, [], dropped, self._plan.spec)
         self._stale += len(keys)
         if self._stale > max(_COMPACT_AFTER, len(self._value)):
             self._reload_needed = True
-
-    def _conform(self, moved: list[Any], index: tree.Index) -> None:
-        """``moved`` became roots or stopped being roots: make each loaded as a fresh query
-        loads it, with the union of what its places load (the statement's options as a root;
-        below a root, what its parent's options load there), and remember that for what joins
-        below it later. What none of its places loads any more is unloaded, and what that held
-        has lost a place in turn. ``index``: the tree before the roots changed (each row's
-        places below the roots)."""
-        roots = {id(obj) for obj in self._roots}
-        gone: set[int] = set()
-        reshaped: list[Any] = []
-        pending = list(moved)
-        while pending:
-            obj = pending.pop()
-            state = instance_state(obj)
-            places = [
-                (parent, key)
-                for parent, key in index.holders.get(id(obj), ())
-                if parent is not None
-                and id(parent) not in gone
-                and key in instance_state(parent).dict
-            ]
-            if id(obj) not in roots and not places:
-                if id(obj) not in gone:  # out of the tree: what it holds may be out too
-                    gone.add(id(obj))
-                    for rel in state.mapper.relationships:
-                        value = tree.loaded_value(obj, rel.key)
-                        if value is not tree.NOT_LOADED:
-                            pending += tree.as_list(value)
-                continue
-            spec: tree.LoadSpec = self._plan.spec if id(obj) in roots else {}
-            for parent, key in places:
-                spec = tree.merge_specs(spec, tree.expected_spec(parent).get(key, {}))
-            if id(obj) in roots:
-                tree.remember_root_spec(obj, self._plan.spec)
-            tree.remember_places_spec(obj, spec)
-            for rel in state.mapper.relationships:
-                if rel.key in state.dict and rel.key not in spec:
-                    pending += tree.as_list(state.dict.pop(rel.key))
-                    reshaped.append(obj)
-        if reshaped:
-            tree.Generation.bump()
-            self.rs.syncer.forget(reshaped)
 
     def _emit(self, diffs: list[Diff]) -> None:
         for callback in list(self._callbacks):

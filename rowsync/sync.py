@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
@@ -50,6 +50,8 @@ Preloads = Mapping[Any, Assocs]
 """``{Model: assocs}``: what new objects of ``Model`` come back with loaded."""
 
 _REF = "rowsync_ref"
+
+_T = TypeVar("_T")
 
 
 class Syncer:
@@ -176,16 +178,37 @@ class Syncer:
             return value
         rule = self.rule(value, table) if isinstance(value, list) else None
         patch = _Patch(self, value, roots, change, table, preloads or {}, rule)
+        self._run(value, roots, patch, patch.apply)
+        if isinstance(value, list):
+            return value
+        return roots[0] if roots else None
+
+    def reroot(
+        self,
+        roots: list[Any],
+        change: Change,
+        joined: list[Any],
+        left: list[Any],
+        spec: tree.LoadSpec,
+    ) -> list[Any]:
+        """``change``'s step on the roots, when the caller decides it (a live query runs its
+        statement where :meth:`sync` would read a rule): each object of ``joined``, as a query
+        of the roots loaded it with ``spec``, becomes a root; ``left`` are roots no more. The
+        tree changes as a sync changes it (:meth:`_Patch.reroot`), its kept index with it.
+        Returns the new roots, in the order of ``joined``."""
+        patch = _Patch(self, roots, roots, change, table_of(change.model), {})
+        return self._run(roots, roots, patch, functools.partial(patch.reroot, joined, left, spec))
+
+    def _run(self, value: Any, roots: list[Any], patch: _Patch, step: Callable[[], _T]) -> _T:
+        """``step`` of ``patch``, then the cached copy of a root list it changed follows."""
         try:
-            patch.apply()
+            result = step()
         except BaseException:
             self._drop(value)  # half applied: its index may not describe it
             raise
         if patch.rerooted:
             self._rerooted(value, roots, patch.index)
-        if isinstance(value, list):
-            return value
-        return roots[0] if roots else None
+        return result
 
     def resync(self, value: Any) -> Any:
         """``value`` re-read from the database by primary key, loaded as it was loaded.
@@ -335,6 +358,12 @@ class _Patch:
         for edge, stale in self.requery.items():
             self.recompute(edge, list(stale.values()))
         self.root()
+        self.finish()
+
+    def finish(self) -> None:
+        """What every change of the tree ends with: what no root reaches any more is
+        forgotten, what moved is loaded as a fresh query loads it where it now is, and the
+        other trees' indexes holding what changed shape are dropped."""
         self.index.settle()
         if self.touched:
             self.conform()
@@ -566,15 +595,37 @@ class _Patch:
             spec = tree.own_spec(self.roots[0])
         obj = self.instance(mapper, self.key, self.row, spec)
         if obj is not None:
-            if spec is not None:
-                tree.remember_root_spec(obj, spec)  # held below already, it had another
-            tree.remember_entity(obj, mapper)
-            self.roots.append(obj)
-            self.index.join(obj)
-            self.rerooted = True
-            self.touched.append(obj)
-            self.reshaped.append(obj)
-            tree.Generation.bump()
+            self.enter(obj, mapper, spec)
+
+    def enter(self, obj: Any, mapper: Mapper[Any], spec: tree.LoadSpec | None) -> None:
+        """``obj``, the tree's instance of its row, becomes a root of ``mapper`` loaded with
+        ``spec`` (held below already, it had another)."""
+        if spec is not None:
+            tree.remember_root_spec(obj, spec)
+        tree.remember_entity(obj, mapper)
+        self.roots.append(obj)
+        self.index.join(obj)
+        self.rerooted = True
+        self.touched.append(obj)
+        self.reshaped.append(obj)
+        tree.Generation.bump()
+
+    def reroot(self, joined: list[Any], left: list[Any], spec: tree.LoadSpec) -> list[Any]:
+        """The roots as the caller decided them (see :meth:`Syncer.reroot`). A joined row the
+        tree holds below already joins as that instance, given what ``spec`` loads that it
+        lacks; ``left`` that a sync took out already (deleted) are left as they are."""
+        memo: dict[int, Any] = {}  # rows shared by the new roots stay shared
+        entered = []
+        for fetched in joined:
+            new = not self.index.instances(_table(fetched), tree.primary_key(fetched))
+            obj = self.reuse(fetched, memo)
+            if new:  # what joins below it later is loaded as it was
+                tree.remember_spec(obj, spec)
+            self.enter(obj, tree.entity(fetched), spec)
+            entered.append(obj)
+        self.leave([obj for obj in left if id(obj) in self.index.roots])
+        self.finish()
+        return entered
 
     def leave(self, gone: list[Any]) -> None:
         if not gone:

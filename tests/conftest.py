@@ -98,15 +98,22 @@ from restartable import (  # noqa: E402, F401
 
 @pytest.fixture(autouse=True)
 def _index_checked_after_every_sync(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every sync of the suite also checks the index it kept current (tests/index_check.py)."""
+    """Every sync of the suite (and every reroot a live query makes) also checks the index
+    it kept current (tests/index_check.py)."""
     from index_check import check_after_sync
     from rowsync.sync import Syncer
 
-    original = Syncer.sync
+    original, reroot = Syncer.sync, Syncer.reroot
 
     def sync(self: Syncer, value: object, message: object, preloads: object = None) -> object:
         result = original(self, value, message, preloads)  # type: ignore[arg-type]
         check_after_sync(self, result)
         return result
 
+    def rerooted(self: Syncer, roots: list[object], *args: object) -> list[object]:
+        result = reroot(self, roots, *args)  # type: ignore[arg-type]
+        check_after_sync(self, roots)
+        return result
+
     monkeypatch.setattr(Syncer, "sync", sync)
+    monkeypatch.setattr(Syncer, "reroot", rerooted)

@@ -113,6 +113,25 @@ def test_row_updated_into_the_where_enters_and_is_followed_from_then_on(rs, sess
         assert_fresh(live, sessions)
 
 
+def test_a_row_joining_below_an_admitted_root_is_loaded_as_the_statement_loads_it_there(
+    rs, sessions, write
+):
+    deep = (
+        sa.select(Person)
+        .where(Person.name.like("a%"))
+        .options(selectinload(Person.posts).selectinload(Post.post_tags).selectinload(PostTag.tag))
+    )
+    write(Person(id=1, name="b"), Post(id=10, name="p", person_id=1), Tag(id=5, name="t"))
+    with rs.live(sessions, deep) as live:
+        write(sa.update(Person).where(Person.id == 1).values(name="a"))  # post 10: no links
+        write(PostTag(post_id=10, tag_id=5))
+        live.flush()
+
+        assert live.rs.stats["live_errors"] == 0
+        assert_fresh(live, sessions, deep)
+        assert live.value[0].posts[0].post_tags[0].tag.id == 5
+
+
 def test_row_updated_out_of_the_where_leaves(rs, sessions, write):
     write(Person(id=1, name="ab"), Person(id=2, name="ac"), Post(id=20, name="p", person_id=2))
     with rs.live(sessions, PEOPLE) as live:
