@@ -168,7 +168,8 @@ class Dispatcher:
         backend carries it from the capture process to the other nodes.
         """
         pending: list[tuple[Resolved | Flush, bool, bool]] = []
-        """Each item, whether its row must be read (and checked), whether the WAL sent it."""
+        """Each item, whether its row must be read (and checked), and whether the row it
+        leaves is kept as its key's newest (a change from the WAL, of a followed table)."""
         wanted: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
         latest: dict[tuple[sa.Table, tuple[Any, ...]], CachedRow | None] = {}
         """Rows the WAL's changes of this batch left, by key; None: not known without a read."""
@@ -211,10 +212,10 @@ class Dispatcher:
                 if item.row is not None:
                     change = self._carried(table, change, item.row, latest)
                     if change.row is not None or change.event == "deleted":
-                        pending.append((change, False, True))
+                        pending.append((change, False, item.row.followed))
                         continue
                     self.stats["wal_fetches"] += 1
-                pending.append((change, True, item.row is not None))
+                pending.append((change, True, item.row is not None and item.row.followed))
                 # a delete is read too: it is believed once its row is gone (:meth:`_checked`)
                 if change.event != "deleted" or table.primary_key.columns:
                     wanted[table].append(key_of(table, change.new))
@@ -225,13 +226,13 @@ class Dispatcher:
             if isinstance(item, Resolved) and item.event == "inserted"
         }
         resolved: list[Resolved | Flush] = []
-        for entry_, read, logged in pending:
+        for entry_, read, kept_newest in pending:
             done = entry_
             if isinstance(done, Resolved) and read:
                 if (checked := self._checked(done, fetched, inserts)) is None:
                     continue
                 done = checked
-            if isinstance(done, Resolved) and logged:
+            if isinstance(done, Resolved) and kept_newest:
                 table = self._tables[done.table][0]
                 kept = done.row if done.row is not None and done.readable else GONE
                 self.cache.put_newer(self._newest(table, key_of(table, done.new)), done.ref, kept)

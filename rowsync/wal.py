@@ -9,11 +9,18 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
 - Whole transactions, in commit order: pgoutput sends a transaction once it committed. A
   change's ``ref`` grows with commit order: it is the commit's LSN, or one past the previous
   change's ref when a transaction holds more changes than its commit record has bytes.
-- ``xid`` comes from the transaction's Begin, so positions (:mod:`rowsync.position`) work.
+- ``xid`` comes from the transaction's Begin, widened to 64 bits, so positions
+  (:mod:`rowsync.position`) work across the 32-bit counter's wraparounds.
+- Each change carries its row (:class:`~rowsync.listener.Carried`): the dispatcher builds the
+  row a read right after that commit would find, with no query, and reads only what the WAL
+  left out (:meth:`rowsync.dispatch.Dispatcher.resolve`).
 - A transaction is decoded as soon as its commit record is written, which can be before other
-  sessions see it committed: the rows of a batch are read only once its last transaction is
-  visible to a new snapshot (:func:`_await_visible`), else a read could find them as they
-  were before.
+  sessions see it committed: a batch is handed over only once its transactions are visible
+  to new snapshots (:func:`_await_visible`). Not only for the rows still read: a subscriber's
+  ``sync`` reads too (a new object's relationships, association links), and a position
+  (``rs.position()``) taken after a change was handed over must have seen it.
+- A TRUNCATE of a watched table deletes rows the WAL does not name: it is a gap, announced
+  as ``(Resync, info)`` naming the tables, after the changes before it.
 - Old values: a row moving between parents must reach both, so an update needs the identifying
   columns it had before. Postgres logs them only as the replica identity: tables identified by
   more than their primary key (foreign keys, ``extra_columns``) get REPLICA IDENTITY FULL, the
@@ -30,6 +37,7 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import selectors
@@ -91,6 +99,18 @@ def _await_visible(conn: psycopg.Connection[TupleRow], xids: Sequence[int]) -> b
 
 FLUSH_PREFIX = "rowsync.flush:"
 """Prefix of the logical messages that carry flush barriers, followed by the channel."""
+ANNOUNCE_PREFIX = "rowsync.announce:"
+"""Prefix of the logical messages ``rs.announce()`` emits, followed by the channel: each one
+an event in the triggers' format (:func:`rowsync.triggers.payload`)."""
+
+
+def emit(channel: str) -> sql.Composed:
+    """The statement handing an announced event (``payload``) over in this mode: a
+    transactional logical message, decoded with its transaction's changes at its commit."""
+    return sql.SQL("PERFORM pg_logical_emit_message(true, {}, payload);").format(
+        sql.Literal(ANNOUNCE_PREFIX + channel)
+    )
+
 
 Identity = Literal["default", "full"]
 
@@ -203,6 +223,7 @@ class Decoder:
             events.setdefault((w.schema, w.table), set()).add(w.event)
         self._followed = {name for name, seen in events.items() if seen >= set(_EVENTS.values())}
         self._prefix = FLUSH_PREFIX + channel
+        self._announced = ANNOUNCE_PREFIX + channel
         self._relations: dict[int, tuple[pgoutput.Relation, list[Callable[[bytes], Any]]]] = {}
         self._near = near
         self._xid: int | None = None
@@ -234,7 +255,26 @@ class Decoder:
             return done
         elif isinstance(message, pgoutput.Message) and message.prefix == self._prefix:
             return [Flush(message.content.decode())]
+        elif isinstance(message, pgoutput.Message) and message.prefix == self._announced:
+            self._changes.extend(self._announcement(message))
         return []
+
+    def _announcement(self, message: pgoutput.Message) -> list[Notice]:
+        """The event ``rs.announce()`` emitted, placed among its transaction's changes (a
+        message outside a transaction is none of its). It carries no row: its row is read,
+        and checked, as an event of the trigger modes is (whoever may emit logical messages
+        can send one)."""
+        if not message.transactional:
+            return []
+        try:
+            notice = parse(message.content.decode())
+        except ValueError as exc:  # UnicodeDecodeError too
+            logger.warning("ignoring a malformed announced event (%s)", exc)
+            return []
+        if not isinstance(notice, Notice):
+            return []
+        self.ref = max(self.ref + 1, self._commit_lsn)
+        return [dataclasses.replace(notice, ref=self.ref, xid=self._xid)]
 
     def _notice(
         self, message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete

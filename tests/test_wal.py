@@ -380,6 +380,25 @@ def test_transaction_ids_are_widened_across_the_epoch_boundary():
 # -- what triggers cannot see ------------------------------------------------------------
 
 
+def test_announced_rows_reach_a_tree_through_the_wal(wal_engine, wal_sessions):
+    write = writer(wal_sessions)
+    write(Person(id=1, name="a"), Post(id=10, name="p", person_id=1), Post(id=20, name="q"))
+    rs = rowsync.RowSync(wal_engine, reference_watchers(), capture="wal")
+    rs.install()
+    people = fresh(wal_sessions, people_query())
+    write(sa.update(Post).where(Post.id == 10).values(name="unseen"))  # no slot yet
+    write(sa.update(Post).where(Post.id == 20).values(person_id=1))
+    with rs:
+        sub = rs.subscribe(people, assocs=["posts"])
+        assert messages(rs, sub) == []
+
+        counts = rs.announce(["posts"], batch=1)
+        people = apply_all(rs, sub, people)
+
+    assert counts == {"public.posts": 2}
+    assert [(p.id, p.name) for p in people[0].posts] == [(10, "unseen"), (20, "q")]
+
+
 def test_a_truncate_of_a_watched_table_is_a_resync_naming_it(wal_rs, wal_sessions):
     write = writer(wal_sessions)
     write(Tag(id=1, name="x"))
