@@ -226,8 +226,8 @@ class Dispatcher:
             if isinstance(item, Resolved) and item.event == "inserted"
         }
         resolved: list[Resolved | Flush] = []
-        for entry_, read, kept_newest in pending:
-            done = entry_
+        for candidate, read, kept_newest in pending:
+            done = candidate
             if isinstance(done, Resolved) and read:
                 if (checked := self._checked(done, fetched, inserts)) is None:
                     continue

@@ -347,6 +347,33 @@ def test_an_unchanged_toasted_value_comes_from_the_row_its_change_started_from(
         assert cached(other, 1, change.ref).values["body"] == BIG
 
 
+def test_an_unchanged_toasted_value_is_read_when_a_change_of_its_table_may_go_unseen(
+    items_engine, wal_sessions
+):
+    write = writer(wal_sessions)
+    watched = rowsync.watchers(Item, events=["inserted", "updated"])  # a delete goes unseen
+    rs = rowsync.RowSync(items_engine, watched, capture="wal")
+    rs.install()
+    with rs:
+        sub = rs.subscribe(Item)
+        write(Item(id=1, body=BIG))
+        write(sa.update(Item).where(Item.id == 1).values(amount=2))
+        *_, (_, change) = messages(rs, sub)
+
+        assert rs.stats["wal_fetches"] == 1
+        assert cached(rs, 1, change.ref).values["body"] == BIG
+
+
+def test_rows_of_a_table_with_relationship_criteria_are_read(wal_rs, wal_sessions):
+    # Person.test_posts: which posts meet ``name = 'test'`` the database tells, in the read.
+    write = writer(wal_sessions)
+    write(Person(id=1, name="a"), Post(id=10, name="test", person_id=1))
+    wal_rs.flush()
+
+    assert wal_rs.stats["wal_fetches"] == 1
+    assert wal_rs.rows.queries["rows"] == 1  # the post's; the person's was built
+
+
 def test_the_whole_old_row_fills_what_the_new_one_left_out():
     decoder = Decoder(rowsync.watchers(Tag), "ch")
     columns = (pgoutput.Column("id", 23, True), pgoutput.Column("name", 25, False))
