@@ -5,8 +5,9 @@
 holding those rows goes on serving the old ones. :func:`announce` walks the watched tables
 in primary-key order, a batch per transaction, and emits for every row the event its
 ``updated`` trigger would have (``inserted`` for a table watched only for inserts), through
-the same channel as the triggers (a NOTIFY or the change log, by mode). Listeners fetch the
-rows and subscribers patch their trees as for any update.
+the same channel as the triggers (a NOTIFY or the change log, by mode; with
+``capture="wal"``, a logical message in the WAL, :func:`rowsync.wal.emit`). Listeners fetch
+the rows and subscribers patch their trees as for any update.
 
 A row deleted while the triggers were off cannot be announced: it is gone. Subscribers learn
 of those by ``rs.resync`` (a resync of what they hold re-reads it).
@@ -16,20 +17,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from rowsync import triggers
+from rowsync import triggers, wal
 from rowsync.connect import run
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+
+Mode: TypeAlias = triggers.Mode | Literal["wal"]
+"""The capture mode, which decides how an announced event leaves its transaction."""
 
 
 def announced(watchers: Sequence[Watcher]) -> list[Watcher]:
@@ -51,7 +55,7 @@ def announce_table(
     *,
     schema: str,
     channel: str,
-    mode: triggers.Mode,
+    mode: Mode,
     batch: int = BATCH,
     progress: triggers.Progress | None = None,
 ) -> int:
@@ -122,7 +126,7 @@ def _keyless(watcher: Watcher) -> bool:
 
 
 def _create_emitter(
-    conn: psycopg.Connection[TupleRow], schema: str, channel: str, mode: triggers.Mode
+    conn: psycopg.Connection[TupleRow], schema: str, channel: str, mode: Mode
 ) -> None:
     """A function of this session that hands events over exactly as the triggers do."""
     body = sql.SQL(
@@ -138,7 +142,7 @@ BEGIN
     END LOOP;
 END
 """
-    ).format(emit=triggers.emit(mode, schema, channel))
+    ).format(emit=wal.emit(channel) if mode == "wal" else triggers.emit(mode, schema, channel))
     with conn.transaction():
         conn.execute(
             sql.SQL(

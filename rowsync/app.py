@@ -276,7 +276,6 @@ class RowSync:
         as ``schema.table`` or ``table``), for writes the triggers did not see (``pg_restore``,
         triggers disabled); see :mod:`rowsync.announce`. Returns rows announced per table.
         """
-        mode = self._trigger_mode()
         chosen = announced(self.watchers)
         if tables is not None:
             wanted = set(tables)
@@ -295,19 +294,11 @@ class RowSync:
                     w,
                     schema=self.schema,
                     channel=self.channel,
-                    mode=mode,
+                    mode=self.capture,
                     batch=batch,
                     progress=progress,
                 )
         return counts
-
-    def _trigger_mode(self) -> triggers.Mode:
-        if self.capture == "wal":
-            raise ConfigurationError(
-                "announce() is not available with capture='wal' (it emits through the "
-                "triggers' channel, which this mode does not read)"
-            )
-        return self.capture
 
     def uninstall(
         self, *, drop_schema: bool = False, lock_timeout: float = triggers.LOCK_TIMEOUT

@@ -75,6 +75,19 @@ class RowCache:
             value = self._get(key)
         return default if value is _MISSING else value
 
+    def put_newer(self, key: Hashable, ref: int, value: Any) -> None:
+        """Keep ``(ref, value)`` under ``key`` unless it holds a later ref's: what an older
+        change left must never replace what a newer one did (see :meth:`newest`)."""
+        with self._lock:
+            held = self._get(key)
+            if held is _MISSING or held[0] < ref:
+                self._put(key, (ref, value))
+
+    def newest(self, key: Hashable) -> tuple[int, Any] | None:
+        """``(ref, value)`` of the latest change :meth:`put_newer` kept under ``key``."""
+        found: tuple[int, Any] | None = self.get(key)
+        return found
+
     def load(self, key: Hashable, loader: Callable[[], T]) -> T:
         """The cached value, or ``loader()``'s; concurrent callers of one key share one call."""
         with self._lock:

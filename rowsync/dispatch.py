@@ -1,11 +1,12 @@
 """Dispatch: from a batch of notices (the listener's) to messages in subscription queues.
 
 Two stages. ``resolve``: the changed rows are fetched, one query per table
-(:mod:`rowsync.fetch`). ``deliver``: each row is cached under the change that produced it
-(:mod:`rowsync.cache`); each change is then routed (:mod:`rowsync.router`) and queued, in
-notification order, for every subscription it concerns that does not ignore its origin (one
-with an authorizer gets it once that allows it, :mod:`rowsync.authorizers`). Both run in the
-listener thread; with a fan-out backend the capture process resolves and every node delivers.
+(:mod:`rowsync.fetch`), or built from the row a change from the WAL carried. ``deliver``: each
+row is cached under the change that produced it (:mod:`rowsync.cache`); each change is then
+routed (:mod:`rowsync.router`) and queued, in notification order, for every subscription it
+concerns that does not ignore its origin (one with an authorizer gets it once that allows it,
+:mod:`rowsync.authorizers`). Both run in the listener thread; with a fan-out backend the
+capture process resolves and every node delivers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from rowsync.authorizers import Authorizers
 from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.fetch import JSON_TYPES, RowSource, coerce, key_of, qualified_name, usable_key
-from rowsync.listener import Flush, Notice
+from rowsync.listener import Carried, Flush, Notice
 from rowsync.messages import Change, Event, Message, Resync, ResyncInfo, Sync
 from rowsync.position import Journal, Position
 from rowsync.router import Router
@@ -121,6 +122,8 @@ class Dispatcher:
         self._held: Held | None = None
         self._pending: list[Notice | Flush] = []
         """What arrived while held, handed over with the next batch."""
+        self._generation = 0
+        """Gaps so far: the rows the WAL's changes left before one are no longer known."""
 
     def batch(self, batch: Sequence[Notice | Flush]) -> None:
         """The listener's ``on_batch``: resolve the batch, then deliver it."""
@@ -153,16 +156,26 @@ class Dispatcher:
                 self._held = None
 
     def resolve(self, batch: Sequence[Notice | Flush]) -> list[Resolved | Flush]:
-        """Validate the batch's notices and fetch their rows, one query per table.
+        """Validate the batch's notices and read their rows, one query per table.
+
+        A change from the WAL carries its row (:class:`~rowsync.listener.Carried`): the row
+        is the one a read right after that change's commit would find, built with no query
+        (:meth:`RowSource.built`), and the change is true (the database logged it, nobody
+        forged it), so a delete is not read either. Only a row that cannot be built
+        completely is read, as in the other modes (``stats["wal_fetches"]``).
 
         The result holds everything delivery needs, so it can also travel: a fan-out
         backend carries it from the capture process to the other nodes.
         """
-        resolved: list[Resolved | Flush] = []
+        pending: list[tuple[Resolved | Flush, bool, bool]] = []
+        """Each item, whether its row must be read (and checked), and whether the row it
+        leaves is kept as its key's newest (a change from the WAL, of a followed table)."""
         wanted: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
+        latest: dict[tuple[sa.Table, tuple[Any, ...]], CachedRow | None] = {}
+        """Rows the WAL's changes of this batch left, by key; None: not known without a read."""
         for item in batch:
             if isinstance(item, Flush):
-                resolved.append(item)
+                pending.append((item, False, False))
                 continue
             entry = self._tables.get((item.schema, item.table))
             if entry is None:
@@ -196,26 +209,77 @@ class Dispatcher:
                     dataclasses.replace(change, event="inserted", old=None),
                 ]
             for change in changes:
-                resolved.append(change)
+                if item.row is not None:
+                    change = self._carried(table, change, item.row, latest)
+                    if change.row is not None or change.event == "deleted":
+                        pending.append((change, False, item.row.followed))
+                        continue
+                    self.stats["wal_fetches"] += 1
+                pending.append((change, True, item.row is not None and item.row.followed))
                 # a delete is read too: it is believed once its row is gone (:meth:`_checked`)
                 if change.event != "deleted" or table.primary_key.columns:
                     wanted[table].append(key_of(table, change.new))
         fetched = {qualified_name(table): self._read(table, keys) for table, keys in wanted.items()}
         inserts = {
             (self._tables[item.table][0], key_of(self._tables[item.table][0], item.new)): item.ref
-            for item in resolved
+            for item, _, _ in pending
             if isinstance(item, Resolved) and item.event == "inserted"
         }
-        return [
-            checked
-            for item in resolved
-            if (
-                checked := item
-                if isinstance(item, Flush)
-                else self._checked(item, fetched, inserts)
-            )
-            is not None
-        ]
+        resolved: list[Resolved | Flush] = []
+        for candidate, read, kept_newest in pending:
+            done = candidate
+            if isinstance(done, Resolved) and read:
+                if (checked := self._checked(done, fetched, inserts)) is None:
+                    continue
+                done = checked
+            if isinstance(done, Resolved) and kept_newest:
+                table = self._tables[done.table][0]
+                kept = done.row if done.row is not None and done.readable else GONE
+                self.cache.put_newer(self._newest(table, key_of(table, done.new)), done.ref, kept)
+            resolved.append(done)
+        return resolved
+
+    def _carried(
+        self,
+        table: sa.Table,
+        change: Resolved,
+        carried: Carried,
+        latest: dict[tuple[sa.Table, tuple[Any, ...]], CachedRow | None],
+    ) -> Resolved:
+        """``change`` with the row the WAL carried, when it can be built completely.
+
+        An unchanged TOASTed value is not in the WAL (nor in the old row, unless REPLICA
+        IDENTITY FULL sent it, and then the decoder took it): it is the one of the row this
+        change started from, when that is known: left by an earlier change of this batch,
+        else by the latest one handed over (:meth:`RowCache.newest`), and only if every
+        change of the table becomes a notice (else one that did not may have changed it)."""
+        key = key_of(table, change.new)
+        if change.event == "deleted":
+            latest[(table, key)] = None
+            return change
+        earlier: dict[str, Any] | None = None
+        if carried.unchanged and carried.followed:
+            if (table, key) in latest:
+                prior = latest[(table, key)]
+            else:
+                found = self.cache.newest(self._newest(table, key))
+                prior = found[1] if found is not None else None
+            if isinstance(prior, CachedRow):
+                earlier = {n: v for n, v in prior.values.items() if n in carried.unchanged}
+        row = self.rows.built(table, carried.texts, earlier)
+        if row is None:
+            latest[(table, key)] = None
+            return change
+        ids = {name: row.values[name] for name in change.new if name in row.values}
+        latest[(table, key_of(table, ids))] = row
+        return dataclasses.replace(
+            change, new=ids, row=CachedRow(row.values, row.matches, change.old)
+        )
+
+    def _newest(self, table: sa.Table, key: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The cache's key of the latest row the WAL's changes left for ``key``; a gap starts
+        a new generation of them (changes were missed: what they left is unknown)."""
+        return ("newest", self._generation, table, key)
 
     def _read(self, table: sa.Table, keys: list[tuple[Any, ...]]) -> _Read | None:
         """The rows of ``keys``, in one query; None when the table cannot be read at all.
@@ -381,6 +445,7 @@ class Dispatcher:
         """Changes may have been missed: every subscription is told to resync (first: the
         snapshot that lets later positions replay again costs a round trip)."""
         self.journal.interrupt()
+        self._generation += 1
         info = ResyncInfo(reason, time.monotonic())
         for sub in self.router.subscriptions():
             self._send(sub, (Resync, info))

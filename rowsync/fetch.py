@@ -15,11 +15,13 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import (
     Mapper,
@@ -366,6 +368,7 @@ class RowSource:
         """Row reads are single statements: in autocommit, one round trip each, where a
         transaction would add a BEGIN and a ROLLBACK."""
         self._row_queries: dict[sa.Table, _RowQuery] = {}
+        self._text_loaders: dict[int, Callable[[bytes], Any]] = {}
         self._held: sa.Connection | None = None
         self._holding = threading.Lock()
 
@@ -456,6 +459,50 @@ class RowSource:
         if query is None:
             query = self._row_queries[table] = _RowQuery.of(table, self.policy, self.graph)
         return query
+
+    # -- rows the WAL carried ----------------------------------------------------------
+
+    def built(
+        self,
+        table: sa.Table,
+        texts: Mapping[str, tuple[int, bytes | None]],
+        earlier: Mapping[str, Any] | None = None,
+    ) -> CachedRow | None:
+        """The row :meth:`fetch` would read, from a row given in Postgres' text form (each
+        column's type oid and text; None: NULL), with no query; None when that cannot be told
+        without one: a readable column neither given nor in ``earlier`` (values already
+        loaded), or criteria to compute (the database evaluates them, in the read).
+
+        Each value goes through the two steps a query's result takes: the loader psycopg
+        picks for its type on the engine's connections (the engine's adapters, its sessions'
+        time zone), then the column type's result processor, as SQLAlchemy applies it (enums,
+        ``TypeDecorator`` types, arrays, JSON). Withheld columns are never loaded."""
+        if self.graph.criteria.get(table):
+            return None
+        dialect = self.engine.dialect
+        values: dict[str, Any] = {}
+        for column in self.policy.columns(table):
+            carried = texts.get(column.name)
+            if carried is None:
+                if earlier is None or column.name not in earlier:
+                    return None
+                values[column.name] = earlier[column.name]
+                continue
+            oid, text = carried
+            value = None if text is None else self._text_loader(oid)(text)
+            # what SQLAlchemy's result calls for a column of this type and this oid
+            process = column.type._cached_result_processor(dialect, oid)
+            values[column.name] = value if process is None else process(value)
+        return CachedRow(values, _NO_MATCHES)
+
+    def _text_loader(self, oid: int) -> Callable[[bytes], Any]:
+        load = self._text_loaders.get(oid)
+        if load is None:
+            with self._reader.connect() as conn:
+                driver = conn.connection.driver_connection
+                load = Transformer(driver).get_loader(oid, Format.TEXT).load
+            self._text_loaders[oid] = load
+        return load
 
     # -- sync and the router: single-flight through the cache --------------------------
 

@@ -27,7 +27,7 @@ import os
 import selectors
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,24 @@ class Notice:
     """The writer's ``rowsync.origin`` setting, if it tagged its transaction."""
     xid: int | None = None
     """The writer's transaction id: whether a snapshot saw the change (:mod:`rowsync.position`)."""
+    row: Carried | None = None
+    """The whole row as the change carried it, when it came from the WAL: a change known from
+    the log of the database itself, not from a payload anyone may send."""
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """A row as logical decoding carries it (``capture="wal"``): after an insert or an update,
+    before a delete (its replica identity)."""
+
+    texts: Mapping[str, tuple[int, bytes | None]]
+    """Each column sent: its type's oid and its value in Postgres' text form (None: NULL)."""
+    unchanged: frozenset[str]
+    """Columns not sent: unchanged TOASTed values (the server keeps them out of the WAL)."""
+    followed: bool
+    """Every change of the table's rows becomes a notice (every event is watched): an earlier
+    row of the same key, as the dispatcher last handed it over, is then the version this
+    change started from."""
 
 
 @dataclass(frozen=True, slots=True)

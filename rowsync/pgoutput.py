@@ -21,15 +21,15 @@ _EPOCH_OFFSET = 946_684_800_000_000
 """Microseconds from the Unix epoch to Postgres' (2000-01-01)."""
 
 
-class _Unchanged:
+class Unchanged:
     def __repr__(self) -> str:
         return "UNCHANGED"
 
 
-UNCHANGED: Final = _Unchanged()
+UNCHANGED: Final = Unchanged()
 """An unchanged TOASTed value: the server kept it out of the message, its value is unknown."""
 
-Value = bytes | None | _Unchanged
+Value = bytes | None | Unchanged
 """A column's value in a tuple: its text representation, NULL, or :data:`UNCHANGED`."""
 
 

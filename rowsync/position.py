@@ -24,6 +24,21 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+_EPOCH = 1 << 32
+
+
+def widen(xid: int, near: int) -> int:
+    """The 64-bit transaction id (xid8) whose low 32 bits are ``xid`` that is nearest to the
+    64-bit id ``near``.
+
+    Logical decoding gives a transaction's 32-bit id; snapshots, and so positions, hold 64-bit
+    ones, whose high half (the epoch) counts the wraparounds of the 32-bit counter. Every
+    transaction that can still commit is within 2**31 of any other (Postgres stops assigning
+    ids before that), so the id nearest to a recent one of the same stream is the right one,
+    on either side of an epoch boundary."""
+    full = near + (xid - near + _EPOCH // 2) % _EPOCH - _EPOCH // 2
+    return full if full >= 0 else full + _EPOCH  # no epoch before the first
+
 
 @dataclass(frozen=True, slots=True)
 class Position:

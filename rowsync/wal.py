@@ -9,11 +9,18 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
 - Whole transactions, in commit order: pgoutput sends a transaction once it committed. A
   change's ``ref`` grows with commit order: it is the commit's LSN, or one past the previous
   change's ref when a transaction holds more changes than its commit record has bytes.
-- ``xid`` comes from the transaction's Begin, so positions (:mod:`rowsync.position`) work.
+- ``xid`` comes from the transaction's Begin, widened to 64 bits, so positions
+  (:mod:`rowsync.position`) work across the 32-bit counter's wraparounds.
+- Each change carries its row (:class:`~rowsync.listener.Carried`): the dispatcher builds the
+  row a read right after that commit would find, with no query, and reads only what the WAL
+  left out (:meth:`rowsync.dispatch.Dispatcher.resolve`).
 - A transaction is decoded as soon as its commit record is written, which can be before other
-  sessions see it committed: the rows of a batch are read only once its last transaction is
-  visible to a new snapshot (:func:`_await_visible`), else a read could find them as they
-  were before.
+  sessions see it committed: a batch is handed over only once its transactions are visible
+  to new snapshots (:func:`_await_visible`). Not only for the rows still read: a subscriber's
+  ``sync`` reads too (a new object's relationships, association links), and a position
+  (``rs.position()``) taken after a change was handed over must have seen it.
+- A TRUNCATE of a watched table deletes rows the WAL does not name: it is a gap, announced
+  as ``(Resync, info)`` naming the tables, after the changes before it.
 - Old values: a row moving between parents must reach both, so an update needs the identifying
   columns it had before. Postgres logs them only as the replica identity: tables identified by
   more than their primary key (foreign keys, ``extra_columns``) get REPLICA IDENTITY FULL, the
@@ -38,10 +45,12 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import selectors
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
@@ -54,38 +63,39 @@ from rowsync import pgoutput, slots
 from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect, conninfo_of
 from rowsync.errors import ConfigurationError, RowsyncError
-from rowsync.listener import APPLICATION_NAME, Flush, Listener, Notice, _Stopped, parse
+from rowsync.listener import (
+    APPLICATION_NAME,
+    Carried,
+    Flush,
+    Listener,
+    Notice,
+    _Stopped,
+    parse,
+)
 from rowsync.messages import Event
+from rowsync.position import widen
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
 
-_VISIBLE = sql.SQL(
-    """
-    SELECT pg_visible_in_snapshot(x.full::text::xid8, x.snap)
-    FROM (
-        SELECT snap, CASE WHEN ((top >> 32) << 32) | %(xid)s > top
-                          THEN (((top >> 32) - 1) << 32) | %(xid)s
-                          ELSE ((top >> 32) << 32) | %(xid)s END AS full
-        FROM (SELECT pg_current_snapshot() AS snap) s,
-             LATERAL (SELECT pg_snapshot_xmax(s.snap)::text::bigint AS top) t
-    ) x
-    """
-)
-"""Whether the transaction whose 32-bit id (pgoutput's) is ``xid`` is visible to a snapshot
-taken now: the id widened to the epoch of the snapshot's xmax."""
+_VISIBLE = """
+    SELECT bool_and(pg_visible_in_snapshot(x::text::xid8, s))
+    FROM unnest(%s::bigint[]) x, pg_current_snapshot() s
+"""
+"""Whether every transaction of a list of 64-bit ids is visible to a snapshot taken now."""
 
 VISIBLE_TIMEOUT = 5.0
-"""Seconds a decoded transaction may take to become visible before rowsync reads regardless
-(and announces a gap: the rows read may be older than the changes)."""
+"""Seconds a decoded transaction may take to become visible before rowsync hands it over
+regardless (and announces a gap: what is read of it may be older than the changes)."""
 
 
-def _await_visible(conn: psycopg.Connection[TupleRow], xid: int) -> bool:
-    """Wait until transaction ``xid`` (and so every earlier one of the stream) is visible to
-    new snapshots; False if it was not within :data:`VISIBLE_TIMEOUT`."""
+def _await_visible(conn: psycopg.Connection[TupleRow], xids: Sequence[int]) -> bool:
+    """Wait until transactions ``xids`` are visible to new snapshots; False if they were not
+    within :data:`VISIBLE_TIMEOUT`. Each is waited for: transactions may become visible in
+    another order than they committed in."""
     deadline = time.monotonic() + VISIBLE_TIMEOUT
     while True:
-        row = conn.execute(_VISIBLE, {"xid": xid}).fetchone()
+        row = conn.execute(_VISIBLE, (list(xids),)).fetchone()
         if row is not None and row[0]:
             return True
         if time.monotonic() > deadline:
@@ -95,6 +105,18 @@ def _await_visible(conn: psycopg.Connection[TupleRow], xid: int) -> bool:
 
 FLUSH_PREFIX = "rowsync.flush:"
 """Prefix of the logical messages that carry flush barriers, followed by the channel."""
+ANNOUNCE_PREFIX = "rowsync.announce:"
+"""Prefix of the logical messages ``rs.announce()`` emits, followed by the channel: each one
+an event in the triggers' format (:func:`rowsync.triggers.payload`)."""
+
+
+def emit(channel: str) -> sql.Composed:
+    """The statement handing an announced event (``payload``) over in this mode: a
+    transactional logical message, decoded with its transaction's changes at its commit."""
+    return sql.SQL("PERFORM pg_logical_emit_message(true, {}, payload);").format(
+        sql.Literal(ANNOUNCE_PREFIX + channel)
+    )
+
 
 Identity = Literal["default", "full"]
 
@@ -182,37 +204,83 @@ _EVENTS: dict[type, Event] = {
 }
 
 
-class Decoder:
-    """pgoutput messages in, :class:`Notice` and :class:`Flush` values out, a whole
-    transaction at a time. Knows the relations the stream announced and what rowsync
-    watches of each."""
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """A committed TRUNCATE of watched tables. The WAL does not say which rows it deleted:
+    their subscribers can only load again (a gap, announced as ``(Resync, info)``)."""
 
-    def __init__(self, watchers: Sequence[Watcher], channel: str) -> None:
+    tables: tuple[tuple[str, str], ...]
+    xid: int
+
+
+class Decoder:
+    """pgoutput messages in, :class:`Notice`, :class:`Flush` and :class:`Truncated` values
+    out, a whole transaction at a time. Knows the relations the stream announced and what
+    rowsync watches of each.
+
+    A transaction's 32-bit id is widened to the 64-bit one positions compare with
+    (:func:`rowsync.position.widen`), near the previous transaction's, starting ``near`` a
+    64-bit id the server gave when the stream started."""
+
+    def __init__(self, watchers: Sequence[Watcher], channel: str, near: int = 0) -> None:
         self._watched = {(w.schema, w.table, w.event): w for w in watchers}
+        events: dict[tuple[str, str], set[Event]] = {}
+        for w in watchers:
+            events.setdefault((w.schema, w.table), set()).add(w.event)
+        self._followed = {name for name, seen in events.items() if seen >= set(_EVENTS.values())}
         self._prefix = FLUSH_PREFIX + channel
+        self._announced = ANNOUNCE_PREFIX + channel
         self._relations: dict[int, tuple[pgoutput.Relation, list[Callable[[bytes], Any]]]] = {}
+        self._near = near
         self._xid: int | None = None
         self._commit_lsn = 0
-        self._changes: list[Notice] = []
+        self._changes: list[Notice | Truncated] = []
         self.ref = 0
         """The last ref given."""
 
-    def feed(self, message: pgoutput.Decoded) -> list[Notice | Flush]:
+    def feed(self, message: pgoutput.Decoded) -> list[Notice | Flush | Truncated]:
         """What ``message`` completes: a committed transaction's changes, or a barrier."""
         if isinstance(message, pgoutput.Begin):
-            self._xid, self._commit_lsn, self._changes = message.xid, message.final_lsn, []
+            self._near = widen(message.xid, self._near)
+            self._xid, self._commit_lsn, self._changes = self._near, message.final_lsn, []
         elif isinstance(message, pgoutput.Relation):
             self._relations[message.oid] = (message, [_loader(c.type_oid) for c in message.columns])
         elif isinstance(message, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
             if (notice := self._notice(message)) is not None:
                 self._changes.append(notice)
+        elif isinstance(message, pgoutput.Truncate):
+            names = [
+                (relation.schema, relation.table)
+                for relation, _ in map(self._relations.__getitem__, message.relations)
+            ]
+            if watched := tuple(n for n in names if any(k[:2] == n for k in self._watched)):
+                self._changes.append(Truncated(watched, self._xid or 0))
         elif isinstance(message, pgoutput.Commit):
-            done: list[Notice | Flush] = list(self._changes)
+            done: list[Notice | Flush | Truncated] = list(self._changes)
             self._xid, self._changes = None, []
             return done
         elif isinstance(message, pgoutput.Message) and message.prefix == self._prefix:
             return [Flush(message.content.decode())]
+        elif isinstance(message, pgoutput.Message) and message.prefix == self._announced:
+            self._changes.extend(self._announcement(message))
         return []
+
+    def _announcement(self, message: pgoutput.Message) -> list[Notice]:
+        """The event ``rs.announce()`` emitted, placed among its transaction's changes (a
+        message outside a transaction is none of its). It carries no row: its row is read,
+        and checked, as an event of the trigger modes is (whoever may emit logical messages
+        can send one)."""
+        if not message.transactional:
+            return []
+        try:
+            notice = parse(message.content.decode())
+        except ValueError as exc:  # UnicodeDecodeError too
+            logger.warning("ignoring a malformed announced event (%s)", exc)
+            return []
+        if not isinstance(notice, Notice):
+            return []
+        self.ref = max(self.ref + 1, self._commit_lsn)
+        return [dataclasses.replace(notice, ref=self.ref, xid=self._xid)]
 
     def _notice(
         self, message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete
@@ -224,11 +292,14 @@ class Decoder:
             return None
         names = [c.name for c in relation.columns]
         current = message.old if isinstance(message, pgoutput.Delete) else message.new
-        before = message.old if isinstance(message, pgoutput.Update) else None
+        # the whole old row (REPLICA IDENTITY FULL), which holds what the new one left out
+        before = (
+            message.old if isinstance(message, pgoutput.Update) and not message.key_only else None
+        )
         new = _values(names, loaders, current, watcher.columns, before)
         old = None
-        if before is not None:
-            old = _values(names, loaders, before, watcher.columns, None)
+        if isinstance(message, pgoutput.Update) and message.old is not None:
+            old = _values(names, loaders, message.old, watcher.columns, None)
             if old == new:
                 old = None
         self.ref = max(self.ref + 1, self._commit_lsn)
@@ -242,7 +313,26 @@ class Decoder:
             watcher.label,
             None,
             self._xid,
+            self._carried(relation, current, before),
         )
+
+    def _carried(
+        self,
+        relation: pgoutput.Relation,
+        values: tuple[pgoutput.Value, ...],
+        before: tuple[pgoutput.Value, ...] | None,
+    ) -> Carried:
+        texts: dict[str, tuple[int, bytes | None]] = {}
+        unchanged: set[str] = set()
+        for i, (column, value) in enumerate(zip(relation.columns, values, strict=True)):
+            if value is pgoutput.UNCHANGED and before is not None:
+                value = before[i]
+            if isinstance(value, pgoutput.Unchanged):
+                unchanged.add(column.name)
+            else:
+                texts[column.name] = (column.type_oid, value)
+        followed = (relation.schema, relation.table) in self._followed
+        return Carried(texts, frozenset(unchanged), followed)
 
 
 def _values(
@@ -253,7 +343,7 @@ def _values(
     fallback: tuple[pgoutput.Value, ...] | None,
 ) -> dict[str, Any]:
     """The ``wanted`` columns of a tuple as Python values. An unchanged TOASTed value was
-    not sent: it is the old row's, when that was."""
+    not sent: it is the old row's, when that was (``fallback``, a whole old row)."""
     result: dict[str, Any] = {}
     for name in wanted:
         if name not in names:
@@ -426,7 +516,8 @@ class WalSource(Listener):
                     slots.release(notes, walsender)
 
     def _stream(self, notes: psycopg.Connection[TupleRow], cursor: Any) -> None:
-        decoder = Decoder(self.watchers, self.channel)
+        row = notes.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+        decoder = Decoder(self.watchers, self.channel, (row.fetchone() or (0,))[0])
         decoder.ref = self.ref
         with selectors.DefaultSelector() as selector:
             selector.register(notes.fileno(), selectors.EVENT_READ)
@@ -440,7 +531,9 @@ class WalSource(Listener):
                     return
                 batch: list[Notice | Flush] = []
                 end_lsn = 0
+                received = False
                 while len(batch) < self.max_batch and (message := cursor.read_message()):
+                    received = True
                     self.stats["received"] += 1
                     try:
                         decoded = pgoutput.decode(message.payload)
@@ -449,13 +542,16 @@ class WalSource(Listener):
                         logger.warning("undecodable WAL message (%s): %.200r", exc, message.payload)
                         self._gap("a WAL message could not be decoded")
                         continue
-                    batch += decoder.feed(decoded)
+                    for done in decoder.feed(decoded):
+                        if isinstance(done, Truncated):
+                            self._hand_over(notes, batch)
+                            batch = []
+                            self._truncated(notes, done)
+                        else:
+                            batch.append(done)
                     if isinstance(decoded, pgoutput.Commit):
                         end_lsn = decoded.end_lsn
-                xids = [n.xid for n in batch if isinstance(n, Notice) and n.xid is not None]
-                if xids and not _await_visible(notes, max(xids)):
-                    self._gap("a decoded transaction did not become visible to reads")
-                self._dispatch(batch)
+                self._hand_over(notes, batch)
                 self.ref = decoder.ref
                 if end_lsn:  # only once dispatched: the slot resends what it was not told
                     self.dispatched = end_lsn
@@ -471,6 +567,21 @@ class WalSource(Listener):
                             "SELECT pg_logical_emit_message(false, %s, %s)",
                             (FLUSH_PREFIX + self.channel, item.token),
                         )
-                busy = bool(batch or barriers or end_lsn)
+                busy = bool(received or barriers or end_lsn)
                 if not ready and not busy:
                     notes.execute("SELECT 1")  # liveness probe: raises if the server is gone
+
+    def _hand_over(self, notes: psycopg.Connection[TupleRow], batch: list[Notice | Flush]) -> None:
+        """Dispatch ``batch`` once its transactions are visible to new snapshots."""
+        xids = sorted({n.xid for n in batch if isinstance(n, Notice) and n.xid is not None})
+        if xids and not _await_visible(notes, xids):
+            self._gap("a decoded transaction did not become visible to reads")
+        self._dispatch(batch)
+
+    def _truncated(self, notes: psycopg.Connection[TupleRow], truncate: Truncated) -> None:
+        """A TRUNCATE of watched tables, once visible (the snapshot the gap takes must have
+        seen it): their rows are gone, and which ones the WAL does not say."""
+        self.stats["truncates"] += 1
+        _await_visible(notes, [truncate.xid])
+        names = ", ".join(f"{schema}.{table}" for schema, table in truncate.tables)
+        self._gap(f"TRUNCATE of {names}: the rows it deleted are not in the WAL")

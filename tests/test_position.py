@@ -12,7 +12,7 @@ from fixtures import apply_all, messages, reference_watchers, sync_each
 from models import Person, Post
 from oracle import differences, fresh, snapshot
 from rowsync import Resync, RowSync, Sync
-from rowsync.position import Journal, Position
+from rowsync.position import Journal, Position, widen
 
 PEOPLE = sa.select(Person).options(selectinload(Person.posts)).order_by(Person.id)
 
@@ -171,3 +171,21 @@ def test_an_earlier_snapshot_resyncs_when_it_misses_what_a_gap_lost():
     journal.resume(Position.of("105:108:106"))  # lost: anything 105 and below, and 107
     assert journal.since(Position.of("105:106:")) is None  # did not see 107
     assert journal.since(Position.of("106:110:106,109")) == []  # saw all the gap lost
+
+
+EPOCH = 1 << 32
+
+
+@pytest.mark.parametrize(
+    ("xid", "near", "full"),
+    [
+        (5, 9, 5),
+        (EPOCH - 3, EPOCH + 2, EPOCH - 3),  # decoded just before the boundary, seen after it
+        (2, EPOCH - 3, EPOCH + 2),  # just after the boundary, near one before it
+        (7, 3 * EPOCH + 100, 3 * EPOCH + 7),
+        (EPOCH - 1, 3 * EPOCH + 5, 3 * EPOCH - 1),
+        (EPOCH - 1, 5, EPOCH - 1),  # epoch 0 has no epoch before it
+    ],
+)
+def test_a_32_bit_xid_widens_to_the_nearest_64_bit_one(xid, near, full):
+    assert widen(xid, near) == full
