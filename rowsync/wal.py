@@ -26,6 +26,9 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   that turns each one into a logical message: it is decoded after every transaction that
   committed before it, as a barrier must be.
 - A new slot starts at the present: after a reconnect the subscribers get ``(Resync, info)``.
+- Origins (``rs.origin``): no trigger reads the writer's setting, so a tagged transaction
+  that wrote carries its origin as a transactional logical message, sent at its commit
+  (:func:`tag`): one small WAL record, and only for transactions tagged.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import selectors
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import psycopg
@@ -89,6 +93,26 @@ def _await_visible(conn: psycopg.Connection[TupleRow], xid: int) -> bool:
 
 FLUSH_PREFIX = "rowsync.flush:"
 """Prefix of the logical messages that carry flush barriers, followed by the channel."""
+ORIGIN_PREFIX = "rowsync.origin:"
+"""Prefix of the transactional logical messages that carry a writer's origin (``rs.origin``),
+followed by the channel."""
+
+_TAG = (
+    "SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL"
+    " THEN pg_logical_emit_message(true, %(prefix)s, %(origin)s) END"
+)
+
+
+def tag(conn: sa.Connection, channel: str, origin: str) -> None:
+    """Tag the transaction ``conn`` is about to commit with ``origin``: a transactional message,
+    decoded within the transaction, before its commit (the trigger's setting has no WAL
+    counterpart). Only when the transaction wrote (it has an id): a read-only one stays free
+    of WAL, and works on a standby; not in a failed one, whose COMMIT only rolls back."""
+    info = getattr(conn.connection.driver_connection, "info", None)  # psycopg's, sync or async
+    if info is not None and info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        return
+    conn.exec_driver_sql(_TAG, {"prefix": ORIGIN_PREFIX + channel, "origin": origin})
+
 
 Identity = Literal["default", "full"]
 
@@ -184,6 +208,8 @@ class Decoder:
     def __init__(self, watchers: Sequence[Watcher], channel: str) -> None:
         self._watched = {(w.schema, w.table, w.event): w for w in watchers}
         self._prefix = FLUSH_PREFIX + channel
+        self._origin_prefix = ORIGIN_PREFIX + channel
+        self._origin: str | None = None
         self._relations: dict[int, tuple[pgoutput.Relation, list[Callable[[bytes], Any]]]] = {}
         self._xid: int | None = None
         self._commit_lsn = 0
@@ -195,6 +221,7 @@ class Decoder:
         """What ``message`` completes: a committed transaction's changes, or a barrier."""
         if isinstance(message, pgoutput.Begin):
             self._xid, self._commit_lsn, self._changes = message.xid, message.final_lsn, []
+            self._origin = None
         elif isinstance(message, pgoutput.Relation):
             self._relations[message.oid] = (message, [_loader(c.type_oid) for c in message.columns])
         elif isinstance(message, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
@@ -202,10 +229,14 @@ class Decoder:
                 self._changes.append(notice)
         elif isinstance(message, pgoutput.Commit):
             done: list[Notice | Flush] = list(self._changes)
+            if self._origin is not None:  # the writer's message, decoded before its commit
+                done = [replace(n, origin=self._origin) for n in self._changes]
             self._xid, self._changes = None, []
             return done
         elif isinstance(message, pgoutput.Message) and message.prefix == self._prefix:
             return [Flush(message.content.decode())]
+        elif isinstance(message, pgoutput.Message) and message.prefix == self._origin_prefix:
+            self._origin = message.content.decode() or None  # "" is no origin, as in triggers
         return []
 
     def _notice(
