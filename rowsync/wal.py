@@ -23,8 +23,10 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   identity, so a FULL table cannot have one: withholding columns of such a table is refused
   at install, rather than have them leave the server or make writes fail.
 - Flush barriers still come as NOTIFY (:func:`rowsync.listener.send_flush`), on a connection
-  that turns each one into a logical message: it is decoded after every transaction that
-  committed before it, as a barrier must be.
+  that turns each one into a transactional logical message: it is decoded at its commit,
+  after every transaction that committed before it, as a barrier must be. Its commit flushes
+  the WAL; a non-transactional message would wait for the WAL writer (``wal_writer_delay``,
+  200 ms by default) before the walsender could send it.
 - A new slot starts at the present: after a reconnect the subscribers get ``(Resync, info)``.
 - Origins (``rs.origin``): no trigger reads the writer's setting, so a tagged transaction
   that wrote carries its origin as a transactional logical message, sent at its commit
@@ -437,7 +439,7 @@ class WalSource(Listener):
                         continue  # only barriers matter here
                     if isinstance(item, Flush):
                         notes.execute(
-                            "SELECT pg_logical_emit_message(false, %s, %s)",
+                            "SELECT pg_logical_emit_message(true, %s, %s)",
                             (FLUSH_PREFIX + self.channel, item.token),
                         )
                 busy = bool(batch or barriers or end_lsn)
