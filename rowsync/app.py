@@ -138,7 +138,6 @@ class RowSync:
         self._origin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
             f"rowsync_origin_{id(self)}", default=origin
         )
-        sa.event.listen(writer_of(dsn_or_engine, self.engine), "begin", self._tag_transaction)
         self.watchers = merge(watchers)
         if not self.watchers:
             raise ConfigurationError(
@@ -150,6 +149,10 @@ class RowSync:
                 f"capture must be one of {', '.join(map(repr, CAPTURES))}, not {capture!r}"
             )
         self.capture: Capture = capture
+        writer = writer_of(dsn_or_engine, self.engine)
+        sa.event.listen(writer, "begin", self._tag_transaction)
+        if capture == "wal":
+            sa.event.listen(writer, "commit", self._tag_commit)
         self.triggers = (
             []
             if capture == "wal"
@@ -683,7 +686,9 @@ class RowSync:
         """Tag the writes made through this RowSync's engine in this block (thread or task)
         with ``name``: their events carry it, and ``subscribe(..., ignore_origin=name)``
         skips them. Deterministic: the tag is a transaction-local setting the trigger reads
-        (``set_config('rowsync.origin', name, true)``), not a counter of expected echoes.
+        (``set_config('rowsync.origin', name, true)``), or with ``capture="wal"`` a message
+        in the transaction's WAL, not a counter of expected echoes. The origin is the one in
+        effect when the transaction begins.
         """
         token = self._origin.set(name)
         try:
@@ -692,10 +697,17 @@ class RowSync:
             self._origin.reset(token)
 
     def _tag_transaction(self, conn: sa.Connection) -> None:
-        if (name := self._origin.get()) is not None:
+        name = self._origin.get()
+        if self.capture == "wal":  # tagged at commit (:func:`rowsync.wal.tag`)
+            conn.info[self._origin] = name
+        elif name is not None:
             conn.exec_driver_sql(
                 "SELECT set_config('rowsync.origin', %(name)s, true)", {"name": name}
             )
+
+    def _tag_commit(self, conn: sa.Connection) -> None:
+        if (name := conn.info.pop(self._origin, None)) is not None:
+            wal.tag(conn, self.channel, name)
 
     # -- waiting for the listener -----------------------------------------------------
 

@@ -30,8 +30,10 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   identity, so a FULL table cannot have one: withholding columns of such a table is refused
   at install, rather than have them leave the server or make writes fail.
 - Flush barriers still come as NOTIFY (:func:`rowsync.listener.send_flush`), on a connection
-  that turns each one into a logical message: it is decoded after every transaction that
-  committed before it, as a barrier must be.
+  that turns each one into a transactional logical message: it is decoded at its commit,
+  after every transaction that committed before it, as a barrier must be. Its commit flushes
+  the WAL; a non-transactional message would wait for the WAL writer (``wal_writer_delay``,
+  200 ms by default) before the walsender could send it.
 - Slots (:mod:`rowsync.slots`): without a consumer, a temporary slot per connection, which
   starts at the present: after a reconnect the subscribers get ``(Resync, info)``. With
   ``consumer="name"``, the consumer's persistent slot: a reconnect or a restarted process
@@ -40,6 +42,9 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   only a new process can get a transaction again. A slot
   that is gone (dropped, invalidated by ``max_slot_wal_keep_size``) is created again,
   announced as ``(Resync, info)``.
+- Origins (``rs.origin``): no trigger reads the writer's setting, so a tagged transaction
+  that wrote carries its origin as a transactional logical message, sent at its commit
+  (:func:`tag`): one small WAL record, and only for transactions tagged.
 """
 
 from __future__ import annotations
@@ -116,6 +121,27 @@ def emit(channel: str) -> sql.Composed:
     return sql.SQL("PERFORM pg_logical_emit_message(true, {}, payload);").format(
         sql.Literal(ANNOUNCE_PREFIX + channel)
     )
+
+
+ORIGIN_PREFIX = "rowsync.origin:"
+"""Prefix of the transactional logical messages that carry a writer's origin (``rs.origin``),
+followed by the channel."""
+
+_TAG = (
+    "SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL"
+    " THEN pg_logical_emit_message(true, %(prefix)s, %(origin)s) END"
+)
+
+
+def tag(conn: sa.Connection, channel: str, origin: str) -> None:
+    """Tag the transaction ``conn`` is about to commit with ``origin``: a transactional message,
+    decoded within the transaction, before its commit (the trigger's setting has no WAL
+    counterpart). Only when the transaction wrote (it has an id): a read-only one stays free
+    of WAL, and works on a standby; not in a failed one, whose COMMIT only rolls back."""
+    info = getattr(conn.connection.driver_connection, "info", None)  # psycopg's, sync or async
+    if info is not None and info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        return
+    conn.exec_driver_sql(_TAG, {"prefix": ORIGIN_PREFIX + channel, "origin": origin})
 
 
 Identity = Literal["default", "full"]
@@ -230,6 +256,8 @@ class Decoder:
         self._followed = {name for name, seen in events.items() if seen >= set(_EVENTS.values())}
         self._prefix = FLUSH_PREFIX + channel
         self._announced = ANNOUNCE_PREFIX + channel
+        self._origin_prefix = ORIGIN_PREFIX + channel
+        self._origin: str | None = None
         self._relations: dict[int, tuple[pgoutput.Relation, list[Callable[[bytes], Any]]]] = {}
         self._near = near
         self._xid: int | None = None
@@ -243,6 +271,7 @@ class Decoder:
         if isinstance(message, pgoutput.Begin):
             self._near = widen(message.xid, self._near)
             self._xid, self._commit_lsn, self._changes = self._near, message.final_lsn, []
+            self._origin = None
         elif isinstance(message, pgoutput.Relation):
             self._relations[message.oid] = (message, [_loader(c.type_oid) for c in message.columns])
         elif isinstance(message, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
@@ -257,12 +286,19 @@ class Decoder:
                 self._changes.append(Truncated(watched, self._xid or 0))
         elif isinstance(message, pgoutput.Commit):
             done: list[Notice | Flush | Truncated] = list(self._changes)
+            if self._origin is not None:  # the writer's message, decoded before its commit
+                done = [
+                    dataclasses.replace(n, origin=self._origin) if isinstance(n, Notice) else n
+                    for n in done
+                ]
             self._xid, self._changes = None, []
             return done
         elif isinstance(message, pgoutput.Message) and message.prefix == self._prefix:
             return [Flush(message.content.decode())]
         elif isinstance(message, pgoutput.Message) and message.prefix == self._announced:
             self._changes.extend(self._announcement(message))
+        elif isinstance(message, pgoutput.Message) and message.prefix == self._origin_prefix:
+            self._origin = message.content.decode() or None  # "" is no origin, as in triggers
         return []
 
     def _announcement(self, message: pgoutput.Message) -> list[Notice]:
@@ -564,7 +600,7 @@ class WalSource(Listener):
                         continue  # only barriers matter here
                     if isinstance(item, Flush):
                         notes.execute(
-                            "SELECT pg_logical_emit_message(false, %s, %s)",
+                            "SELECT pg_logical_emit_message(true, %s, %s)",
                             (FLUSH_PREFIX + self.channel, item.token),
                         )
                 busy = bool(received or barriers or end_lsn)

@@ -87,9 +87,19 @@ def _url(drivername: str, conn: psycopg.Connection) -> URL:
 
 
 # The reference-schema fixtures live in tests/fixtures.py; importing them here shares them.
-from fixtures import moded, rs, schema, sessions, write, write_to  # noqa: E402, F401
+from fixtures import (  # noqa: E402, F401
+    capture,
+    moded,
+    moded_engine,
+    rs,
+    schema,
+    sessions,
+    write,
+    write_to,
+)
 from restartable import (  # noqa: E402, F401
     logical_dsn,
+    logical_engine,
     logical_server,
     restartable_dsn,
     restartable_server,

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import rowsync
 from models import Base, Person, Post, Tag
 from rowsync import RowSync
+from rowsync.app import CAPTURES, Capture
 from rowsync.listener import APPLICATION_NAME
 
 ALL_ASSOCS: list[Any] = [
@@ -37,10 +38,21 @@ def reference_watchers() -> list[rowsync.Watcher]:
 
 
 @pytest.fixture
-def schema(engine: sa.Engine) -> sa.Engine:
-    """The reference schema's tables, created in this test's fresh database."""
-    Base.metadata.create_all(engine)
+def moded_engine(request: pytest.FixtureRequest) -> sa.Engine:
+    """This test's fresh, empty database: on the shared server, or on the ``wal_level =
+    logical`` one for a test run with ``capture="wal"``. A test run in several modes takes
+    this (or :func:`schema`), not ``engine`` or ``dsn``, which are on the shared server."""
+    engine: sa.Engine = request.getfixturevalue(
+        "logical_engine" if capture_of(request) == "wal" else "engine"
+    )
     return engine
+
+
+@pytest.fixture
+def schema(moded_engine: sa.Engine) -> sa.Engine:
+    """The reference schema's tables, created in this test's fresh database."""
+    Base.metadata.create_all(moded_engine)
+    return moded_engine
 
 
 @pytest.fixture
@@ -49,18 +61,30 @@ def sessions(schema: sa.Engine) -> sessionmaker[Session]:
     return sessionmaker(schema, expire_on_commit=False)
 
 
-MODES = [
-    pytest.param({}, id="notify"),
-    pytest.param({"capture": "durable"}, id="durable"),
-    pytest.param({"capture": "stream"}, id="stream"),
-]
-"""Every capture mode, as ``RowSync`` keyword arguments."""
+TRIGGERED = [c for c in CAPTURES if c != "wal"]
+"""The modes whose capture is a trigger in the writer's transaction (not ``"wal"``): for tests
+of the triggers themselves, of NOTIFY payloads, of the change log or of ``announce()``."""
 
 
-@pytest.fixture(params=MODES)
-def moded(schema: sa.Engine, request: pytest.FixtureRequest) -> Iterator[RowSync]:
+@pytest.fixture(params=CAPTURES)
+def capture(request: pytest.FixtureRequest) -> Capture:
+    """The capture mode a test runs in, once per mode of ``rowsync.app.CAPTURES``;
+    ``@pytest.mark.parametrize("capture", [...])`` picks some. :func:`schema` follows it
+    (``"wal"`` needs the logical server)."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def capture_of(request: pytest.FixtureRequest) -> str:
+    """The mode this test runs in: its ``capture`` parameter, or the default one."""
+    if "capture" in request.fixturenames:
+        return str(request.getfixturevalue("capture"))
+    return "notify"
+
+
+@pytest.fixture
+def moded(schema: sa.Engine, capture: Capture) -> Iterator[RowSync]:
     """A started RowSync for the reference schema, once per capture mode."""
-    instance = RowSync(schema, reference_watchers(), **request.param)
+    instance = RowSync(schema, reference_watchers(), capture=capture)
     instance.install()
     with instance:
         yield instance

@@ -118,3 +118,11 @@ def logical_server() -> str:
 def logical_dsn(logical_server: str) -> Iterator[str]:
     """A fresh database on the ``wal_level = logical`` server, dropped afterwards."""
     yield from fresh_database(logical_server, "rowsync_wal")
+
+
+@pytest.fixture
+def logical_engine(logical_dsn: str) -> Iterator[sa.Engine]:
+    """A psycopg engine on a fresh database of the ``wal_level = logical`` server."""
+    engine = sa.create_engine(sa.make_url(logical_dsn).set(drivername="postgresql+psycopg"))
+    yield engine
+    engine.dispose()

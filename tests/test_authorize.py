@@ -1,10 +1,17 @@
 """A per-subscription authorizer decides, before delivery, what each subscriber may receive:
 it sees the subscriber's context, the change and the fetched row."""
 
+import pytest
 import sqlalchemy as sa
 
 import rowsync
 from models import Person, Post
+
+
+@pytest.fixture
+def rs(moded: rowsync.RowSync) -> rowsync.RowSync:
+    """In every capture mode: the authorizer sees the row whichever way the change came."""
+    return moded
 
 
 def own_posts_only(user_id, change, row):

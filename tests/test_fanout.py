@@ -41,10 +41,11 @@ Group = Callable[..., list[RowSync]]
 
 
 @pytest.fixture
-def group(schema: sa.Engine, dsn: str) -> Iterator[Group]:
+def group(schema: sa.Engine) -> Iterator[Group]:
     """``group(url, count=1, **options)``: started RowSyncs of one fan-out group, in order
     (the first one, started alone, is the capture node). Stopped afterwards, last first."""
     made: list[RowSync] = []
+    dsn = schema.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     def make(url: str, count: int = 1, **options: object) -> list[RowSync]:
         require(url)
@@ -384,6 +385,18 @@ def test_with_a_shared_durable_consumer_a_new_capture_node_resumes_without_a_gap
     second.flush(30)
     assert second.fanout.capturing
     assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 1)]
+
+
+@pytest.mark.parametrize("capture", ["wal"])
+def test_a_capture_node_reading_the_wal_serves_every_node(group, write, capture) -> None:
+    first, second = group("memory://", 2, capture=capture)
+    subs = [rs.subscribe(Post) for rs in (first, second)]
+    write(Person(id=1, name="a"), Post(id=1, person_id=1))
+    for rs, sub in zip((first, second), subs, strict=True):
+        rs.flush()
+        assert [(kind, change.ids["id"]) for kind, change in sub.drain()] == [(Sync, 1)]
+    assert [rs.fanout.capturing for rs in (first, second)] == [True, False]
+    assert second.rows.queries == {}  # the row came through the broker
 
 
 # -- configuration -----------------------------------------------------------------------

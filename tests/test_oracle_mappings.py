@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import genmap
 import rowsync
 from oracle import differences, fresh, snapshot
+from rowsync.app import Capture
 from rowsync.testing import one_batch
 
 # noload() is deprecated in SQLAlchemy 2.1, and still what applications use.
@@ -110,7 +111,9 @@ class Held:
 
 
 @contextlib.contextmanager
-def started(engine: sa.Engine, built: genmap.Built) -> Iterator[rowsync.RowSync]:
+def started(
+    engine: sa.Engine, built: genmap.Built, capture: Capture = "notify"
+) -> Iterator[rowsync.RowSync]:
     """``built``'s tables with a started RowSync on them; everything dropped afterwards."""
     root = built.root
     watchers = rowsync.watchers(
@@ -122,7 +125,7 @@ def started(engine: sa.Engine, built: genmap.Built) -> Iterator[rowsync.RowSync]
         )
     built.metadata.create_all(engine)
     try:
-        rs = rowsync.RowSync(engine, watchers)
+        rs = rowsync.RowSync(engine, watchers, capture=capture)
         rs.install()
         try:
             with rs:
@@ -155,10 +158,11 @@ def check(
     features: tuple[str, ...],
     variant: str,
     required: tuple[str, ...] = (),
+    capture: Capture = "notify",
 ) -> None:
     mapping = data.draw(genmap.mappings(features, required), label="mapping")
     built = genmap.build(mapping)
-    with started(engine, built) as rs:
+    with started(engine, built, capture) as rs:
         sessions = sessionmaker(engine, expire_on_commit=False)
         allowed = frozenset({*features, *required})
         seed = data.draw(st.lists(genmap.inserts(built), min_size=2, max_size=8), label="seed")
@@ -257,9 +261,9 @@ def catch_up(rs: rowsync.RowSync, held: Held) -> None:
 
 @budget(EXAMPLES)
 @given(data=st.data())
-def test_a_synced_tree_equals_a_fresh_query_on_any_mapping(engine, data):
+def test_a_synced_tree_equals_a_fresh_query_on_any_mapping(moded_engine, capture, data):
     variant = data.draw(st.sampled_from(["tree", "single", "load"]), label="variant")
-    check(engine, data, working(variant), variant)
+    check(moded_engine, data, working(variant), variant, capture=capture)
 
 
 @budget(EXAMPLES)
