@@ -127,6 +127,12 @@ def compare(order: Sequence[Term], a: Sequence[Any], b: Sequence[Any]) -> int:
 
 def _compare_values(x: Any, y: Any) -> int:
     """Two non-NULL values, ascending; NaN sorts after every number and equals NaN."""
+    if not (isinstance(x, decimal.Decimal) or isinstance(y, decimal.Decimal)):
+        # a float NaN is neither less nor greater than anything: only a tie can hide one
+        if x < y:
+            return -1
+        if y < x:
+            return 1
     x_nan, y_nan = _nan(x), _nan(y)
     if x_nan or y_nan:
         return int(x_nan) - int(y_nan)

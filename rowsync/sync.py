@@ -345,13 +345,11 @@ class _Patch:
         """The mapper the changed row loads as now, read from its discriminator; None for a
         delete, a row without a class to read (a plain table, a model outside a polymorphic
         hierarchy), or a subclass table's row (its base row says)."""
-        model = self.change.model
+        model: Any = self.change.model
         if self.row is None or self.table is not self.identity or isinstance(model, sa.Table):
             return None
-        mapper: Mapper[Any] = sa.inspect(model)
-        if mapper.polymorphic_on is None:
-            return None
-        return tree.row_mapper(mapper, self.row.values)
+        mapper = _polymorphic(model)
+        return None if mapper is None else tree.row_mapper(mapper, self.row.values)
 
     def admits(self, edge: Edge) -> bool:
         """Whether the changed row is of a class ``edge`` holds (a relationship to a
@@ -643,9 +641,11 @@ class _Patch:
         elif _in_place(edge, items, at):
             return  # still between its neighbours: an update that moved nothing
         else:
-            items = sorted(items, key=_order_key(edge))
-        if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
-            self.assign(parent, edge, items)
+            ordered = sorted(items, key=_order_key(edge))
+            if all(map(operator.is_, ordered, items)):
+                return
+            items = ordered
+        self.assign(parent, edge, items)
 
     def assign(self, parent: Any, edge: Edge, value: Any) -> None:
         """Set a relationship as if loaded (nothing marked dirty), noting who came and went."""
@@ -806,23 +806,30 @@ def _in_place(edge: Edge, items: list[Any], at: int) -> bool:
 
 def _order_key(edge: Edge) -> Callable[[Any], Any]:
     """A sort key ordering a collection's objects as ``edge``'s ``order_by`` does."""
-    names = edge.order_names
-
-    def compare(a: Any, b: Any) -> int:
-        return ordering.compare(edge.order_by, tree.values_of(a, names), tree.values_of(b, names))
-
-    return functools.cmp_to_key(compare)
+    names, key = edge.order_names, ordering.sort_key(edge.order_by)
+    return lambda obj: key(tree.values_of(obj, names))
 
 
 def _inserted(edge: Edge, items: list[Any], obj: Any) -> list[Any]:
     """``items`` (in ``order_by`` order) with ``obj`` where a fresh query puts it: after the
     rows it ties with, as a stable sort of ``[*items, obj]`` would (only the new row's place
-    is searched for, not every pair compared again)."""
+    is searched for, not every pair compared again). The search reads each member it looks
+    at as how it compares with ``obj`` (-1, 0, 1: in order along the list)."""
     if not edge.order_by:
         return [*items, obj]
-    key = _order_key(edge)
-    at = bisect.bisect_right(items, key(obj), key=key)
+    names, order = edge.order_names, edge.order_by
+    here = tree.values_of(obj, names)
+    at = bisect.bisect_right(
+        items, 0, key=lambda o: ordering.compare(order, tree.values_of(o, names), here)
+    )
     return [*items[:at], obj, *items[at:]]
+
+
+@functools.cache
+def _polymorphic(model: Any) -> Mapper[Any] | None:
+    """The mapper of a model class whose rows' class its discriminator names, else None."""
+    mapper: Mapper[Any] = sa.inspect(model)
+    return None if mapper.polymorphic_on is None else mapper
 
 
 def _preload_spec(mapper: Mapper[Any], preloads: Preloads) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import (
     attributes,
     make_transient_to_detached,
 )
-from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.base import instance_dict, instance_state
 from sqlalchemy.orm.path_registry import PathRegistry
 
 
@@ -130,8 +130,7 @@ def placed(obj: Any, key: str, value: Any, member: Any) -> bool:
 
 def loaded_value(obj: Any, key: str) -> Any:
     """A relationship's value when it is loaded, else ``NOT_LOADED`` (never loads it)."""
-    data = instance_state(obj).dict
-    return data.get(key, NOT_LOADED)
+    return instance_dict(obj).get(key, NOT_LOADED)
 
 
 @cache
@@ -158,9 +157,8 @@ def _attribute_keys(mapper: Mapper[Any]) -> dict[str, str]:
 
 def values_of(obj: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
     """The values of a few columns of ``obj``, read straight from its loaded state."""
-    state = instance_state(obj)
-    keys = _attribute_keys(state.mapper)
-    data = state.dict
+    keys = _attribute_keys(instance_state(obj).mapper)
+    data = instance_dict(obj)
     try:
         if len(columns) == 1:  # most keys: 5x cheaper than building a list
             return (data[keys[columns[0]]],)
@@ -270,23 +268,36 @@ def patch(obj: Any, values: Mapping[str, Any], table: sa.Table | None = None) ->
 
     A column whose loaded value already equals the new one (and has no pending history) is
     left alone: setting it would change nothing, and an update usually changes one or two
-    columns of many."""
+    columns of many. On an object with nothing pending, expired or deferred, a value is
+    written straight into its dict: that is all ``set_committed_value`` does for a column
+    then (its commit bookkeeping has nothing to clear)."""
     state = instance_state(obj)
-    data = state.dict
+    data = instance_dict(obj)
     settled = not (
         state.expired or state.committed_state or state.expired_attributes or state.callables
     )
-    for key, name, owner in _columns(state.mapper):
-        if name not in values or (table is not None and owner is not table):
+    for key, name in _columns_of(state.mapper, table):
+        if name not in values:
             continue
         value = values[name]
-        if settled and key in data:
-            current = data[key]
-            if current is value or (
-                type(current) is type(value) and type(value) in _EXACT and current == value
-            ):
-                continue
-        attributes.set_committed_value(obj, key, value)
+        if not settled:
+            attributes.set_committed_value(obj, key, value)
+            continue
+        current = data.get(key, NOT_LOADED)
+        if current is value or (
+            type(current) is type(value) and type(value) in _EXACT and current == value
+        ):
+            continue
+        data[key] = value
+
+
+@cache
+def _columns_of(mapper: Mapper[Any], table: sa.Table | None) -> tuple[tuple[str, str], ...]:
+    """``(attribute key, column name)`` of the mapper's columns in ``table`` (None: in any of
+    its tables)."""
+    return tuple(
+        (key, name) for key, name, owner in _columns(mapper) if table is None or owner is table
+    )
 
 
 def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
@@ -685,11 +696,13 @@ class Index:
 
     def held_by(self, obj: Any, mapper: Mapper[Any], key: str) -> list[Any]:
         """The parents holding ``obj`` under their relationship ``key``."""
-        return [
-            p
-            for p, k in self.holders.get(id(obj), ())
-            if k == key and p is not None and isa(instance_state(p).mapper, mapper)
-        ]
+        found = []
+        for p, k in self.holders.get(id(obj), ()):
+            if k == key and p is not None:
+                held = instance_state(p).mapper
+                if held is mapper or held.isa(mapper):
+                    found.append(p)
+        return found
 
     def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
         return self.objects.get((table, key), [])
@@ -722,7 +735,7 @@ class Index:
     def unset(self, obj: Any, key: str) -> None:
         """Unload the relationship ``key`` of ``obj`` (as a fresh query that does not load it
         leaves it)."""
-        before = instance_state(obj).dict.pop(key, NOT_LOADED)
+        before = instance_dict(obj).pop(key, NOT_LOADED)
         if id(obj) not in self._seen or before is NOT_LOADED:
             return
         self._unloaded(obj, key)
@@ -760,20 +773,29 @@ class Index:
     ) -> tuple[list[Any], list[Any]]:
         old_items = as_list(None if before is NOT_LOADED else before)
         new_items = as_list(after)
-        objects = {id(o): o for o in old_items}
-        objects.update((id(o), o) for o in new_items)
-        old, new = Counter(map(id, old_items)), Counter(map(id, new_items))
-        if indexed:
-            for ident, count in old.items():
-                for _ in range(count - new.get(ident, 0)):
-                    self._unplace(objects[ident], obj, key)
-            for ident, count in new.items():
-                if (extra := count - old.get(ident, 0)) > 0:
-                    self._walk([(objects[ident], obj, key)] * extra)
-        return (
-            [objects[i] for i in old if i not in new],
-            [objects[i] for i in new if i not in old],
-        )
+        old = {id(o): o for o in old_items}
+        new = {id(o): o for o in new_items}
+        lost = [o for i, o in old.items() if i not in new]
+        gained = [o for i, o in new.items() if i not in old]
+        if not indexed:
+            return lost, gained
+        if len(old) == len(old_items) and len(new) == len(new_items):
+            # each object held once before and once after (any collection but one repeating
+            # a link): the places lost and gained are the objects lost and gained
+            for o in lost:
+                self._unplace(o, obj, key)
+            if gained:
+                self._walk([(o, obj, key) for o in gained])
+            return lost, gained
+        surplus = Counter(map(id, old_items))  # one place per occurrence
+        surplus.subtract(map(id, new_items))
+        objects = old | new
+        for ident, count in surplus.items():
+            for _ in range(count):
+                self._unplace(objects[ident], obj, key)
+            if count < 0:
+                self._walk([(objects[ident], obj, key)] * -count)
+        return lost, gained
 
     def _unplace(self, obj: Any, parent: Any, key: str | None) -> None:
         places = self.holders.get(id(obj))
@@ -821,7 +843,7 @@ class Index:
         table, relationships = _shape(state.mapper)
         found = self.objects.get((table, _key(state, obj)), [])
         found[:] = [o for o in found if o is not obj]
-        data = state.dict
+        data = instance_dict(obj)
         for rel_key, _owner, _uselist in relationships:
             if rel_key in data:
                 self._unloaded(obj, rel_key)
@@ -843,7 +865,7 @@ class Index:
             state = instance_state(obj)
             table, relationships = _shape(state.mapper)
             objects[(table, _key(state, obj))].append(obj)
-            data = state.dict
+            data = instance_dict(obj)
             for rel_key, owner, uselist in relationships:
                 if rel_key not in data:
                     # not loaded (or expired): what a lazy load would fetch is not in the tree
