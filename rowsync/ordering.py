@@ -119,7 +119,14 @@ def compare(order: Sequence[Term], a: Sequence[Any], b: Sequence[Any]) -> int:
             if x is None and y is None:
                 continue
             return (-1 if x is None else 1) * (1 if t.nulls_first else -1)
-        result = _compare_values(x, y)
+        if isinstance(x, decimal.Decimal) or isinstance(y, decimal.Decimal):
+            result = _compare_values(x, y)  # a Decimal NaN refuses to be ordered
+        elif x < y:
+            result = -1
+        elif y < x:
+            result = 1
+        else:  # a tie, or a float NaN: neither less nor greater than anything
+            result = _compare_values(x, y)
         if result:
             return -result if t.descending else result
     return 0
@@ -127,12 +134,6 @@ def compare(order: Sequence[Term], a: Sequence[Any], b: Sequence[Any]) -> int:
 
 def _compare_values(x: Any, y: Any) -> int:
     """Two non-NULL values, ascending; NaN sorts after every number and equals NaN."""
-    if not (isinstance(x, decimal.Decimal) or isinstance(y, decimal.Decimal)):
-        # a float NaN is neither less nor greater than anything: only a tie can hide one
-        if x < y:
-            return -1
-        if y < x:
-            return 1
     x_nan, y_nan = _nan(x), _nan(y)
     if x_nan or y_nan:
         return int(x_nan) - int(y_nan)

@@ -31,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
-from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.base import instance_dict, instance_state
 
 from rowsync import ordering, tree
 from rowsync.cache import GONE, CachedRow
@@ -300,8 +300,6 @@ class _Patch:
                 self.row = found
         self.row_class = self._row_class()
         """The mapper the changed row loads as now (see :meth:`_row_class`)."""
-        self.entity = self._entity()
-        """The mapper the roots were queried as (see :meth:`_entity`)."""
 
     def apply(self) -> None:
         if self.row is not None:
@@ -528,8 +526,10 @@ class _Patch:
         by its subscription: :mod:`rowsync.roots`) says whether the row is a root now, and
         where; a list without one never gains a row it cannot know its query returns, and
         loses one no longer of its class (its discriminator changed)."""
+        if self.roots and _table(self.roots[0]) is not self.identity:
+            return  # a row of another table: never one of these roots
         entity = self.entity
-        if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
+        if entity is None:
             return
         held = [
             r for r in self.index.instances(self.identity, self.key) if id(r) in self.index.roots
@@ -586,7 +586,8 @@ class _Patch:
         self.reshaped += gone
         tree.Generation.bump()
 
-    def _entity(self) -> Mapper[Any] | None:
+    @functools.cached_property
+    def entity(self) -> Mapper[Any] | None:
         """The mapper the roots were queried as; for an emptied list, the model ``preloads``
         names in the changed row's hierarchy (None if it names none), else the change's."""
         if self.roots:
@@ -619,7 +620,8 @@ class _Patch:
                 self.assign(parent, edge, None)
             return
         items = tree.as_list(current)
-        at = tree.find(items, target, self.index.instances(edge.target_identity, target))
+        known = self.index.instances(edge.target_identity, target)
+        at = tree.find(items, known)
         held = at >= 0
         if (
             held
@@ -630,12 +632,18 @@ class _Patch:
             self.requery.setdefault(edge, {})[id(parent)] = parent
             return
         if present and not held:
-            obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
+            # the tree's own instance when it has one (a move), as ``instance`` would give
+            obj = (
+                known[0]
+                if known
+                else self.instance(edge.target, target, row, _child_spec(parent, edge))
+            )
             if obj is None:
                 return
             items = _inserted(edge, items, obj)
         elif present is False and held:
-            items = [o for o in items if tree.primary_key(o) != target]
+            gone = {id(o) for o in known}
+            items = [o for o in items if id(o) not in gone]
         elif not (held and edge.order_by):
             return
         elif _in_place(edge, items, at):
@@ -729,16 +737,17 @@ class _Patch:
             )
         tree.remember_places_spec(obj, spec)
         state = instance_state(obj)
+        data = instance_dict(obj)
         unloaded = []
         for rel in state.mapper.relationships:
-            if rel.key in state.dict and rel.key not in spec:
-                unloaded += tree.as_list(state.dict[rel.key])
+            if rel.key in data and rel.key not in spec:
+                unloaded += tree.as_list(data[rel.key])
                 index.unset(obj, rel.key)  # as a fresh query leaves it
                 self.reshaped.append(obj)
         if unloaded:
             index.settle()
         missing = {
-            k: v for k, v in spec.items() if k not in state.dict and k in state.mapper.relationships
+            k: v for k, v in spec.items() if k not in data and k in state.mapper.relationships
         }
         if missing:
             self.reshaped.append(obj)
