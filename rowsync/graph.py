@@ -139,7 +139,7 @@ class Edge:
 
     def remote(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
         """The parent key a target row (or link row) points to."""
-        return tuple(values.get(name) for name in self.remote_names)
+        return tuple([values.get(name) for name in self.remote_names])
 
     def link_target(self, link: Mapping[str, Any]) -> dict[str, Any]:
         """The target's key columns named in a link row of ``secondary``."""

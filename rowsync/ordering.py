@@ -119,7 +119,14 @@ def compare(order: Sequence[Term], a: Sequence[Any], b: Sequence[Any]) -> int:
             if x is None and y is None:
                 continue
             return (-1 if x is None else 1) * (1 if t.nulls_first else -1)
-        result = _compare_values(x, y)
+        if isinstance(x, decimal.Decimal) or isinstance(y, decimal.Decimal):
+            result = _compare_values(x, y)  # a Decimal NaN refuses to be ordered
+        elif x < y:
+            result = -1
+        elif y < x:
+            result = 1
+        else:  # a tie, or a float NaN: neither less nor greater than anything
+            result = _compare_values(x, y)
         if result:
             return -result if t.descending else result
     return 0

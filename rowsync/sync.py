@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
-from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.base import instance_dict, instance_state
 
 from rowsync import ordering, tree
 from rowsync.cache import GONE, CachedRow
@@ -323,8 +323,6 @@ class _Patch:
                 self.row = found
         self.row_class = self._row_class()
         """The mapper the changed row loads as now (see :meth:`_row_class`)."""
-        self.entity = self._entity()
-        """The mapper the roots were queried as (see :meth:`_entity`)."""
 
     def apply(self) -> None:
         if self.row is not None:
@@ -374,13 +372,11 @@ class _Patch:
         """The mapper the changed row loads as now, read from its discriminator; None for a
         delete, a row without a class to read (a plain table, a model outside a polymorphic
         hierarchy), or a subclass table's row (its base row says)."""
-        model = self.change.model
+        model: Any = self.change.model
         if self.row is None or self.table is not self.identity or isinstance(model, sa.Table):
             return None
-        mapper: Mapper[Any] = sa.inspect(model)
-        if mapper.polymorphic_on is None:
-            return None
-        return tree.row_mapper(mapper, self.row.values)
+        mapper = _polymorphic(model)
+        return None if mapper is None else tree.row_mapper(mapper, self.row.values)
 
     def admits(self, edge: Edge) -> bool:
         """Whether the changed row is of a class ``edge`` holds (a relationship to a
@@ -559,8 +555,10 @@ class _Patch:
         by its subscription: :mod:`rowsync.roots`) says whether the row is a root now, and
         where; a list without one never gains a row it cannot know its query returns, and
         loses one no longer of its class (its discriminator changed)."""
+        if self.roots and _table(self.roots[0]) is not self.identity:
+            return  # a row of another table: never one of these roots
         entity = self.entity
-        if entity is None or (self.roots and tree.identity_table(entity) is not self.identity):
+        if entity is None:
             return
         held = [
             r for r in self.index.instances(self.identity, self.key) if id(r) in self.index.roots
@@ -639,7 +637,8 @@ class _Patch:
         self.reshaped += gone
         tree.Generation.bump()
 
-    def _entity(self) -> Mapper[Any] | None:
+    @functools.cached_property
+    def entity(self) -> Mapper[Any] | None:
         """The mapper the roots were queried as; for an emptied list, the model ``preloads``
         names in the changed row's hierarchy (None if it names none), else the change's."""
         if self.roots:
@@ -672,7 +671,8 @@ class _Patch:
                 self.assign(parent, edge, None)
             return
         items = tree.as_list(current)
-        at = tree.find(items, target, self.index.instances(edge.target_identity, target))
+        known = self.index.instances(edge.target_identity, target)
+        at = tree.find(items, known)
         held = at >= 0
         if (
             held
@@ -683,20 +683,28 @@ class _Patch:
             self.requery.setdefault(edge, {})[id(parent)] = parent
             return
         if present and not held:
-            obj = self.instance(edge.target, target, row, _child_spec(parent, edge))
+            # the tree's own instance when it has one (a move), as ``instance`` would give
+            obj = (
+                known[0]
+                if known
+                else self.instance(edge.target, target, row, _child_spec(parent, edge))
+            )
             if obj is None:
                 return
             items = _inserted(edge, items, obj)
         elif present is False and held:
-            items = [o for o in items if tree.primary_key(o) != target]
+            gone = {id(o) for o in known}
+            items = [o for o in items if id(o) not in gone]
         elif not (held and edge.order_by):
             return
         elif _in_place(edge, items, at):
             return  # still between its neighbours: an update that moved nothing
         else:
-            items = sorted(items, key=_order_key(edge))
-        if [id(o) for o in items] != [id(o) for o in tree.as_list(current)]:
-            self.assign(parent, edge, items)
+            ordered = sorted(items, key=_order_key(edge))
+            if all(map(operator.is_, ordered, items)):
+                return
+            items = ordered
+        self.assign(parent, edge, items)
 
     def assign(self, parent: Any, edge: Edge, value: Any) -> None:
         """Set a relationship as if loaded (nothing marked dirty), noting who came and went."""
@@ -780,16 +788,17 @@ class _Patch:
             )
         tree.remember_places_spec(obj, spec)
         state = instance_state(obj)
+        data = instance_dict(obj)
         unloaded = []
         for rel in state.mapper.relationships:
-            if rel.key in state.dict and rel.key not in spec:
-                unloaded += tree.as_list(state.dict[rel.key])
+            if rel.key in data and rel.key not in spec:
+                unloaded += tree.as_list(data[rel.key])
                 index.unset(obj, rel.key)  # as a fresh query leaves it
                 self.reshaped.append(obj)
         if unloaded:
             index.settle()
         missing = {
-            k: v for k, v in spec.items() if k not in state.dict and k in state.mapper.relationships
+            k: v for k, v in spec.items() if k not in data and k in state.mapper.relationships
         }
         if missing:
             self.reshaped.append(obj)
@@ -857,23 +866,30 @@ def _in_place(edge: Edge, items: list[Any], at: int) -> bool:
 
 def _order_key(edge: Edge) -> Callable[[Any], Any]:
     """A sort key ordering a collection's objects as ``edge``'s ``order_by`` does."""
-    names = edge.order_names
-
-    def compare(a: Any, b: Any) -> int:
-        return ordering.compare(edge.order_by, tree.values_of(a, names), tree.values_of(b, names))
-
-    return functools.cmp_to_key(compare)
+    names, key = edge.order_names, ordering.sort_key(edge.order_by)
+    return lambda obj: key(tree.values_of(obj, names))
 
 
 def _inserted(edge: Edge, items: list[Any], obj: Any) -> list[Any]:
     """``items`` (in ``order_by`` order) with ``obj`` where a fresh query puts it: after the
     rows it ties with, as a stable sort of ``[*items, obj]`` would (only the new row's place
-    is searched for, not every pair compared again)."""
+    is searched for, not every pair compared again). The search reads each member it looks
+    at as how it compares with ``obj`` (-1, 0, 1: in order along the list)."""
     if not edge.order_by:
         return [*items, obj]
-    key = _order_key(edge)
-    at = bisect.bisect_right(items, key(obj), key=key)
+    names, order = edge.order_names, edge.order_by
+    here = tree.values_of(obj, names)
+    at = bisect.bisect_right(
+        items, 0, key=lambda o: ordering.compare(order, tree.values_of(o, names), here)
+    )
     return [*items[:at], obj, *items[at:]]
+
+
+@functools.cache
+def _polymorphic(model: Any) -> Mapper[Any] | None:
+    """The mapper of a model class whose rows' class its discriminator names, else None."""
+    mapper: Mapper[Any] = sa.inspect(model)
+    return None if mapper.polymorphic_on is None else mapper
 
 
 def _preload_spec(mapper: Mapper[Any], preloads: Preloads) -> dict[str, Any] | None:

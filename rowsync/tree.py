@@ -4,9 +4,7 @@ building or cloning detached instances whose attributes look freshly loaded."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import threading
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +19,8 @@ from sqlalchemy.orm import (
     attributes,
     make_transient_to_detached,
 )
-from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.base import instance_dict, instance_state, manager_of_class
+from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.path_registry import PathRegistry
 
 
@@ -42,6 +41,7 @@ def mapped_table(mapper: Mapper[Any]) -> sa.Table:
     return cast(sa.Table, mapper.local_table)
 
 
+@cache
 def identity_table(mapper: Mapper[Any]) -> sa.Table:
     """The table that names a row of ``mapper``'s hierarchy: its base mapper's. A subclass
     row of joined-table inheritance is one object whatever table of it changes, as in
@@ -91,6 +91,8 @@ def as_list(value: Any) -> list[Any]:
     ``@collection.iterator``), whatever the class."""
     if value is None:
         return []
+    if type(value) is InstrumentedList:  # SQLAlchemy's own list iterates as a list does
+        return list(value)
     adapter = getattr(value, "_sa_adapter", None)
     if adapter is not None:
         return list(iter(adapter))  # not list(adapter): its len() walks the collection once more
@@ -115,7 +117,7 @@ def keyed(value: Any) -> bool:
     """Whether a collection holds its members by key (a mapping): one member a key, so a row
     loaded under a key another row took is not among its members, and the key's next holder
     can only be known from the database."""
-    return isinstance(value, Mapping)
+    return not isinstance(value, list) and isinstance(value, Mapping)  # a list: most, and fast
 
 
 def placed(obj: Any, key: str, value: Any, member: Any) -> bool:
@@ -130,8 +132,7 @@ def placed(obj: Any, key: str, value: Any, member: Any) -> bool:
 
 def loaded_value(obj: Any, key: str) -> Any:
     """A relationship's value when it is loaded, else ``NOT_LOADED`` (never loads it)."""
-    data = instance_state(obj).dict
-    return data.get(key, NOT_LOADED)
+    return instance_dict(obj).get(key, NOT_LOADED)
 
 
 @cache
@@ -156,11 +157,17 @@ def _attribute_keys(mapper: Mapper[Any]) -> dict[str, str]:
     return keys
 
 
+def mapper_of(obj: Any) -> Mapper[Any]:
+    """``instance_state(obj).mapper``, read off the object's class: in a large tree the
+    object's own state is likely out of the CPU's caches, its class is not."""
+    mapper: Mapper[Any] = manager_of_class(type(obj)).mapper
+    return mapper
+
+
 def values_of(obj: Any, columns: tuple[str, ...]) -> tuple[Any, ...]:
     """The values of a few columns of ``obj``, read straight from its loaded state."""
-    state = instance_state(obj)
-    keys = _attribute_keys(state.mapper)
-    data = state.dict
+    keys = _attribute_keys(mapper_of(obj))
+    data = instance_dict(obj)
     try:
         if len(columns) == 1:  # most keys: 5x cheaper than building a list
             return (data[keys[columns[0]]],)
@@ -242,51 +249,47 @@ def primary_key(obj: Any) -> tuple[Any, ...]:
     return tuple(values.get(c.name) for c in identity_table(state.mapper).primary_key.columns)
 
 
-def find(objects: list[Any], key: tuple[Any, ...], known: list[Any] | None = None) -> int:
-    """The position of the first object whose primary key is ``key``, or -1.
+def find(objects: list[Any], instances: list[Any]) -> int:
+    """The position of the first of a row's ``instances`` among ``objects``, or -1.
 
-    ``known``: the instances of that row a tree's index holds. Looked for by identity first,
-    which reads no object (a collection's siblings may all be cold in memory), then by key."""
-    if known:
-        for i, obj in enumerate(objects):
-            for instance in known:
-                if obj is instance:
-                    return i
+    ``instances``: those a tree's index holds, which are every instance of the row the tree
+    has (the index's invariant). Looked for by identity, which reads no object: in a large
+    tree a collection's members are likely out of the CPU's caches."""
     for i, obj in enumerate(objects):
-        state = instance_state(obj)
-        if (state.key[1] if state.key is not None else primary_key(obj)) == key:
-            return i
+        for instance in instances:
+            if obj is instance:
+                return i
     return -1
-
-
-_EXACT: Final = frozenset({type(None), bool, int, str, bytes, uuid.UUID, datetime.date})
-"""Types whose equal values are interchangeable (unlike floats' -0.0, Decimal('1.0'), or
-datetimes in two time zones)."""
 
 
 def patch(obj: Any, values: Mapping[str, Any], table: sa.Table | None = None) -> None:
     """Set column attributes as if loaded: nothing is marked dirty, a flush writes nothing.
     ``values`` are a row of ``table`` (default: any of the object's tables, by column name).
 
-    A column whose loaded value already equals the new one (and has no pending history) is
-    left alone: setting it would change nothing, and an update usually changes one or two
-    columns of many."""
+    On an object with nothing pending, expired or deferred, the values are written straight
+    into its dict: that is all ``set_committed_value`` does for a column then (its commit
+    bookkeeping has nothing to clear). Unchanged columns are written too: telling them apart
+    would read every old value, which in a large tree is likely out of the CPU's caches."""
     state = instance_state(obj)
-    data = state.dict
-    settled = not (
-        state.expired or state.committed_state or state.expired_attributes or state.callables
+    columns = _columns_of(state.mapper, table)
+    if state.expired or state.committed_state or state.expired_attributes or state.callables:
+        for key, name in columns:
+            if name in values:
+                attributes.set_committed_value(obj, key, values[name])
+        return
+    data = instance_dict(obj)
+    for key, name in columns:
+        if name in values:
+            data[key] = values[name]
+
+
+@cache
+def _columns_of(mapper: Mapper[Any], table: sa.Table | None) -> tuple[tuple[str, str], ...]:
+    """``(attribute key, column name)`` of the mapper's columns in ``table`` (None: in any of
+    its tables)."""
+    return tuple(
+        (key, name) for key, name, owner in _columns(mapper) if table is None or owner is table
     )
-    for key, name, owner in _columns(state.mapper):
-        if name not in values or (table is not None and owner is not table):
-            continue
-        value = values[name]
-        if settled and key in data:
-            current = data[key]
-            if current is value or (
-                type(current) is type(value) and type(value) in _EXACT and current == value
-            ):
-                continue
-        attributes.set_committed_value(obj, key, value)
 
 
 def build(mapper: Mapper[Any], values: Mapping[str, Any]) -> Any:
@@ -685,11 +688,13 @@ class Index:
 
     def held_by(self, obj: Any, mapper: Mapper[Any], key: str) -> list[Any]:
         """The parents holding ``obj`` under their relationship ``key``."""
-        return [
-            p
-            for p, k in self.holders.get(id(obj), ())
-            if k == key and p is not None and isa(instance_state(p).mapper, mapper)
-        ]
+        found = []
+        for p, k in self.holders.get(id(obj), ()):
+            if k == key and p is not None:
+                held = mapper_of(p)
+                if held is mapper or held.isa(mapper):
+                    found.append(p)
+        return found
 
     def instances(self, table: sa.Table, key: tuple[Any, ...]) -> list[Any]:
         return self.objects.get((table, key), [])
@@ -722,7 +727,7 @@ class Index:
     def unset(self, obj: Any, key: str) -> None:
         """Unload the relationship ``key`` of ``obj`` (as a fresh query that does not load it
         leaves it)."""
-        before = instance_state(obj).dict.pop(key, NOT_LOADED)
+        before = instance_dict(obj).pop(key, NOT_LOADED)
         if id(obj) not in self._seen or before is NOT_LOADED:
             return
         self._unloaded(obj, key)
@@ -760,20 +765,29 @@ class Index:
     ) -> tuple[list[Any], list[Any]]:
         old_items = as_list(None if before is NOT_LOADED else before)
         new_items = as_list(after)
-        objects = {id(o): o for o in old_items}
-        objects.update((id(o), o) for o in new_items)
-        old, new = Counter(map(id, old_items)), Counter(map(id, new_items))
-        if indexed:
-            for ident, count in old.items():
-                for _ in range(count - new.get(ident, 0)):
-                    self._unplace(objects[ident], obj, key)
-            for ident, count in new.items():
-                if (extra := count - old.get(ident, 0)) > 0:
-                    self._walk([(objects[ident], obj, key)] * extra)
-        return (
-            [objects[i] for i in old if i not in new],
-            [objects[i] for i in new if i not in old],
-        )
+        old = {id(o): o for o in old_items}
+        new = {id(o): o for o in new_items}
+        lost = [o for i, o in old.items() if i not in new]
+        gained = [o for i, o in new.items() if i not in old]
+        if not indexed:
+            return lost, gained
+        if len(old) == len(old_items) and len(new) == len(new_items):
+            # each object held once before and once after (any collection but one repeating
+            # a link): the places lost and gained are the objects lost and gained
+            for o in lost:
+                self._unplace(o, obj, key)
+            if gained:
+                self._walk([(o, obj, key) for o in gained])
+            return lost, gained
+        surplus = Counter(map(id, old_items))  # one place per occurrence
+        surplus.subtract(map(id, new_items))
+        objects = old | new
+        for ident, count in surplus.items():
+            for _ in range(count):
+                self._unplace(objects[ident], obj, key)
+            if count < 0:
+                self._walk([(objects[ident], obj, key)] * -count)
+        return lost, gained
 
     def _unplace(self, obj: Any, parent: Any, key: str | None) -> None:
         places = self.holders.get(id(obj))
@@ -821,7 +835,7 @@ class Index:
         table, relationships = _shape(state.mapper)
         found = self.objects.get((table, _key(state, obj)), [])
         found[:] = [o for o in found if o is not obj]
-        data = state.dict
+        data = instance_dict(obj)
         for rel_key, _owner, _uselist in relationships:
             if rel_key in data:
                 self._unloaded(obj, rel_key)
@@ -843,7 +857,7 @@ class Index:
             state = instance_state(obj)
             table, relationships = _shape(state.mapper)
             objects[(table, _key(state, obj))].append(obj)
-            data = state.dict
+            data = instance_dict(obj)
             for rel_key, owner, uselist in relationships:
                 if rel_key not in data:
                     # not loaded (or expired): what a lazy load would fetch is not in the tree
