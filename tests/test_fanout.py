@@ -211,9 +211,13 @@ def test_a_capture_node_cut_from_the_broker_steps_down_for_one_that_can_publish(
         wait_until(lambda: far.fanout.capturing, limit=10)
         assert not capture.fanout.capturing
         assert capture.fanout.election.stats["resigned"] == 1
+        # Elected is not yet listening: what commits before its listener listens is covered
+        # by the Resync its start announces. A barrier that comes back went through it.
+        far.flush(10)
+        assert [kind for kind, _ in sub.drain()] == [Resync]
         write(Person(id=1, name="a"), Post(id=1, person_id=1))
         far.flush(10)
-        assert [kind for kind, _ in sub.drain()] == [Resync, Sync]
+        assert [kind for kind, _ in sub.drain()] == [Sync]
 
         cable.restore()  # back, as an ordinary node: it receives through the broker again
         wait_until(lambda: capture.fanout.connected.is_set())

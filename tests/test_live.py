@@ -525,7 +525,12 @@ def landing(
 ) -> tuple[sessionmaker[Session] | Any, list[tuple[Any, ...]]]:
     """A session factory for a live query, and a list: writes put in the list commit when
     the live query next opens a session (to check a root, or to load the rows it admits:
-    after it took the position its subscription replays from, before its query reads)."""
+    after it took the position its subscription replays from, before its query reads).
+
+    Flush the seed rows before the live query starts (else their own messages may reach it
+    and open that session first), and ``live.flush()`` before checking: a write landing
+    while the live query applies a message commits in its thread, possibly after the
+    check's ``rs.flush()`` was sent; only a flush sent after it landed waits for it."""
     queued: list[tuple[Any, ...]] = []
 
     def factory() -> Session:
@@ -565,6 +570,7 @@ def test_a_commit_landing_during_an_admission_leaves_every_root_loaded_as_a_fres
     rs, sessions, write
 ):
     two_people_with_a_root_each(write)
+    rs.flush()
     factory, queued = landing(sessions, write)
     with rs.live(factory, SIBLINGS) as live:
         page = follow(live)
@@ -591,13 +597,14 @@ def test_a_root_leaving_the_where_but_held_below_is_loaded_as_there(rs, sessions
 
 @pytest.mark.parametrize(
     "commits",
+    # statements, not objects: an object added once is persistent in every later test
     [
         [
-            (Post(id=10, name="a", person_id=1),),
+            (sa.insert(Post).values(id=10, name="a", person_id=1),),
             (sa.update(Post).where(Post.id == 10).values(person_id=2),),
         ],
         [
-            (Post(id=10, name="a", person_id=1),),
+            (sa.insert(Post).values(id=10, name="a", person_id=1),),
             (sa.update(Post).where(Post.id == 10).values(person_id=2),),
             (sa.delete(Post).where(Post.id == 10),),
         ],
@@ -616,6 +623,7 @@ def test_a_root_leaving_the_where_but_held_below_is_loaded_as_there(rs, sessions
 @pytest.mark.parametrize("during", [False, True], ids=["after", "during-admission"])
 def test_commits_in_one_batch_keep_roots_held_below_exact(rs, sessions, write, commits, during):
     two_people_with_a_root_each(write)
+    rs.flush()
     factory, queued = landing(sessions, write)
     with rs.live(factory, SIBLINGS) as live:
         page = follow(live)
@@ -624,6 +632,8 @@ def test_commits_in_one_batch_keep_roots_held_below_exact(rs, sessions, write, c
         with rowsync.testing.one_batch(rs):
             for commit in commits:
                 write(*commit)
+        live.flush()
+        assert not queued  # it landed while the batch was applied: now flushes wait for it
         assert_exact(live, sessions, page)
 
 
