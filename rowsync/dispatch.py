@@ -266,7 +266,7 @@ class Dispatcher:
                 prior = found[1] if found is not None else None
             if isinstance(prior, CachedRow):
                 earlier = {n: v for n, v in prior.values.items() if n in carried.unchanged}
-        row = self.rows.built(table, carried.texts, earlier)
+        row = self.rows.built(table, carried, earlier)
         if row is None:
             latest[(table, key)] = None
             return change
