@@ -150,13 +150,14 @@ def _tuple(data: bytes, pos: int) -> tuple[tuple[Value, ...], int]:
     values: list[Value] = []
     append = values.append
     length = _TUPLE_FIELD.unpack_from
+    total = len(data)
     for _ in range(count):
         kind = data[pos]
         if kind == 116:  # 't': text, its length first
             (size,) = length(data, pos + 1)
             pos += 5
             end = pos + size
-            if size < 0 or end > len(data):
+            if size < 0 or end > total:
                 raise DecodeError("message truncated")
             append(data[pos:end])
             pos = end

@@ -372,8 +372,10 @@ class Decoder:
             return None
         watcher, wanted = found
         new = _values(table.loaders, current, wanted)
-        if isinstance(message, pgoutput.Update) and message.old is not None:
-            old = _values(table.loaders, message.old, wanted)
+        before = message.old if isinstance(message, pgoutput.Update) else None
+        # values before the update only when they differ: most updates leave them be
+        if before is not None and any(before[i] != current[i] for _, i in wanted):
+            old = _values(table.loaders, before, wanted)
             if old == new:
                 old = None
         unchanged = _NOTHING_UNCHANGED
