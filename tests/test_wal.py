@@ -678,6 +678,34 @@ def test_the_whole_old_row_fills_what_the_new_one_left_out():
     assert key_only.row.unchanged == {"name"}
 
 
+def test_values_before_an_update_are_told_only_when_they_differ():
+    decoder = Decoder(rowsync.watchers(Post), "ch")
+    names = ("id", "name", "body", "person_id", "other_id")
+    columns = tuple(pgoutput.Column(n, 25 if n in ("name", "body") else 23, True) for n in names)
+    decoder.feed(pgoutput.Relation(9, "public", "posts", "f", columns))
+    decoder.feed(pgoutput.Begin(100, 0, 1))
+    renamed = (b"1", b"b", None, b"5", None)
+    decoder.feed(pgoutput.Update(9, (b"1", b"a", None, b"5", None), False, renamed))
+    decoder.feed(pgoutput.Update(9, renamed, False, (b"1", b"b", None, b"6", None)))
+    rename, move = decoder.feed(pgoutput.Commit(100, 120, 0))
+
+    assert rename.new == {"id": 1, "person_id": 5, "other_id": None} and rename.old is None
+    assert move.new == {"id": 1, "person_id": 6, "other_id": None}
+    assert move.old == {"id": 1, "person_id": 5, "other_id": None}
+
+
+def test_an_identifying_column_the_stream_does_not_send_is_left_out():
+    decoder = Decoder(rowsync.watchers(Post), "ch")
+    columns = (pgoutput.Column("id", 23, True), pgoutput.Column("person_id", 23, True))
+    decoder.feed(pgoutput.Relation(9, "public", "posts", "f", columns))
+    decoder.feed(pgoutput.Begin(100, 0, 1))
+    decoder.feed(pgoutput.Insert(9, (b"1", None)))
+    (insert,) = decoder.feed(pgoutput.Commit(100, 120, 0))
+
+    assert insert.new == {"id": 1, "person_id": None}
+    assert insert.row.layout.names == ("id", "person_id") and insert.row.values == (b"1", None)
+
+
 def test_transaction_ids_are_widened_across_the_epoch_boundary():
     epoch = 1 << 32
     decoder = Decoder(rowsync.watchers(Tag), "ch", near=epoch - 10)
