@@ -16,7 +16,7 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   left out (:meth:`rowsync.dispatch.Dispatcher.resolve`).
 - A transaction is decoded as soon as its commit record is written, which can be before other
   sessions see it committed: a batch is handed over only once its transactions are visible
-  to new snapshots (:func:`_await_visible`). Not only for the rows still read: a subscriber's
+  to new snapshots (:class:`Visibility`). Not only for the rows still read: a subscriber's
   ``sync`` reads too (a new object's relationships, association links), and a position
   (``rs.position()``) taken after a change was handed over must have seen it.
 - A TRUNCATE of a watched table deletes rows the WAL does not name: it is a gap, announced
@@ -54,6 +54,7 @@ import dataclasses
 import logging
 import selectors
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -86,28 +87,50 @@ from rowsync.watchers import Watcher
 logger = logging.getLogger(__name__)
 
 _VISIBLE = """
-    SELECT bool_and(pg_visible_in_snapshot(x::text::xid8, s))
+    SELECT bool_and(pg_visible_in_snapshot(x::text::xid8, s)),
+           min(pg_snapshot_xmin(s)::text::bigint)
     FROM unnest(%s::bigint[]) x, pg_current_snapshot() s
 """
-"""Whether every transaction of a list of 64-bit ids is visible to a snapshot taken now."""
+"""Whether every transaction of a list of 64-bit ids is visible to a snapshot taken now, and
+that snapshot's xmin."""
 
 VISIBLE_TIMEOUT = 5.0
 """Seconds a decoded transaction may take to become visible before rowsync hands it over
 regardless (and announces a gap: what is read of it may be older than the changes)."""
 
 
-def _await_visible(conn: psycopg.Connection[TupleRow], xids: Sequence[int]) -> bool:
-    """Wait until transactions ``xids`` are visible to new snapshots; False if they were not
-    within :data:`VISIBLE_TIMEOUT`. Each is waited for: transactions may become visible in
-    another order than they committed in."""
-    deadline = time.monotonic() + VISIBLE_TIMEOUT
-    while True:
-        row = conn.execute(_VISIBLE, (list(xids),)).fetchone()
-        if row is not None and row[0]:
+class Visibility:
+    """Waits until decoded transactions are visible to new snapshots, on a connection of its
+    own (autocommit: each query takes a new snapshot).
+
+    Each query also returns its snapshot's xmin: every transaction below it had ended when
+    the snapshot was taken, so a committed one (every decoded one is) is visible to every
+    snapshot since. Transactions all below the highest xmin seen need no query: under a
+    steady stream, those that committed while the previous batch's query ran."""
+
+    def __init__(self, conn: psycopg.Connection[TupleRow], stats: Counter[str]) -> None:
+        self.conn = conn
+        self.stats = stats
+        self.horizon = 0
+        """The highest xmin seen (64-bit)."""
+
+    def wait(self, xids: Sequence[int]) -> bool:
+        """Wait until transactions ``xids`` are visible to new snapshots; False if they were
+        not within :data:`VISIBLE_TIMEOUT`. Each is waited for: transactions may become
+        visible in another order than they committed in."""
+        if max(xids) < self.horizon:
             return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.0002)  # the commit is being made visible: a matter of microseconds
+        deadline = time.monotonic() + VISIBLE_TIMEOUT
+        while True:
+            self.stats["visibility_queries"] += 1
+            row = self.conn.execute(_VISIBLE, (list(xids),)).fetchone()
+            if row is not None and row[1] is not None:
+                self.horizon = max(self.horizon, row[1])
+            if row is not None and row[0]:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)  # the commit is being made visible: a matter of microseconds
 
 
 FLUSH_PREFIX = "rowsync.flush:"
@@ -574,6 +597,7 @@ class WalSource(Listener):
         row = notes.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
         decoder = Decoder(self.watchers, self.channel, (row.fetchone() or (0,))[0])
         decoder.ref = self.ref
+        visible = Visibility(notes, self.stats)
         with selectors.DefaultSelector() as selector:
             selector.register(notes.fileno(), selectors.EVENT_READ)
             selector.register(cursor.connection.fileno(), selectors.EVENT_READ)
@@ -599,14 +623,14 @@ class WalSource(Listener):
                         continue
                     for done in decoder.feed(decoded):
                         if isinstance(done, Truncated):
-                            self._hand_over(notes, batch)
+                            self._hand_over(visible, batch)
                             batch = []
-                            self._truncated(notes, done)
+                            self._truncated(visible, done)
                         else:
                             batch.append(done)
                     if isinstance(decoded, pgoutput.Commit):
                         end_lsn = decoded.end_lsn
-                self._hand_over(notes, batch)
+                self._hand_over(visible, batch)
                 self.ref = decoder.ref
                 if end_lsn:  # only once dispatched: the slot resends what it was not told
                     self.dispatched = end_lsn
@@ -626,17 +650,17 @@ class WalSource(Listener):
                 if not ready and not busy:
                     notes.execute("SELECT 1")  # liveness probe: raises if the server is gone
 
-    def _hand_over(self, notes: psycopg.Connection[TupleRow], batch: list[Notice | Flush]) -> None:
+    def _hand_over(self, visible: Visibility, batch: list[Notice | Flush]) -> None:
         """Dispatch ``batch`` once its transactions are visible to new snapshots."""
         xids = sorted({n.xid for n in batch if isinstance(n, Notice) and n.xid is not None})
-        if xids and not _await_visible(notes, xids):
+        if xids and not visible.wait(xids):
             self._gap("a decoded transaction did not become visible to reads")
         self._dispatch(batch)
 
-    def _truncated(self, notes: psycopg.Connection[TupleRow], truncate: Truncated) -> None:
+    def _truncated(self, visible: Visibility, truncate: Truncated) -> None:
         """A TRUNCATE of watched tables, once visible (the snapshot the gap takes must have
         seen it): their rows are gone, and which ones the WAL does not say."""
         self.stats["truncates"] += 1
-        _await_visible(notes, [truncate.xid])
+        visible.wait([truncate.xid])
         names = ", ".join(f"{schema}.{table}" for schema, table in truncate.tables)
         self._gap(f"TRUNCATE of {names}: the rows it deleted are not in the WAL")

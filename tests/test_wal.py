@@ -12,6 +12,7 @@ import enum
 import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ import rowsync
 from fixtures import apply_all, messages, reference_watchers, writer
 from models import Base, Person, Post, Tag
 from oracle import fresh, snapshot
-from rowsync import Resync, Sync, pgoutput, slots
+from rowsync import Resync, Sync, pgoutput, slots, wal
 from rowsync.cli import main
 from rowsync.testing import one_batch
-from rowsync.wal import Decoder
+from rowsync.wal import Decoder, Visibility
 
 
 @pytest.fixture
@@ -704,6 +705,28 @@ def test_an_identifying_column_the_stream_does_not_send_is_left_out():
 
     assert insert.new == {"id": 1, "person_id": None}
     assert insert.row.layout.names == ("id", "person_id") and insert.row.values == (b"1", None)
+
+
+def test_visibility_queries_only_for_transactions_no_snapshot_saw_ended(logical_dsn, monkeypatch):
+    xid = "SELECT pg_current_xact_id()::text::bigint"
+    with (
+        psycopg.connect(logical_dsn, autocommit=True) as conn,
+        psycopg.connect(logical_dsn, autocommit=True) as other,
+        psycopg.connect(logical_dsn) as open_,
+    ):
+        committed = other.execute(xid).fetchone()[0]
+        running = open_.execute(xid).fetchone()[0]  # its transaction stays open
+        stats: Counter[str] = Counter()
+        visible = Visibility(conn, stats)
+
+        assert visible.wait([committed]) and stats["visibility_queries"] == 1
+        # the open transaction was running at the snapshot: the horizon stays at or below it
+        assert 0 < visible.horizon <= running
+        assert visible.wait([visible.horizon - 1]) and stats["visibility_queries"] == 1
+
+        monkeypatch.setattr(wal, "VISIBLE_TIMEOUT", 0.05)
+        assert not visible.wait([running])  # asked (and asked again), never assumed
+        assert stats["visibility_queries"] > 2
 
 
 def test_transaction_ids_are_widened_across_the_epoch_boundary():
