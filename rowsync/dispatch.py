@@ -266,14 +266,23 @@ class Dispatcher:
                 prior = found[1] if found is not None else None
             if isinstance(prior, CachedRow):
                 earlier = {n: v for n, v in prior.values.items() if n in carried.unchanged}
-        row = self.rows.built(table, carried.texts, earlier)
+        row = self.rows.built(table, carried, earlier)
         if row is None:
             latest[(table, key)] = None
             return change
         ids = {name: row.values[name] for name in change.new if name in row.values}
         latest[(table, key_of(table, ids))] = row
-        return dataclasses.replace(
-            change, new=ids, row=CachedRow(row.values, row.matches, change.old)
+        # every field named: dataclasses.replace costs more than the rest of this, per change
+        return Resolved(
+            change.ref,
+            change.table,
+            change.event,
+            ids,
+            change.old,
+            change.origin,
+            CachedRow(row.values, row.matches, change.old),
+            change.readable,
+            change.xid,
         )
 
     def _newest(self, table: sa.Table, key: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -40,6 +40,8 @@ from rowsync.cache import GONE, CachedRow, RowCache
 from rowsync.columns import ColumnPolicy
 from rowsync.errors import ConfigurationError
 from rowsync.graph import Edge, Graph
+from rowsync.listener import Carried, Layout
+from rowsync.pgoutput import UNCHANGED
 from rowsync.position import Position
 
 logger = logging.getLogger(__name__)
@@ -345,6 +347,19 @@ class _RowQuery:
 _NO_MATCHES: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What :meth:`RowSource.built` needs to build one table's rows from one layout."""
+
+    complete: bool
+    """False: the rows cannot be built (criteria to compute), they are read."""
+    columns: tuple[tuple[str, int, Callable[[bytes], Any], Callable[[Any], Any] | None], ...]
+    """Each readable column carried: name, index in the carried values, text loader, result
+    processor."""
+    missing: tuple[str, ...]
+    """Readable columns not carried (not published): known only from an earlier row."""
+
+
 def _array_safe(kind: Any) -> bool:
     """Key types that travel as one array parameter as is (an Enum, say, is bound one by one:
     an array of it needs its own type in the database)."""
@@ -369,6 +384,7 @@ class RowSource:
         transaction would add a BEGIN and a ROLLBACK."""
         self._row_queries: dict[sa.Table, _RowQuery] = {}
         self._text_loaders: dict[int, Callable[[bytes], Any]] = {}
+        self._plans: dict[tuple[sa.Table, Layout], _Plan] = {}
         self._held: sa.Connection | None = None
         self._holding = threading.Lock()
 
@@ -463,37 +479,60 @@ class RowSource:
     # -- rows the WAL carried ----------------------------------------------------------
 
     def built(
-        self,
-        table: sa.Table,
-        texts: Mapping[str, tuple[int, bytes | None]],
-        earlier: Mapping[str, Any] | None = None,
+        self, table: sa.Table, carried: Carried, earlier: Mapping[str, Any] | None = None
     ) -> CachedRow | None:
-        """The row :meth:`fetch` would read, from a row given in Postgres' text form (each
-        column's type oid and text; None: NULL), with no query; None when that cannot be told
-        without one: a readable column neither given nor in ``earlier`` (values already
-        loaded), or criteria to compute (the database evaluates them, in the read).
+        """The row :meth:`fetch` would read, from a row the WAL carried (Postgres' text form),
+        with no query; None when that cannot be told without one: a readable column neither
+        carried nor in ``earlier`` (values already loaded), or criteria to compute (the
+        database evaluates them, in the read).
 
         Each value goes through the two steps a query's result takes: the loader psycopg
         picks for its type on the engine's connections (the engine's adapters, its sessions'
         time zone), then the column type's result processor, as SQLAlchemy applies it (enums,
-        ``TypeDecorator`` types, arrays, JSON). Withheld columns are never loaded."""
-        if self.graph.criteria.get(table):
+        ``TypeDecorator`` types, arrays, JSON). Withheld columns are never loaded. Which
+        column of the carried row each readable one is, with its loader and processor, is
+        worked out once per table and layout (:meth:`_plan`): this runs for every change."""
+        plan = self._plans.get((table, carried.layout))
+        if plan is None:
+            plan = self._plans[(table, carried.layout)] = self._plan(table, carried.layout)
+        if not plan.complete:
             return None
-        dialect = self.engine.dialect
+        texts = carried.values
         values: dict[str, Any] = {}
-        for column in self.policy.columns(table):
-            carried = texts.get(column.name)
-            if carried is None:
-                if earlier is None or column.name not in earlier:
+        for name in plan.missing:
+            if earlier is None or name not in earlier:
+                return None
+            values[name] = earlier[name]
+        for name, i, load, process in plan.columns:
+            text = texts[i]
+            if text is UNCHANGED:
+                if earlier is None or name not in earlier:
                     return None
-                values[column.name] = earlier[column.name]
+                values[name] = earlier[name]
                 continue
-            oid, text = carried
-            value = None if text is None else self._text_loader(oid)(text)
-            # what SQLAlchemy's result calls for a column of this type and this oid
-            process = column.type._cached_result_processor(dialect, oid)
-            values[column.name] = value if process is None else process(value)
+            value = None if text is None else load(text)  # type: ignore[arg-type]
+            values[name] = value if process is None else process(value)
         return CachedRow(values, _NO_MATCHES)
+
+    def _plan(self, table: sa.Table, layout: Layout) -> _Plan:
+        """How :meth:`built` makes ``table``'s readable columns from rows of ``layout``: each
+        carried one's index in the values, its text loader and the result processor
+        SQLAlchemy applies for that column type and oid; the names of those not carried."""
+        if self.graph.criteria.get(table):
+            return _Plan(False, (), ())
+        dialect = self.engine.dialect
+        index = {name: i for i, name in enumerate(layout.names)}
+        columns = []
+        missing = []
+        for column in self.policy.columns(table):
+            i = index.get(column.name)
+            if i is None:
+                missing.append(column.name)
+                continue
+            oid = layout.oids[i]
+            process = column.type._cached_result_processor(dialect, oid)
+            columns.append((column.name, i, self._text_loader(oid), process))
+        return _Plan(True, tuple(columns), tuple(missing))
 
     def _text_loader(self, oid: int) -> Callable[[bytes], Any]:
         load = self._text_loaders.get(oid)

@@ -27,7 +27,7 @@ import os
 import selectors
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from psycopg.rows import TupleRow
 from rowsync.changelog import ChangeLog
 from rowsync.connect import Connect, run
 from rowsync.messages import Event
+from rowsync.pgoutput import Value
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +82,27 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class Layout:
+    """The columns of a table's rows as a replication stream sends them, in order: one per
+    table the stream describes, shared by its changes, so what depends on the columns alone
+    is worked out once per table, not per change (:meth:`rowsync.fetch.RowSource.built`)."""
+
+    names: tuple[str, ...]
+    oids: tuple[int, ...]
+    """Each column's type oid."""
+
+
+@dataclass(frozen=True, slots=True)
 class Carried:
     """A row as logical decoding carries it (``capture="wal"``): after an insert or an update,
     before a delete (its replica identity)."""
 
-    texts: Mapping[str, tuple[int, bytes | None]]
-    """Each column sent: its type's oid and its value in Postgres' text form (None: NULL)."""
+    layout: Layout
+    values: tuple[Value, ...]
+    """Each column of ``layout``: its value in Postgres' text form, None (NULL), or
+    :data:`~rowsync.pgoutput.UNCHANGED` (not sent: an unchanged TOASTed value)."""
     unchanged: frozenset[str]
-    """Columns not sent: unchanged TOASTed values (the server keeps them out of the WAL)."""
+    """The columns ``values`` holds as unchanged."""
     followed: bool
     """Every change of the table's rows becomes a notice (every event is watched): an earlier
     row of the same key, as the dispatcher last handed it over, is then the version this

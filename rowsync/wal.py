@@ -16,7 +16,7 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   left out (:meth:`rowsync.dispatch.Dispatcher.resolve`).
 - A transaction is decoded as soon as its commit record is written, which can be before other
   sessions see it committed: a batch is handed over only once its transactions are visible
-  to new snapshots (:func:`_await_visible`). Not only for the rows still read: a subscriber's
+  to new snapshots (:class:`Visibility`). Not only for the rows still read: a subscriber's
   ``sync`` reads too (a new object's relationships, association links), and a position
   (``rs.position()``) taken after a change was handed over must have seen it.
 - A TRUNCATE of a watched table deletes rows the WAL does not name: it is a gap, announced
@@ -54,6 +54,7 @@ import dataclasses
 import logging
 import selectors
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -72,40 +73,64 @@ from rowsync.listener import (
     APPLICATION_NAME,
     Carried,
     Flush,
+    Layout,
     Listener,
     Notice,
     _Stopped,
     parse,
 )
 from rowsync.messages import Event
+from rowsync.pgoutput import UNCHANGED
 from rowsync.position import widen
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
 
 _VISIBLE = """
-    SELECT bool_and(pg_visible_in_snapshot(x::text::xid8, s))
+    SELECT bool_and(pg_visible_in_snapshot(x::text::xid8, s)),
+           min(pg_snapshot_xmin(s)::text::bigint)
     FROM unnest(%s::bigint[]) x, pg_current_snapshot() s
 """
-"""Whether every transaction of a list of 64-bit ids is visible to a snapshot taken now."""
+"""Whether every transaction of a list of 64-bit ids is visible to a snapshot taken now, and
+that snapshot's xmin."""
 
 VISIBLE_TIMEOUT = 5.0
 """Seconds a decoded transaction may take to become visible before rowsync hands it over
 regardless (and announces a gap: what is read of it may be older than the changes)."""
 
 
-def _await_visible(conn: psycopg.Connection[TupleRow], xids: Sequence[int]) -> bool:
-    """Wait until transactions ``xids`` are visible to new snapshots; False if they were not
-    within :data:`VISIBLE_TIMEOUT`. Each is waited for: transactions may become visible in
-    another order than they committed in."""
-    deadline = time.monotonic() + VISIBLE_TIMEOUT
-    while True:
-        row = conn.execute(_VISIBLE, (list(xids),)).fetchone()
-        if row is not None and row[0]:
+class Visibility:
+    """Waits until decoded transactions are visible to new snapshots, on a connection of its
+    own (autocommit: each query takes a new snapshot).
+
+    Each query also returns its snapshot's xmin: every transaction below it had ended when
+    the snapshot was taken, so a committed one (every decoded one is) is visible to every
+    snapshot since. Transactions all below the highest xmin seen need no query: under a
+    steady stream, those that committed while the previous batch's query ran."""
+
+    def __init__(self, conn: psycopg.Connection[TupleRow], stats: Counter[str]) -> None:
+        self.conn = conn
+        self.stats = stats
+        self.horizon = 0
+        """The highest xmin seen (64-bit)."""
+
+    def wait(self, xids: Sequence[int]) -> bool:
+        """Wait until transactions ``xids`` are visible to new snapshots; False if they were
+        not within :data:`VISIBLE_TIMEOUT`. Each is waited for: transactions may become
+        visible in another order than they committed in."""
+        if max(xids) < self.horizon:
             return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.0002)  # the commit is being made visible: a matter of microseconds
+        deadline = time.monotonic() + VISIBLE_TIMEOUT
+        while True:
+            self.stats["visibility_queries"] += 1
+            row = self.conn.execute(_VISIBLE, (list(xids),)).fetchone()
+            if row is not None and row[1] is not None:
+                self.horizon = max(self.horizon, row[1])
+            if row is not None and row[0]:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)  # the commit is being made visible: a matter of microseconds
 
 
 FLUSH_PREFIX = "rowsync.flush:"
@@ -223,11 +248,9 @@ def uninstall(conn: psycopg.Connection[TupleRow], publication: str) -> None:
     conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(publication)))
 
 
-_EVENTS: dict[type, Event] = {
-    pgoutput.Insert: "inserted",
-    pgoutput.Update: "updated",
-    pgoutput.Delete: "deleted",
-}
+_EVENTS: tuple[Event, ...] = ("inserted", "updated", "deleted")
+
+_NOTHING_UNCHANGED: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +260,20 @@ class Truncated:
 
     tables: tuple[tuple[str, str], ...]
     xid: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """What the decoder works out once per relation the stream describes (every change of
+    it needs the same): how its rows are laid out, each column's loader, and for each event
+    watched, the watcher and the index of each of its identifying columns."""
+
+    schema: str
+    table: str
+    layout: Layout
+    loaders: tuple[Callable[[bytes], Any], ...]
+    watched: dict[Event, tuple[Watcher, tuple[tuple[str, int], ...]]]
+    followed: bool
 
 
 class Decoder:
@@ -253,12 +290,12 @@ class Decoder:
         events: dict[tuple[str, str], set[Event]] = {}
         for w in watchers:
             events.setdefault((w.schema, w.table), set()).add(w.event)
-        self._followed = {name for name, seen in events.items() if seen >= set(_EVENTS.values())}
+        self._followed = {name for name, seen in events.items() if seen >= set(_EVENTS)}
         self._prefix = FLUSH_PREFIX + channel
         self._announced = ANNOUNCE_PREFIX + channel
         self._origin_prefix = ORIGIN_PREFIX + channel
         self._origin: str | None = None
-        self._relations: dict[int, tuple[pgoutput.Relation, list[Callable[[bytes], Any]]]] = {}
+        self._relations: dict[int, _Table] = {}
         self._near = near
         self._xid: int | None = None
         self._commit_lsn = 0
@@ -268,22 +305,13 @@ class Decoder:
 
     def feed(self, message: pgoutput.Decoded) -> list[Notice | Flush | Truncated]:
         """What ``message`` completes: a committed transaction's changes, or a barrier."""
-        if isinstance(message, pgoutput.Begin):
+        if isinstance(message, pgoutput.Update | pgoutput.Insert | pgoutput.Delete):
+            if (notice := self._notice(message)) is not None:
+                self._changes.append(notice)
+        elif isinstance(message, pgoutput.Begin):
             self._near = widen(message.xid, self._near)
             self._xid, self._commit_lsn, self._changes = self._near, message.final_lsn, []
             self._origin = None
-        elif isinstance(message, pgoutput.Relation):
-            self._relations[message.oid] = (message, [_loader(c.type_oid) for c in message.columns])
-        elif isinstance(message, pgoutput.Insert | pgoutput.Update | pgoutput.Delete):
-            if (notice := self._notice(message)) is not None:
-                self._changes.append(notice)
-        elif isinstance(message, pgoutput.Truncate):
-            names = [
-                (relation.schema, relation.table)
-                for relation, _ in map(self._relations.__getitem__, message.relations)
-            ]
-            if watched := tuple(n for n in names if any(k[:2] == n for k in self._watched)):
-                self._changes.append(Truncated(watched, self._xid or 0))
         elif isinstance(message, pgoutput.Commit):
             done: list[Notice | Flush | Truncated] = list(self._changes)
             if self._origin is not None:  # the writer's message, decoded before its commit
@@ -293,6 +321,15 @@ class Decoder:
                 ]
             self._xid, self._changes = None, []
             return done
+        elif isinstance(message, pgoutput.Relation):
+            self._relations[message.oid] = self._table(message)
+        elif isinstance(message, pgoutput.Truncate):
+            names = [
+                (relation.schema, relation.table)
+                for relation in map(self._relations.__getitem__, message.relations)
+            ]
+            if watched := tuple(n for n in names if any(k[:2] == n for k in self._watched)):
+                self._changes.append(Truncated(watched, self._xid or 0))
         elif isinstance(message, pgoutput.Message) and message.prefix == self._prefix:
             return [Flush(message.content.decode())]
         elif isinstance(message, pgoutput.Message) and message.prefix == self._announced:
@@ -300,6 +337,24 @@ class Decoder:
         elif isinstance(message, pgoutput.Message) and message.prefix == self._origin_prefix:
             self._origin = message.content.decode() or None  # "" is no origin, as in triggers
         return []
+
+    def _table(self, relation: pgoutput.Relation) -> _Table:
+        names = tuple(c.name for c in relation.columns)
+        index = {name: i for i, name in enumerate(names)}
+        watched = {}
+        for event in _EVENTS:
+            watcher = self._watched.get((relation.schema, relation.table, event))
+            if watcher is not None:  # an identifying column not published is left out
+                wanted = tuple((n, index[n]) for n in watcher.columns if n in index)
+                watched[event] = (watcher, wanted)
+        return _Table(
+            relation.schema,
+            relation.table,
+            Layout(names, tuple(c.type_oid for c in relation.columns)),
+            tuple(_loader(c.type_oid) for c in relation.columns),
+            watched,
+            (relation.schema, relation.table) in self._followed,
+        )
 
     def _announcement(self, message: pgoutput.Message) -> list[Notice]:
         """The event ``rs.announce()`` emitted, placed among its transaction's changes (a
@@ -321,77 +376,64 @@ class Decoder:
     def _notice(
         self, message: pgoutput.Insert | pgoutput.Update | pgoutput.Delete
     ) -> Notice | None:
-        relation, loaders = self._relations[message.relation]
-        event = _EVENTS[type(message)]
-        watcher = self._watched.get((relation.schema, relation.table, event))
-        if watcher is None:
+        table = self._relations[message.relation]
+        old: dict[str, Any] | None = None
+        if isinstance(message, pgoutput.Update):
+            event: Event = "updated"
+            current = message.new
+            if message.old is not None and not message.key_only and UNCHANGED in current:
+                # the whole old row (REPLICA IDENTITY FULL) holds what the new one left out
+                current = tuple(
+                    b if v is UNCHANGED else v for v, b in zip(current, message.old, strict=True)
+                )
+        elif isinstance(message, pgoutput.Insert):
+            event, current = "inserted", message.new
+        else:
+            event, current = "deleted", message.old
+        found = table.watched.get(event)
+        if found is None:
             return None
-        names = [c.name for c in relation.columns]
-        current = message.old if isinstance(message, pgoutput.Delete) else message.new
-        # the whole old row (REPLICA IDENTITY FULL), which holds what the new one left out
-        before = (
-            message.old if isinstance(message, pgoutput.Update) and not message.key_only else None
-        )
-        new = _values(names, loaders, current, watcher.columns, before)
-        old = None
-        if isinstance(message, pgoutput.Update) and message.old is not None:
-            old = _values(names, loaders, message.old, watcher.columns, None)
+        watcher, wanted = found
+        new = _values(table.loaders, current, wanted)
+        before = message.old if isinstance(message, pgoutput.Update) else None
+        # values before the update only when they differ: most updates leave them be
+        if before is not None and any(before[i] != current[i] for _, i in wanted):
+            old = _values(table.loaders, before, wanted)
             if old == new:
                 old = None
+        unchanged = _NOTHING_UNCHANGED
+        if UNCHANGED in current:
+            names = table.layout.names
+            unchanged = frozenset(names[i] for i, v in enumerate(current) if v is UNCHANGED)
         self.ref = max(self.ref + 1, self._commit_lsn)
         return Notice(
             self.ref,
-            relation.schema,
-            relation.table,
+            table.schema,
+            table.table,
             event,
             new,
             old,
             watcher.label,
             None,
             self._xid,
-            self._carried(relation, current, before),
+            Carried(table.layout, current, unchanged, table.followed),
         )
-
-    def _carried(
-        self,
-        relation: pgoutput.Relation,
-        values: tuple[pgoutput.Value, ...],
-        before: tuple[pgoutput.Value, ...] | None,
-    ) -> Carried:
-        texts: dict[str, tuple[int, bytes | None]] = {}
-        unchanged: set[str] = set()
-        for i, (column, value) in enumerate(zip(relation.columns, values, strict=True)):
-            if value is pgoutput.UNCHANGED and before is not None:
-                value = before[i]
-            if isinstance(value, pgoutput.Unchanged):
-                unchanged.add(column.name)
-            else:
-                texts[column.name] = (column.type_oid, value)
-        followed = (relation.schema, relation.table) in self._followed
-        return Carried(texts, frozenset(unchanged), followed)
 
 
 def _values(
-    names: list[str],
-    loaders: list[Callable[[bytes], Any]],
+    loaders: tuple[Callable[[bytes], Any], ...],
     values: tuple[pgoutput.Value, ...],
-    wanted: Sequence[str],
-    fallback: tuple[pgoutput.Value, ...] | None,
+    wanted: tuple[tuple[str, int], ...],
 ) -> dict[str, Any]:
-    """The ``wanted`` columns of a tuple as Python values. An unchanged TOASTed value was
-    not sent: it is the old row's, when that was (``fallback``, a whole old row)."""
+    """The ``wanted`` columns (name, index) of a tuple as Python values; an unchanged
+    TOASTed value, which was not sent, is left out."""
     result: dict[str, Any] = {}
-    for name in wanted:
-        if name not in names:
-            continue  # not published
-        i = names.index(name)
+    for name, i in wanted:
         value = values[i]
-        if value is pgoutput.UNCHANGED and fallback is not None:
-            value = fallback[i]
-        if isinstance(value, bytes):
-            result[name] = loaders[i](value)
-        elif value is None:
+        if value is None:
             result[name] = None
+        elif value is not UNCHANGED:
+            result[name] = loaders[i](value)  # type: ignore[arg-type]
     return result
 
 
@@ -400,9 +442,9 @@ def _loader(oid: int) -> Callable[[bytes], Any]:
     know (an enum, a domain of one) stays text, which :func:`rowsync.fetch.coerce` reads."""
     cls = psycopg.adapters.get_loader(oid, Format.TEXT)
     if cls is None:
-        return lambda data: data.decode()
-    load = cls(oid).load
-    return lambda data: load(data)
+        return bytes.decode
+    load: Callable[[bytes], Any] = cls(oid).load
+    return load
 
 
 class WalSource(Listener):
@@ -555,6 +597,7 @@ class WalSource(Listener):
         row = notes.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
         decoder = Decoder(self.watchers, self.channel, (row.fetchone() or (0,))[0])
         decoder.ref = self.ref
+        visible = Visibility(notes, self.stats)
         with selectors.DefaultSelector() as selector:
             selector.register(notes.fileno(), selectors.EVENT_READ)
             selector.register(cursor.connection.fileno(), selectors.EVENT_READ)
@@ -580,14 +623,14 @@ class WalSource(Listener):
                         continue
                     for done in decoder.feed(decoded):
                         if isinstance(done, Truncated):
-                            self._hand_over(notes, batch)
+                            self._hand_over(visible, batch)
                             batch = []
-                            self._truncated(notes, done)
+                            self._truncated(visible, done)
                         else:
                             batch.append(done)
                     if isinstance(decoded, pgoutput.Commit):
                         end_lsn = decoded.end_lsn
-                self._hand_over(notes, batch)
+                self._hand_over(visible, batch)
                 self.ref = decoder.ref
                 if end_lsn:  # only once dispatched: the slot resends what it was not told
                     self.dispatched = end_lsn
@@ -607,17 +650,17 @@ class WalSource(Listener):
                 if not ready and not busy:
                     notes.execute("SELECT 1")  # liveness probe: raises if the server is gone
 
-    def _hand_over(self, notes: psycopg.Connection[TupleRow], batch: list[Notice | Flush]) -> None:
+    def _hand_over(self, visible: Visibility, batch: list[Notice | Flush]) -> None:
         """Dispatch ``batch`` once its transactions are visible to new snapshots."""
         xids = sorted({n.xid for n in batch if isinstance(n, Notice) and n.xid is not None})
-        if xids and not _await_visible(notes, xids):
+        if xids and not visible.wait(xids):
             self._gap("a decoded transaction did not become visible to reads")
         self._dispatch(batch)
 
-    def _truncated(self, notes: psycopg.Connection[TupleRow], truncate: Truncated) -> None:
+    def _truncated(self, visible: Visibility, truncate: Truncated) -> None:
         """A TRUNCATE of watched tables, once visible (the snapshot the gap takes must have
         seen it): their rows are gone, and which ones the WAL does not say."""
         self.stats["truncates"] += 1
-        _await_visible(notes, [truncate.xid])
+        visible.wait([truncate.xid])
         names = ", ".join(f"{schema}.{table}" for schema, table in truncate.tables)
         self._gap(f"TRUNCATE of {names}: the rows it deleted are not in the WAL")

@@ -111,3 +111,37 @@ def test_logical_message_and_truncate() -> None:
 def test_anything_else_is_a_decode_error(data: bytes) -> None:
     with pytest.raises(pgoutput.DecodeError):
         pgoutput.decode(data)
+
+
+def _insert(*fields: bytes) -> bytes:
+    """An Insert of relation 1 whose tuple holds ``fields`` (each already encoded)."""
+    return b"I" + (1).to_bytes(4, "big") + b"N" + len(fields).to_bytes(2, "big") + b"".join(fields)
+
+
+def _text(value: bytes) -> bytes:
+    return b"t" + len(value).to_bytes(4, "big") + value
+
+
+def test_a_value_is_read_by_its_length_whatever_bytes_it_holds() -> None:
+    # bytes that look like kinds, a terminator or a length, an empty text, then a NULL and
+    # an unchanged value: each field is found by the length of the one before it
+    tricky = (b"n", b"\0t\0\0\0\x09u", "é€😀".encode(), b"")
+    data = _insert(*map(_text, tricky), b"n", b"u")
+
+    assert pgoutput.decode(data) == pgoutput.Insert(1, (*tricky, None, UNCHANGED))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _insert(_text(b"abc"))[:-1],  # a value cut short
+        _insert(b"t" + (-1).to_bytes(4, "big", signed=True)),  # a negative length
+        _insert(b"t\0\0"),  # a length cut short
+        _insert(_text(b"a"), b"n")[:-1],  # a field missing
+        b"M\x01" + (0).to_bytes(8, "big") + b"\xff\0" + (0).to_bytes(4, "big"),  # not UTF-8
+    ],
+    ids=["value", "negative-length", "length", "field", "prefix-not-utf8"],
+)
+def test_a_damaged_tuple_or_name_is_a_decode_error(data: bytes) -> None:
+    with pytest.raises(pgoutput.DecodeError):
+        pgoutput.decode(data)

@@ -12,6 +12,7 @@ import enum
 import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ import rowsync
 from fixtures import apply_all, messages, reference_watchers, writer
 from models import Base, Person, Post, Tag
 from oracle import fresh, snapshot
-from rowsync import Resync, Sync, pgoutput, slots
+from rowsync import Resync, Sync, pgoutput, slots, wal
 from rowsync.cli import main
 from rowsync.testing import one_batch
-from rowsync.wal import Decoder
+from rowsync.wal import Decoder, Visibility
 
 
 @pytest.fixture
@@ -671,10 +672,61 @@ def test_the_whole_old_row_fills_what_the_new_one_left_out():
     decoder.feed(pgoutput.Update(7, (b"1", None), True, (b"2", unchanged)))
     full, key_only = decoder.feed(pgoutput.Commit(100, 120, 0))
 
-    assert full.row.texts == {"id": (23, b"1"), "name": (25, b"long")}
+    assert full.row.layout.names == ("id", "name") and full.row.layout.oids == (23, 25)
+    assert full.row.values == (b"1", b"long")
     assert not full.row.unchanged and full.row.followed
-    assert key_only.row.texts == {"id": (23, b"2")}
+    assert key_only.row.values == (b"2", unchanged)
     assert key_only.row.unchanged == {"name"}
+
+
+def test_values_before_an_update_are_told_only_when_they_differ():
+    decoder = Decoder(rowsync.watchers(Post), "ch")
+    names = ("id", "name", "body", "person_id", "other_id")
+    columns = tuple(pgoutput.Column(n, 25 if n in ("name", "body") else 23, True) for n in names)
+    decoder.feed(pgoutput.Relation(9, "public", "posts", "f", columns))
+    decoder.feed(pgoutput.Begin(100, 0, 1))
+    renamed = (b"1", b"b", None, b"5", None)
+    decoder.feed(pgoutput.Update(9, (b"1", b"a", None, b"5", None), False, renamed))
+    decoder.feed(pgoutput.Update(9, renamed, False, (b"1", b"b", None, b"6", None)))
+    rename, move = decoder.feed(pgoutput.Commit(100, 120, 0))
+
+    assert rename.new == {"id": 1, "person_id": 5, "other_id": None} and rename.old is None
+    assert move.new == {"id": 1, "person_id": 6, "other_id": None}
+    assert move.old == {"id": 1, "person_id": 5, "other_id": None}
+
+
+def test_an_identifying_column_the_stream_does_not_send_is_left_out():
+    decoder = Decoder(rowsync.watchers(Post), "ch")
+    columns = (pgoutput.Column("id", 23, True), pgoutput.Column("person_id", 23, True))
+    decoder.feed(pgoutput.Relation(9, "public", "posts", "f", columns))
+    decoder.feed(pgoutput.Begin(100, 0, 1))
+    decoder.feed(pgoutput.Insert(9, (b"1", None)))
+    (insert,) = decoder.feed(pgoutput.Commit(100, 120, 0))
+
+    assert insert.new == {"id": 1, "person_id": None}
+    assert insert.row.layout.names == ("id", "person_id") and insert.row.values == (b"1", None)
+
+
+def test_visibility_queries_only_for_transactions_no_snapshot_saw_ended(logical_dsn, monkeypatch):
+    xid = "SELECT pg_current_xact_id()::text::bigint"
+    with (
+        psycopg.connect(logical_dsn, autocommit=True) as conn,
+        psycopg.connect(logical_dsn, autocommit=True) as other,
+        psycopg.connect(logical_dsn) as open_,
+    ):
+        committed = other.execute(xid).fetchone()[0]
+        running = open_.execute(xid).fetchone()[0]  # its transaction stays open
+        stats: Counter[str] = Counter()
+        visible = Visibility(conn, stats)
+
+        assert visible.wait([committed]) and stats["visibility_queries"] == 1
+        # the open transaction was running at the snapshot: the horizon stays at or below it
+        assert 0 < visible.horizon <= running
+        assert visible.wait([visible.horizon - 1]) and stats["visibility_queries"] == 1
+
+        monkeypatch.setattr(wal, "VISIBLE_TIMEOUT", 0.05)
+        assert not visible.wait([running])  # asked (and asked again), never assumed
+        assert stats["visibility_queries"] > 2
 
 
 def test_transaction_ids_are_widened_across_the_epoch_boundary():
