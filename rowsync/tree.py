@@ -36,6 +36,30 @@ LoadSpec = Mapping[str, "LoadSpec"]
 """Relationship keys loaded on an object, each with what is loaded below it."""
 
 
+class _NeverFilled(Mapping[str, Any]):
+    """The LoadSpec of a relationship a query sets empty without reading it (the ``noload``
+    strategy): loaded, and empty whatever the database holds, so no row ever joins it."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "NEVER_FILLED"
+
+
+NEVER_FILLED: Final = _NeverFilled()
+
+NOLOAD: Final = frozenset({"noload", "None"})
+"""The names of SQLAlchemy's ``noload`` strategy as :func:`strategy` reads them
+(``lazy=None`` is one)."""
+
+
 def mapped_table(mapper: Mapper[Any]) -> sa.Table:
     """The table ``mapper`` maps. The stubs say any ``FromClause``; rowsync reads mappers as
     mapped to a :class:`~sqlalchemy.Table` (``watchers()`` refuses a model mapped otherwise)."""
@@ -375,7 +399,21 @@ def declared_spec(obj: Any) -> dict[str, Any] | None:
     declared = state.info.get(_SPEC)
     if declared is None and (state.load_options or _has_defaults(state.mapper)):
         declared = _from_options(state)
+        if state.load_path is not None and len(state.load_path) == 1:
+            declared = _with_statement_loads(obj, declared)
     return declared
+
+
+def _with_statement_loads(root: Any, declared: dict[str, Any]) -> dict[str, Any]:
+    """``declared``, the spec of the loader options a query's root kept, with what is loaded
+    on ``root`` that none of them names: its statement loaded that too. SQLAlchemy keeps on
+    an object only the options that propagate to later loads, and ``contains_eager`` does not
+    (its rows came from the statement's own join), so a relationship loaded on a root that
+    no kept option explains is taken as the statement's, loaded the same way on every root."""
+    state = instance_state(root)
+    if all(r.key in declared or r.key not in state.dict for r in state.mapper.relationships):
+        return declared
+    return {**loaded_spec(root), **declared}
 
 
 def remember_spec(obj: Any, spec: LoadSpec) -> None:
@@ -399,10 +437,20 @@ def strategy(obj: Any, key: str) -> str:
     here = _path_keys(state.load_path) if state.load_path else []
     for option in state.load_options or ():
         for element in getattr(option, "context", ()):
-            keys = _path_keys(element.path)
-            if keys == [*here, key]:
-                return str(dict(element.strategy or ()).get("lazy", "select"))
+            lazy = dict(element.strategy or ()).get("lazy")
+            if lazy is not None and _path_keys(element.path) == [*here, key]:
+                return str(lazy)
     return str(state.mapper.relationships[key].lazy)
+
+
+def never_filled(obj: Any, key: str) -> bool:
+    """Whether the relationship ``key`` of ``obj`` is one a fresh query sets empty without
+    reading it (``noload``) where ``obj`` is: its places' spec says so, else its loader
+    options, else the mapping. Such a value is loaded, and stays empty: no row joins it."""
+    spec = places_spec(obj)
+    if spec is not None:
+        return spec.get(key) is NEVER_FILLED
+    return strategy(obj, key) in NOLOAD
 
 
 def _path_keys(path: PathRegistry) -> list[str]:
@@ -505,10 +553,13 @@ def _expand(
         else:
             lazy, depth = str(rel.lazy), None
             on = statement if lazy == "joined" else mappers
-            if lazy not in EAGER or (
+            if lazy in EAGER and (
                 len(on) > rel.join_depth if rel.join_depth else any(m.isa(rel.mapper) for m in on)
             ):
                 continue
+        if lazy in NOLOAD:
+            spec[rel.key] = NEVER_FILLED
+            continue
         if lazy not in EAGER:
             continue
         nested = dict(recursing)
@@ -541,9 +592,15 @@ def _has_defaults(mapper: Mapper[Any]) -> bool:
 
 
 def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
-    merged = {k: dict(v) for k, v in a.items()}
+    """The union of two LoadSpecs. A relationship one never fills and the other loads is
+    loaded: at an object held at both places, a query fills it at the one it reaches first."""
+    merged: dict[str, Any] = {k: v if v is NEVER_FILLED else dict(v) for k, v in a.items()}
     for k, v in b.items():
-        merged[k] = merge_specs(merged.get(k, {}), v)
+        mine = merged.get(k)
+        if v is NEVER_FILLED:
+            merged.setdefault(k, NEVER_FILLED)
+        else:
+            merged[k] = merge_specs({} if mine is None or mine is NEVER_FILLED else mine, v)
     return merged
 
 
@@ -568,16 +625,19 @@ def remember_entity(obj: Any, mapper: Mapper[Any]) -> None:
 
 def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
     """What is loaded on ``obj`` (and below, through its first related object), as a LoadSpec.
-    A value ``noload`` set is not loaded: it is empty whatever the database holds."""
+    An empty value ``noload`` set is :data:`NEVER_FILLED`."""
     spec: dict[str, Any] = {}
     if depth == 0:
         return spec
     for rel in instance_state(obj).mapper.relationships:
         value = loaded_value(obj, rel.key)
-        if value is NOT_LOADED or strategy(obj, rel.key) == "noload":
+        if value is NOT_LOADED:
             continue
         children = as_list(value)
-        spec[rel.key] = loaded_spec(children[0], depth - 1) if children else {}
+        if children:
+            spec[rel.key] = loaded_spec(children[0], depth - 1)
+        else:
+            spec[rel.key] = NEVER_FILLED if strategy(obj, rel.key) in NOLOAD else {}
     return spec
 
 
@@ -715,7 +775,7 @@ class Index:
         before = loaded_value(obj, key)
         attributes.set_committed_value(obj, key, value)
         indexed = id(obj) in self._seen
-        if indexed and before is NOT_LOADED:
+        if indexed and before is NOT_LOADED and not _empty_for_good(obj, key, value):
             self._loaded(obj, key)
         return self._replace(obj, key, before, loaded_value(obj, key), indexed)
 
@@ -848,16 +908,24 @@ class Index:
                 if rel_key not in data:
                     # not loaded (or expired): what a lazy load would fetch is not in the tree
                     continue
+                value = data[rel_key]
+                if (value is None or (uselist and not value)) and never_filled(obj, rel_key):
+                    continue  # ``noload`` set it empty: no row joins it, nothing to keep current
                 loaded[(owner, rel_key)][ident] = obj
                 if by_local and (found := by_local.get((owner, rel_key))) is not None:
                     found[1][values_of(obj, found[0])].append(obj)
-                value = data[rel_key]
                 if value is None:
                     continue
                 if uselist:
                     stack.extend([(child, obj, rel_key) for child in as_list(value)])
                 else:
                     stack.append((value, obj, rel_key))
+
+
+def _empty_for_good(obj: Any, key: str, value: Any) -> bool:
+    """Whether ``value``, just set as the relationship ``key`` of ``obj``, is the empty value
+    of one :func:`never_filled`."""
+    return not as_list(value) and never_filled(obj, key)
 
 
 _UNPLACED: Final = object()
