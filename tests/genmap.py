@@ -59,7 +59,8 @@ FEATURES: dict[str, str] = {
     "joined_inheritance": "B has a subclass BX in a table of its own (with_polymorphic, of_type)",
     "single_inheritance": "B has a subclass BX in B's table, told apart by `kind`",
     # What the statement asks for (see Query):
-    "column_options": "load_only on the roots, defer on loaded relationships' targets",
+    "column_options": "load_only on the roots (foreign keys left out), defer on loaded "
+    "relationships' targets",
     "contains_eager": "A.c loaded by contains_eager over an explicit outer join",
     "recursion_depth": "selectinload(self-referential, recursion_depth=1..3)",
     "filtered_roots": "a root list with a WHERE, kept by its statement (rs.load, rs.live)",
