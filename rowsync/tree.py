@@ -447,10 +447,43 @@ def never_filled(obj: Any, key: str) -> bool:
     """Whether the relationship ``key`` of ``obj`` is one a fresh query sets empty without
     reading it (``noload``) where ``obj`` is: its places' spec says so, else its loader
     options, else the mapping. Such a value is loaded, and stays empty: no row joins it."""
-    spec = places_spec(obj)
+    state = instance_state(obj)
+    info = state.info
+    spec: LoadSpec | None = info.get(_PLACES)
+    if spec is None:
+        spec = info.get(_SPEC)
+    if spec is None:
+        if key not in _noload_defaults(state.mapper) and not _says_noload(state.load_options):
+            return False  # most objects: neither their mapping nor their options say noload
+        spec = declared_spec(obj)
     if spec is not None:
         return spec.get(key) is NEVER_FILLED
     return strategy(obj, key) in NOLOAD
+
+
+@cache
+def _noload_defaults(mapper: Mapper[Any]) -> frozenset[str]:
+    """The relationships of ``mapper`` whose ``lazy=`` default is ``noload``."""
+    return frozenset(r.key for r in mapper.relationships if str(r.lazy) in NOLOAD)
+
+
+def _says_noload(options: tuple[Any, ...] | None) -> bool:
+    """Whether any of a query's loader ``options`` sets a relationship's strategy to noload."""
+    if not options:
+        return False
+    try:
+        return _options_say_noload(options)
+    except TypeError:  # an option that cannot be hashed
+        return _options_say_noload.__wrapped__(options)
+
+
+@lru_cache(maxsize=1024)
+def _options_say_noload(options: tuple[Any, ...]) -> bool:
+    return any(
+        dict(element.strategy or ()).get("lazy") == "noload"
+        for option in options
+        for element in getattr(option, "context", ())
+    )
 
 
 def _path_keys(path: PathRegistry) -> list[str]:
