@@ -431,8 +431,9 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
 
 def strategy(obj: Any, key: str) -> str:
     """How the relationship ``key`` of ``obj`` was (or would be) loaded: "selectin", "joined",
-    "subquery", or "select" (lazy). It matters: SQLAlchemy's strategies differ in whether a
-    row reached twice appears twice."""
+    "subquery", "select" (lazy), or one of :data:`NOLOAD`. It matters: SQLAlchemy's
+    strategies differ in whether a row reached twice appears twice. An option that names no
+    strategy (``defaultload``, on the way to one below) leaves the mapping's."""
     state = instance_state(obj)
     here = _path_keys(state.load_path) if state.load_path else []
     for option in state.load_options or ():
