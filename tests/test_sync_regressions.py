@@ -265,6 +265,17 @@ def test_a_new_row_stays_out_of_a_collection_noload_sets_empty(rs, sessions, wri
     assert not differences(snapshot(people), snapshot(fresh(sessions, statement)))
 
 
+def test_resync_gives_the_empty_value_noload_sets(rs, sessions, write):
+    write(Person(id=1, name="a"), Post(id=10, person_id=1))
+    statement = sa.select(Person).options(noload(Person.posts))
+    people = fresh(sessions, statement)
+
+    people = rs.resync(people)
+
+    assert people[0].posts == []
+    assert not differences(snapshot(people), snapshot(fresh(sessions, statement)))
+
+
 class _EagerBase(DeclarativeBase):
     pass
 
