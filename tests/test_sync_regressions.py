@@ -10,6 +10,7 @@ from sqlalchemy.orm import (
     Mapped,
     contains_eager,
     defaultload,
+    immediateload,
     joinedload,
     load_only,
     mapped_column,
@@ -357,3 +358,61 @@ def test_a_new_row_stays_out_of_a_collection_a_noload_default_sets_empty(nodes):
     found = apply_all(rs, sub, found)
 
     assert not differences(snapshot(found), snapshot(fresh(write.sessions, statement)))
+
+
+class _KindsBase(DeclarativeBase):
+    pass
+
+
+class _Shelf(_KindsBase):
+    __tablename__ = "shelves"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    boxes: Mapped[list[_Box]] = relationship(viewonly=True)
+
+
+class _Box(_KindsBase):
+    """Boxes and their subclass, in one table told apart by ``kind``."""
+
+    __tablename__ = "boxes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    shelf_id: Mapped[int | None] = mapped_column(sa.ForeignKey("shelves.id"))
+    items: Mapped[list[_Item]] = relationship(viewonly=True)
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "box"}
+
+
+class _BigBox(_Box):
+    __mapper_args__ = {"polymorphic_identity": "big"}
+
+
+class _Item(_KindsBase):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    box_id: Mapped[int | None] = mapped_column(sa.ForeignKey("boxes.id"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="new (mapping oracle): SQLAlchemy's immediateload through of_type(with_polymorphic) "
+    "drops the options chained below it (box.items stays unloaded), where rowsync's LoadSpec "
+    "loads them for a new box; tests/genmap.py draws no such chain until this is fixed",
+)
+def test_a_new_row_below_an_immediateload_of_a_polymorphic_entity_loads_what_the_query_does(
+    engine, write_to
+):
+    _KindsBase.metadata.create_all(engine)
+    write = write_to(engine)
+    write(_Shelf(id=1))
+    boxes = sa.orm.with_polymorphic(_Box, [_BigBox], flat=True)
+    statement = sa.select(_Shelf).options(
+        immediateload(_Shelf.boxes.of_type(boxes)).immediateload(boxes.items)
+    )
+    shelves = fresh(write.sessions, statement)
+    rs = rowsync.RowSync(engine, rowsync.watchers(_Shelf, [{"boxes": ["items"]}]))
+    rs.install()
+    with rs:
+        sub = rs.subscribe(shelves, assocs=[{"boxes": ["items"]}])
+        write(_Box(id=2, kind="box", shelf_id=1))
+        shelves = apply_all(rs, sub, shelves)
+
+    assert not differences(snapshot(shelves), snapshot(fresh(write.sessions, statement)))
