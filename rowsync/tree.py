@@ -536,12 +536,21 @@ def options_spec(
     path (for ``joined``, the path within one SQL statement; for the loaders that run a
     query of their own, the whole path), or past its ``join_depth``."""
     explicit: dict[tuple[str, ...], _Explicit] = {}
+    unheard: list[tuple[str, ...]] = []
     for option in options:
         for element in getattr(option, "context", ()):
             lazy = dict(element.strategy or ()).get("lazy")
             if lazy is not None:
                 depth = (getattr(element, "local_opts", None) or {}).get("recursion_depth")
-                explicit[tuple(_path_keys(element.path))] = _Explicit(str(lazy), depth)
+                named = tuple(_path_keys(element.path))
+                explicit[named] = _Explicit(str(lazy), depth)
+                if lazy == "immediate" and getattr(element.path[-1], "is_aliased_class", False):
+                    # SQLAlchemy lazy-loads it as the plain class: the options chained below
+                    # the alias (``of_type(with_polymorphic(...))``) never apply
+                    unheard.append(named)
+    for top in unheard:
+        for below in [k for k in explicit if len(k) > len(top) and k[: len(top)] == top]:
+            del explicit[below]
     mappers: list[Mapper[Any]] = [mapper]
     statement: list[Mapper[Any]] = [mapper]
     keys: tuple[str, ...] = ()

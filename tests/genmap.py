@@ -859,18 +859,10 @@ def loads(
         recursion = None
         if strategy == "selectin" and target == entity and "recursion_depth" in features:
             recursion = draw(st.none() | st.integers(1, 3))
-        polymorphic = target == "B" and "BX" in built.classes and draw(st.booleans())
-        effective = built.mapping.rel(key).lazy if strategy == "default" else strategy
         children: tuple[Load, ...] = ()
-        if (
-            recursion is None
-            and (strategy in EAGER or strategy == "default")
-            # SQLAlchemy drops what is chained below an immediateload of a with_polymorphic
-            # entity, rowsync loads it (strict xfail in tests/test_sync_regressions.py:
-            # test_a_new_row_below_an_immediateload_of_a_polymorphic_entity_loads_...)
-            and not (polymorphic and effective == "immediate")
-        ):
+        if recursion is None and (strategy in EAGER or strategy == "default"):
             children = draw(loads(built, target, features, depth - 1, root))
+        polymorphic = target == "B" and "BX" in built.classes and draw(st.booleans())
         deferred = None
         ordered_by = {o.column for o in built.mapping.rel(key).order}
         deferrable = [

@@ -391,15 +391,11 @@ class _Item(_KindsBase):
     box_id: Mapped[int | None] = mapped_column(sa.ForeignKey("boxes.id"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new (mapping oracle): SQLAlchemy's immediateload through of_type(with_polymorphic) "
-    "drops the options chained below it (box.items stays unloaded), where rowsync's LoadSpec "
-    "loads them for a new box; tests/genmap.py draws no such chain until this is fixed",
-)
 def test_a_new_row_below_an_immediateload_of_a_polymorphic_entity_loads_what_the_query_does(
     engine, write_to
 ):
+    """SQLAlchemy lazy-loads an immediateload's rows as the plain class: what is chained
+    below its ``with_polymorphic`` alias is not loaded, on the rows rowsync adds either."""
     _KindsBase.metadata.create_all(engine)
     write = write_to(engine)
     write(_Shelf(id=1))
