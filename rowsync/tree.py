@@ -405,15 +405,30 @@ def declared_spec(obj: Any) -> dict[str, Any] | None:
 
 
 def _with_statement_loads(root: Any, declared: dict[str, Any]) -> dict[str, Any]:
-    """``declared``, the spec of the loader options a query's root kept, with what is loaded
-    on ``root`` that none of them names: its statement loaded that too. SQLAlchemy keeps on
-    an object only the options that propagate to later loads, and ``contains_eager`` does not
-    (its rows came from the statement's own join), so a relationship loaded on a root that
-    no kept option explains is taken as the statement's, loaded the same way on every root."""
+    """``declared``, the spec of the loader options a query's root kept, with what its
+    statement loaded on ``root`` that none of them names. SQLAlchemy keeps on an object only
+    the options that propagate to later loads, and ``contains_eager`` does not (its rows came
+    from the statement's own join), so a relationship loaded on a root that no kept option
+    explains is taken as the statement's, loaded the same way on every root: when it holds
+    rows loaded at the root's own place (not rows that reached it as the object was loaded
+    at another place of the same query), or none (an outer join that matched nothing)."""
     state = instance_state(root)
-    if all(r.key in declared or r.key not in state.dict for r in state.mapper.relationships):
-        return declared
-    return {**loaded_spec(root), **declared}
+    here = _path_keys(state.load_path)
+    found: dict[str, Any] = {}
+    for rel in state.mapper.relationships:
+        if rel.key in declared or rel.key not in state.dict:
+            continue
+        children = as_list(state.dict[rel.key])
+        if children and not any(_loaded_at(child, [*here, rel.key]) for child in children):
+            continue
+        found[rel.key] = loaded_spec(root).get(rel.key, {})
+    return {**declared, **found} if found else declared
+
+
+def _loaded_at(obj: Any, keys: list[str]) -> bool:
+    """Whether a query loaded ``obj`` at the place the relationship ``keys`` lead to."""
+    path = instance_state(obj).load_path
+    return path is not None and _path_keys(path) == keys
 
 
 def remember_spec(obj: Any, spec: LoadSpec) -> None:

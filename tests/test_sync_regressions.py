@@ -266,6 +266,22 @@ def test_a_new_row_stays_out_of_a_collection_noload_sets_empty(rs, sessions, wri
     assert not differences(snapshot(people), snapshot(fresh(sessions, statement)))
 
 
+def test_a_root_joining_an_emptied_list_gets_the_empty_value_noload_sets(rs, sessions, write):
+    write(Person(id=1, name="a"))
+    statement = sa.select(Person).options(noload(Person.posts))
+    people = fresh(sessions, statement)
+    sub = rs.subscribe(people, assocs=[])
+    sub.add(Person, "inserted", follow=True)
+
+    write(sa.delete(Person))
+    people = apply_all(rs, sub, people, preloads={Person: []})
+    write(Person(id=2, name="b"))
+    people = apply_all(rs, sub, people, preloads={Person: []})
+
+    assert people[0].posts == []
+    assert not differences(snapshot(people), snapshot(fresh(sessions, statement)))
+
+
 def test_resync_gives_the_empty_value_noload_sets(rs, sessions, write):
     write(Person(id=1, name="a"), Post(id=10, person_id=1))
     statement = sa.select(Person).options(noload(Person.posts))
