@@ -577,7 +577,9 @@ class RowSync:
                 spec = self.router.spec(sa.inspect(target), assocs)
                 for roots, _ in sub.trees:
                     if isinstance(roots, list):
-                        self.syncer.declare(roots, Filters(sa.inspect(target), filters), sub)
+                        self.syncer.declare(
+                            roots, Filters.of(sa.inspect(target), filters, roots), sub
+                        )
             elif assocs:
                 raise ConfigurationError("assocs on a model-level subscription go with follow=True")
             mapper = None if isinstance(target, sa.Table) else sa.inspect(target)
@@ -592,7 +594,8 @@ class RowSync:
             for table, _event, wanted, follows, mapper in sub.models:
                 if follows is not None:
                     model = self._tables[qualified_name(table)][1]
-                    self.syncer.declare(target, Filters(mapper or sa.inspect(model), wanted), sub)
+                    rule = Filters.of(mapper or sa.inspect(model), wanted, target)
+                    self.syncer.declare(target, rule, sub)
         self._hold(sub, target, assocs)
 
     def _hold(self, sub: Subscription, target: Any, assocs: Assocs) -> None:

@@ -24,6 +24,7 @@ from psycopg.adapt import Transformer
 from psycopg.pq import Format
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import (
+    Load,
     Mapper,
     Session,
     immediateload,
@@ -266,20 +267,28 @@ def _options(
     new objects look like their siblings: each relationship of the spec that ``mapper`` or a
     subclass of it has (a spec names the relationships of every class a place holds) with
     selectinload, its objects loaded whole, with the withheld columns of every level
-    unloaded. Every other relationship loads as if by no option, except that an eager
-    ``lazy=`` default does not load: the spec holds the defaults a query's own options left
-    on."""
+    unloaded; one it never fills with ``noload``, as the user's own option or default did.
+    Every other relationship loads as if by no option, except that an eager ``lazy=``
+    default does not load: the spec holds the defaults a query's own options left on."""
     options: list[_AbstractLoad] = []
     for owner, part in _parts(mapper, entity):
         for rel in owner.relationships:
             if owner is not mapper and rel.parent is not owner:
                 continue  # reached through the class that declares it
             attribute = getattr(part, rel.key)
-            if rel.key in spec:
+            if spec.get(rel.key) is tree.NEVER_FILLED:
+                options.append(_noload(part, attribute))
+            elif rel.key in spec:
                 options.append(_loaded(selectinload, attribute, rel.mapper, spec[rel.key], policy))
             elif rel.lazy in tree.EAGER:
                 options.append(lazyload(attribute))
     return options
+
+
+def _noload(entity: Any, attribute: Any) -> _AbstractLoad:
+    """``noload(attribute)`` without the deprecation warning SQLAlchemy 2.1 gives each call of
+    the public function: the user chose the strategy, rowsync repeats it where it loads."""
+    return Load(entity)._set_relationship_strategy(attribute, {"lazy": "noload"})
 
 
 def _loaded(
@@ -652,4 +661,6 @@ class RowSource:
 
 
 def _freeze(spec: tree.LoadSpec) -> tuple[Any, ...]:
-    return tuple(sorted((k, _freeze(v)) for k, v in spec.items()))
+    return tuple(
+        sorted((k, None if v is tree.NEVER_FILLED else _freeze(v)) for k, v in spec.items())
+    )

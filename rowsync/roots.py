@@ -70,10 +70,21 @@ class Filters:
 
     mapper: Mapper[Any]
     filters: Mapping[str, Any]
+    loaded: tree.LoadSpec | None = None
+    """What the list's roots were loaded with when it was subscribed (None: like its roots
+    of the moment): a new root is loaded so even once the list was emptied, where nothing
+    else (``preloads`` cannot say ``noload``) tells."""
 
     @property
     def spec(self) -> tree.LoadSpec | None:
-        return None
+        return self.loaded
+
+    @classmethod
+    def of(cls, mapper: Mapper[Any], filters: Mapping[str, Any], roots: list[Any]) -> Filters:
+        """The rule of ``roots``, a subscribed list: rows of ``mapper`` matching ``filters``,
+        loaded as its first root is when it is one of ``mapper``'s."""
+        same = roots and tree.identity_table(tree.entity(roots[0])) is tree.identity_table(mapper)
+        return cls(mapper, filters, tree.own_spec(roots[0]) if same else None)
 
     def admits(self, key: tuple[Any, ...], values: Mapping[str, Any]) -> bool:
         """The filters hold, and the row is of the mapper's class (a single-table subclass

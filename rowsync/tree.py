@@ -35,6 +35,30 @@ LoadSpec = Mapping[str, "LoadSpec"]
 """Relationship keys loaded on an object, each with what is loaded below it."""
 
 
+class _NeverFilled(Mapping[str, Any]):
+    """The LoadSpec of a relationship a query sets empty without reading it (the ``noload``
+    strategy): loaded, and empty whatever the database holds, so no row ever joins it."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "NEVER_FILLED"
+
+
+NEVER_FILLED: Final = _NeverFilled()
+
+NOLOAD: Final = frozenset({"noload", "None"})
+"""The names of SQLAlchemy's ``noload`` strategy as :func:`strategy` reads them
+(``lazy=None`` is one)."""
+
+
 def mapped_table(mapper: Mapper[Any]) -> sa.Table:
     """The table ``mapper`` maps. The stubs say any ``FromClause``; rowsync reads mappers as
     mapped to a :class:`~sqlalchemy.Table` (``watchers()`` refuses a model mapped otherwise)."""
@@ -378,7 +402,36 @@ def declared_spec(obj: Any) -> dict[str, Any] | None:
     declared = state.info.get(_SPEC)
     if declared is None and (state.load_options or _has_defaults(state.mapper)):
         declared = _from_options(state)
+        if state.load_path is not None and len(state.load_path) == 1:
+            declared = _with_statement_loads(obj, declared)
     return declared
+
+
+def _with_statement_loads(root: Any, declared: dict[str, Any]) -> dict[str, Any]:
+    """``declared``, the spec of the loader options a query's root kept, with what its
+    statement loaded on ``root`` that none of them names. SQLAlchemy keeps on an object only
+    the options that propagate to later loads, and ``contains_eager`` does not (its rows came
+    from the statement's own join), so a relationship loaded on a root that no kept option
+    explains is taken as the statement's, loaded the same way on every root: when it holds
+    rows loaded at the root's own place (not rows that reached it as the object was loaded
+    at another place of the same query), or none (an outer join that matched nothing)."""
+    state = instance_state(root)
+    here = _path_keys(state.load_path)
+    found: dict[str, Any] = {}
+    for rel in state.mapper.relationships:
+        if rel.key in declared or rel.key not in state.dict:
+            continue
+        children = as_list(state.dict[rel.key])
+        if children and not any(_loaded_at(child, [*here, rel.key]) for child in children):
+            continue
+        found[rel.key] = loaded_spec(root).get(rel.key, {})
+    return {**declared, **found} if found else declared
+
+
+def _loaded_at(obj: Any, keys: list[str]) -> bool:
+    """Whether a query loaded ``obj`` at the place the relationship ``keys`` lead to."""
+    path = instance_state(obj).load_path
+    return path is not None and _path_keys(path) == keys
 
 
 def remember_spec(obj: Any, spec: LoadSpec) -> None:
@@ -396,16 +449,60 @@ def remember_spec(obj: Any, spec: LoadSpec) -> None:
 
 def strategy(obj: Any, key: str) -> str:
     """How the relationship ``key`` of ``obj`` was (or would be) loaded: "selectin", "joined",
-    "subquery", or "select" (lazy). It matters: SQLAlchemy's strategies differ in whether a
-    row reached twice appears twice."""
+    "subquery", "select" (lazy), or one of :data:`NOLOAD`. It matters: SQLAlchemy's
+    strategies differ in whether a row reached twice appears twice. An option that names no
+    strategy (``defaultload``, on the way to one below) leaves the mapping's."""
     state = instance_state(obj)
     here = _path_keys(state.load_path) if state.load_path else []
     for option in state.load_options or ():
         for element in getattr(option, "context", ()):
-            keys = _path_keys(element.path)
-            if keys == [*here, key]:
-                return str(dict(element.strategy or ()).get("lazy", "select"))
+            lazy = dict(element.strategy or ()).get("lazy")
+            if lazy is not None and _path_keys(element.path) == [*here, key]:
+                return str(lazy)
     return str(state.mapper.relationships[key].lazy)
+
+
+def never_filled(obj: Any, key: str) -> bool:
+    """Whether the relationship ``key`` of ``obj`` is one a fresh query sets empty without
+    reading it (``noload``) where ``obj`` is: its places' spec says so, else its loader
+    options, else the mapping. Such a value is loaded, and stays empty: no row joins it."""
+    state = instance_state(obj)
+    info = state.info
+    spec: LoadSpec | None = info.get(_PLACES)
+    if spec is None:
+        spec = info.get(_SPEC)
+    if spec is None:
+        if key not in _noload_defaults(state.mapper) and not _says_noload(state.load_options):
+            return False  # most objects: neither their mapping nor their options say noload
+        spec = declared_spec(obj)
+    if spec is not None:
+        return spec.get(key) is NEVER_FILLED
+    return strategy(obj, key) in NOLOAD
+
+
+@cache
+def _noload_defaults(mapper: Mapper[Any]) -> frozenset[str]:
+    """The relationships of ``mapper`` whose ``lazy=`` default is ``noload``."""
+    return frozenset(r.key for r in mapper.relationships if str(r.lazy) in NOLOAD)
+
+
+def _says_noload(options: tuple[Any, ...] | None) -> bool:
+    """Whether any of a query's loader ``options`` sets a relationship's strategy to noload."""
+    if not options:
+        return False
+    try:
+        return _options_say_noload(options)
+    except TypeError:  # an option that cannot be hashed
+        return _options_say_noload.__wrapped__(options)
+
+
+@lru_cache(maxsize=1024)
+def _options_say_noload(options: tuple[Any, ...]) -> bool:
+    return any(
+        dict(element.strategy or ()).get("lazy") == "noload"
+        for option in options
+        for element in getattr(option, "context", ())
+    )
 
 
 def _path_keys(path: PathRegistry) -> list[str]:
@@ -457,12 +554,21 @@ def options_spec(
     path (for ``joined``, the path within one SQL statement; for the loaders that run a
     query of their own, the whole path), or past its ``join_depth``."""
     explicit: dict[tuple[str, ...], _Explicit] = {}
+    unheard: list[tuple[str, ...]] = []
     for option in options:
         for element in getattr(option, "context", ()):
             lazy = dict(element.strategy or ()).get("lazy")
             if lazy is not None:
                 depth = (getattr(element, "local_opts", None) or {}).get("recursion_depth")
-                explicit[tuple(_path_keys(element.path))] = _Explicit(str(lazy), depth)
+                named = tuple(_path_keys(element.path))
+                explicit[named] = _Explicit(str(lazy), depth)
+                if lazy == "immediate" and getattr(element.path[-1], "is_aliased_class", False):
+                    # SQLAlchemy lazy-loads it as the plain class: the options chained below
+                    # the alias (``of_type(with_polymorphic(...))``) never apply
+                    unheard.append(named)
+    for top in unheard:
+        for below in [k for k in explicit if len(k) > len(top) and k[: len(top)] == top]:
+            del explicit[below]
     mappers: list[Mapper[Any]] = [mapper]
     statement: list[Mapper[Any]] = [mapper]
     keys: tuple[str, ...] = ()
@@ -508,10 +614,13 @@ def _expand(
         else:
             lazy, depth = str(rel.lazy), None
             on = statement if lazy == "joined" else mappers
-            if lazy not in EAGER or (
+            if lazy in EAGER and (
                 len(on) > rel.join_depth if rel.join_depth else any(m.isa(rel.mapper) for m in on)
             ):
                 continue
+        if lazy in NOLOAD:
+            spec[rel.key] = NEVER_FILLED
+            continue
         if lazy not in EAGER:
             continue
         nested = dict(recursing)
@@ -544,9 +653,15 @@ def _has_defaults(mapper: Mapper[Any]) -> bool:
 
 
 def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
-    merged = {k: dict(v) for k, v in a.items()}
+    """The union of two LoadSpecs. A relationship one never fills and the other loads is
+    loaded: at an object held at both places, a query fills it at the one it reaches first."""
+    merged: dict[str, Any] = {k: v if v is NEVER_FILLED else dict(v) for k, v in a.items()}
     for k, v in b.items():
-        merged[k] = merge_specs(merged.get(k, {}), v)
+        mine = merged.get(k)
+        if v is NEVER_FILLED:
+            merged.setdefault(k, NEVER_FILLED)
+        else:
+            merged[k] = merge_specs({} if mine is None or mine is NEVER_FILLED else mine, v)
     return merged
 
 
@@ -571,16 +686,19 @@ def remember_entity(obj: Any, mapper: Mapper[Any]) -> None:
 
 def loaded_spec(obj: Any, depth: int = 8) -> dict[str, Any]:
     """What is loaded on ``obj`` (and below, through its first related object), as a LoadSpec.
-    A value ``noload`` set is not loaded: it is empty whatever the database holds."""
+    An empty value ``noload`` set is :data:`NEVER_FILLED`."""
     spec: dict[str, Any] = {}
     if depth == 0:
         return spec
     for rel in instance_state(obj).mapper.relationships:
         value = loaded_value(obj, rel.key)
-        if value is NOT_LOADED or strategy(obj, rel.key) == "noload":
+        if value is NOT_LOADED:
             continue
         children = as_list(value)
-        spec[rel.key] = loaded_spec(children[0], depth - 1) if children else {}
+        if children:
+            spec[rel.key] = loaded_spec(children[0], depth - 1)
+        else:
+            spec[rel.key] = NEVER_FILLED if strategy(obj, rel.key) in NOLOAD else {}
     return spec
 
 
@@ -720,7 +838,7 @@ class Index:
         before = loaded_value(obj, key)
         attributes.set_committed_value(obj, key, value)
         indexed = id(obj) in self._seen
-        if indexed and before is NOT_LOADED:
+        if indexed and before is NOT_LOADED and not _empty_for_good(obj, key, value):
             self._loaded(obj, key)
         return self._replace(obj, key, before, loaded_value(obj, key), indexed)
 
@@ -862,16 +980,24 @@ class Index:
                 if rel_key not in data:
                     # not loaded (or expired): what a lazy load would fetch is not in the tree
                     continue
+                value = data[rel_key]
+                if (value is None or (uselist and not value)) and never_filled(obj, rel_key):
+                    continue  # ``noload`` set it empty: no row joins it, nothing to keep current
                 loaded[(owner, rel_key)][ident] = obj
                 if by_local and (found := by_local.get((owner, rel_key))) is not None:
                     found[1][values_of(obj, found[0])].append(obj)
-                value = data[rel_key]
                 if value is None:
                     continue
                 if uselist:
                     stack.extend([(child, obj, rel_key) for child in as_list(value)])
                 else:
                     stack.append((value, obj, rel_key))
+
+
+def _empty_for_good(obj: Any, key: str, value: Any) -> bool:
+    """Whether ``value``, just set as the relationship ``key`` of ``obj``, is the empty value
+    of one :func:`never_filled`."""
+    return not as_list(value) and never_filled(obj, key)
 
 
 _UNPLACED: Final = object()

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from hypothesis import strategies as st
 from sqlalchemy.ext.associationproxy import association_proxy
 from sqlalchemy.orm import (
+    MANYTOONE,
     DeclarativeBase,
     Mapped,
     MappedAsDataclass,
@@ -58,7 +59,8 @@ FEATURES: dict[str, str] = {
     "joined_inheritance": "B has a subclass BX in a table of its own (with_polymorphic, of_type)",
     "single_inheritance": "B has a subclass BX in B's table, told apart by `kind`",
     # What the statement asks for (see Query):
-    "column_options": "load_only on the roots, defer on loaded relationships' targets",
+    "column_options": "load_only on the roots (foreign keys left out), defer on loaded "
+    "relationships' targets",
     "contains_eager": "A.c loaded by contains_eager over an explicit outer join",
     "recursion_depth": "selectinload(self-referential, recursion_depth=1..3)",
     "filtered_roots": "a root list with a WHERE, kept by its statement (rs.load, rs.live)",
@@ -937,7 +939,7 @@ def statement(built: Built, query: Query) -> sa.Select[Any]:
             stmt = stmt.outerjoin(model.c)
         options += _options(built, load, None, selectable)
     if query.load_only:
-        kept = ("rank", *(o.column for o in query.order))
+        kept = ("rank", *(o.column for o in query.order), *_subquery_keys(built, query))
         options.append(
             load_only(*[getattr(selectable, n) for n in _attribute_keys(built, query.root, kept)])
         )
@@ -953,6 +955,23 @@ def statement(built: Built, query: Query) -> sa.Select[Any]:
     if query.order:
         stmt = stmt.order_by(*_order_by(table, Rel(order=query.order)))
     return stmt.options(*options)
+
+
+def _subquery_keys(built: Built, query: Query) -> list[str]:
+    """The foreign key columns of the root's many-to-ones that ``subqueryload`` loads (an
+    option, or the ``lazy=`` default): SQLAlchemy's subqueryload reads them from the root's
+    rows, and its own query fails (NoSuchColumnError) when ``load_only`` leaves one out."""
+    explicit = {load.key: load.strategy for load in query.loads}
+    mapper = sa.inspect(built.classes[query.root])
+    out: list[str] = []
+    for key in relationships_of(built, query.root):
+        strategy = explicit.get(key, "default")
+        if strategy == "default":
+            strategy = built.mapping.rel(key).lazy
+        rel = mapper.relationships[key.split(".")[1]]
+        if strategy == "subquery" and rel.direction is MANYTOONE:
+            out += [c.name for c in rel.local_columns]
+    return out
 
 
 def _attribute_keys(built: Built, entity: str, extra: tuple[str, ...]) -> list[str]:

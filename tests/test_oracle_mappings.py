@@ -44,27 +44,32 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The (``)?noload:sqlalchemy.exc.SADeprecationWarning"
 )
 
+NOLOAD_PRELOADS = (
+    "a list empty when subscribed, or a single root once deleted, takes new roots loaded as "
+    "preloads say, and preloads cannot say noload (rs.load and rs.live know the statement)"
+)
+
 BROKEN: dict[str, str] = {
     "joined_inheritance@live": "live queries refuse inheritance hierarchies (a clear error)",
     "single_inheritance@live": "live queries refuse inheritance hierarchies (a clear error)",
+    "contains_eager@load": "rs.load refuses a statement that reads another table (a clear "
+    "error naming it: rs.live keeps those)",
+    "noload_option@tree": NOLOAD_PRELOADS,
+    "noload_option@single": NOLOAD_PRELOADS,
+    "noload_option@resync": NOLOAD_PRELOADS,
     "root_below": "issue 12 items 7 and 13 (an object both root and below a root, or a new "
     "one below a root, gets the roots' load spec)",
-    # new (see ELSEWHERE and tests/test_sync_regressions.py for their regression tests):
-    "column_options": "new: load_only() leaving out a foreign key column makes sync fail "
-    "(KeyError / NoSuchColumnError on that column); not minimised yet",
-    "contains_eager": "new: with another option beside it, rows sync adds leave unloaded what "
-    "contains_eager loads",
-    "noload_option": "new: rows sync adds are left unloaded where noload() sets an empty value",
 }
 """Features (``genmap.FEATURES``) left out of the CI run, with the issue item whose fix brings
 them back; ``feature@variant`` leaves it out of that way of holding a tree only."""
 
 ELSEWHERE: dict[str, str] = {
-    "contains_eager": "test_a_row_joining_roots_gets_what_contains_eager_loads",
-    "noload_option": "test_a_row_joining_roots_gets_the_empty_value_noload_sets",
+    **{
+        f"noload_option@{v}": "test_a_root_joining_a_list_empty_when_subscribed_gets_the_"
+        "empty_value_noload_sets"
+        for v in ("tree", "single", "resync")
+    },
     "root_below": "failures seen in unseeded oracle runs, not minimised yet",
-    "column_options": "a failure seen once (NoSuchColumnError for a.c_id, load_only on roots "
-    "with A.c), not minimised yet",
 }
 """BROKEN entries the gated run below does not reproduce within its budget, and their evidence
 (tests named here are in tests/test_sync_regressions.py)."""
