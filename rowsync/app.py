@@ -212,7 +212,7 @@ class RowSync:
                 tables=self._tables,
                 key=fanout_key,
                 columns=self.columns,
-                resumes=capture in ("durable", "stream") and consumer is not None,
+                resumes=capture != "notify" and consumer is not None,
             )
         )
         """``fanout=URL``: this process's node of a group that shares one elected capture
