@@ -414,14 +414,18 @@ def _with_statement_loads(root: Any, declared: dict[str, Any]) -> dict[str, Any]
     from the statement's own join), so a relationship loaded on a root that no kept option
     explains is taken as the statement's, loaded the same way on every root: when it holds
     rows loaded at the root's own place (not rows that reached it as the object was loaded
-    at another place of the same query), or none (an outer join that matched nothing)."""
+    at another place of the same query), or none (an outer join that matched nothing). A
+    relationship the mapping never fills (``lazy="noload"``) that holds such rows is the
+    statement's too."""
     state = instance_state(root)
     here = _path_keys(state.load_path)
     found: dict[str, Any] = {}
     for rel in state.mapper.relationships:
-        if rel.key in declared or rel.key not in state.dict:
+        if rel.key not in state.dict:
             continue
         children = as_list(state.dict[rel.key])
+        if rel.key in declared and not (declared[rel.key] is NEVER_FILLED and children):
+            continue  # a kept option (or the mapping) explains it; noload explains no rows
         if children and not any(_loaded_at(child, [*here, rel.key]) for child in children):
             continue
         found[rel.key] = loaded_spec(root).get(rel.key, {})

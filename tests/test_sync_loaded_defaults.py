@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    contains_eager,
+    load_only,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 import rowsync
 from fixtures import apply_all
@@ -71,3 +79,59 @@ def test_a_selectin_default_collection_not_in_assocs_is_followed(library):
 
     assert [b.title for b in authors[1].books] == ["z"]
     assert not differences(snapshot(authors), snapshot(fresh(sessions, query)))
+
+
+class Shelf(Base):
+    __tablename__ = "shelves_ld"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str | None]
+
+
+class Box(Base):
+    __tablename__ = "boxes_ld"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    note: Mapped[str | None]
+    shelf_id: Mapped[int | None] = mapped_column(sa.ForeignKey("shelves_ld.id"))
+    shelf: Mapped[Shelf | None] = relationship(lazy="noload")
+
+
+@pytest.fixture
+def boxes(engine, write_to):
+    Base.metadata.create_all(engine)
+    rs = rowsync.RowSync(engine, rowsync.watchers(Box, ["shelf"]) + rowsync.watchers(Shelf))
+    rs.install()
+    write = write_to(engine)
+    write(Shelf(id=1, label="s"), Box(id=10, note="n", shelf_id=1))
+    with rs:
+        yield rs, write, sessionmaker(engine, expire_on_commit=False)
+
+
+BOXES_WITH_THEIR_SHELF = (
+    sa.select(Box)
+    .join(Box.shelf)
+    .options(contains_eager(Box.shelf), load_only(Box.id, Box.shelf_id))
+    .order_by(Box.id)
+)
+"""``contains_eager`` fills a relationship the mapping never fills (``lazy="noload"``)."""
+
+
+def test_resync_keeps_what_contains_eager_loaded_over_a_noload_default(boxes):
+    rs, write, sessions = boxes
+    found = fresh(sessions, BOXES_WITH_THEIR_SHELF)
+    assert found[0].shelf is not None
+
+    found = rs.resync(found)
+
+    assert not differences(snapshot(found), snapshot(fresh(sessions, BOXES_WITH_THEIR_SHELF)))
+
+
+def test_a_box_joining_roots_gets_the_shelf_contains_eager_loads_over_a_noload_default(boxes):
+    rs, write, sessions = boxes
+    found = fresh(sessions, BOXES_WITH_THEIR_SHELF)
+    sub = rs.subscribe(found, assocs=["shelf"])
+    sub.add(Box, "inserted", follow=True)
+
+    write(Box(id=11, note="m", shelf_id=1))
+    found = apply_all(rs, sub, found)
+
+    assert not differences(snapshot(found), snapshot(fresh(sessions, BOXES_WITH_THEIR_SHELF)))
