@@ -1,7 +1,7 @@
 """Run every benchmark in bench/ (``bench_*.py``, each with ``run(ctx) -> list[Result]``),
 print one table of figures against their same-run baselines, and write bench/results.json.
 
-    make bench                                   # everything (~3 min)
+    make bench                                   # everything, then the charts (~14 min)
     .venv/bin/python bench/run.py --quick        # fewer rounds, smaller loads (~30 s)
     .venv/bin/python bench/run.py --only sync    # one benchmark (bench_sync.py)
     .venv/bin/python bench/run.py --profile      # also write cProfile hot spots to bench/profiles/
