@@ -37,6 +37,7 @@ from psycopg.rows import TupleRow
 
 from rowsync.changelog import ChangeLog
 from rowsync.connect import Connect, run
+from rowsync.errors import RowsyncError
 from rowsync.messages import Event
 from rowsync.pgoutput import Value
 
@@ -263,6 +264,11 @@ class Listener:
         """Why the last connection attempt failed, until one succeeds (start() tells it)."""
         self._connected_before = False
         """Any later connection, after a reconnect or a stop and start, may have missed events."""
+        self._errors: tuple[type[Exception], ...] = (psycopg.Error,)
+        """What a lost connection raises: the thread counts it and connects again."""
+        self._retry = self.backoff[0]
+        """Seconds to wait before the next connection attempt: back to the least once one
+        succeeds, doubled after each failure."""
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -303,43 +309,65 @@ class Listener:
 
     # -- the thread --------------------------------------------------------------------
 
+    _kind = "listener"
+    """How the thread's log lines name it."""
+
     def _run(self) -> None:
-        delay = self.backoff[0]
+        """Connection after connection until stopped: a failure is counted and logged, never
+        the end of the thread."""
+        self._retry = self.backoff[0]
         while not self._stopping.is_set():
             try:
-                with self.connect(autocommit=True, name=APPLICATION_NAME) as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                    if self.log is not None:
-                        self.log.resume(conn)  # its first read says if rows were pruned
-                    self.connected.set()
-                    self.failure = None
-                    if self._connected_before:
-                        self.stats["reconnects"] += 1
-                        logger.info("listener reconnected on channel %r", self.channel)
-                        if self.log is None:
-                            self._gap("reconnect")
-                    self._connected_before = True
-                    delay = self.backoff[0]
-                    self._serve(conn)
-                    if self.log is not None:
-                        self.log.upkeep(conn, final=True)
+                self._session()
             except _Stopped:
                 break
-            except psycopg.Error as exc:
+            except self._errors as exc:
                 self.stats["connection_errors"] += 1
                 self.failure = str(exc).strip()
                 if not self._stopping.is_set():
-                    logger.warning("listener connection lost (%s); retrying in %.2f s", exc, delay)
+                    logger.warning(
+                        "%s connection lost (%s); retrying in %.2f s", self._kind, exc, self._retry
+                    )
+            except RowsyncError as exc:  # a setup the session cannot work with, said as it is
+                self.stats["connection_errors"] += 1
+                self.failure = str(exc)
+                logger.error("%s; retrying in %.2f s", exc, self._retry)
             except Exception:
                 # Never let the thread die: start over on a new connection (a gap is
-                # announced, or the log is read again from the position).
+                # announced, or the log or the slot is read again from the position).
                 self.stats["listener_errors"] += 1
-                logger.exception("listener failed; reconnecting in %.2f s", delay)
+                logger.exception("%s failed; reconnecting in %.2f s", self._kind, self._retry)
             finally:
                 self.connected.clear()
-            if self._stopping.wait(delay):
+            if self._stopping.wait(self._retry):
                 break
-            delay = min(delay * 2, self.backoff[1])
+            self._retry = min(self._retry * 2, self.backoff[1])
+
+    def _now_connected(self, gap: str | None) -> None:
+        """The session is up: a reconnect counted, ``gap`` announced (before ``connected``
+        is set: ``start()`` resumes positions after it), the retry delay back to the least."""
+        if self._connected_before:
+            self.stats["reconnects"] += 1
+            logger.info("%s reconnected on channel %r", self._kind, self.channel)
+        if gap is not None:
+            self._gap(gap)
+        self.connected.set()
+        self.failure = None
+        self._connected_before = True
+        self._retry = self.backoff[0]
+
+    def _session(self) -> None:
+        """One connection's life: LISTEN, resume the log, serve until stopped or lost."""
+        with self.connect(autocommit=True, name=APPLICATION_NAME) as conn:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            if self.log is not None:
+                self.log.resume(conn)  # its first read says if rows were pruned
+            self._now_connected(
+                "reconnect" if self._connected_before and self.log is None else None
+            )
+            self._serve(conn)
+            if self.log is not None:
+                self.log.upkeep(conn, final=True)
 
     def _serve(self, conn: psycopg.Connection[TupleRow]) -> None:
         with selectors.DefaultSelector() as selector:

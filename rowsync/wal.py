@@ -68,7 +68,7 @@ from psycopg.rows import TupleRow
 from rowsync import pgoutput, slots
 from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect, conninfo_of
-from rowsync.errors import ConfigurationError, RowsyncError
+from rowsync.errors import ConfigurationError
 from rowsync.listener import (
     APPLICATION_NAME,
     Carried,
@@ -76,7 +76,6 @@ from rowsync.listener import (
     Layout,
     Listener,
     Notice,
-    _Stopped,
     parse,
 )
 from rowsync.messages import Event
@@ -451,6 +450,8 @@ class WalSource(Listener):
     """The listener of ``capture="wal"``: same thread, lifecycle and callbacks, fed by a
     replication connection instead of NOTIFY payloads."""
 
+    _kind = "WAL listener"
+
     def __init__(
         self,
         connect: Connect,
@@ -485,8 +486,6 @@ class WalSource(Listener):
         """End LSN of the last transaction dispatched: a reconnect asks the slot to start
         there, so what this process already dispatched is not sent again (the slot's own
         position may lag: it is confirmed lazily)."""
-        self._errors: tuple[type[Exception], ...] = (psycopg.Error,)
-        """What a lost connection raises (psycopg2's errors too, once it is imported)."""
 
     def start(self) -> None:
         check_server(self.connect)
@@ -499,35 +498,7 @@ class WalSource(Listener):
         self._errors = (psycopg.Error, psycopg2.Error)
         super().start()
 
-    def _run(self) -> None:
-        delay = self.backoff[0]
-        while not self._stopping.is_set():
-            try:
-                self._connect()
-                delay = self.backoff[0]
-            except _Stopped:
-                break
-            except self._errors as exc:
-                self.stats["connection_errors"] += 1
-                self.failure = str(exc).strip()
-                if not self._stopping.is_set():
-                    logger.warning("WAL connection lost (%s); retrying in %.2f s", exc, delay)
-            except RowsyncError as exc:  # no publication, a slot creation that timed out
-                self.stats["connection_errors"] += 1
-                self.failure = str(exc)
-                logger.error("%s; retrying in %.2f s", exc, delay)
-            except Exception:
-                # never let the thread die: start over on a new connection (the slot says
-                # where; a new temporary one announces a gap)
-                self.stats["listener_errors"] += 1
-                logger.exception("WAL listener failed; reconnecting in %.2f s", delay)
-            finally:
-                self.connected.clear()
-            if self._stopping.wait(delay):
-                break
-            delay = min(delay * 2, self.backoff[1])
-
-    def _connect(self) -> None:
+    def _session(self) -> None:
         import psycopg2.extras  # the optional extra, checked by start()
 
         with self.connect(autocommit=True, name=APPLICATION_NAME) as notes:
@@ -576,14 +547,10 @@ class WalSource(Listener):
                         "messages": "true",
                     },
                 )
-                if self._connected_before:
-                    self.stats["reconnects"] += 1
-                if gap is not None:  # before connected: start() resumes positions after it
+                if gap is not None:
                     logger.warning("%s: changes may have been missed", gap)
-                    self._gap(f"{gap}: the new slot starts at the present")
-                self.connected.set()
-                self.failure = None
-                self._connected_before = True
+                    gap = f"{gap}: the new slot starts at the present"
+                self._now_connected(gap)
                 self._stream(notes, cursor)
             finally:
                 if self.consumer is not None:  # what was dispatched, confirmed before leaving
