@@ -42,13 +42,34 @@ class Book(Base):
     author: Mapped[Author | None] = relationship(back_populates="books", lazy="joined")
 
 
+class Shelf(Base):
+    __tablename__ = "shelves_ld"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str | None]
+
+
+class Box(Base):
+    __tablename__ = "boxes_ld"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    note: Mapped[str | None]
+    shelf_id: Mapped[int | None] = mapped_column(sa.ForeignKey("shelves_ld.id"))
+    shelf: Mapped[Shelf | None] = relationship(lazy="noload")
+
+
 @pytest.fixture
 def library(engine, write_to):
     Base.metadata.create_all(engine)
-    rs = rowsync.RowSync(engine, rowsync.watchers(Author, ["books"]) + rowsync.watchers(Book))
+    rs = rowsync.RowSync(
+        engine,
+        rowsync.watchers(Author, ["books"])
+        + rowsync.watchers(Book)
+        + rowsync.watchers(Box, ["shelf"])
+        + rowsync.watchers(Shelf),
+    )
     rs.install()
     write = write_to(engine)
     write(Author(id=1, name="a"), Author(id=2, name="b"), Book(id=10, title="x", author_id=1))
+    write(Shelf(id=1, label="s"), Box(id=10, note="n", shelf_id=1))
     with rs:
         yield rs, write, sessionmaker(engine, expire_on_commit=False)
 
@@ -81,31 +102,6 @@ def test_a_selectin_default_collection_not_in_assocs_is_followed(library):
     assert not differences(snapshot(authors), snapshot(fresh(sessions, query)))
 
 
-class Shelf(Base):
-    __tablename__ = "shelves_ld"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    label: Mapped[str | None]
-
-
-class Box(Base):
-    __tablename__ = "boxes_ld"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    note: Mapped[str | None]
-    shelf_id: Mapped[int | None] = mapped_column(sa.ForeignKey("shelves_ld.id"))
-    shelf: Mapped[Shelf | None] = relationship(lazy="noload")
-
-
-@pytest.fixture
-def boxes(engine, write_to):
-    Base.metadata.create_all(engine)
-    rs = rowsync.RowSync(engine, rowsync.watchers(Box, ["shelf"]) + rowsync.watchers(Shelf))
-    rs.install()
-    write = write_to(engine)
-    write(Shelf(id=1, label="s"), Box(id=10, note="n", shelf_id=1))
-    with rs:
-        yield rs, write, sessionmaker(engine, expire_on_commit=False)
-
-
 BOXES_WITH_THEIR_SHELF = (
     sa.select(Box)
     .join(Box.shelf)
@@ -115,8 +111,8 @@ BOXES_WITH_THEIR_SHELF = (
 """``contains_eager`` fills a relationship the mapping never fills (``lazy="noload"``)."""
 
 
-def test_resync_keeps_what_contains_eager_loaded_over_a_noload_default(boxes):
-    rs, write, sessions = boxes
+def test_resync_keeps_what_contains_eager_loaded_over_a_noload_default(library):
+    rs, write, sessions = library
     found = fresh(sessions, BOXES_WITH_THEIR_SHELF)
     assert found[0].shelf is not None
 
@@ -125,8 +121,8 @@ def test_resync_keeps_what_contains_eager_loaded_over_a_noload_default(boxes):
     assert not differences(snapshot(found), snapshot(fresh(sessions, BOXES_WITH_THEIR_SHELF)))
 
 
-def test_a_box_joining_roots_gets_the_shelf_contains_eager_loads_over_a_noload_default(boxes):
-    rs, write, sessions = boxes
+def test_a_box_joining_roots_gets_the_shelf_contains_eager_loads_over_a_noload_default(library):
+    rs, write, sessions = library
     found = fresh(sessions, BOXES_WITH_THEIR_SHELF)
     sub = rs.subscribe(found, assocs=["shelf"])
     sub.add(Box, "inserted", follow=True)
