@@ -695,8 +695,8 @@ class _Patch:
         elif present is False and held:
             gone = {id(o) for o in known}
             items = [o for o in items if id(o) not in gone]
-        elif not (held and edge.order_by):
-            return
+        elif not (held and edge.order_by) or edge.order_is_key:
+            return  # not held, unordered, or held where it stays (ordered by its key)
         elif _in_place(edge, items, at):
             return  # still between its neighbours: an update that moved nothing
         else:
