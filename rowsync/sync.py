@@ -117,15 +117,14 @@ class Syncer:
         """The rule ``roots`` change by, for rows of ``table`` (or of any table of its
         inheritance hierarchy); None: they do not grow."""
         with self._lock:
-            entries = self._rules.get(id(roots), ())
-            return next(
-                (
-                    r
-                    for held, r, _ in entries
-                    if held is roots and tree.identity_table(r.mapper) is self.graph.identity(table)
-                ),
-                None,
-            )
+            entries = self._rules.get(id(roots))
+            if not entries:  # no subscription declared one for this list
+                return None
+            identity = self.graph.identity(table)
+            for held, rule, _ in entries:
+                if held is roots and tree.identity_table(rule.mapper) is identity:
+                    return rule
+        return None
 
     def forget(self, objects: list[Any], keep: tree.Index | None = None) -> None:
         """Drop the cached indexes, other than ``keep``, that hold any of ``objects``: what
