@@ -38,7 +38,7 @@ from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.fanout.node import Node
 from rowsync.fetch import SNAPSHOT, RowSource, qualified_name, table_of
 from rowsync.graph import Graph
-from rowsync.listener import Listener, send_flush
+from rowsync.listener import Layout, Listener, send_flush
 from rowsync.messages import EVENTS, Change, Message
 from rowsync.position import Position
 from rowsync.roots import Filters, Statement
@@ -188,6 +188,7 @@ class RowSync:
                 probe_interval=probe_interval,
                 consumer=consumer,
                 slot_timeout=start_timeout,
+                loaders=self._wal_loaders,
             )
             if capture == "wal"
             else Listener(
@@ -709,6 +710,14 @@ class RowSync:
             conn.info[self._origin] = name
         elif name is not None:
             conn.execute(_SET_ORIGIN, {"name": name})
+
+    def _wal_loaders(
+        self, schema: str, table: str, layout: Layout
+    ) -> tuple[Callable[[bytes], Any], ...]:
+        """The WAL decoder's loaders of a table's columns (:meth:`RowSource.loaders`); none
+        for a table no watcher names, whose values it never loads."""
+        entry = self._tables.get((schema, table))
+        return () if entry is None else self.rows.loaders(entry[0], layout)
 
     def _tag_commit(self, conn: sa.Connection) -> None:
         if (name := conn.info.pop(self._origin, None)) is not None:

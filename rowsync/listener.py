@@ -29,7 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -60,6 +60,14 @@ stays bounded however fast the channel is flooded."""
 _BIGINT = 1 << 63
 _PARKED_CHUNK = 16
 """Parked events read back per query: at most this many times ``max_parked`` bytes at once."""
+
+
+class OnGap(Protocol):
+    """What a listener calls when changes may have been missed: every subscription must
+    resync, or with ``tables`` (schema, name), only those rows of these tables concern
+    (their rows changed in a way the stream does not name, as a TRUNCATE deletes)."""
+
+    def __call__(self, reason: str, tables: Sequence[tuple[str, str]] | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +241,7 @@ class Listener:
         channel: str,
         schema: str,
         on_batch: Callable[[Sequence[Notice | Flush]], None],
-        on_gap: Callable[[str], None],
+        on_gap: OnGap,
         probe_interval: float = 5.0,
         max_batch: int = 5000,
         max_batch_bytes: int = MAX_BATCH_BYTES,
@@ -527,10 +535,11 @@ class Listener:
             logger.exception("error while dispatching a batch of %d events", len(batch))
             self._gap("a batch of changes could not be dispatched")
 
-    def _gap(self, reason: str) -> None:
-        """Changes may have been missed: count it and let ``on_gap`` tell the subscribers."""
+    def _gap(self, reason: str, tables: Sequence[tuple[str, str]] | None = None) -> None:
+        """Changes may have been missed (of ``tables`` only, if given): count it and let
+        ``on_gap`` tell the subscribers."""
         self.stats["gaps"] += 1
-        self.on_gap(reason)
+        self.on_gap(reason, tables)
 
     def _overflow(
         self, conn: psycopg.Connection[TupleRow], stubs: list[dict[str, Any]]

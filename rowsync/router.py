@@ -69,6 +69,23 @@ class Router:
         with self._lock:
             return list(self._subscriptions.values())
 
+    def concerned(self, tables: Iterable[sa.Table]) -> list[Subscription]:
+        """Subscriptions that a change of any row of ``tables`` may concern, whatever the
+        row (a TRUNCATE deletes rows nothing names): every one with an interest in a table
+        of their inheritance hierarchies (a row held, a relationship followed into one,
+        an association table's links included), and every model subscription of one of
+        them that takes deletes."""
+        wanted = {part for table in tables for part in self.graph.hierarchy(table)}
+        with self._lock:
+            found = dict.fromkeys(
+                sub for key, subs in self._index.items() if key[0] in wanted for sub in subs
+            )
+            for table in wanted:
+                for sub in self._models.get(table, ()):
+                    if any(m[0] in wanted and m[1] in (None, "deleted") for m in sub.models):
+                        found[sub] = None
+            return list(found)
+
     def spec(self, mapper: Mapper[Any], assocs: Assocs) -> Spec:
         """Validate ``assocs`` against ``mapper`` (clear error for unknown names)."""
         return tuple(
