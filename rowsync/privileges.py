@@ -47,6 +47,7 @@ LISTENER: tuple[Grant, ...] = (
     Grant("TABLE", "log_pruned", "SELECT"),
     Grant("TABLE", "cursors", "SELECT"),
     Grant("FUNCTION", "parked", "EXECUTE", "bigint[], text[], integer"),
+    Grant("FUNCTION", "sealed", "EXECUTE", "text[], text[]"),
     Grant("FUNCTION", "save_cursor", "EXECUTE", "text, pg_snapshot"),
     Grant("FUNCTION", "prune_log", "EXECUTE", "interval, integer, pg_snapshot"),
 )
