@@ -15,7 +15,8 @@ Flush barriers always come as notifications. A quiet connection is probed with `
 
 Bad input never stops the thread, and never spoils the rest of its batch: anyone may NOTIFY
 on the channel, so a payload too large or too deeply nested, malformed, or naming a ref or a
-transaction no trigger could have written yet (:class:`Issued`) is skipped, logged and counted.
+transaction no trigger could have written yet (:class:`Issued`) is skipped, logged and counted;
+values before an update without the trigger's seal are not routed by (:meth:`Listener._unsealed`).
 """
 
 from __future__ import annotations
