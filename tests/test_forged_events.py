@@ -248,6 +248,26 @@ def test_a_seal_copied_onto_other_values_before_is_not_honoured(rs, write, attac
     assert rs.listener.stats["unsealed"] == 2
 
 
+def test_a_genuine_sealed_update_sent_again_is_routed_again(rs, write, attacker):
+    """What a seal does not prevent (docs/security.md): anyone who LISTENs may send a genuine
+    sealed update again. The subscribers of the parent its row genuinely left are told again,
+    with the row's identifying values as they are now."""
+    write(Person(id=2), Person(id=3), Person(id=4), Post(id=20, person_id=2))
+    rs.flush()
+    [genuine] = sealed_payloads(
+        attacker, rs.channel, write, sa.update(Post).where(Post.id == 20).values(person_id=3)
+    )
+    write(sa.update(Post).where(Post.id == 20).values(person_id=4))
+    rs.flush()
+    left = rs.subscribe(Post, person_id=2)
+
+    forge(attacker, rs.channel, genuine)
+    rs.flush()
+
+    assert [m[1].ids for m in left.drain()] == [{"id": 20, "other_id": None, "person_id": 4}]
+    assert rs.listener.stats["unsealed"] == 0
+
+
 def test_a_genuine_move_reaches_the_subscribers_of_the_parents_it_leaves_and_joins(
     rs, write, sessions
 ):
