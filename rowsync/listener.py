@@ -288,6 +288,10 @@ class Listener:
         """Read the log this often even when no notification wakes the listener up."""
         self.max_parked = max_parked
         """Bytes above which a parked event is not read back (announced as a gap instead)."""
+        self.seals_expected = True
+        """Whether the triggers seal the updates that carry values before. Until an upgrade
+        installs them (:meth:`rowsync.RowSync.start` finds them outdated), an update without a
+        seal may be genuine: it is announced as a gap rather than taken as forged."""
         self.stats: Counter[str] = Counter()
         self.issued = Issued(schema)
         self.connected = threading.Event()
@@ -550,8 +554,10 @@ class Listener:
         An event without one, or with a wrong one, is delivered as an update whose values
         before are unknown (to whom the row itself concerns), counted and logged: anyone may
         NOTIFY, and a forged one must reach nobody else, nor make everyone resync. When seals
-        cannot be checked at all (schema not upgraded, privilege missing), a gap is announced:
-        the genuine moves of the batch do not reach the subscriptions their rows left.
+        cannot be checked at all (schema not upgraded, privilege missing), or the triggers are
+        older than seals (:attr:`seals_expected`) and an update comes unsealed, a gap is
+        announced: the genuine moves of the batch do not reach the subscriptions their rows
+        left.
         """
         moves = [item for item in parsed if isinstance(item, Notice) and item.old is not None]
         if not moves:
@@ -571,6 +577,7 @@ class Listener:
                 assert row is not None
                 verdicts = dict(zip(sealed, row[0], strict=True))
         kept: list[Notice | Flush | dict[str, Any]] = []
+        legacy = False
         for item in parsed:
             if isinstance(item, Notice) and item.old is not None:
                 # False: forged (no seal, or a wrong one); None: not checked
@@ -589,9 +596,12 @@ class Listener:
                         self.channel,
                         item,
                     )
+                    legacy = legacy or (item.sealed is None and not self.seals_expected)
                 if not verdict:
                     item = dataclasses.replace(item, old=None, sealed=None)
             kept.append(item)
+        if legacy:
+            self._gap("an update's values before came unsealed, from outdated triggers")
         return kept
 
     def _dispatch(self, batch: list[Notice | Flush]) -> None:

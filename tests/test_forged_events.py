@@ -212,6 +212,44 @@ def test_forged_values_before_an_update_reach_nobody_the_row_does_not_concern(
     assert rs.listener.stats["unsealed"] == 1
 
 
+def test_an_unsealed_update_from_outdated_triggers_is_announced(rs, write, sessions, attacker):
+    """Until an upgrade installs sealing triggers, an update without a seal may be a genuine
+    move of an old trigger's: the subscriptions it may have left are told to resync rather
+    than keep a row that left (the start warns that the triggers are outdated)."""
+    write(Person(id=1), Person(id=2), Post(id=20, person_id=2), Post(id=30, person_id=2))
+    rs.flush()
+    with rs.engine.begin() as conn:  # the posts triggers as an older release left them
+        pg = conn.connection.driver_connection
+        found = pg.execute(
+            "SELECT t.tgname, n.nspname, c.relname FROM pg_trigger AS t"
+            " JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n"
+            " ON n.oid = c.relnamespace WHERE t.tgrelid = 'posts'::regclass AND NOT t.tgisinternal"
+        ).fetchall()
+        for name, schema, table in found:
+            pg.execute(
+                sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}").format(
+                    sql.Identifier(name),
+                    sql.Identifier(schema, table),
+                    sql.Literal(f"rowsync channel={rs.channel} digest=old"),
+                )
+            )
+    rs.stop()
+    rs.start()
+    assert not rs.listener.seals_expected
+    mine = rs.subscribe(Post, person_id=1)
+    theirs = rs.subscribe(Post, person_id=2)
+
+    forge(
+        attacker,
+        rs.channel,
+        event("u", "posts", {"id": 20, "person_id": 2}, o={"id": 20, "person_id": 1}, r=4),
+    )
+    rs.flush()
+
+    assert [m[0] for m in mine.drain()] == [Resync]
+    assert [m[0] for m in theirs.drain()] == [Resync, Sync]
+
+
 def sealed_payloads(conninfo: str, channel: str, write: Any, *items: Any) -> list[str]:
     """The payloads of updates that carry values before, as a role that may only connect
     and LISTEN sees them while ``items`` are written."""
