@@ -9,19 +9,33 @@ nodes of a fan-out group sharing a consumer, in tests/test_fanout.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import rowsync
-from fixtures import messages, writer
+from fixtures import apply_all, messages, writer
 from models import Base, Tag
+from oracle import fresh, snapshot
 from rowsync import Resync, Sync, slots
 
 ROUNDS = 20
 """WAL segments switched at most while making a slot fall behind (a guard, not a timing)."""
+
+
+@pytest.fixture
+def wal_engine(logical_dsn: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(sa.make_url(logical_dsn).set(drivername="postgresql+psycopg"))
+    Base.metadata.create_all(engine)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
@@ -87,3 +101,116 @@ def test_a_slot_invalidated_while_its_consumer_was_stopped_is_announced_and_made
     finally:
         rs.stop()
         first.uninstall()
+
+
+# -- transactions sent again to a new process ---------------------------------------------
+
+
+class NoteBase(DeclarativeBase):
+    pass
+
+
+class Note(NoteBase):
+    """A table no relationship criteria read: its rows come from the WAL, not from a read
+    (which would find the newest row, whatever change it is for)."""
+
+    __tablename__ = "slot_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str]
+
+
+CRASHING = """
+import os, signal, sys
+import rowsync
+from test_slots import Note
+
+rs = rowsync.RowSync(sys.argv[1], rowsync.watchers(Note), capture="wal", consumer="worker")
+deliver = rs.listener.on_batch
+
+
+def crash(batch):
+    # dispatched, then killed before the WAL thread confirms it to the slot
+    deliver(batch)
+    if any(getattr(item, "table", None) == "slot_notes" for item in batch):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+rs.listener.on_batch = crash
+rs.start()
+print("started", flush=True)
+sys.stdin.read()
+"""
+
+
+def crash_after_dispatch(rs: rowsync.RowSync, dsn: str, write: Callable[[], None]) -> None:
+    """A process of ``rs``'s consumer dispatches ``write``'s transaction and is killed
+    (SIGKILL) before it confirms it; returns once the server let go of its slot."""
+    tests = Path(__file__).parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING, dsn],
+        env={"PYTHONPATH": f"{tests.parent}:{tests}", "PATH": "/usr/bin:/bin"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+        (slot,) = [s for s in channel_slots(rs) if s.active_pid is not None]
+        write()
+        assert proc.wait(60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+    with rs.connect(autocommit=True) as conn:
+        slots.release(conn, slot.active_pid, timeout=30)  # the server notices the lost client
+
+
+def channel_slots(rs: rowsync.RowSync) -> list[slots.Slot]:
+    with rs.connect(autocommit=True) as conn:
+        return slots.of_channel(conn, rs.channel)
+
+
+NOTES = sa.select(Note).order_by(Note.id)
+
+
+def test_transactions_sent_again_to_a_new_process_do_not_take_a_tree_back(wal_engine, logical_dsn):
+    """The killed process dispatched an update but never confirmed it: the slot sends it
+    again to the next process, after that process loaded its tree with a later version of
+    the row. A tree subscribed ``since`` a position that saw those transactions skips them,
+    rather than be patched back to the older row and then forward."""
+    NoteBase.metadata.create_all(wal_engine)
+    sessions = sessionmaker(wal_engine, expire_on_commit=False)
+    write = writer(sessions)
+    rs = rowsync.RowSync(wal_engine, rowsync.watchers(Note), capture="wal", consumer="worker")
+    rs.install()
+    write(Note(id=1, body="v0"))
+    update = sa.update(Note).where(Note.id == 1)
+    try:
+        crash_after_dispatch(rs, logical_dsn, lambda: write(update.values(body="v1")))
+        write(update.values(body="v2"))
+        loaded = threading.Event()
+        deliver = rs.listener.on_batch
+
+        def late(batch):  # what the slot sends again arrives after the tree was loaded
+            loaded.wait(60)
+            deliver(batch)
+
+        rs.listener.on_batch = late
+        with rs:
+            position = rs.position()
+            notes = fresh(sessions, NOTES)
+            sub = rs.subscribe(notes, since=position)
+            loaded.set()
+            rs.flush()
+            seen = []
+            for message in sub.drain():
+                notes = rs.sync(notes, message)
+                seen.append([(n.id, n.body) for n in notes])
+            write(update.values(body="v3"))
+            notes = apply_all(rs, sub, notes)
+        assert rs.listener.stats["received"] > 0 and seen == []
+        assert [(n.id, n.body) for n in notes] == [(1, "v3")]
+        assert snapshot(notes) == snapshot(fresh(sessions, NOTES))
+    finally:
+        rs.stop()
+        rs.uninstall()
