@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import rowsync
+from brokers import wait_until
 from fixtures import apply_all, messages, writer
 from models import Base, Tag
 from oracle import fresh, snapshot
@@ -101,6 +102,45 @@ def test_a_slot_invalidated_while_its_consumer_was_stopped_is_announced_and_made
     finally:
         rs.stop()
         first.uninstall()
+
+
+def test_a_slot_invalidated_while_its_listener_lags_is_announced_and_made_again(lossy_engine):
+    """The server ends the walsender of a slot it invalidates; the listener, back from its
+    batch, reconnects, finds the slot lost, and goes on from a new one."""
+    write = writer(sessionmaker(lossy_engine, expire_on_commit=False))
+    rs = rowsync.RowSync(lossy_engine, rowsync.watchers(Tag), capture="wal", consumer="worker")
+    rs.install()
+    sub = rs.subscribe(Tag)
+    busy, done = threading.Event(), threading.Event()
+    deliver = rs.listener.on_batch
+
+    def slow(batch):  # a batch that takes long: the slot falls behind meanwhile
+        if not done.is_set() and any(getattr(i, "table", None) == "tags" for i in batch):
+            busy.set()
+            done.wait(60)
+        deliver(batch)
+
+    rs.listener.on_batch = slow
+    try:
+        with rs:
+            write(Tag(id=1, name="its batch takes long"))
+            assert busy.wait(60)
+            write(Tag(id=2, name="committed while the listener lags"))
+            leave_behind(rs)
+            done.set()
+            # what commits before the new slot is made is in the gap it announces
+            wait_until(lambda: rs.listener.stats["reconnects"] > 0)
+            write(Tag(id=3, name="after"))
+            got = messages(rs, sub, timeout=30)
+            found = slot_of(rs)
+        kinds = [(k, c.ids["id"]) if k is Sync else (k,) for k, c in got]
+        assert kinds == [(Sync, 1), (Resync,), (Sync, 3)]
+        assert "invalidated" in got[1][1].reason
+        assert found is not None and found.wal_status != "lost" and found.active_pid is not None
+    finally:
+        done.set()
+        rs.stop()
+        rs.uninstall()
 
 
 # -- transactions sent again to a new process ---------------------------------------------
