@@ -174,16 +174,20 @@ def test_a_killed_capture_node_holding_the_consumer_slot_is_taken_over_without_a
     Elected meanwhile, the next node finds the slot in use and tries again, backing off,
     until the server frees it; then it reads on from the slot: no gap, no Resync.
 
-    The server's timeout is played by ``pg_terminate_backend`` (what the timeout does to
-    the walsender), once the next node has met the slot in use: so the test knows that path
-    was taken, and does not wait a minute."""
+    The dead node's sessions run with ``wal_sender_timeout = 0`` (never), and the test plays
+    the server's timeout with ``pg_terminate_backend`` (what the timeout does to the
+    walsender) once the next node has met the slot in use: so that path is known taken,
+    whatever the load on the machine, and the test does not wait a minute."""
     require(REDIS)
     caplog.set_level(logging.WARNING, logger="rowsync.listener")
     RowSync(schema, reference_watchers(), capture="wal").install()
     options = {"capture": "wal", "consumer": "group"}
     url = schema.url.set(drivername="postgresql").render_as_string(hide_password=False)
     relay = Relay(int(schema.url.port or 5432))
-    first = NodeProcess(relay.url(url), REDIS, options)
+    never = schema.url.set(
+        drivername="postgresql", port=relay.port, query={"options": "-c wal_sender_timeout=0"}
+    )
+    first = NodeProcess(never.render_as_string(hide_password=False), REDIS, options)
     second: RowSync | None = None
     write = writer(sessions)
     try:
