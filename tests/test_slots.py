@@ -1,10 +1,12 @@
-"""A consumer's persistent replication slot (``capture="wal"``, ``consumer="name"``) in the
-ways it can be lost or taken over: invalidated by ``max_slot_wal_keep_size``, and the
-transactions a new process gets again because its predecessor had not confirmed them.
+"""A consumer's persistent replication slot (``capture="wal"``, ``consumer="name"``) when it
+is lost or sends again: invalidated by ``max_slot_wal_keep_size`` (on a server of its own:
+the setting is server-wide), and the transactions a new process gets again because its
+predecessor was killed before it confirmed them.
 
 The slot's lifecycle in ordinary use (names, creation, uninstall, a stopped listener, a
 restarted process or server) is in tests/test_wal.py; the hand-over between the capture
-nodes of a fan-out group sharing a consumer, in tests/test_fanout.py.
+nodes of a fan-out group sharing a consumer in tests/test_fanout.py (a node stopped) and
+tests/test_fanout_nodes.py (a node killed while its walsender holds the slot).
 """
 
 from __future__ import annotations
