@@ -40,7 +40,7 @@ from rowsync.fetch import SNAPSHOT, RowSource, qualified_name, table_of
 from rowsync.graph import Graph
 from rowsync.listener import Layout, Listener, send_flush
 from rowsync.messages import EVENTS, Change, Message
-from rowsync.position import Position
+from rowsync.position import NOWHERE, Position
 from rowsync.roots import Filters, Statement
 from rowsync.router import Router
 from rowsync.subscription import Authorizer, Subscription
@@ -511,7 +511,7 @@ class RowSync:
 
         def register() -> None:
             self.syncer.declare(roots, rule, sub)
-            self._add(sub, roots, None)
+            self._register(sub, roots, None)
             follow = self.router.spec(rule.mapper, spec_assocs(rule.spec or {}))
             for table in tables:  # a row of a joined subclass may change in any of its tables
                 self.router.add_model(sub, table, None, {}, follow, rule.mapper)
@@ -555,13 +555,26 @@ class RowSync:
         since: Position | None = None,
         **filters: Any,
     ) -> None:
-        if since is not None:
+        if since is None:
+            sub.placed(NOWHERE)  # before its interests: nothing may be skipped for them
+            self._register(sub, target, event, assocs=assocs, follow=follow, **filters)
+        else:
             self.dispatcher.replay(
                 sub,
                 since,
-                lambda: self._add(sub, target, event, assocs=assocs, follow=follow, **filters),
+                lambda: self._register(sub, target, event, assocs=assocs, follow=follow, **filters),
             )
-            return
+
+    def _register(
+        self,
+        sub: Subscription,
+        target: Any,
+        event: str | None,
+        *,
+        assocs: Assocs = (),
+        follow: bool = False,
+        **filters: Any,
+    ) -> None:
         if isinstance(target, (type, sa.Table)):
             table = self._watched(target)
             if event is not None and event not in EVENTS:

@@ -432,6 +432,7 @@ class Dispatcher:
         no longer all be known, a ``(Resync, info)`` first."""
         with self._delivering:
             register()
+            sub.placed(position)
             changes = self.journal.since(position)
             if changes is None:
                 self.stats["replay_misses"] += 1
@@ -469,6 +470,8 @@ class Dispatcher:
         for sub in subs:
             if change.origin is not None and change.origin in sub.ignore_origins:
                 continue
+            if change.readable and sub.saw(change.xid):
+                continue  # loaded already: patching it in again would go back to its row
             self._send(sub, message, row)
 
     def _send(

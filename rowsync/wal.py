@@ -42,7 +42,9 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   was dispatched: at least once. A reconnect starts after what this process dispatched, so
   only a new process can get a transaction again. A slot
   that is gone (dropped, invalidated by ``max_slot_wal_keep_size``) is created again,
-  announced as ``(Resync, info)``.
+  announced as ``(Resync, info)``. A slot still in use (another process of the consumer, or
+  one whose death the server has not noticed: ``wal_sender_timeout``) is tried again as a
+  lost connection is, backing off.
 - Origins (``rs.origin``): no trigger reads the writer's setting, so a tagged transaction
   that wrote carries its origin as a transactional logical message, sent at its commit
   (:func:`tag`): one small WAL record, and only for transactions tagged.
@@ -69,7 +71,7 @@ from psycopg.rows import TupleRow
 from rowsync import pgoutput, slots
 from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect, conninfo_of
-from rowsync.errors import ConfigurationError
+from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.listener import (
     APPLICATION_NAME,
     Carried,
@@ -554,6 +556,13 @@ class WalSource(Listener):
                 else:
                     slot = slots.name(self.channel, self.consumer)
                     found = slots.find(notes, self.channel, slot)
+                    if found is not None and found.active_pid is not None:
+                        raise NotRunningError(
+                            f"replication slot {slot} is active for PID {found.active_pid}: "
+                            f"another process of consumer {self.consumer!r} streams from it, "
+                            "or one that died and the server has not noticed yet (it frees "
+                            "the slot after wal_sender_timeout)"
+                        )
                     if found is not None and found.wal_status == "lost":
                         slots.discard(notes, slot)
                         found = None
