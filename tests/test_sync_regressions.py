@@ -534,7 +534,9 @@ def test_a_root_that_becomes_a_roots_parent_gets_the_columns_the_loader_there_re
     strict=True,
     reason="new (mapping oracle soak, also on main): a live query of A, whose one-to-one A.o "
     "loads by lazy='immediate' and whose classes define __eq__ (all equal) without __hash__, "
-    "gains the O row inserted for it where a fresh query leaves A.o unloaded",
+    "gains the O row inserted for it where a fresh query leaves A.o unloaded: SQLAlchemy's "
+    "immediate loader sets the value only if `value not in (ATTR_WAS_SET, PASSIVE_NO_RESULT)`, "
+    "which calls O.__eq__; matching that would mean rowsync calling a user's __eq__",
 )
 def test_a_live_query_with_an_immediate_one_to_one_and_custom_eq_equals_a_fresh_query(engine):
     from sqlalchemy.orm import sessionmaker
