@@ -91,6 +91,8 @@ class Syncer:
         ):
             return cached.index
         index = tree.Index.of(roots)
+        for root in roots:  # read before a patch changes what is loaded on them
+            tree.keep_declared_spec(root)
         with self._lock:
             self._indexes[id(value)] = _CachedIndex.of(value, roots, index)
             self._indexes.move_to_end(id(value))
@@ -773,6 +775,8 @@ class _Patch:
                     self._conform(child, done)
             return
         spec: dict[str, Any] = {}
+        root = id(obj) in index.roots
+        read_below = False  # by a loader that queries its row at a place below the roots
         for parent, key in list(index.places(obj)):
             if parent is None:
                 declared = self.root_spec
@@ -782,10 +786,18 @@ class _Patch:
                 declared = tree.places_spec(parent)
             if declared is None:
                 return  # a place loaded without options: what is loaded is all we know
-            spec = tree.merge_specs(
-                spec, declared if parent is None else declared.get(key or "", {})
-            )
+            here = declared if parent is None else declared.get(key or "", {})
+            if root and tree.looked_up(here):
+                continue  # its loader finds the root, loaded first, in the session
+            read_below = read_below or parent is not None
+            spec = tree.merge_specs(spec, here)
         tree.remember_places_spec(obj, spec)
+        if root and read_below:
+            # that query fills the columns the roots' options left unloaded (load_only)
+            for table in tree.unloaded_tables(obj):
+                found = self.rows.row(table, tree.primary_key(obj), self.change.ref)
+                if found is not GONE:
+                    tree.patch(obj, found.values, table)
         state = instance_state(obj)
         data = instance_dict(obj)
         unloaded = []
@@ -830,7 +842,9 @@ class _Patch:
         existing = self.index.instances(table, tree.primary_key(fetched))
         if not existing:
             return None
-        self.reshaped.append(existing[0])  # clone may load what it lacks: its shape changes
+        # clone may load what it lacks: its shape changes, and what it holds is decided again
+        self.reshaped.append(existing[0])
+        self.touched.append(existing[0])
         return existing[0]
 
 
