@@ -423,6 +423,23 @@ class _Patch:
 
     # -- where the changed row sits on the edge --------------------------------------
 
+    def local(self, parent: Any, edge: Edge) -> tuple[Any, ...]:
+        """The columns ``parent`` joins ``edge`` on. One the query left unloaded
+        (``load_only``, ``defer``: a foreign key under a loaded many-to-one) is the row's."""
+        names = edge.local_names
+        local = tree.values_of(parent, names)
+        if None not in local:
+            return local
+        values = tree.column_values(parent)  # a None may be a value or a column not loaded
+        if all(n in values for n in names):
+            return local
+        key = tree.primary_key(parent)
+        for table in tree.unloaded_tables(parent):
+            found = self.rows.row(table, key, self.change.ref)
+            if found is not GONE:
+                values = {**found.values, **values}
+        return tuple(values.get(n) for n in names)
+
     def direct(self, edge: Edge, parents: Parents) -> None:
         row = self.row
         remote = edge.remote(row.values) if row else None
@@ -432,7 +449,7 @@ class _Patch:
             and self.admits(edge)
         )
         for parent in self.candidates(edge, parents, remote):
-            self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
+            self.ensure(parent, edge, self.key, wanted and self.local(parent, edge) == remote, row)
 
     def candidates(
         self, edge: Edge, parents: Parents, *locals_: tuple[Any, ...] | None
@@ -477,7 +494,11 @@ class _Patch:
             return
         for parent in self.candidates(edge, parents, *linked):
             self.ensure(
-                parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
+                parent,
+                edge,
+                self.key,
+                True if self.local(parent, edge) in linked else None,
+                self.row,
             )
 
     def link(self, edge: Edge, parents: Parents) -> None:
@@ -500,7 +521,7 @@ class _Patch:
                 present = found is not GONE and edge.criteria in found.matches
                 row = found if found is not GONE else None
             for parent in self.candidates(edge, parents, local):
-                if _local(parent, edge) == local:
+                if self.local(parent, edge) == local:
                     self.ensure(parent, edge, target, present, row)
 
     def relink(self, edge: Edge, parents: Parents, locals_: list[tuple[Any, ...]]) -> None:
@@ -508,7 +529,7 @@ class _Patch:
         pair may be linked several times, only SQLAlchemy's loader knows what it holds."""
         wanted = set(locals_)
         found = self.candidates(edge, parents, *wanted)
-        if group := [p for p in found if _local(p, edge) in wanted]:
+        if group := [p for p in found if self.local(p, edge) in wanted]:
             self.recompute(edge, group)
 
     def repoint(self, edge: Edge, parents: Parents) -> None:
@@ -521,7 +542,7 @@ class _Patch:
             if not by_target_key or edge.uselist:
                 self.recompute(edge, [parent])
                 continue
-            local = _local(parent, edge)
+            local = self.local(parent, edge)
             current = tree.loaded_value(parent, edge.key)
             if any(v is None for v in local):
                 if current is not None:
@@ -859,10 +880,6 @@ def state_class(obj: Any) -> Any:
 
 def _table(obj: Any) -> sa.Table:
     return tree.identity_table(instance_state(obj).mapper)
-
-
-def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
-    return tree.values_of(parent, edge.local_names)
 
 
 def _in_place(edge: Edge, items: list[Any], at: int) -> bool:
