@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 _started: weakref.WeakSet[RowSync] = weakref.WeakSet()
 
+_SET_ORIGIN = sa.text("SELECT set_config('rowsync.origin', :name, true)")
+"""``rs.origin``'s tag for the triggers; a text clause, so each driver gets its own parameter
+style (asyncpg's is not psycopg's)."""
+
 Capture = Literal["notify", "durable", "stream", "wal"]
 """How changes travel from the writer's transaction to the listener (see :class:`RowSync`)."""
 CAPTURES: tuple[Capture, ...] = ("notify", "durable", "stream", "wal")
@@ -704,9 +708,7 @@ class RowSync:
         if self.capture == "wal":  # tagged at commit (:func:`rowsync.wal.tag`)
             conn.info[self._origin] = name
         elif name is not None:
-            conn.exec_driver_sql(
-                "SELECT set_config('rowsync.origin', %(name)s, true)", {"name": name}
-            )
+            conn.execute(_SET_ORIGIN, {"name": name})
 
     def _tag_commit(self, conn: sa.Connection) -> None:
         if (name := conn.info.pop(self._origin, None)) is not None:

@@ -102,6 +102,13 @@ class Edge:
         return tuple(c.name for c in map(ordering.column, self.order_by) if c is not None)
 
     @cached_property
+    def order_is_key(self) -> bool:
+        """``order_by`` reads only the target's primary key columns: a held member's place
+        never changes, since its key never does (a row whose key changed is another row: the
+        old one is deleted, the new one inserted)."""
+        return all((c := ordering.column(t)) is not None and c.primary_key for t in self.order_by)
+
+    @cached_property
     def local_is_key(self) -> bool:
         """The parent side is its primary key (one-to-many, many-to-many): a parent's own
         update can never change what it holds. Otherwise (many-to-one) it can."""

@@ -117,15 +117,14 @@ class Syncer:
         """The rule ``roots`` change by, for rows of ``table`` (or of any table of its
         inheritance hierarchy); None: they do not grow."""
         with self._lock:
-            entries = self._rules.get(id(roots), ())
-            return next(
-                (
-                    r
-                    for held, r, _ in entries
-                    if held is roots and tree.identity_table(r.mapper) is self.graph.identity(table)
-                ),
-                None,
-            )
+            entries = self._rules.get(id(roots))
+            if not entries:  # no subscription declared one for this list
+                return None
+            identity = self.graph.identity(table)
+            for held, rule, _ in entries:
+                if held is roots and tree.identity_table(rule.mapper) is identity:
+                    return rule
+        return None
 
     def forget(self, objects: list[Any], keep: tree.Index | None = None) -> None:
         """Drop the cached indexes, other than ``keep``, that hold any of ``objects``: what
@@ -695,8 +694,8 @@ class _Patch:
         elif present is False and held:
             gone = {id(o) for o in known}
             items = [o for o in items if id(o) not in gone]
-        elif not (held and edge.order_by):
-            return
+        elif not (held and edge.order_by) or edge.order_is_key:
+            return  # not held, unordered, or held where it stays (ordered by its key)
         elif _in_place(edge, items, at):
             return  # still between its neighbours: an update that moved nothing
         else:

@@ -157,10 +157,12 @@ ORIGIN_PREFIX = "rowsync.origin:"
 """Prefix of the transactional logical messages that carry a writer's origin (``rs.origin``),
 followed by the channel."""
 
-_TAG = (
+_TAG = sa.text(
     "SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL"
-    " THEN pg_logical_emit_message(true, %(prefix)s, %(origin)s) END"
+    " THEN pg_logical_emit_message(true, :prefix, :origin) END"
 )
+"""A SQLAlchemy text clause, so that each driver gets its own parameter style (asyncpg's
+is not psycopg's)."""
 
 
 def tag(conn: sa.Connection, channel: str, origin: str) -> None:
@@ -171,7 +173,7 @@ def tag(conn: sa.Connection, channel: str, origin: str) -> None:
     info = getattr(conn.connection.driver_connection, "info", None)  # psycopg's, sync or async
     if info is not None and info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
         return
-    conn.exec_driver_sql(_TAG, {"prefix": ORIGIN_PREFIX + channel, "origin": origin})
+    conn.execute(_TAG, {"prefix": ORIGIN_PREFIX + channel, "origin": origin})
 
 
 Identity = Literal["default", "full"]

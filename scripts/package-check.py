@@ -62,9 +62,17 @@ EXTRAS = {
 installed one after the other in one virtualenv, so only the first is checked alone: ``web``,
 all that the demo and the tutorial install."""
 
-SDIST = {"rowsync", "migrations", "README.md", "pyproject.toml", "PKG-INFO", ".gitignore"}
-"""What the sdist may hold at its top (pyproject.toml says why not tests/ or bench/); license
-files are added by the build backend when the repository has them."""
+SDIST = {
+    "rowsync",
+    "migrations",
+    "README.md",
+    "LICENSE",
+    "pyproject.toml",
+    "PKG-INFO",
+    ".gitignore",
+}
+"""What the sdist may hold at its top (pyproject.toml says why not tests/ or bench/); the build
+backend adds LICENSE, which both archives must carry (MIT asks for the notice in copies)."""
 
 
 def main() -> int:
@@ -116,10 +124,10 @@ def build() -> tuple[Path, Path]:
 def check_sdist_contents(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         tops = {name.split("/")[1] for name in tar.getnames() if name.count("/") >= 1}
-    if strays := sorted(
-        t for t in tops - SDIST if not t.upper().startswith(("LICENSE", "COPYING"))
-    ):
+    if strays := sorted(tops - SDIST):
         fail(f"{sdist.name} ships files that are not the package's: {', '.join(strays)}")
+    if "LICENSE" not in tops:
+        fail(f"{sdist.name} has no LICENSE")
 
 
 def check_wheel_contents(wheel: Path) -> None:
@@ -127,6 +135,8 @@ def check_wheel_contents(wheel: Path) -> None:
     wanted = {"rowsync/py.typed"} | {
         f"rowsync/migrations/{f.name}" for f in (ROOT / "migrations").glob("*.sql")
     }
+    if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+        wanted.add("rowsync-*.dist-info/licenses/LICENSE")
     if missing := sorted(wanted - names):
         fail(f"{wheel.name} lacks {', '.join(missing)}")
     if strays := sorted(n for n in names if n.startswith(("tests/", "examples/", "bench/"))):

@@ -68,9 +68,12 @@ def test_an_async_engine_is_all_an_asyncio_app_gives_rowsync(schema, driver) -> 
     assert synced == resynced == [10]
 
 
+@pytest.mark.parametrize("driver", ["postgresql+psycopg", "postgresql+asyncpg"])
 @pytest.mark.parametrize("capture", ["notify", "wal"])  # set at begin, or sent at commit
-def test_writes_through_the_async_engine_are_tagged_with_the_origin(schema, capture) -> None:
-    engine = create_async_engine(schema.url.set(drivername="postgresql+psycopg"))
+def test_writes_through_the_async_engine_are_tagged_with_the_origin(
+    schema, capture, driver
+) -> None:
+    engine = create_async_engine(schema.url.set(drivername=driver))
     rs = RowSync(engine, WATCHERS, capture=capture)
     rs.install()
 

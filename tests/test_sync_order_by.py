@@ -34,6 +34,7 @@ class Team(Base):
         order_by=lambda: (Player.score.desc(), Player.id.desc()), viewonly=True
     )
     tied: Mapped[list[Player]] = relationship(order_by=lambda: Player.score, viewonly=True)
+    by_key: Mapped[list[Player]] = relationship(order_by=lambda: Player.id.desc(), viewonly=True)
     by_title: Mapped[list[Player]] = relationship(
         order_by=lambda: (Player.title, Player.id), viewonly=True
     )
@@ -50,7 +51,15 @@ class Player(Base):
     title: Mapped[str | None] = mapped_column(sa.String(collation="und-x-icu"))
 
 
-KEYS = ["desc_nulls_last", "asc_nulls_first", "desc_default", "tied", "by_title", "by_expression"]
+KEYS = [
+    "desc_nulls_last",
+    "asc_nulls_first",
+    "desc_default",
+    "tied",
+    "by_key",
+    "by_title",
+    "by_expression",
+]
 TEAMS = (
     sa.select(Team).order_by(Team.id).options(*(selectinload(getattr(Team, key)) for key in KEYS))
 )
@@ -121,6 +130,23 @@ def test_order_by_desc_nulls_last_is_kept_after_updates_in_one_batch(league):
         write(step)
     teams = apply_all(rs, sub, teams)
     assert_fresh(teams, write.sessions)
+
+
+def test_a_collection_ordered_by_its_key_keeps_its_members_in_place_through_updates(league):
+    """Only a key ordering tells that an update never moves a held member (a new key is
+    another row): the other orderings are checked against the member's neighbours."""
+    rs, write = league
+    graph = rs.graph
+    assert graph.edge(sa.inspect(Team), "by_key").order_is_key
+    assert not graph.edge(sa.inspect(Team), "desc_default").order_is_key
+    assert not graph.edge(sa.inspect(Team), "tied").order_is_key
+    teams = fresh(write.sessions, TEAMS)
+    sub = rs.subscribe(teams, assocs=KEYS)
+    for step in commits():
+        write(step)
+        teams = apply_all(rs, sub, teams)
+        assert_fresh(teams, write.sessions)
+    assert [p.id for p in teams[0].by_key] == [7, 5, 4, 2, 1]
 
 
 def test_a_term_python_cannot_order_lets_postgres_order_the_relationship(league):
