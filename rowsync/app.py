@@ -38,9 +38,9 @@ from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.fanout.node import Node
 from rowsync.fetch import SNAPSHOT, RowSource, qualified_name, table_of
 from rowsync.graph import Graph
-from rowsync.listener import Listener, send_flush
+from rowsync.listener import Layout, Listener, send_flush
 from rowsync.messages import EVENTS, Change, Message
-from rowsync.position import Position
+from rowsync.position import NOWHERE, Position
 from rowsync.roots import Filters, Statement
 from rowsync.router import Router
 from rowsync.subscription import Authorizer, Subscription
@@ -188,6 +188,7 @@ class RowSync:
                 probe_interval=probe_interval,
                 consumer=consumer,
                 slot_timeout=start_timeout,
+                loaders=self._wal_loaders,
             )
             if capture == "wal"
             else Listener(
@@ -400,6 +401,8 @@ class RowSync:
         except psycopg.Error as exc:
             logger.debug("could not check the triggers: %s", exc)
             return
+        # Outdated triggers send moves unsealed: they may be genuine (see Listener._unsealed).
+        self.listener.seals_expected = status.schema_ready and not status.outdated
         if status.missing or status.outdated or not status.schema_ready:
             logger.warning(
                 "rowsync's triggers do not match the watchers (%d missing, %d outdated%s): "
@@ -508,7 +511,7 @@ class RowSync:
 
         def register() -> None:
             self.syncer.declare(roots, rule, sub)
-            self._add(sub, roots, None)
+            self._register(sub, roots, None)
             follow = self.router.spec(rule.mapper, spec_assocs(rule.spec or {}))
             for table in tables:  # a row of a joined subclass may change in any of its tables
                 self.router.add_model(sub, table, None, {}, follow, rule.mapper)
@@ -552,13 +555,26 @@ class RowSync:
         since: Position | None = None,
         **filters: Any,
     ) -> None:
-        if since is not None:
+        if since is None:
+            sub.placed(NOWHERE)  # before its interests: nothing may be skipped for them
+            self._register(sub, target, event, assocs=assocs, follow=follow, **filters)
+        else:
             self.dispatcher.replay(
                 sub,
                 since,
-                lambda: self._add(sub, target, event, assocs=assocs, follow=follow, **filters),
+                lambda: self._register(sub, target, event, assocs=assocs, follow=follow, **filters),
             )
-            return
+
+    def _register(
+        self,
+        sub: Subscription,
+        target: Any,
+        event: str | None,
+        *,
+        assocs: Assocs = (),
+        follow: bool = False,
+        **filters: Any,
+    ) -> None:
         if isinstance(target, (type, sa.Table)):
             table = self._watched(target)
             if event is not None and event not in EVENTS:
@@ -709,6 +725,14 @@ class RowSync:
             conn.info[self._origin] = name
         elif name is not None:
             conn.execute(_SET_ORIGIN, {"name": name})
+
+    def _wal_loaders(
+        self, schema: str, table: str, layout: Layout
+    ) -> tuple[Callable[[bytes], Any], ...]:
+        """The WAL decoder's loaders of a table's columns (:meth:`RowSource.loaders`); none
+        for a table no watcher names, whose values it never loads."""
+        entry = self._tables.get((schema, table))
+        return () if entry is None else self.rows.loaders(entry[0], layout)
 
     def _tag_commit(self, conn: sa.Connection) -> None:
         if (name := conn.info.pop(self._origin, None)) is not None:

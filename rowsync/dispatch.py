@@ -173,6 +173,8 @@ class Dispatcher:
         wanted: dict[sa.Table, list[tuple[Any, ...]]] = defaultdict(list)
         latest: dict[tuple[sa.Table, tuple[Any, ...]], CachedRow | None] = {}
         """Rows the WAL's changes of this batch left, by key; None: not known without a read."""
+        judging: dict[sa.Table, list[tuple[int, Carried]]] = defaultdict(list)
+        """Built rows whose criteria are still to evaluate: their place in ``pending``."""
         for item in batch:
             if isinstance(item, Flush):
                 pending.append((item, False, False))
@@ -183,16 +185,19 @@ class Dispatcher:
                 logger.warning("skipping event for unwatched table %s.%s", item.schema, item.table)
                 continue
             table = entry[0]
-            new = coerce(table, item.new)
-            old = coerce(table, item.old) if item.old is not None else None
-            if not usable_key(table, new) or (old is not None and not usable_key(table, old)):
-                self.stats["malformed"] += 1
-                logger.warning(
-                    "skipping event for %s without a usable key: %.200r",
-                    table.name,
-                    item.new,
-                )
-                continue
+            if item.row is not None:  # from the WAL: loaded as a read loads them, and true
+                new, old = item.new, item.old
+            else:  # from a payload anyone may send
+                new = coerce(table, item.new)
+                old = coerce(table, item.old) if item.old is not None else None
+                if not usable_key(table, new) or (old is not None and not usable_key(table, old)):
+                    self.stats["malformed"] += 1
+                    logger.warning(
+                        "skipping event for %s without a usable key: %.200r",
+                        table.name,
+                        item.new,
+                    )
+                    continue
             change = Resolved(
                 item.ref, (item.schema, item.table), item.event, new, old, item.origin, xid=item.xid
             )
@@ -212,6 +217,8 @@ class Dispatcher:
                 if item.row is not None:
                     change = self._carried(table, change, item.row, latest)
                     if change.row is not None or change.event == "deleted":
+                        if change.row is not None and self.rows.has_criteria(table):
+                            judging[table].append((len(pending), item.row))
                         pending.append((change, False, item.row.followed))
                         continue
                     self.stats["wal_fetches"] += 1
@@ -219,6 +226,8 @@ class Dispatcher:
                 # a delete is read too: it is believed once its row is gone (:meth:`_checked`)
                 if change.event != "deleted" or table.primary_key.columns:
                     wanted[table].append(key_of(table, change.new))
+        for table, rows in judging.items():
+            self._judge(table, rows, pending, wanted)
         fetched = {qualified_name(table): self._read(table, keys) for table, keys in wanted.items()}
         inserts = {
             (self._tables[item.table][0], key_of(self._tables[item.table][0], item.new)): item.ref
@@ -284,6 +293,28 @@ class Dispatcher:
             change.readable,
             change.xid,
         )
+
+    def _judge(
+        self,
+        table: sa.Table,
+        rows: list[tuple[int, Carried]],
+        pending: list[tuple[Resolved | Flush, bool, bool]],
+        wanted: dict[sa.Table, list[tuple[Any, ...]]],
+    ) -> None:
+        """Give the built rows of ``table`` at ``rows``' places in ``pending`` the criteria
+        they meet, in one query for all of them (:meth:`RowSource.judge`); when Postgres
+        cannot evaluate them there, the rows are read instead."""
+        verdicts = self.rows.judge(table, [carried for _, carried in rows])
+        for n, (i, _) in enumerate(rows):
+            change, _, kept_newest = pending[i]
+            assert isinstance(change, Resolved) and change.row is not None
+            if verdicts is None:
+                self.stats["wal_fetches"] += 1
+                pending[i] = (dataclasses.replace(change, row=None), True, kept_newest)
+                wanted[table].append(key_of(table, change.new))
+                continue
+            row = CachedRow(change.row.values, verdicts[n], change.row.old)
+            pending[i] = (dataclasses.replace(change, row=row), False, kept_newest)
 
     def _newest(self, table: sa.Table, key: tuple[Any, ...]) -> tuple[Any, ...]:
         """The cache's key of the latest row the WAL's changes left for ``key``; a gap starts
@@ -413,6 +444,7 @@ class Dispatcher:
         no longer all be known, a ``(Resync, info)`` first."""
         with self._delivering:
             register()
+            sub.placed(position)
             changes = self.journal.since(position)
             if changes is None:
                 self.stats["replay_misses"] += 1
@@ -455,6 +487,8 @@ class Dispatcher:
         for sub in subs:
             if change.origin is not None and change.origin in sub.ignore_origins:
                 continue
+            if change.readable and sub.saw(change.xid):
+                continue  # loaded already: patching it in again would go back to its row
             send(sub, message, row)
 
     def _send(
@@ -467,13 +501,20 @@ class Dispatcher:
         else:
             self.authorizers.submit(sub, message, row)
 
-    def gap(self, reason: str) -> None:
-        """Changes may have been missed: every subscription is told to resync (first: the
-        snapshot that lets later positions replay again costs a round trip)."""
+    def gap(self, reason: str, tables: Sequence[tuple[str, str]] | None = None) -> None:
+        """Changes may have been missed: every subscription is told to resync, or with
+        ``tables`` (schema, name), each one that rows of these tables concern
+        (:meth:`Router.concerned`). First: the snapshot that lets later positions replay
+        again costs a round trip. A position from before the gap cannot replay across it,
+        whatever it follows."""
         self.journal.interrupt()
         self._generation += 1
         info = ResyncInfo(reason, time.monotonic())
-        for sub in self.router.subscriptions():
+        if tables is None:
+            subs = self.router.subscriptions()
+        else:
+            subs = self.router.concerned([self._tables[t][0] for t in tables if t in self._tables])
+        for sub in subs:
             self._send(sub, (Resync, info))
         self.journal.resume(self.rows.snapshot())
 

@@ -11,15 +11,17 @@ import contextlib
 import datetime
 import decimal
 import functools
+import json
 import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg import sql
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 from sqlalchemy.dialects import postgresql
@@ -35,6 +37,7 @@ from sqlalchemy.orm import (
     with_polymorphic,
 )
 from sqlalchemy.orm.strategy_options import _AbstractLoad
+from sqlalchemy.sql import visitors
 
 from rowsync import tree
 from rowsync.cache import GONE, CachedRow, RowCache
@@ -51,6 +54,8 @@ BATCH = 1000
 _LOADERS = {"selectin": selectinload, "joined": joinedload, "subquery": subqueryload}
 
 SNAPSHOT = "SELECT pg_current_snapshot()::text"
+_TEXT = 25
+"""The oid of ``text``: its loader decodes a text form as the engine's connections do."""
 
 
 def key_of(table: sa.Table, values: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -357,16 +362,105 @@ _NO_MATCHES: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
+class _Judge:
+    """A table's criteria evaluated by Postgres on rows given as values, not read from the
+    table: each row a JSON object of the text forms of the columns the criteria read, made a
+    row of the table's own type by ``json_populate_record`` (each text through its type's
+    input function, as the row was stored), the criteria adapted to that row. One statement
+    per table, for any number of rows: the same semantics as the read's (NULLs, collations,
+    casts, operators of the column types), no query of the table."""
+
+    statement: sa.Select[*tuple[Any, ...]]
+    """One row per given row, in their order: the criteria booleans."""
+    criteria: tuple[str, ...]
+    """Names of the criteria booleans, in the order of the statement's columns."""
+    columns: frozenset[str]
+    """Columns of the table the criteria read."""
+
+    @classmethod
+    def of(
+        cls, table: sa.Table, criteria: Sequence[tuple[str, sa.ColumnElement[bool]]]
+    ) -> _Judge | None:
+        """None when a criterion needs more than the row's own values: a subquery (other
+        rows), text or a column that is not one of ``table``'s (what it names is unknown)."""
+        read: set[str] = set()
+        for _, clause in criteria:
+            for element in visitors.iterate(clause):
+                if isinstance(element, sa.Column) and element.table is table:
+                    read.add(element.name)
+                elif isinstance(element, _NOT_JUDGED):
+                    return None
+        rows = sa.cast(sa.bindparam("rows", type_=sa.Text), postgresql.JSON)
+        given = sa.func.json_array_elements(rows).table_valued("value", with_ordinality="n")
+        given = given.render_derived()
+        typed: sa.ColumnElement[Any] = sa.literal_column(
+            sql.SQL("NULL::{}").format(_identifier(table)).as_string()
+        )  # a NULL of the table's row type: json_populate_record makes rows of that type
+        row = sa.func.json_populate_record(typed, given.c.value)
+        record = row.table_valued(*(sa.column(c.name, c.type) for c in table.columns)).lateral()
+
+        def adapted(element: Any, **kw: Any) -> Any:
+            if isinstance(element, sa.Column) and element.table is table:
+                return record.c[element.name]
+            return None
+
+        statement = (
+            sa.select(
+                *(visitors.replacement_traverse(c, {}, adapted).label(n) for n, c in criteria)
+            )
+            .select_from(given.join(record, sa.true()))
+            .order_by(given.c.n)
+        )
+        return cls(statement, tuple(name for name, _ in criteria), frozenset(read))
+
+
+_NOT_JUDGED = (
+    sa.sql.expression.ColumnClause,  # after the table's own columns: any other column
+    sa.sql.expression.TextClause,
+    sa.sql.expression.FromClause,
+    sa.sql.expression.SelectBase,
+    sa.sql.expression.ScalarSelect,
+)
+"""Elements a criterion may hold that the row's own values cannot evaluate."""
+
+
+def _identifier(table: sa.Table) -> sql.Identifier:
+    """``table`` named as SQLAlchemy names it in a query (unqualified without a schema)."""
+    return (
+        sql.Identifier(table.name)
+        if table.schema is None
+        else sql.Identifier(table.schema, table.name)
+    )
+
+
+_JSON_BASED = """
+    WITH RECURSIVE t(oid, base) AS (
+        SELECT oid, oid FROM pg_type WHERE oid = ANY(%s)
+        UNION ALL
+        SELECT t.oid, p.typbasetype FROM t JOIN pg_type p ON p.oid = t.base WHERE p.typtype = 'd'
+    )
+    SELECT oid FROM t WHERE base IN ('json'::regtype, 'jsonb'::regtype)
+"""
+"""Which of a list of type oids are json or jsonb, or domains over them: ``json_populate_record``
+takes their values as JSON, not as text for the type's input function."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Plan:
     """What :meth:`RowSource.built` needs to build one table's rows from one layout."""
 
     complete: bool
-    """False: the rows cannot be built (criteria to compute), they are read."""
+    """False: the rows cannot be built (criteria that need the table), they are read."""
     columns: tuple[tuple[str, int, Callable[[bytes], Any], Callable[[Any], Any] | None], ...]
     """Each readable column carried: name, index in the carried values, text loader, result
     processor."""
     missing: tuple[str, ...]
     """Readable columns not carried (not published): known only from an earlier row."""
+    judge: _Judge | None = None
+    """The table's criteria, evaluated on the carried rows (:meth:`RowSource.judge`)."""
+    judged: tuple[tuple[str, int, bool], ...] = ()
+    """Each column the criteria read: its name as a JSON string followed by ``:``, its index
+    in the carried values, and whether its type is json-based (its text is then JSON)."""
 
 
 def _array_safe(kind: Any) -> bool:
@@ -394,6 +488,7 @@ class RowSource:
         self._row_queries: dict[sa.Table, _RowQuery] = {}
         self._text_loaders: dict[int, Callable[[bytes], Any]] = {}
         self._plans: dict[tuple[sa.Table, Layout], _Plan] = {}
+        self._judges: dict[sa.Table, _Judge | None] = {}
         self._held: sa.Connection | None = None
         self._holding = threading.Lock()
 
@@ -410,14 +505,21 @@ class RowSource:
         latency). It is dropped after any error, so the next call starts on a sound one,
         and given back by :meth:`release`.
         """
+        with self._reading(hold) as conn:
+            return self._fetch(conn, table, keys)
+
+    @contextlib.contextmanager
+    def _reading(self, hold: bool) -> Iterator[sa.Connection]:
+        """A connection of the reader: the held one (see :meth:`fetch`), or one of its own."""
         if not hold:
             with self._reader.connect() as conn:
-                return self._fetch(conn, table, keys)
+                yield conn
+            return
         with self._holding:
             if self._held is None:
                 self._held = self._reader.connect()
             try:
-                return self._fetch(self._held, table, keys)
+                yield self._held
             except Exception:
                 held, self._held = self._held, None
                 with contextlib.suppress(Exception):
@@ -492,8 +594,9 @@ class RowSource:
     ) -> CachedRow | None:
         """The row :meth:`fetch` would read, from a row the WAL carried (Postgres' text form),
         with no query; None when that cannot be told without one: a readable column neither
-        carried nor in ``earlier`` (values already loaded), or criteria to compute (the
-        database evaluates them, in the read).
+        carried nor in ``earlier`` (values already loaded), or criteria that need the table
+        (:class:`_Judge`) or a value not carried. The criteria it meets are not in it: they
+        are evaluated for every row of a batch at once (:meth:`judge`).
 
         Each value goes through the two steps a query's result takes: the loader psycopg
         picks for its type on the engine's connections (the engine's adapters, its sessions'
@@ -507,6 +610,12 @@ class RowSource:
         if not plan.complete:
             return None
         texts = carried.values
+        for _, i, json_based in plan.judged:
+            text = texts[i]
+            if text is UNCHANGED:
+                return None  # not sent: its text is not known
+            if json_based and isinstance(text, bytes) and text.strip() == b"null":
+                return None  # a JSON null: json_populate_record would take it for NULL
         values: dict[str, Any] = {}
         for name in plan.missing:
             if earlier is None or name not in earlier:
@@ -527,10 +636,15 @@ class RowSource:
         """How :meth:`built` makes ``table``'s readable columns from rows of ``layout``: each
         carried one's index in the values, its text loader and the result processor
         SQLAlchemy applies for that column type and oid; the names of those not carried."""
-        if self.graph.criteria.get(table):
-            return _Plan(False, (), ())
-        dialect = self.engine.dialect
         index = {name: i for i, name in enumerate(layout.names)}
+        judge = judged = None
+        if criteria := self.graph.criteria.get(table):
+            if table not in self._judges:
+                self._judges[table] = _Judge.of(table, criteria)
+            judge = self._judges[table]
+            if judge is None or not judge.columns <= index.keys():
+                return _Plan(False, (), ())
+            judged = self._judged_columns(layout, [index[n] for n in sorted(judge.columns)])
         columns = []
         missing = []
         for column in self.policy.columns(table):
@@ -538,10 +652,84 @@ class RowSource:
             if i is None:
                 missing.append(column.name)
                 continue
-            oid = layout.oids[i]
-            process = column.type._cached_result_processor(dialect, oid)
-            columns.append((column.name, i, self._text_loader(oid), process))
-        return _Plan(True, tuple(columns), tuple(missing))
+            load, process = self._steps(column, layout.oids[i])
+            columns.append((column.name, i, load, process))
+        return _Plan(True, tuple(columns), tuple(missing), judge, judged or ())
+
+    def _steps(
+        self, column: sa.Column[Any], oid: int
+    ) -> tuple[Callable[[bytes], Any], Callable[[Any], Any] | None]:
+        """The two steps a query's result takes for ``column`` sent as type ``oid``: the text
+        loader psycopg picks on the engine's connections, then the result processor
+        SQLAlchemy applies for the column's type (None: none)."""
+        process = column.type._cached_result_processor(self.engine.dialect, oid)
+        return self._text_loader(oid), process
+
+    def loaders(self, table: sa.Table, layout: Layout) -> tuple[Callable[[bytes], Any], ...]:
+        """For each column of ``layout``, what makes its text the value a read of ``table``
+        gives (:meth:`_steps`; a column ``table`` does not map: its text loader alone). The
+        WAL's identifying values are loaded with them, so a change routes with the values
+        its row has, whether that row is built or read."""
+        columns = {c.name: c for c in table.columns}
+        found: list[Callable[[bytes], Any]] = []
+        for name, oid in zip(layout.names, layout.oids, strict=True):
+            column = columns.get(name)
+            if column is None:
+                found.append(self._text_loader(oid))
+                continue
+            load, process = self._steps(column, oid)
+            found.append(load if process is None else functools.partial(_processed, load, process))
+        return tuple(found)
+
+    def _judged_columns(
+        self, layout: Layout, indexes: list[int]
+    ) -> tuple[tuple[str, int, bool], ...]:
+        """:attr:`_Plan.judged` of the columns at ``indexes`` of ``layout``."""
+        with self._reader.connect() as conn:
+            found = conn.exec_driver_sql(_JSON_BASED, ([layout.oids[i] for i in indexes],))
+            json_based = {oid for (oid,) in found}
+        return tuple(
+            (json.dumps(layout.names[i]) + ":", i, layout.oids[i] in json_based) for i in indexes
+        )
+
+    def has_criteria(self, table: sa.Table) -> bool:
+        """Whether rows of ``table`` built from the WAL need :meth:`judge`."""
+        return table in self.graph.criteria
+
+    def judge(self, table: sa.Table, carried: Sequence[Carried]) -> list[frozenset[str]] | None:
+        """Which criteria each of ``carried`` (rows :meth:`built` could build) meets, in one
+        query that reads no table (:class:`_Judge`); None when Postgres refused it (a text
+        its column's type no longer takes, a criterion failing on a value): the rows are
+        then read, and the read tells what is wrong, as in the other modes."""
+        parts = []
+        text = self._text_loader(_TEXT)
+        for row in carried:
+            plan = self._plans[(table, row.layout)]
+            values = row.values
+            members = [
+                prefix + (text(value) if json_based else json.dumps(text(value)))
+                for prefix, i, json_based in plan.judged
+                if isinstance(value := values[i], bytes)  # NULL: left out (never UNCHANGED here)
+            ]
+            parts.append("{" + ",".join(members) + "}")
+        judge = self._judges[table]
+        assert judge is not None
+        self.queries["criteria"] += 1
+        try:
+            with self._reading(True) as conn:
+                found = conn.execute(judge.statement, {"rows": "[" + ",".join(parts) + "]"}).all()
+        except (sa.exc.ProgrammingError, sa.exc.DataError) as exc:
+            logger.warning(
+                "cannot evaluate criteria of %s on rows: %s", table.name, exc.orig or exc
+            )
+            return None
+        if len(found) != len(carried):
+            return None
+        names = judge.criteria
+        return [
+            frozenset(name for name, hit in zip(names, verdict, strict=True) if hit)
+            for verdict in found
+        ]
 
     def _text_loader(self, oid: int) -> Callable[[bytes], Any]:
         load = self._text_loaders.get(oid)
@@ -658,6 +846,10 @@ class RowSource:
     def row_values(self, table: sa.Table, key: tuple[Any, ...]) -> Mapping[str, Any] | None:
         found = self.fetch(table, [key]).get(key)
         return None if found is None else found.values
+
+
+def _processed(load: Callable[[bytes], Any], process: Callable[[Any], Any], text: bytes) -> Any:
+    return process(load(text))
 
 
 def _freeze(spec: tree.LoadSpec) -> tuple[Any, ...]:

@@ -13,8 +13,9 @@ in a loaded collection, whatever the relationship kind:
   ``recompute`` - the membership is re-queried for the affected parents.
 
 Criteria are never evaluated in Python: each is compiled into the listener's row fetch as
-a boolean column (``CachedRow.matches``), so Postgres' own semantics (NULLs, collations,
-casts) decide.
+a boolean column (``CachedRow.matches``), or evaluated on rows the WAL carried
+(:meth:`rowsync.fetch.RowSource.judge`), so Postgres' own semantics (NULLs, collations, casts)
+decide.
 """
 
 from __future__ import annotations

@@ -15,12 +15,14 @@ Flush barriers always come as notifications. A quiet connection is probed with `
 
 Bad input never stops the thread, and never spoils the rest of its batch: anyone may NOTIFY
 on the channel, so a payload too large or too deeply nested, malformed, or naming a ref or a
-transaction no trigger could have written yet (:class:`Issued`) is skipped, logged and counted.
+transaction no trigger could have written yet (:class:`Issued`) is skipped, logged and counted;
+values before an update without the trigger's seal are not routed by (:meth:`Listener._unsealed`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -62,6 +64,14 @@ _PARKED_CHUNK = 16
 """Parked events read back per query: at most this many times ``max_parked`` bytes at once."""
 
 
+class OnGap(Protocol):
+    """What a listener calls when changes may have been missed: every subscription must
+    resync, or with ``tables`` (schema, name), only those rows of these tables concern
+    (their rows changed in a way the stream does not name, as a TRUNCATE deletes)."""
+
+    def __call__(self, reason: str, tables: Sequence[tuple[str, str]] | None = None) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Notice:
     """One parsed row event, as the trigger sent it."""
@@ -80,6 +90,9 @@ class Notice:
     row: Carried | None = None
     """The whole row as the change carried it, when it came from the WAL: a change known from
     the log of the database itself, not from a payload anyone may send."""
+    sealed: tuple[str, str] | None = None
+    """``(message, seal)`` of an update that carries values before, as the trigger sealed it
+    (:func:`unseal`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +173,25 @@ def parse(payload: str) -> Notice | Flush | dict[str, Any]:
         not isinstance(xid, int) or isinstance(xid, bool) or not 0 <= xid < _BIGINT
     ):
         raise ValueError("xid is not a bigint")
-    return Notice(ref, schema, table, _EVENTS[event], new, old, label, origin, xid)
+    sealed = unseal(payload) if old is not None else None
+    return Notice(ref, schema, table, _EVENTS[event], new, old, label, origin, xid, sealed=sealed)
+
+
+SEALED = ', "k": "'
+"""What a sealed payload's seal follows: the payload is the event's JSON object with a last
+member ``"k"``, the seal of the object's text without it (:func:`rowsync.triggers.seal`)."""
+_SEAL_LENGTH = 64
+"""Hex digits of a seal (SHA-256)."""
+
+
+def unseal(payload: str) -> tuple[str, str] | None:
+    """``(message, seal)`` of a payload that ends as a sealed one does (``…, "k": "SEAL"}``):
+    the message is the payload without that last member, byte for byte as the trigger sealed
+    it (:func:`rowsync.triggers.seal`). None for any other payload."""
+    start = len(payload) - len(SEALED) - _SEAL_LENGTH - 2
+    if start < 1 or not payload.endswith('"}') or not payload.startswith(SEALED, start):
+        return None
+    return payload[:start] + "}", payload[start + len(SEALED) : -2]
 
 
 def _depth(value: Any) -> int:
@@ -233,7 +264,7 @@ class Listener:
         channel: str,
         schema: str,
         on_batch: Callable[[Sequence[Notice | Flush]], None],
-        on_gap: Callable[[str], None],
+        on_gap: OnGap,
         probe_interval: float = 5.0,
         max_batch: int = 5000,
         max_batch_bytes: int = MAX_BATCH_BYTES,
@@ -257,6 +288,10 @@ class Listener:
         """Read the log this often even when no notification wakes the listener up."""
         self.max_parked = max_parked
         """Bytes above which a parked event is not read back (announced as a gap instead)."""
+        self.seals_expected = True
+        """Whether the triggers seal the updates that carry values before. Until an upgrade
+        installs them (:meth:`rowsync.RowSync.start` finds them outdated), an update without a
+        seal may be genuine: it is announced as a gap rather than taken as forged."""
         self.stats: Counter[str] = Counter()
         self.issued = Issued(schema)
         self.connected = threading.Event()
@@ -494,7 +529,8 @@ class Listener:
         self.log.upkeep(conn)
 
     def _handle(self, conn: psycopg.Connection[TupleRow], payloads: list[str]) -> None:
-        parsed = self._issued(conn, self._parse(payloads))
+        # Only payloads sent on the channel: parked events are read back under their own seal.
+        parsed = self._unsealed(conn, self._issued(conn, self._parse(payloads)))
         stubs = [p for p in parsed if isinstance(p, dict)]
         found, lost = self._overflow(conn, stubs) if stubs else ({}, 0)
         batch: list[Notice | Flush] = []
@@ -507,6 +543,66 @@ class Listener:
         if lost:
             self._gap(f"{lost} oversized event(s) could not be read back")
         self._dispatch(batch)
+
+    def _unsealed(
+        self, conn: psycopg.Connection[TupleRow], parsed: list[Notice | Flush | dict[str, Any]]
+    ) -> list[Notice | Flush | dict[str, Any]]:
+        """``parsed``, where an event keeps its values before only under a genuine seal.
+
+        An update is routed by its values before too (the subscriptions its row leaves learn
+        that it left), and no read of the row can confirm them: only the trigger's seal does.
+        An event without one, or with a wrong one, is delivered as an update whose values
+        before are unknown (to whom the row itself concerns), counted and logged: anyone may
+        NOTIFY, and a forged one must reach nobody else, nor make everyone resync. When seals
+        cannot be checked at all (schema not upgraded, privilege missing), or the triggers are
+        older than seals (:attr:`seals_expected`) and an update comes unsealed, a gap is
+        announced: the genuine moves of the batch do not reach the subscriptions their rows
+        left.
+        """
+        moves = [item for item in parsed if isinstance(item, Notice) and item.old is not None]
+        if not moves:
+            return parsed
+        sealed = list({item.sealed: None for item in moves if item.sealed is not None})
+        verdicts: dict[tuple[str, str], bool] | None = {}
+        if sealed:
+            check = sql.SQL("SELECT {}($1, $2)").format(sql.Identifier(self.schema, "sealed"))
+            try:
+                row = run(conn, check, ([m for m, _ in sealed], [k for _, k in sealed])).fetchone()
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
+                logger.warning("cannot check sealed updates (%s): see `rowsync status`", exc)
+                self.stats["seals_unchecked"] += len(sealed)
+                self._gap("the values before an update could not be checked")
+                verdicts = None
+            else:
+                assert row is not None
+                verdicts = dict(zip(sealed, row[0], strict=True))
+        kept: list[Notice | Flush | dict[str, Any]] = []
+        legacy = False
+        for item in parsed:
+            if isinstance(item, Notice) and item.old is not None:
+                # False: forged (no seal, or a wrong one); None: not checked
+                verdict = (
+                    False
+                    if item.sealed is None
+                    else None
+                    if verdicts is None
+                    else verdicts[item.sealed]
+                )
+                if verdict is False:
+                    self.stats["unsealed"] += 1
+                    logger.warning(
+                        "not routing by the values before of an update on %r without a valid "
+                        "seal: %.200r",
+                        self.channel,
+                        item,
+                    )
+                    legacy = legacy or (item.sealed is None and not self.seals_expected)
+                if not verdict:
+                    item = dataclasses.replace(item, old=None, sealed=None)
+            kept.append(item)
+        if legacy:
+            self._gap("an update's values before came unsealed, from outdated triggers")
+        return kept
 
     def _dispatch(self, batch: list[Notice | Flush]) -> None:
         if self._stopping.is_set():
@@ -527,10 +623,11 @@ class Listener:
             logger.exception("error while dispatching a batch of %d events", len(batch))
             self._gap("a batch of changes could not be dispatched")
 
-    def _gap(self, reason: str) -> None:
-        """Changes may have been missed: count it and let ``on_gap`` tell the subscribers."""
+    def _gap(self, reason: str, tables: Sequence[tuple[str, str]] | None = None) -> None:
+        """Changes may have been missed (of ``tables`` only, if given): count it and let
+        ``on_gap`` tell the subscribers."""
         self.stats["gaps"] += 1
-        self.on_gap(reason)
+        self.on_gap(reason, tables)
 
     def _overflow(
         self, conn: psycopg.Connection[TupleRow], stubs: list[dict[str, Any]]

@@ -6,6 +6,10 @@ position when its writer's transaction was invisible to that snapshot (its xid i
 not have seen. Deciding by visibility, not by time or by ``ref``, is what makes the hand-over
 from a load to a subscription exact: ``rs.subscribe(tree, since=position)`` replays the
 changes after the position that were already dispatched, and every later one arrives as usual.
+A change the position saw is never queued for that subscription, even when it is dispatched
+only later (a listener behind, or a consumer's replication slot sending again what a killed
+process had not confirmed): the tree holds it already, and patching it in again would take
+the tree back to an older row until the changes after it came.
 
 The dispatcher keeps a bounded :class:`Journal` of what it delivered. A change after a
 position committed after the snapshot was taken, so it was dispatched after the position was
@@ -68,6 +72,18 @@ class Position:
         if xid is None:
             return False
         return xid < self.xmin or (xid < self.xmax and xid not in self.xip)
+
+    def meet(self, other: Position) -> Position:
+        """The position that saw exactly what both saw: what is in every tree loaded after
+        either. A snapshot sees every transaction below its ``xmax`` but those in progress,
+        so the meet is the lower bounds and every in-progress one below them."""
+        xmin, xmax = min(self.xmin, other.xmin), min(self.xmax, other.xmax)
+        xip = frozenset(x for x in self.xip | other.xip if xmin <= x < xmax)
+        return Position(xmin, xmax, xip, None, None)
+
+
+NOWHERE = Position(0, 0, frozenset(), None, None)
+"""A position that saw nothing: where a tree subscribed without ``since`` is placed."""
 
 
 class Journal(Generic[T]):

@@ -3,8 +3,9 @@
 Nothing of rowsync's belongs to PUBLIC (migration 0004): the change log and the parked
 events name rows that not every role may read, and the functions move the positions and
 the history that listeners rely on. A listener role may read the log and the saved
-positions, save positions of its own, prune no further than the installed retention, and
-read parked events back through a function that checks their seal. Writers need nothing:
+positions, save positions of its own, prune no further than the installed retention, read
+parked events back through a function that checks their seal, and check the seal of an
+update's values before (migration 0005); only the triggers seal. Writers need nothing:
 the trigger functions run as their owner, and firing a trigger checks no privilege on its
 function. Installing, announcing and uninstalling are the owner's.
 """
@@ -47,6 +48,7 @@ LISTENER: tuple[Grant, ...] = (
     Grant("TABLE", "log_pruned", "SELECT"),
     Grant("TABLE", "cursors", "SELECT"),
     Grant("FUNCTION", "parked", "EXECUTE", "bigint[], text[], integer"),
+    Grant("FUNCTION", "sealed", "EXECUTE", "text[], text[]"),
     Grant("FUNCTION", "save_cursor", "EXECUTE", "text, pg_snapshot"),
     Grant("FUNCTION", "prune_log", "EXECUTE", "interval, integer, pg_snapshot"),
 )

@@ -69,6 +69,23 @@ class Router:
         with self._lock:
             return list(self._subscriptions.values())
 
+    def concerned(self, tables: Iterable[sa.Table]) -> list[Subscription]:
+        """Subscriptions that a change of any row of ``tables`` may concern, whatever the
+        row (a TRUNCATE deletes rows nothing names): every one with an interest in a table
+        of their inheritance hierarchies (a row held, a relationship followed into one,
+        an association table's links included), and every model subscription of one of
+        them that takes deletes."""
+        wanted = {part for table in tables for part in self.graph.hierarchy(table)}
+        with self._lock:
+            found = dict.fromkeys(
+                sub for key, subs in self._index.items() if key[0] in wanted for sub in subs
+            )
+            for table in wanted:
+                for sub in self._models.get(table, ()):
+                    if any(m[0] in wanted and m[1] in (None, "deleted") for m in sub.models):
+                        found[sub] = None
+            return list(found)
+
     def spec(self, mapper: Mapper[Any], assocs: Assocs) -> Spec:
         """Validate ``assocs`` against ``mapper`` (clear error for unknown names)."""
         return tuple(
@@ -100,7 +117,7 @@ class Router:
         with self._lock:
             self._subscriptions[sub.id] = sub
             for obj in objects:
-                values = tree.column_values(obj)
+                values = self._values_of(obj, spec)
                 for key in self._row_keys(tree.identity_table(sa.inspect(obj).mapper), values):
                     self._bump(sub, key, (None, spec), +1)
                 self._hold(sub, values, spec, +1, obj)
@@ -176,7 +193,7 @@ class Router:
             # Held again (a tree registered once more, as after a resync): what its loaded
             # object holds and is not followed yet is entered (``_enter`` skips the rest).
             if sign > 0 and (count == 1 or obj is not None):
-                for child_values, child in self._children(edge, local, obj):
+                for child_values, child in self._children(edge, local, obj, nested):
                     self._enter(sub, key, edge, nested, child_values, child)
             elif sign < 0 and count == 0:
                 for child_key in list(sub.below.get((key, reason), ())):
@@ -215,13 +232,29 @@ class Router:
             self._bump(sub, _key_in(table, child_key), (edge, nested), -1)
         self._hold(sub, values, nested, -1)
 
-    def _children(self, edge: Edge, local: tuple[Any, ...], obj: Any) -> list[tuple[Values, Any]]:
+    def _children(
+        self, edge: Edge, local: tuple[Any, ...], obj: Any, nested: Spec
+    ) -> list[tuple[Values, Any]]:
         if obj is not None and not (edge.secondary is not None and edge.criteria):
             loaded = tree.loaded_value(obj, edge.key)
             if loaded is tree.NOT_LOADED:
                 return []
-            return [(tree.column_values(child), child) for child in tree.as_list(loaded)]
+            return [(self._values_of(child, nested), child) for child in tree.as_list(loaded)]
         return [(values, None) for values in self.resolver.members(edge, local)]
+
+    def _values_of(self, obj: Any, spec: Spec) -> Values:
+        """The column values of a loaded object that its edges join on. A column the query
+        left unloaded (``load_only``, ``defer``: a foreign key under a loaded many-to-one)
+        is read from the row, so that what hangs below the object is followed all the same."""
+        values = tree.column_values(obj)
+        needed = {name for edge, _ in spec if not edge.recompute for name in edge.local_names}
+        if needed <= values.keys():
+            return values
+        key = tree.primary_key(obj)
+        for table in tree.unloaded_tables(obj):
+            if (row := self.resolver.row_values(table, key)) is not None:
+                values = {**row, **values}
+        return values
 
     # -- routing -----------------------------------------------------------------------
 

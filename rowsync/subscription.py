@@ -69,12 +69,25 @@ class Subscription:
         self.trees: list[tuple[Any, Any]] = []
         """The trees subscribed to (a list of roots or one object) with their ``assocs``: a
         resync registers them again, ``follow=True`` model interests say how lists grow."""
+        self.seen: Position | None = None
+        """What everything subscribed to was loaded after (:meth:`placed`); None until
+        something is."""
 
     def __repr__(self) -> str:
         interests = len(self.interests) + len(self.models)
         return f"<Subscription #{self.id} queued={len(self._queue)} interests={interests}>"
 
     # -- what to receive ---------------------------------------------------------------
+
+    def placed(self, position: Position) -> None:
+        """Something was subscribed to as loaded after ``position``
+        (:data:`~rowsync.position.NOWHERE` when unknown): changes the positions of all saw
+        are in what was loaded, and are not queued (:meth:`saw`)."""
+        self.seen = position if self.seen is None else self.seen.meet(position)
+
+    def saw(self, xid: int | None) -> bool:
+        """Whether what this subscription follows was loaded after transaction ``xid``."""
+        return self.seen is not None and self.seen.saw(xid)
 
     def add(
         self,

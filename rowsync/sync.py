@@ -91,6 +91,8 @@ class Syncer:
         ):
             return cached.index
         index = tree.Index.of(roots)
+        for root in roots:  # read before a patch changes what is loaded on them
+            tree.keep_declared_spec(root)
         with self._lock:
             self._indexes[id(value)] = _CachedIndex.of(value, roots, index)
             self._indexes.move_to_end(id(value))
@@ -421,6 +423,23 @@ class _Patch:
 
     # -- where the changed row sits on the edge --------------------------------------
 
+    def local(self, parent: Any, edge: Edge) -> tuple[Any, ...]:
+        """The columns ``parent`` joins ``edge`` on. One the query left unloaded
+        (``load_only``, ``defer``: a foreign key under a loaded many-to-one) is the row's."""
+        names = edge.local_names
+        local = tree.values_of(parent, names)
+        if None not in local:
+            return local
+        values = tree.column_values(parent)  # a None may be a value or a column not loaded
+        if all(n in values for n in names):
+            return local
+        key = tree.primary_key(parent)
+        for table in tree.unloaded_tables(parent):
+            found = self.rows.row(table, key, self.change.ref)
+            if found is not GONE:
+                values = {**found.values, **values}
+        return tuple(values.get(n) for n in names)
+
     def direct(self, edge: Edge, parents: Parents) -> None:
         row = self.row
         remote = edge.remote(row.values) if row else None
@@ -430,7 +449,7 @@ class _Patch:
             and self.admits(edge)
         )
         for parent in self.candidates(edge, parents, remote):
-            self.ensure(parent, edge, self.key, wanted and _local(parent, edge) == remote, row)
+            self.ensure(parent, edge, self.key, wanted and self.local(parent, edge) == remote, row)
 
     def candidates(
         self, edge: Edge, parents: Parents, *locals_: tuple[Any, ...] | None
@@ -475,7 +494,11 @@ class _Patch:
             return
         for parent in self.candidates(edge, parents, *linked):
             self.ensure(
-                parent, edge, self.key, True if _local(parent, edge) in linked else None, self.row
+                parent,
+                edge,
+                self.key,
+                True if self.local(parent, edge) in linked else None,
+                self.row,
             )
 
     def link(self, edge: Edge, parents: Parents) -> None:
@@ -498,7 +521,7 @@ class _Patch:
                 present = found is not GONE and edge.criteria in found.matches
                 row = found if found is not GONE else None
             for parent in self.candidates(edge, parents, local):
-                if _local(parent, edge) == local:
+                if self.local(parent, edge) == local:
                     self.ensure(parent, edge, target, present, row)
 
     def relink(self, edge: Edge, parents: Parents, locals_: list[tuple[Any, ...]]) -> None:
@@ -506,7 +529,7 @@ class _Patch:
         pair may be linked several times, only SQLAlchemy's loader knows what it holds."""
         wanted = set(locals_)
         found = self.candidates(edge, parents, *wanted)
-        if group := [p for p in found if _local(p, edge) in wanted]:
+        if group := [p for p in found if self.local(p, edge) in wanted]:
             self.recompute(edge, group)
 
     def repoint(self, edge: Edge, parents: Parents) -> None:
@@ -519,7 +542,7 @@ class _Patch:
             if not by_target_key or edge.uselist:
                 self.recompute(edge, [parent])
                 continue
-            local = _local(parent, edge)
+            local = self.local(parent, edge)
             current = tree.loaded_value(parent, edge.key)
             if any(v is None for v in local):
                 if current is not None:
@@ -773,6 +796,8 @@ class _Patch:
                     self._conform(child, done)
             return
         spec: dict[str, Any] = {}
+        root = id(obj) in index.roots
+        read_below = False  # by a loader that queries its row at a place below the roots
         for parent, key in list(index.places(obj)):
             if parent is None:
                 declared = self.root_spec
@@ -782,10 +807,18 @@ class _Patch:
                 declared = tree.places_spec(parent)
             if declared is None:
                 return  # a place loaded without options: what is loaded is all we know
-            spec = tree.merge_specs(
-                spec, declared if parent is None else declared.get(key or "", {})
-            )
+            here = declared if parent is None else declared.get(key or "", {})
+            if root and tree.looked_up(here):
+                continue  # its loader finds the root, loaded first, in the session
+            read_below = read_below or parent is not None
+            spec = tree.merge_specs(spec, here)
         tree.remember_places_spec(obj, spec)
+        if root and read_below:
+            # that query fills the columns the roots' options left unloaded (load_only)
+            for table in tree.unloaded_tables(obj):
+                found = self.rows.row(table, tree.primary_key(obj), self.change.ref)
+                if found is not GONE:
+                    tree.patch(obj, found.values, table)
         state = instance_state(obj)
         data = instance_dict(obj)
         unloaded = []
@@ -830,7 +863,9 @@ class _Patch:
         existing = self.index.instances(table, tree.primary_key(fetched))
         if not existing:
             return None
-        self.reshaped.append(existing[0])  # clone may load what it lacks: its shape changes
+        # clone may load what it lacks: its shape changes, and what it holds is decided again
+        self.reshaped.append(existing[0])
+        self.touched.append(existing[0])
         return existing[0]
 
 
@@ -845,10 +880,6 @@ def state_class(obj: Any) -> Any:
 
 def _table(obj: Any) -> sa.Table:
     return tree.identity_table(instance_state(obj).mapper)
-
-
-def _local(parent: Any, edge: Edge) -> tuple[Any, ...]:
-    return tree.values_of(parent, edge.local_names)
 
 
 def _in_place(edge: Edge, items: list[Any], at: int) -> bool:

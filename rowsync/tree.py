@@ -54,6 +54,21 @@ class _NeverFilled(Mapping[str, Any]):
 
 NEVER_FILLED: Final = _NeverFilled()
 
+
+class LookedUp(dict[str, Any]):
+    """The LoadSpec below a many-to-one that an ``immediateload`` reads by primary key.
+    SQLAlchemy's lazy loader looks the row up in the session before it queries, so an object
+    the query loaded before that loader ran gets nothing from this place (the loader options
+    chained below it apply only to a row it had to fetch). Every root is such an object: a
+    query loads its roots before any immediate loader runs."""
+
+
+def looked_up(spec: LoadSpec | None) -> bool:
+    """Whether ``spec`` is the LoadSpec of a place whose loader looks its row up in the
+    session first (:class:`LookedUp`)."""
+    return isinstance(spec, LookedUp)
+
+
 NOLOAD: Final = frozenset({"noload", "None"})
 """The names of SQLAlchemy's ``noload`` strategy as :func:`strategy` reads them
 (``lazy=None`` is one)."""
@@ -272,6 +287,12 @@ def column_values(obj: Any) -> dict[str, Any]:
     return values
 
 
+def unloaded_tables(obj: Any) -> list[sa.Table]:
+    """The tables of ``obj``'s columns that are not loaded on it (``load_only``, ``defer``)."""
+    state = instance_state(obj)
+    return list(dict.fromkeys(t for key, _, t in _columns(state.mapper) if key not in state.dict))
+
+
 def primary_key(obj: Any) -> tuple[Any, ...]:
     state = instance_state(obj)
     if state.key is not None:
@@ -412,6 +433,16 @@ def declared_spec(obj: Any) -> dict[str, Any] | None:
         if state.load_path is not None and len(state.load_path) == 1:
             declared = _with_statement_loads(obj, declared)
     return declared
+
+
+def keep_declared_spec(obj: Any) -> None:
+    """Read what a query's root was loaded with now, and keep it: part of it is read off what
+    is loaded on the root (:func:`_with_statement_loads`), which rowsync's patches change."""
+    state = instance_state(obj)
+    if _SPEC not in state.info and state.load_path is not None and len(state.load_path) == 1:
+        declared = declared_spec(obj)
+        if declared is not None:
+            state.info[_SPEC] = declared
 
 
 def _with_statement_loads(root: Any, declared: dict[str, Any]) -> dict[str, Any]:
@@ -641,10 +672,15 @@ def _expand(
             if levels > 0:
                 nested[rel.key] = levels - 1
         below_statement = [*statement, rel.mapper] if lazy == "joined" else [rel.mapper]
-        spec[rel.key] = _expand(
-            rel.mapper, explicit, here, [*mappers, rel.mapper], below_statement, nested
-        )
+        below = _expand(rel.mapper, explicit, here, [*mappers, rel.mapper], below_statement, nested)
+        spec[rel.key] = LookedUp(below) if lazy == "immediate" and _uses_get(rel) else below
     return spec
+
+
+def _uses_get(rel: RelationshipProperty[Any]) -> bool:
+    """Whether SQLAlchemy's lazy loader reads ``rel`` by the target's primary key, from the
+    session when it holds the row (a many-to-one to the primary key, without criteria)."""
+    return bool(rel._lazy_strategy.use_get)
 
 
 @cache
@@ -665,14 +701,22 @@ def _has_defaults(mapper: Mapper[Any]) -> bool:
 
 def merge_specs(a: LoadSpec, b: LoadSpec) -> dict[str, Any]:
     """The union of two LoadSpecs. A relationship one never fills and the other loads is
-    loaded: at an object held at both places, a query fills it at the one it reaches first."""
-    merged: dict[str, Any] = {k: v if v is NEVER_FILLED else dict(v) for k, v in a.items()}
+    loaded: at an object held at both places, a query fills it at the one it reaches first.
+    Likewise one looked up in the session (:class:`LookedUp`) at one place only is read by the
+    other's query."""
+    merged: dict[str, Any] = {
+        k: v if v is NEVER_FILLED else LookedUp(v) if looked_up(v) else dict(v)
+        for k, v in a.items()
+    }
     for k, v in b.items():
         mine = merged.get(k)
         if v is NEVER_FILLED:
             merged.setdefault(k, NEVER_FILLED)
-        else:
-            merged[k] = merge_specs({} if mine is None or mine is NEVER_FILLED else mine, v)
+            continue
+        below = merge_specs({} if mine is None or mine is NEVER_FILLED else mine, v)
+        # looked up in the session only if every place looks it up: a query reads it anyway
+        alone = mine is None or mine is NEVER_FILLED or looked_up(mine)
+        merged[k] = LookedUp(below) if looked_up(v) and alone else below
     return merged
 
 

@@ -21,6 +21,7 @@ from psycopg.rows import TupleRow
 
 from rowsync import advisory, migrations, privileges
 from rowsync.errors import ConfigurationError
+from rowsync.listener import SEALED
 from rowsync.watchers import Watcher
 
 if TYPE_CHECKING:
@@ -163,6 +164,19 @@ def emit(mode: Mode, schema: str, channel: str) -> sql.Composed:
     return sql.SQL("{}\n    PERFORM pg_notify({}, '');").format(append, sql.Literal(channel))
 
 
+def seal(schema: str) -> sql.Composed:
+    """The statement that seals an update carrying values before (``old_ids``), in the
+    ``notify`` mode: anyone may NOTIFY, and the listener routes by those values, which no read
+    of the row can confirm, so it routes by them only when the seal is genuine (migration
+    0005). The change log and parked events need no seal: only the triggers write them."""
+    return sql.SQL(
+        """
+    IF old_ids IS NOT NULL THEN
+        payload := left(payload, -1) || {sealed} || {seal}(payload) || '"}}';
+    END IF;"""
+    ).format(sealed=sql.Literal(SEALED), seal=sql.Identifier(schema, "seal"))
+
+
 def sequence(schema: str) -> sql.Literal:
     """rowsync's event sequence, as the argument of ``nextval``: it numbers every event (its
     ``ref``), so messages about one row can be told apart by age."""
@@ -216,7 +230,7 @@ BEGIN
     IF old_ids = new_ids THEN
         old_ids := NULL;  -- identifying columns unchanged: the new ones say it all
     END IF;
-    payload := {payload};
+    payload := {payload};{seal}
     {emit}
     RETURN NULL;
 END
@@ -228,6 +242,7 @@ END
         new=ids(sql.SQL("new_row"), w.columns),
         old=old,
         payload=payload(w, sql.SQL("rowsync_ref"), sql.SQL("new_ids"), sql.SQL("old_ids")),
+        seal=seal(schema) if mode == "notify" and w.event == "updated" else sql.SQL(""),
         emit=emit(mode, schema, channel),
     )
     # The function runs as its owner (the installer), with a fixed search_path: writers need

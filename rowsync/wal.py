@@ -20,7 +20,8 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   ``sync`` reads too (a new object's relationships, association links), and a position
   (``rs.position()``) taken after a change was handed over must have seen it.
 - A TRUNCATE of a watched table deletes rows the WAL does not name: it is a gap, announced
-  as ``(Resync, info)`` naming the tables, after the changes before it.
+  as ``(Resync, info)`` naming the tables, after the changes before it, to the subscriptions
+  rows of these tables concern.
 - Old values: a row moving between parents must reach both, so an update needs the identifying
   columns it had before. Postgres logs them only as the replica identity: tables identified by
   more than their primary key (foreign keys, ``extra_columns``) get REPLICA IDENTITY FULL, the
@@ -41,7 +42,9 @@ drops with the connection. The messages (:mod:`rowsync.pgoutput`) become the sam
   was dispatched: at least once. A reconnect starts after what this process dispatched, so
   only a new process can get a transaction again. A slot
   that is gone (dropped, invalidated by ``max_slot_wal_keep_size``) is created again,
-  announced as ``(Resync, info)``.
+  announced as ``(Resync, info)``. A slot still in use (another process of the consumer, or
+  one whose death the server has not noticed: ``wal_sender_timeout``) is tried again as a
+  lost connection is, backing off.
 - Origins (``rs.origin``): no trigger reads the writer's setting, so a tagged transaction
   that wrote carries its origin as a transactional logical message, sent at its commit
   (:func:`tag`): one small WAL record, and only for transactions tagged.
@@ -69,7 +72,7 @@ from psycopg.rows import TupleRow
 from rowsync import pgoutput, slots
 from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect, conninfo_of
-from rowsync.errors import ConfigurationError
+from rowsync.errors import ConfigurationError, NotRunningError
 from rowsync.fetch import SNAPSHOT
 from rowsync.listener import (
     APPLICATION_NAME,
@@ -78,6 +81,7 @@ from rowsync.listener import (
     Layout,
     Listener,
     Notice,
+    OnGap,
     parse,
 )
 from rowsync.messages import Event
@@ -296,9 +300,19 @@ class Decoder:
 
     A transaction's 32-bit id is widened to the 64-bit one positions compare with
     (:func:`rowsync.position.widen`), near the previous transaction's, starting ``near`` a
-    64-bit id the server gave when the stream started."""
+    64-bit id the server gave when the stream started.
 
-    def __init__(self, watchers: Sequence[Watcher], channel: str, near: int = 0) -> None:
+    ``loaders`` make each column's text the value a read of its table gives (the engine's,
+    :meth:`rowsync.fetch.RowSource.loaders`); without them, psycopg's global loaders."""
+
+    def __init__(
+        self,
+        watchers: Sequence[Watcher],
+        channel: str,
+        near: int = 0,
+        loaders: Loaders | None = None,
+    ) -> None:
+        self._loaders = loaders or _psycopg_loaders
         self._watched = {(w.schema, w.table, w.event): w for w in watchers}
         events: dict[tuple[str, str], set[Event]] = {}
         for w in watchers:
@@ -363,11 +377,12 @@ class Decoder:
                     operator.itemgetter(*(i for _, i in wanted)) if wanted else _nothing
                 )
                 watched[event] = (watcher, wanted, pick)
+        layout = Layout(names, tuple(c.type_oid for c in relation.columns))
         return _Table(
             relation.schema,
             relation.table,
-            Layout(names, tuple(c.type_oid for c in relation.columns)),
-            tuple(_loader(c.type_oid) for c in relation.columns),
+            layout,
+            self._loaders(relation.schema, relation.table, layout),
             watched,
             (relation.schema, relation.table) in self._followed,
         )
@@ -458,9 +473,18 @@ def _values(
     return result
 
 
+Loaders = Callable[[str, str, Layout], tuple[Callable[[bytes], Any], ...]]
+"""Given a table (schema, name) and the layout of its rows in the stream, a loader per column
+making its text a Python value."""
+
+
+def _psycopg_loaders(schema: str, table: str, layout: Layout) -> tuple[Callable[[bytes], Any], ...]:
+    """psycopg's global text loader of each column's type; a type it does not know (an
+    enum, a domain of one) stays text, which :func:`rowsync.fetch.coerce` reads."""
+    return tuple(map(_loader, layout.oids))
+
+
 def _loader(oid: int) -> Callable[[bytes], Any]:
-    """psycopg's text loader of a type, as a query's result would use; a type it does not
-    know (an enum, a domain of one) stays text, which :func:`rowsync.fetch.coerce` reads."""
     cls = psycopg.adapters.get_loader(oid, Format.TEXT)
     if cls is None:
         return bytes.decode
@@ -482,10 +506,11 @@ class WalSource(Listener):
         schema: str,
         watchers: Sequence[Watcher],
         on_batch: Callable[[Sequence[Notice | Flush]], None],
-        on_gap: Callable[[str], None],
+        on_gap: OnGap,
         probe_interval: float = 5.0,
         consumer: str | None = None,
         slot_timeout: float = 10.0,
+        loaders: Loaders,
     ) -> None:
         super().__init__(
             connect,
@@ -502,6 +527,8 @@ class WalSource(Listener):
         temporary slot per connection."""
         self.slot_timeout = slot_timeout
         """Seconds a slot's creation may wait for running transactions before it fails."""
+        self.loaders = loaders
+        """How the decoder loads identifying values (:class:`Decoder`)."""
         self.ref = 0
         """The last ref given, kept across connections, so refs never go back."""
         self.dispatched = 0
@@ -549,6 +576,13 @@ class WalSource(Listener):
                 else:
                     slot = slots.name(self.channel, self.consumer)
                     found = slots.find(notes, self.channel, slot)
+                    if found is not None and found.active_pid is not None:
+                        raise NotRunningError(
+                            f"replication slot {slot} is active for PID {found.active_pid}: "
+                            f"another process of consumer {self.consumer!r} streams from it, "
+                            "or one that died and the server has not noticed yet (it frees "
+                            "the slot after wal_sender_timeout)"
+                        )
                     if found is not None and found.wal_status == "lost":
                         slots.discard(notes, slot)
                         found = None
@@ -584,7 +618,8 @@ class WalSource(Listener):
 
     def _stream(self, notes: psycopg.Connection[TupleRow], cursor: Any) -> None:
         row = notes.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
-        decoder = Decoder(self.watchers, self.channel, (row.fetchone() or (0,))[0])
+        near = (row.fetchone() or (0,))[0]
+        decoder = Decoder(self.watchers, self.channel, near, self.loaders)
         decoder.ref = self.ref
         visible = Visibility(notes, self.stats)
         with selectors.DefaultSelector() as selector:
@@ -663,8 +698,9 @@ class WalSource(Listener):
 
     def _truncated(self, visible: Visibility, truncate: Truncated) -> None:
         """A TRUNCATE of watched tables, once visible (the snapshot the gap takes must have
-        seen it): their rows are gone, and which ones the WAL does not say."""
+        seen it): their rows are gone, and which ones the WAL does not say. A gap for the
+        subscriptions their rows concern only."""
         self.stats["truncates"] += 1
         visible.wait([truncate.xid])
         names = ", ".join(f"{schema}.{table}" for schema, table in truncate.tables)
-        self._gap(f"TRUNCATE of {names}: the rows it deleted are not in the WAL")
+        self._gap(f"TRUNCATE of {names}: the rows it deleted are not in the WAL", truncate.tables)

@@ -52,14 +52,17 @@ def wait_until(condition: Callable[[], bool], limit: float = 30.0) -> None:
 
 
 class Relay:
-    """A TCP relay to a broker's port that a test can cut (every connection closed, new
-    ones refused) and restore: a node's broker connection dying under it."""
+    """A TCP relay to a server's port (a broker's, Postgres') that a test can cut (every
+    connection closed, new ones refused) and restore: a node's connection dying under it;
+    or freeze: the node's host gone, with nothing more forwarded and nothing closed, so
+    the server hears nothing, not even a goodbye, until a timeout of its own."""
 
     def __init__(self, port: int) -> None:
         self.target = port
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._server.getsockname()[1]
         self._open = True
+        self._frozen = False
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -76,6 +79,9 @@ class Relay:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def freeze(self) -> None:
+        self._frozen = True
 
     def restore(self) -> None:
         with self._lock:
@@ -98,15 +104,16 @@ class Relay:
                 upstream = socket.create_connection(("127.0.0.1", self.target))
                 self._sockets += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := source.recv(65536):
-            sink.sendall(data)
-    with contextlib.suppress(OSError):
-        sink.shutdown(socket.SHUT_WR)
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self._frozen:
+                    sink.sendall(data)
+        if not self._frozen:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
 
 
 @contextlib.contextmanager

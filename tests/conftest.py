@@ -101,6 +101,8 @@ from restartable import (  # noqa: E402, F401
     logical_dsn,
     logical_engine,
     logical_server,
+    lossy_dsn,
+    lossy_server,
     restartable_dsn,
     restartable_server,
 )

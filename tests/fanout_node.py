@@ -1,8 +1,9 @@
 """One app node of a fan-out group, as its own process, for tests/test_fanout_nodes.py.
 
-    python tests/fanout_node.py DSN FANOUT_URL FANOUT_KEY
+    python tests/fanout_node.py DSN FANOUT_URL FANOUT_KEY [OPTIONS]
 
-It starts ``RowSync(DSN, reference_watchers(), fanout=FANOUT_URL, fanout_key=FANOUT_KEY)``,
+It starts ``RowSync(DSN, reference_watchers(), fanout=FANOUT_URL, fanout_key=FANOUT_KEY,
+**OPTIONS)`` (``OPTIONS``: a JSON object, e.g. ``{"capture": "wal", "consumer": "group"}``),
 loads the oracle's trees (tests/oracle.py) and subscribes to them, prints
 ``{"ready": ...}``, then answers each command read from stdin with one JSON line on stdout:
 
@@ -72,9 +73,11 @@ def check(rs: rowsync.RowSync, factory: sessionmaker[Any], held: list[Tree]) -> 
     }
 
 
-def main(dsn: str, url: str, key: str) -> None:
+def main(dsn: str, url: str, key: str, options: str = "{}") -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    rs = rowsync.RowSync(dsn, reference_watchers(), fanout=url, fanout_key=key).start()
+    rs = rowsync.RowSync(
+        dsn, reference_watchers(), fanout=url, fanout_key=key, **json.loads(options)
+    ).start()
     factory = sessionmaker(rs.engine, expire_on_commit=False)
     held = trees()
     for t in held:

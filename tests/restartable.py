@@ -28,6 +28,11 @@ DIRECTORY = Path(os.environ.get("ROWSYNC_RESTART_PG_DIR", "/tmp/rowsync-pg-resta
 PORT = os.environ.get("ROWSYNC_RESTART_PG_PORT", "54331")
 LOGICAL_DIRECTORY = Path(os.environ.get("ROWSYNC_WAL_PG_DIR", "/tmp/rowsync-pg-wal"))
 LOGICAL_PORT = os.environ.get("ROWSYNC_WAL_PG_PORT", "54332")
+LOSSY_DIRECTORY = Path(os.environ.get("ROWSYNC_LOSSY_PG_DIR", "/tmp/rowsync-pg-lost"))
+LOSSY_PORT = os.environ.get("ROWSYNC_LOSSY_PG_PORT", "54333")
+LOSSY_KEEP = "1MB"
+"""``max_slot_wal_keep_size`` of the lossy server: a slot behind by more is invalidated at
+the next checkpoint that can remove its WAL."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,26 @@ def logical_server() -> str:
     if row is None or row[0] != "logical":
         pytest.fail(f"the throwaway server {dsn} runs with wal_level={row}, not logical")
     return dsn
+
+
+@pytest.fixture(scope="session")
+def lossy_server() -> str:
+    """The DSN of a ``wal_level = logical`` server of its own whose slots keep at most
+    :data:`LOSSY_KEEP` of WAL: a slot left behind is invalidated (``wal_status = 'lost'``).
+    A server-wide setting, hence a server apart from the others, which must keep theirs."""
+    dsn = throwaway(LOSSY_DIRECTORY, LOSSY_PORT, "a lossy wal_level=logical")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER SYSTEM SET max_slot_wal_keep_size = {}").format(sql.Literal(LOSSY_KEEP))
+        )
+        conn.execute("SELECT pg_reload_conf()")
+    return dsn
+
+
+@pytest.fixture
+def lossy_dsn(lossy_server: str) -> Iterator[str]:
+    """A fresh database on the lossy server, dropped afterwards."""
+    yield from fresh_database(lossy_server, "rowsync_lost")
 
 
 @pytest.fixture

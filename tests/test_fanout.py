@@ -408,6 +408,22 @@ def test_a_capture_node_reading_the_wal_serves_every_node(group, write, capture)
     assert second.rows.queries == {}  # the row came through the broker
 
 
+@pytest.mark.parametrize("capture", ["wal"])
+def test_a_truncate_reaches_each_node_for_the_subscriptions_its_tables_concern(
+    group, write, capture
+) -> None:
+    first, second = group("memory://", 2, capture=capture)
+    posts, people = second.subscribe(Post), second.subscribe(Person)
+
+    write(sa.text("TRUNCATE posts CASCADE"))
+    first.flush()
+    second.flush()
+
+    ((kind, info),) = posts.drain()
+    assert kind is Resync and "TRUNCATE of public.posts" in info.reason
+    assert people.drain() == []
+
+
 # -- configuration -----------------------------------------------------------------------
 
 

@@ -99,7 +99,8 @@ def roundtrip(items: list[Any], limit: int = 1 << 20) -> tuple[list[Envelope], C
 
 
 def test_every_item_kind_comes_back_equal_with_its_values_types() -> None:
-    items = [Started(resumed=False), change(**VALUES), Flush("tok"), Gap("why")]
+    truncated = Gap("TRUNCATE", (("app", "things"),))  # for the subscriptions they concern
+    items = [Started(resumed=False), change(**VALUES), Flush("tok"), Gap("why"), truncated]
     (envelope,), stats = roundtrip(items)
     assert envelope == Envelope(7, 10, items)
     row = envelope.items[1].row

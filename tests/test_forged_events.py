@@ -183,19 +183,20 @@ def test_an_update_is_told_with_the_rows_own_values(rs, write, attacker):
     assert [m[1].ids for m in theirs.drain()] == [{"id": 20, "person_id": 2}]
 
 
-def test_forged_values_before_an_update_reach_that_parents_subscribers_and_nothing_more(
+def test_forged_values_before_an_update_reach_nobody_the_row_does_not_concern(
     rs, write, sessions, attacker
 ):
-    """The known exposure (docs/security.md, "Forged values before an update"): the values
-    before an update cannot be checked against the row, so a forged update naming person 1
-    as post 20's former owner reaches person 1's subscribers, with the row's true identifying
-    values. Nothing enters their tree, and ``sync`` builds nothing from it."""
+    """A forged update naming person 1 as post 20's former owner carries no seal of the
+    trigger's: it is not routed by those values (docs/security.md, "Forged values before an
+    update"). Person 1's subscribers hear nothing; person 2's, whom the row concerns, are
+    told of an update with its own values."""
     write(Person(id=1), Person(id=2), Post(id=10, person_id=1), Post(id=20, person_id=2))
     rs.flush()
     with sessions() as session:
         person = session.get(Person, 1, options=[sa.orm.selectinload(Person.posts)])
     tree = rs.subscribe(person, assocs=["posts"])
     mine = rs.subscribe(Post, person_id=1)
+    theirs = rs.subscribe(Post, person_id=2)
 
     forge(
         attacker,
@@ -204,15 +205,131 @@ def test_forged_values_before_an_update_reach_that_parents_subscribers_and_nothi
     )
     rs.flush()
 
-    got = {"filter": mine.drain(), "tree": tree.drain()}
-    assert {name: [(m[1].event, m[1].ids) for m in messages] for name, messages in got.items()} == {
-        "filter": [("updated", {"id": 20, "person_id": 2})],
-        "tree": [("updated", {"id": 20, "person_id": 2})],
-    }
-    assert [rs.sync(None, m) for m in got["filter"]] == [None]
-    for message in got["tree"]:
-        person = rs.sync(person, message)
-    assert [p.id for p in person.posts] == [10]
+    assert mine.drain() == tree.drain() == []
+    assert [(m[1].event, m[1].ids) for m in theirs.drain()] == [
+        ("updated", {"id": 20, "person_id": 2})
+    ]
+    assert rs.listener.stats["unsealed"] == 1
+
+
+def test_an_unsealed_update_from_outdated_triggers_is_announced(rs, write, sessions, attacker):
+    """Until an upgrade installs sealing triggers, an update without a seal may be a genuine
+    move of an old trigger's: the subscriptions it may have left are told to resync rather
+    than keep a row that left (the start warns that the triggers are outdated)."""
+    write(Person(id=1), Person(id=2), Post(id=20, person_id=2), Post(id=30, person_id=2))
+    rs.flush()
+    with rs.engine.begin() as conn:  # the posts triggers as an older release left them
+        pg = conn.connection.driver_connection
+        found = pg.execute(
+            "SELECT t.tgname, n.nspname, c.relname FROM pg_trigger AS t"
+            " JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n"
+            " ON n.oid = c.relnamespace WHERE t.tgrelid = 'posts'::regclass AND NOT t.tgisinternal"
+        ).fetchall()
+        for name, schema, table in found:
+            pg.execute(
+                sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}").format(
+                    sql.Identifier(name),
+                    sql.Identifier(schema, table),
+                    sql.Literal(f"rowsync channel={rs.channel} digest=old"),
+                )
+            )
+    rs.stop()
+    rs.start()
+    assert not rs.listener.seals_expected
+    mine = rs.subscribe(Post, person_id=1)
+    theirs = rs.subscribe(Post, person_id=2)
+
+    forge(
+        attacker,
+        rs.channel,
+        event("u", "posts", {"id": 20, "person_id": 2}, o={"id": 20, "person_id": 1}, r=4),
+    )
+    rs.flush()
+
+    assert [m[0] for m in mine.drain()] == [Resync]
+    assert [m[0] for m in theirs.drain()] == [Resync, Sync]
+
+
+def sealed_payloads(conninfo: str, channel: str, write: Any, *items: Any) -> list[str]:
+    """The payloads of updates that carry values before, as a role that may only connect
+    and LISTEN sees them while ``items`` are written."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        write(*items)
+        payloads = [n.payload for n in conn.notifies(timeout=5, stop_after=len(items))]
+    return [p for p in payloads if json.loads(p).get("o")]
+
+
+def test_a_seal_copied_onto_other_values_before_is_not_honoured(rs, write, attacker):
+    """The seal covers the whole event: the seal of post 20's genuine move from person 2 to
+    person 3, sent again with person 1 as its former owner (or with another post's key),
+    routes by no values before."""
+    write(Person(id=1), Person(id=2), Person(id=3), Post(id=20, person_id=2), Post(id=30))
+    rs.flush()
+    mine = rs.subscribe(Post, person_id=1)
+    [genuine] = sealed_payloads(
+        attacker, rs.channel, write, sa.update(Post).where(Post.id == 20).values(person_id=3)
+    )
+    rs.flush()
+    sealed = json.loads(genuine)
+    assert sealed["o"]["person_id"] == 2
+
+    forge(
+        attacker,
+        rs.channel,
+        {**sealed, "o": {**sealed["o"], "person_id": 1}},
+        {**sealed, "n": {**sealed["n"], "id": 30}},
+    )
+    rs.flush()
+
+    assert mine.drain() == []
+    assert rs.listener.stats["unsealed"] == 2
+
+
+def test_a_genuine_sealed_update_sent_again_is_routed_again(rs, write, attacker):
+    """What a seal does not prevent (docs/security.md): anyone who LISTENs may send a genuine
+    sealed update again. The subscribers of the parent its row genuinely left are told again,
+    with the row's identifying values as they are now."""
+    write(Person(id=2), Person(id=3), Person(id=4), Post(id=20, person_id=2))
+    rs.flush()
+    [genuine] = sealed_payloads(
+        attacker, rs.channel, write, sa.update(Post).where(Post.id == 20).values(person_id=3)
+    )
+    write(sa.update(Post).where(Post.id == 20).values(person_id=4))
+    rs.flush()
+    left = rs.subscribe(Post, person_id=2)
+
+    forge(attacker, rs.channel, genuine)
+    rs.flush()
+
+    assert [m[1].ids for m in left.drain()] == [{"id": 20, "other_id": None, "person_id": 4}]
+    assert rs.listener.stats["unsealed"] == 0
+
+
+def test_a_genuine_move_reaches_the_subscribers_of_the_parents_it_leaves_and_joins(
+    rs, write, sessions
+):
+    write(Person(id=1), Person(id=2), Post(id=10, person_id=1), Post(id=20, person_id=1))
+    rs.flush()
+    with sessions() as session:
+        left = session.get(Person, 1, options=[sa.orm.selectinload(Person.posts)])
+        joined = session.get(Person, 2, options=[sa.orm.selectinload(Person.posts)])
+    trees = [rs.subscribe(left, assocs=["posts"]), rs.subscribe(joined, assocs=["posts"])]
+    filters = [rs.subscribe(Post, person_id=1), rs.subscribe(Post, person_id=2)]
+
+    write(sa.update(Post).where(Post.id == 20).values(person_id=2))
+    rs.flush()
+
+    moved = [("updated", {"id": 20, "other_id": None, "person_id": 2})]
+    assert [[(m[1].event, m[1].ids) for m in sub.drain()] for sub in filters] == [moved, moved]
+    got = [sub.drain() for sub in trees]
+    assert [[(m[1].event, m[1].ids) for m in messages] for messages in got] == [moved, moved]
+    for message in got[0]:
+        left = rs.sync(left, message)
+    for message in got[1]:
+        joined = rs.sync(joined, message)
+    assert [[p.id for p in person.posts] for person in (left, joined)] == [[10], [20]]
+    assert rs.listener.stats["unsealed"] == rs.listener.stats["seals_unchecked"] == 0
 
 
 # -- refs and transactions not issued yet ----------------------------------------------

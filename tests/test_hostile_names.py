@@ -353,9 +353,16 @@ def test_a_rowsync_schema_name_that_holds_quotes_or_percents_installs_and_works(
     rs = RowSync(hostile, [*hostile_watchers(), *rowsync.watchers(Percent)], schema=name, **capture)
     rs.install()
     with rs:
-        subs = [rs.subscribe(Elephant), rs.subscribe(Quoted), rs.subscribe(Percent)]
+        subs = [
+            rs.subscribe(Elephant),
+            rs.subscribe(Quoted),
+            rs.subscribe(Percent),
+            rs.subscribe(Unicode, **{"🦄": 1}),
+        ]
         write(hostile, Elephant(key=1, name="a"), Quoted(id=2, injection="x" * 9000))
-        write(hostile, Percent(id=3, share="%s"))
+        write(hostile, Percent(id=3, share="%s"), Unicode(id=4, elephant=1))
+        rs.flush()
+        write(hostile, sa.update(Unicode).values(elephant=None))  # sealed: it leaves 🐘 1
         rs.flush()
         announced = rs.announce(["🐘", Percent.__tablename__])
         rs.flush()
@@ -364,9 +371,11 @@ def test_a_rowsync_schema_name_that_holds_quotes_or_percents_installs_and_works(
         [(Elephant, "inserted", {"🔑": 1}), (Elephant, "updated", {"🔑": 1})],
         [(Quoted, "inserted", {"id": 2, 'weird "name"': None, "x; drop table y": "x" * 9000})],
         [(Percent, "inserted", {"%%": 3}), (Percent, "updated", {"%%": 3})],
+        [(Unicode, "inserted", {"ü": 4, "🦄": 1}), (Unicode, "updated", {"ü": 4, "🦄": None})],
     ]
     assert announced == {"public.🐘": 1, f"public.{Percent.__tablename__}": 1}
     assert rs.listener.stats["connection_errors"] == rs.listener.stats["listener_errors"] == 0
+    assert rs.listener.stats["unsealed"] == 0
     with hostile.connect() as conn:
         cursors = sa.table("cursors", sa.column("consumer"), schema=name)
         if capture:  # the position was saved on stop

@@ -57,8 +57,6 @@ BROKEN: dict[str, str] = {
     "noload_option@tree": NOLOAD_PRELOADS,
     "noload_option@single": NOLOAD_PRELOADS,
     "noload_option@resync": NOLOAD_PRELOADS,
-    "root_below": "issue 12 items 7 and 13 (an object both root and below a root, or a new "
-    "one below a root, gets the roots' load spec)",
 }
 """Features (``genmap.FEATURES``) left out of the CI run, with the issue item whose fix brings
 them back; ``feature@variant`` leaves it out of that way of holding a tree only."""
@@ -69,7 +67,6 @@ ELSEWHERE: dict[str, str] = {
         "empty_value_noload_sets"
         for v in ("tree", "single", "resync")
     },
-    "root_below": "failures seen in unseeded oracle runs, not minimised yet",
 }
 """BROKEN entries the gated run below does not reproduce within its budget, and their evidence
 (tests named here are in tests/test_sync_regressions.py)."""

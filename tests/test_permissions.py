@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 import rowsync
 from fixtures import reference_watchers
-from models import Base, Post
-from rowsync import advisory
+from models import Base, Person, Post
+from rowsync import advisory, migrations, privileges
 
 
 @pytest.fixture
@@ -277,6 +277,95 @@ def test_an_overflow_reference_is_honoured_only_if_a_trigger_parked_it(schema, a
     assert rs.listener.stats["overflow_forged"] == 2
     assert rs.listener.stats["malformed"] == 1
     assert rs.listener.stats["gaps"] == 0
+
+
+def test_another_role_can_neither_seal_nor_check_a_seal(schema, attacker) -> None:
+    """Sealing is the triggers' (as the owner); checking is a listener role's: a role that
+    could compute seals could forge the values before an update."""
+    rowsync.RowSync(schema, reference_watchers()).install()
+    with connect_as(schema, attacker) as conn:
+        for query in (
+            "SELECT rowsync.seal('{}'::text)",
+            "SELECT rowsync.seal(1::bigint)",
+            "SELECT rowsync.sealed(ARRAY['{}'], ARRAY['0'])",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(query)
+
+
+def moves(roles: tuple[str, str], schema: sa.Engine, **options: Any) -> list[list[Any]]:
+    """What the subscribers of person 1 (whom post 20 leaves) and of person 2 (whom it joins)
+    receive when a writer moves it, as a listener connected as the reader role."""
+    reader, writer = roles
+    as_reader = sa.create_engine(schema.url.set(username=reader))
+    as_writer = sa.create_engine(schema.url.set(username=writer))
+    rs = rowsync.RowSync(as_reader, reference_watchers(), **options)
+    try:
+        with Session(as_writer) as session, session.begin():
+            session.add_all([Person(id=1), Person(id=2)])
+            session.flush()
+            session.add(Post(id=20, person_id=1))
+        with rs:
+            subs = [rs.subscribe(Post, person_id=1), rs.subscribe(Post, person_id=2)]
+            with Session(as_writer) as session, session.begin():
+                session.execute(sa.update(Post).where(Post.id == 20).values(person_id=2))
+            rs.flush()
+            got = [
+                [(repr(kind), getattr(info, "event", None)) for kind, info in sub.drain()]
+                for sub in subs
+            ]
+            return [got, [rs.listener.stats[k] for k in ("unsealed", "seals_unchecked")]]
+    finally:
+        as_reader.dispose()
+        as_writer.dispose()
+
+
+def test_an_install_upgrades_a_database_of_the_previous_migration(
+    schema, roles, monkeypatch
+) -> None:
+    """A database installed before updates were sealed: status finds its schema out of date,
+    an install (given no listener role) upgrades it, parked events sealed before keep their
+    seal, the listener role installed before may check seals, and moves reach the
+    subscribers of the parent their row leaves."""
+    reader, _ = roles
+    owner = rowsync.RowSync(schema, reference_watchers())
+    previous = [(v, text) for v, text in migrations.migration_files() if v < "0005"]
+    with monkeypatch.context() as before:
+        before.setattr(migrations, "migration_files", lambda: previous)
+        before.setattr(
+            privileges, "LISTENER", tuple(g for g in privileges.LISTENER if g.name != "sealed")
+        )
+        owner.install(listener_roles=[reader])
+    with connect_as(schema, "postgres") as conn:
+        parked_seal = conn.execute("SELECT rowsync.seal(42::bigint)").fetchone()
+    assert not owner.status().schema_ready
+
+    owner.install()
+
+    assert owner.status(listener_roles=[reader]).ok
+    with connect_as(schema, "postgres") as conn:
+        assert conn.execute("SELECT rowsync.seal(42::bigint)").fetchone() == parked_seal
+    moved = [("rowsync.Sync", "updated")]
+    assert moves(roles, schema) == [[moved, moved], [0, 0]]
+
+
+def test_a_listener_role_that_may_not_check_seals_announces_the_moves_it_cannot_route(
+    schema, roles
+) -> None:
+    """The move still reaches the parent its row joins; the subscribers of the one it leaves
+    may have missed it, and are told so."""
+    reader, _ = roles
+    rowsync.RowSync(schema, reference_watchers()).install(listener_roles=[reader])
+    with connect_as(schema, "postgres") as conn:
+        conn.execute(
+            sql.SQL("REVOKE EXECUTE ON FUNCTION rowsync.sealed(text[], text[]) FROM {}").format(
+                sql.Identifier(reader)
+            )
+        )
+    [left, joined], stats = moves(roles, schema)
+    assert left == [("rowsync.Resync", None)]
+    assert joined == [("rowsync.Resync", None), ("rowsync.Sync", "updated")]
+    assert stats == [0, 1]
 
 
 def test_a_parked_event_larger_than_the_listener_holds_is_announced_not_read(schema) -> None:

@@ -12,7 +12,8 @@ from fixtures import apply_all, messages, reference_watchers, sync_each
 from models import Person, Post
 from oracle import differences, fresh, snapshot
 from rowsync import Resync, RowSync, Sync
-from rowsync.position import Journal, Position, widen
+from rowsync.position import NOWHERE, Journal, Position, widen
+from rowsync.testing import one_batch
 
 PEOPLE = sa.select(Person).options(selectinload(Person.posts)).order_by(Person.id)
 
@@ -49,6 +50,37 @@ def test_what_committed_before_the_position_is_not_replayed(seeded, sessions, wr
     sub = rs.subscribe(people, assocs=["posts"], since=position)
 
     assert messages(rs, sub) == []
+
+
+def test_a_change_the_position_saw_dispatched_after_the_subscription_is_not_queued(
+    seeded, sessions, write
+):
+    """Dispatched late (the listener behind, or a slot sending it again), a change the
+    tree's position saw is in the tree: patched in again, it would take the tree back to
+    its row (in ``wal`` mode, the row as of that commit) until the changes after it came."""
+    rs = seeded
+    posts = sa.update(Post).where(Post.id == 10)
+    with one_batch(rs):  # received, then dispatched only once the tree is subscribed
+        write(posts.values(name="first"))
+        write(posts.values(name="second"))
+        position = rs.position()
+        people = fresh(sessions, PEOPLE)
+        sub = rs.subscribe(people, assocs=["posts"], since=position)
+    assert messages(rs, sub) == []
+    write(posts.values(name="third"))
+    people = apply_all(rs, sub, people)
+    assert [p.name for p in people[0].posts] == ["third"]
+    assert not differences(snapshot(people), snapshot(fresh(sessions, PEOPLE)))
+
+
+def test_a_tree_subscribed_without_a_position_gets_what_came_before_it(seeded, sessions, write):
+    rs = seeded
+    with one_batch(rs):
+        write(sa.update(Post).where(Post.id == 10).values(name="late"))
+        position = rs.position()
+        sub = rs.subscribe(fresh(sessions, PEOPLE), assocs=["posts"], since=position)
+        sub.add(fresh(sessions, PEOPLE)[0])  # no position: nothing may be skipped for it
+    assert [kind for kind, _ in messages(rs, sub)] == [Sync]
 
 
 def test_a_transaction_in_progress_at_the_position_is_replayed_once_committed(
@@ -171,6 +203,15 @@ def test_an_earlier_snapshot_resyncs_when_it_misses_what_a_gap_lost():
     journal.resume(Position.of("105:108:106"))  # lost: anything 105 and below, and 107
     assert journal.since(Position.of("105:106:")) is None  # did not see 107
     assert journal.since(Position.of("106:110:106,109")) == []  # saw all the gap lost
+
+
+def test_the_meet_of_two_positions_saw_what_both_saw():
+    a, b = Position.of("100:110:103,105"), Position.of("102:108:104,106")
+    meet = a.meet(b)
+    assert [x for x in range(95, 115) if meet.saw(x)] == [
+        x for x in range(95, 115) if a.saw(x) and b.saw(x)
+    ]
+    assert not any(NOWHERE.meet(a).saw(x) for x in range(0, 200))
 
 
 EPOCH = 1 << 32

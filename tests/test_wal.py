@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -32,7 +33,7 @@ from sqlalchemy.orm import (
 
 import rowsync
 from fixtures import apply_all, messages, reference_watchers, writer
-from models import Base, Person, Post, Tag
+from models import Base, Person, Post, PostTag, Tag
 from oracle import fresh, snapshot
 from rowsync import Resync, Sync, pgoutput, slots, wal
 from rowsync.cli import main
@@ -652,14 +653,187 @@ def test_an_unchanged_toasted_value_is_read_when_a_change_of_its_table_may_go_un
         assert cached(rs, 1, change.ref).values["body"] == BIG
 
 
-def test_rows_of_a_table_with_relationship_criteria_are_read(wal_rs, wal_sessions):
-    # Person.test_posts: which posts meet ``name = 'test'`` the database tells, in the read.
-    write = writer(wal_sessions)
-    write(Person(id=1, name="a"), Post(id=10, name="test", person_id=1))
-    wal_rs.flush()
+class CriteriaBase(DeclarativeBase):
+    pass
 
-    assert wal_rs.stats["wal_fetches"] == 1
-    assert wal_rs.rows.queries["rows"] == 1  # the post's; the person's was built
+
+class Shelf(CriteriaBase):
+    """Collections of books filtered by criteria on hostile column names, with NULLs."""
+
+    __tablename__ = 'wal "shelf" 100%s'
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+    marked: Mapped[list[Book]] = orm.relationship(
+        primaryjoin=lambda: sa.and_(Shelf.id == orm.foreign(Book.shelf_id), Book.kind == "x"),
+        order_by=lambda: Book.id,
+        viewonly=True,
+    )
+    unmarked: Mapped[list[Book]] = orm.relationship(  # a NULL kind is neither x nor not x
+        primaryjoin=lambda: sa.and_(Shelf.id == orm.foreign(Book.shelf_id), Book.kind != "x"),
+        order_by=lambda: Book.id,
+        viewonly=True,
+    )
+    either: Mapped[list[Book]] = orm.relationship(  # NULL or true holds, NULL or false does not
+        primaryjoin=lambda: sa.and_(
+            Shelf.id == orm.foreign(Book.shelf_id), sa.or_(Book.kind == "x", Book.score > 3)
+        ),
+        order_by=lambda: Book.id,
+        viewonly=True,
+    )
+    red: Mapped[list[Book]] = orm.relationship(
+        primaryjoin=lambda: sa.and_(
+            Shelf.id == orm.foreign(Book.shelf_id),
+            Book.colour == Colour.red,
+            Book.meta["a"].as_integer() == 1,
+            Book.marks.any_() == 2,
+        ),
+        order_by=lambda: Book.id,
+        viewonly=True,
+    )
+    noted: Mapped[list[Note]] = orm.relationship(  # a subquery: evaluated in the read
+        primaryjoin=lambda: sa.and_(
+            Shelf.id == orm.foreign(Note.shelf_id),
+            Note.score < sa.select(sa.literal(3)).scalar_subquery(),
+        ),
+        order_by=lambda: Note.id,
+        viewonly=True,
+    )
+
+
+class Colour(enum.Enum):
+    red = "red"
+    blue = "blue"
+
+
+class Book(CriteriaBase):
+    __tablename__ = 'wal "book"; 50%s'
+    id: Mapped[int] = mapped_column(primary_key=True)
+    shelf_id: Mapped[int | None] = mapped_column("shelf:%(id)s", sa.ForeignKey(Shelf.id))
+    kind: Mapped[str | None] = mapped_column('kind "of"')
+    score: Mapped[int | None] = mapped_column("score's")
+    colour: Mapped[Colour | None] = mapped_column(sa.Enum(Colour, name="wal colour"))
+    meta: Mapped[Any] = mapped_column(postgresql.JSONB(none_as_null=True), nullable=True)
+    marks: Mapped[list[int] | None] = mapped_column(postgresql.ARRAY(sa.Integer))
+
+
+class Note(CriteriaBase):
+    __tablename__ = "wal_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    shelf_id: Mapped[int | None] = mapped_column(sa.ForeignKey(Shelf.id))
+    score: Mapped[int | None]
+
+
+SHELVES = ["marked", "unmarked", "either", "red", "noted"]
+
+
+def shelves_query() -> sa.Select[tuple[Shelf]]:
+    loads = [selectinload(getattr(Shelf, key)) for key in SHELVES]
+    return sa.select(Shelf).order_by(Shelf.id).options(*loads)
+
+
+@pytest.fixture
+def shelves_rs(wal_engine: sa.Engine) -> Iterator[rowsync.RowSync]:
+    CriteriaBase.metadata.create_all(wal_engine)
+    instance = rowsync.RowSync(
+        wal_engine,
+        [*rowsync.watchers(Shelf), *rowsync.watchers(Book), *rowsync.watchers(Note)],
+        capture="wal",
+    )
+    instance.install()
+    with instance:
+        yield instance
+
+
+def test_criteria_are_evaluated_on_the_rows_the_wal_carried_with_no_row_read(
+    shelves_rs, wal_sessions
+):
+    write = writer(wal_sessions)
+    write(Shelf(id=1), Shelf(id=2), Book(id=1, shelf_id=1, kind="x"), Book(id=2, shelf_id=1))
+    shelves_rs.flush()
+    shelves = fresh(wal_sessions, shelves_query())
+    sub = shelves_rs.subscribe(shelves, assocs=SHELVES)
+    queries = shelves_rs.rows.queries
+    read_before, judged_before = queries["rows"], queries["criteria"]
+
+    red = {"colour": Colour.red, "meta": {"a": 1}, "marks": [1, 2]}
+    with one_batch(shelves_rs):  # criteria evaluated for the whole batch at once
+        write(
+            Book(id=3, shelf_id=1, kind="y", score=None),  # kind != x; score > 3 is NULL
+            Book(id=4, shelf_id=2, kind=None, score=5),  # NULL kind: only "either"
+            Book(id=5, shelf_id=2, kind="x", **red),
+            Book(id=6, shelf_id=1, colour=Colour.red, meta={"a": 2}, marks=[2]),
+        )
+        write(sa.update(Book).where(Book.id == 1).values(kind=None))  # leaves marked
+        write(sa.update(Book).where(Book.id == 2).values(kind="x", shelf_id=2))
+    shelves_rs.flush()
+    assert queries["criteria"] == judged_before + 1  # one for the batch's six changes
+    write(sa.update(Book).where(Book.id == 6).values(meta={"a": 1}))  # enters red
+    write(sa.update(Book).where(Book.id == 5).values(marks=None))  # ANY of NULL: leaves red
+    write(sa.update(Book).where(Book.id == 3).values(score=4))  # enters either
+    shelves = apply_all(shelves_rs, sub, shelves)
+
+    expected = fresh(wal_sessions, shelves_query())
+    assert snapshot(shelves) == snapshot(expected)
+    assert [b.id for b in expected[0].either] == [3]
+    assert [b.id for b in expected[0].red] == [6]
+    assert [b.id for b in expected[1].marked] == [2, 5]
+    assert shelves_rs.stats["wal_fetches"] == 0
+    assert queries["rows"] == read_before  # no row read
+
+
+def test_criteria_on_a_json_null_or_a_subquery_are_read(shelves_rs, wal_sessions):
+    # A JSON null and NULL are one to json_populate_record, and a subquery reads other rows
+    # (here none, but in general): the rows are read.
+    write = writer(wal_sessions)
+    write(Shelf(id=1))
+    shelves_rs.flush()
+    shelves = fresh(wal_sessions, shelves_query())
+    sub = shelves_rs.subscribe(shelves, assocs=SHELVES)
+
+    write(Book(id=1, shelf_id=1, kind="x", meta=sa.JSON.NULL))
+    write(Note(id=1, shelf_id=1, score=2), Note(id=2, shelf_id=1, score=3))
+    shelves = apply_all(shelves_rs, sub, shelves)
+
+    assert [n.id for n in shelves[0].noted] == [1]
+    assert shelves_rs.stats["wal_fetches"] == 3
+    assert snapshot(shelves) == snapshot(fresh(wal_sessions, shelves_query()))
+
+
+class TicketBase(DeclarativeBase):
+    pass
+
+
+class Ticket(TicketBase):
+    """Identified beyond its key by an enum and a type of its own (REPLICA IDENTITY FULL)."""
+
+    __tablename__ = "wal_tickets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[Kind] = mapped_column(sa.Enum(Kind, name="wal_ticket_kind"))
+    code: Mapped[str | None] = mapped_column(Shouted())
+
+
+def test_identifying_values_route_as_a_read_loads_them(wal_engine, wal_sessions):
+    # Values before an update and a delete's values come from the WAL alone: they must be
+    # the Python values a read gives (an enum member, the custom type's result), or a
+    # filter on them misses the change.
+    TicketBase.metadata.create_all(wal_engine)
+    watched = rowsync.watchers(Ticket, extra_columns=["kind", "code"])
+    rs = rowsync.RowSync(wal_engine, watched, capture="wal")
+    rs.install()
+    write = writer(wal_sessions)
+    with rs:
+        write(Ticket(id=1, kind=Kind.large, code="a"), Ticket(id=2, kind=Kind.large, code="b"))
+        rs.flush()
+        updated = rs.subscribe(Ticket, "updated", kind=Kind.large)
+        deleted = rs.subscribe(Ticket, "deleted", kind=Kind.large, code="b!")
+
+        write(sa.update(Ticket).where(Ticket.id == 1).values(kind=Kind.small))  # leaves large
+        write(sa.delete(Ticket).where(Ticket.id == 2))
+
+        assert [(c.event, c.ids["id"]) for _, c in messages(rs, updated)] == [("updated", 1)]
+        assert [(c.event, c.ids) for _, c in messages(rs, deleted)] == [
+            ("deleted", {"id": 2, "kind": Kind.large, "code": "b!"})
+        ]
 
 
 def test_the_whole_old_row_fills_what_the_new_one_left_out():
@@ -796,6 +970,98 @@ def test_a_truncate_of_a_watched_table_is_a_resync_naming_it(wal_rs, wal_session
     assert [kind for kind, _ in found] == [rowsync.Resync]
     assert "TRUNCATE of public.tags" in found[0][1].reason
     assert wal_rs.listener.stats["truncates"] == 1
+
+
+def test_a_truncate_resyncs_only_the_subscriptions_its_tables_concern(wal_rs, wal_sessions):
+    write = writer(wal_sessions)
+    write(Person(id=1, name="a"), Post(id=10, name="p", person_id=1), Tag(id=1, name="x"))
+    wal_rs.flush()
+    people = wal_rs.subscribe(fresh(wal_sessions, people_query()), assocs=["posts"])
+    tags = wal_rs.subscribe(Tag)
+    inserted_tags = wal_rs.subscribe(Tag, "inserted")  # a truncate inserts nothing
+
+    write(sa.text("TRUNCATE tags CASCADE"))  # post_tags too: nothing people follow
+    assert messages(wal_rs, people) == []
+    assert messages(wal_rs, inserted_tags) == []
+    ((kind, info),) = messages(wal_rs, tags)
+    assert kind is rowsync.Resync and "TRUNCATE of public.tags, public.post_tags" in info.reason
+
+    write(sa.text("TRUNCATE posts CASCADE"))  # below the people's root
+    ((kind, info),) = messages(wal_rs, people)
+    assert kind is rowsync.Resync and "TRUNCATE of public.posts" in info.reason
+    assert messages(wal_rs, tags) == []
+
+
+def test_a_truncate_of_an_association_table_resyncs_the_parents_subscriptions(wal_rs, wal_sessions):
+    write = writer(wal_sessions)
+    write(Person(id=1, name="a"), Post(id=10, name="p", person_id=1), Tag(id=1, name="x"))
+    write(PostTag(post_id=10, tag_id=1))
+    wal_rs.flush()
+    query = sa.select(Post).options(selectinload(Post.tags))
+    posts = wal_rs.subscribe(fresh(wal_sessions, query), assocs=["tags"])
+    people = wal_rs.subscribe(Person)
+
+    write(sa.text("TRUNCATE post_tags"))
+
+    ((kind, info),) = messages(wal_rs, posts)
+    assert kind is rowsync.Resync and "TRUNCATE of public.post_tags" in info.reason
+    assert messages(wal_rs, people) == []
+
+
+class ZooBase(DeclarativeBase):
+    pass
+
+
+class Zoo(ZooBase):
+    __tablename__ = "wal_zoos"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    animals: Mapped[list[Animal]] = orm.relationship(order_by=lambda: Animal.id)
+
+
+class Animal(ZooBase):
+    __tablename__ = "wal_animals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    zoo_id: Mapped[int | None] = mapped_column(sa.ForeignKey(Zoo.id))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "animal"}
+
+
+class Cat(Animal):
+    __tablename__ = "wal_cats"
+    id: Mapped[int] = mapped_column(sa.ForeignKey(Animal.id), primary_key=True)
+    lives: Mapped[int | None]
+    __mapper_args__ = {"polymorphic_identity": "cat", "polymorphic_load": "inline"}
+
+
+class Keeper(ZooBase):
+    __tablename__ = "wal_keepers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_a_truncate_of_a_subclass_table_resyncs_the_trees_holding_its_rows(
+    wal_engine, wal_sessions
+):
+    ZooBase.metadata.create_all(wal_engine)
+    write = writer(wal_sessions)
+    write(Zoo(id=1), Cat(id=1, zoo_id=1, lives=9), Keeper(id=1))
+    rs = rowsync.RowSync(
+        wal_engine,
+        [*rowsync.watchers(Zoo, ["animals"]), *rowsync.watchers(Keeper)],
+        capture="wal",
+    )
+    rs.install()
+    with rs:
+        query = sa.select(Zoo).options(selectinload(Zoo.animals))
+        zoos = rs.subscribe(fresh(wal_sessions, query), assocs=["animals"])
+        animals = rs.subscribe(Animal)  # the base class: its cats lose their part
+        keepers = rs.subscribe(Keeper)
+
+        write(sa.text("TRUNCATE wal_cats"))
+
+        for sub in zoos, animals:
+            ((kind, info),) = messages(rs, sub)
+            assert kind is rowsync.Resync and "TRUNCATE of public.wal_cats" in info.reason
+        assert messages(rs, keepers) == []
 
 
 def test_writes_under_the_replica_role_and_copy_reach_a_synced_tree(

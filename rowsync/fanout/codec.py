@@ -51,9 +51,11 @@ TAG = "$t"
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """Changes may have been missed: every node tells its subscriptions to resync."""
+    """Changes may have been missed: every node tells its subscriptions to resync (with
+    ``tables``, those rows of these tables concern: :meth:`rowsync.dispatch.Dispatcher.gap`)."""
 
     reason: str
+    tables: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,9 @@ def _item(item: Item, criteria: Mapping[str, str]) -> dict[str, Any]:
     if isinstance(item, Flush):
         return {"k": "f", "token": item.token}
     if isinstance(item, Gap):
-        return {"k": "g", "reason": item.reason}
+        if item.tables is None:
+            return {"k": "g", "reason": item.reason}
+        return {"k": "g", "reason": item.reason, "tb": [list(t) for t in item.tables]}
     if isinstance(item, Started):
         return {"k": "s", "resumed": item.resumed}
     data: dict[str, Any] = {
@@ -306,7 +310,11 @@ class Codec:
         if kind == "f":
             return Flush(str(data["token"]))
         if kind == "g":
-            return Gap(str(data["reason"]))
+            tables = data.get("tb")
+            return Gap(
+                str(data["reason"]),
+                None if tables is None else tuple((str(s), str(t)) for s, t in tables),
+            )
         if kind == "s":
             return Started(bool(data["resumed"]))
         if kind != "c":

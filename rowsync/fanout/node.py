@@ -344,16 +344,16 @@ class Node:
                     self._gap("a batch of changes could not be delivered")
                 run = []
             if isinstance(item, Gap):
-                self._gap(item.reason)
+                self._gap(item.reason, item.tables)
             elif isinstance(item, Started):
                 self.stats["captures"] += 1
                 if not item.resumed:
                     self._gap("a new capture node started: changes may have been missed")
 
-    def _gap(self, reason: str) -> None:
+    def _gap(self, reason: str, tables: Sequence[tuple[str, str]] | None = None) -> None:
         self.stats["gaps"] += 1
         logger.info("resync: %s", reason)
-        self.dispatcher.gap(reason)
+        self.dispatcher.gap(reason, tables)
 
     # -- the capture node: resolve, publish --------------------------------------------
 
@@ -383,10 +383,11 @@ class Node:
             self.stats["unpublished"] += len(batch)
             logger.warning("%d event(s) received while not the capture node: dropped", len(batch))
 
-    def _capture_gap(self, reason: str) -> None:
+    def _capture_gap(self, reason: str, tables: Sequence[tuple[str, str]] | None = None) -> None:
         """The listener's ``on_gap`` while elected."""
         if (term := self.election.term) is not None:
-            self._publish_from_listener(term, [Gap(reason)])
+            gap = Gap(reason, None if tables is None else tuple(tables))
+            self._publish_from_listener(term, [gap])
 
     def _publish_from_listener(self, term: int, items: Sequence[Item]) -> None:
         try:
