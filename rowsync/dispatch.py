@@ -289,7 +289,7 @@ class Dispatcher:
             ids,
             change.old,
             change.origin,
-            CachedRow(row.values, row.matches, change.old),
+            row if change.old is None else CachedRow(row.values, row.matches, change.old),
             change.readable,
             change.xid,
         )
@@ -410,9 +410,20 @@ class Dispatcher:
     def deliver(self, resolved: Sequence[Resolved | Flush]) -> None:
         """Cache each change's row, route it and queue it, in order; release flush barriers
         once what came before them is queued."""
+        queued: dict[Subscription, list[Message]] = {}
+        """What each subscription without an authorizer gets, queued at once (one wake-up of
+        its reader per batch, not per change), before any barrier and at the end."""
+
+        def send(sub: Subscription, message: Message, row: Mapping[str, Any] | None) -> None:
+            if sub.authorize is None:
+                queued.setdefault(sub, []).append(message)
+            else:
+                self.authorizers.submit(sub, message, row)
+
         with self._delivering:
             for change in resolved:
                 if isinstance(change, Flush):
+                    _put_all(queued)
                     if (event := self.flushes.pop(change.token, None)) is not None:
                         self.authorizers.after(event.set)  # once authorizers ruled on the rest
                     continue
@@ -422,9 +433,10 @@ class Dispatcher:
                         (table, key_of(table, change.new), change.ref),
                         GONE if change.row is None else change.row,
                     )
-                self._route(change)
+                self._route(change, send)
                 self.journal.add(change)
                 self.stats["dispatched"] += 1
+            _put_all(queued)
 
     def replay(self, sub: Subscription, position: Position, register: Callable[[], None]) -> None:
         """``register()`` ``sub``'s interests, then queue for it alone the changes after
@@ -441,10 +453,15 @@ class Dispatcher:
                 )
                 return
             for change in changes:
-                self._route(change, sub)
+                self._route(change, self._send, sub)
 
-    def _route(self, change: Resolved, only: Subscription | None = None) -> None:
-        """Queue ``change`` for the subscriptions it concerns (or for ``only``, if it does)."""
+    def _route(
+        self,
+        change: Resolved,
+        send: Callable[[Subscription, Message, Mapping[str, Any] | None], None],
+        only: Subscription | None = None,
+    ) -> None:
+        """``send`` ``change`` to the subscriptions it concerns (or to ``only``, if it does)."""
         table, model = self._tables[change.table]
         new = change.new
         route_new: dict[str, Any] | None
@@ -472,7 +489,7 @@ class Dispatcher:
                 continue
             if change.readable and sub.saw(change.xid):
                 continue  # loaded already: patching it in again would go back to its row
-            self._send(sub, message, row)
+            send(sub, message, row)
 
     def _send(
         self, sub: Subscription, message: Message, row: Mapping[str, Any] | None = None
@@ -500,3 +517,10 @@ class Dispatcher:
         for sub in subs:
             self._send(sub, (Resync, info))
         self.journal.resume(self.rows.snapshot())
+
+
+def _put_all(queued: dict[Subscription, list[Message]]) -> None:
+    """Queue what :meth:`Dispatcher.deliver` gathered for each subscription, and forget it."""
+    for sub, messages in queued.items():
+        sub.put_all(messages)
+    queued.clear()

@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import sqlalchemy as sa
@@ -460,8 +460,8 @@ class _Feed(Subscription):
         super().__init__(rs._add, rs.router.remove, rs.queue_size)
         self._on_put = on_put
 
-    def put(self, message: Message) -> None:
-        super().put(message)
+    def put_all(self, messages: Sequence[Message]) -> None:
+        super().put_all(messages)
         self._on_put()
 
 

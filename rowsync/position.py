@@ -21,6 +21,7 @@ the subscription starts with ``(Resync, info)`` instead: never a silent miss.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,9 @@ class Journal(Generic[T]):
     """The last ``size`` changes delivered, numbered, each with its writer's xid."""
 
     def __init__(self, size: int, xid: Callable[[T], int | None]) -> None:
-        self._entries: collections.deque[tuple[int, T]] = collections.deque(maxlen=size)
+        self._entries: collections.deque[T] = collections.deque(maxlen=size)
+        """The changes numbered ``_next - len(_entries)`` to ``_next - 1``: numbered by their
+        place, so an entry is the change itself (one object fewer for every change kept)."""
         self._xid = xid
         self._next = 0
         self._epoch = 0
@@ -100,7 +103,7 @@ class Journal(Generic[T]):
 
     def add(self, change: T) -> None:
         with self._lock:
-            self._entries.append((self._next, change))
+            self._entries.append(change)
             self._next += 1
 
     def interrupt(self) -> None:
@@ -125,27 +128,25 @@ class Journal(Generic[T]):
         """The changes after ``position`` delivered so far, in order; None when some of
         them can no longer be known (dropped, or lost in a gap)."""
         with self._lock:
-            oldest = self._entries[0] if self._entries else None
-            dropped = (oldest[0] if oldest is not None else self._next) > 0
+            first = self._next - len(self._entries)  # the oldest kept (``_next``: none)
             if position.seq is not None:
                 # Exact: a change after the position was delivered after the mark.
-                if position.epoch != self._epoch or (
-                    (oldest[0] if oldest is not None else self._next) > position.seq
-                ):
+                if position.epoch != self._epoch or first > position.seq:
                     return None
-                start = position.seq
+                start = position.seq - first
             else:
                 # An earlier snapshot: changes arrive in commit order, so once the oldest one
                 # kept was seen by it, so was every one dropped before it.
                 if not _covers(position, self._resumed) or (
-                    dropped and (oldest is None or not position.saw(self._xid(oldest[1])))
+                    first > 0
+                    and (not self._entries or not position.saw(self._xid(self._entries[0])))
                 ):
                     return None
                 start = 0
             return [
                 change
-                for seq, change in self._entries
-                if seq >= start and not position.saw(self._xid(change))
+                for change in itertools.islice(self._entries, start, None)
+                if not position.saw(self._xid(change))
             ]
 
 

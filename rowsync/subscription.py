@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rowsync.messages import Change, Message, Resync, ResyncInfo
@@ -133,19 +133,24 @@ class Subscription:
     # -- the listener's side -----------------------------------------------------------
 
     def put(self, message: Message) -> None:
+        self.put_all((message,))
+
+    def put_all(self, messages: Sequence[Message]) -> None:
+        """Queue ``messages`` in order, waking the reader once for all of them."""
         with self._lock:  # the condition's lock, without Condition's Python-level __enter__
             if self._closed:
                 return
-            if len(self._queue) >= self.maxsize:
-                self.overflows += 1
-                logger.warning(
-                    "subscription #%d overflowed (%d queued): replaced by a resync",
-                    self.id,
-                    len(self._queue),
-                )
-                self._queue.clear()
-                self._queue.append((Resync, ResyncInfo("overflow", time.monotonic())))
-            self._queue.append(message)
+            for message in messages:
+                if len(self._queue) >= self.maxsize:
+                    self.overflows += 1
+                    logger.warning(
+                        "subscription #%d overflowed (%d queued): replaced by a resync",
+                        self.id,
+                        len(self._queue),
+                    )
+                    self._queue.clear()
+                    self._queue.append((Resync, ResyncInfo("overflow", time.monotonic())))
+                self._queue.append(message)
             if self._blocked:
                 self._cond.notify_all()
             if not self._waiters:

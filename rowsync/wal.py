@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import selectors
 import time
 from collections import Counter
@@ -72,6 +73,7 @@ from rowsync import pgoutput, slots
 from rowsync.columns import ColumnPolicy
 from rowsync.connect import Connect, conninfo_of
 from rowsync.errors import ConfigurationError, NotRunningError
+from rowsync.fetch import SNAPSHOT
 from rowsync.listener import (
     APPLICATION_NAME,
     Carried,
@@ -84,18 +86,10 @@ from rowsync.listener import (
 )
 from rowsync.messages import Event
 from rowsync.pgoutput import UNCHANGED
-from rowsync.position import widen
+from rowsync.position import Position, widen
 from rowsync.watchers import Watcher
 
 logger = logging.getLogger(__name__)
-
-_VISIBLE = """
-    SELECT bool_and(pg_visible_in_snapshot(x::text::xid8, s)),
-           min(pg_snapshot_xmin(s)::text::bigint)
-    FROM unnest(%s::bigint[]) x, pg_current_snapshot() s
-"""
-"""Whether every transaction of a list of 64-bit ids is visible to a snapshot taken now, and
-that snapshot's xmin."""
 
 VISIBLE_TIMEOUT = 5.0
 """Seconds a decoded transaction may take to become visible before rowsync hands it over
@@ -106,34 +100,46 @@ class Visibility:
     """Waits until decoded transactions are visible to new snapshots, on a connection of its
     own (autocommit: each query takes a new snapshot).
 
-    Each query also returns its snapshot's xmin: every transaction below it had ended when
-    the snapshot was taken, so a committed one (every decoded one is) is visible to every
-    snapshot since. Transactions all below the highest xmin seen need no query: under a
-    steady stream, those that committed while the previous batch's query ran."""
+    Each query takes a snapshot (:data:`rowsync.fetch.SNAPSHOT`) and tells visibility as
+    ``pg_visible_in_snapshot`` does (:meth:`rowsync.position.Position.saw`), here rather than
+    in the server: the statement has no parameter to send, and the server no array to unnest.
+    A committed transaction (every decoded one is) that a snapshot saw is visible to every
+    snapshot taken since, so transactions the last snapshot saw need no query: under a
+    steady stream, those that committed before the previous batch's query ran, though
+    decoded after it. Its xmin says the same of every transaction below it (they had all
+    ended), and the highest one seen is kept for that."""
 
     def __init__(self, conn: psycopg.Connection[TupleRow], stats: Counter[str]) -> None:
         self.conn = conn
         self.stats = stats
         self.horizon = 0
         """The highest xmin seen (64-bit)."""
+        self._last: Position | None = None
+        """The latest snapshot taken."""
 
     def wait(self, xids: Sequence[int]) -> bool:
         """Wait until transactions ``xids`` are visible to new snapshots; False if they were
         not within :data:`VISIBLE_TIMEOUT`. Each is waited for: transactions may become
         visible in another order than they committed in."""
-        if max(xids) < self.horizon:
+        if self._seen(xids):
             return True
         deadline = time.monotonic() + VISIBLE_TIMEOUT
         while True:
             self.stats["visibility_queries"] += 1
-            row = self.conn.execute(_VISIBLE, (list(xids),)).fetchone()
-            if row is not None and row[1] is not None:
-                self.horizon = max(self.horizon, row[1])
-            if row is not None and row[0]:
-                return True
+            row = self.conn.execute(SNAPSHOT).fetchone()
+            if row is not None:
+                self._last = Position.of(row[0])
+                self.horizon = max(self.horizon, self._last.xmin)
+                if self._seen(xids):
+                    return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.0002)  # the commit is being made visible: a matter of microseconds
+
+    def _seen(self, xids: Sequence[int]) -> bool:
+        """Whether a snapshot already taken saw every transaction of ``xids``."""
+        last = self._last
+        return all(x < self.horizon or (last is not None and last.saw(x)) for x in xids)
 
 
 FLUSH_PREFIX = "rowsync.flush:"
@@ -267,6 +273,9 @@ class Truncated:
     xid: int
 
 
+_Watched = tuple[Watcher, tuple[tuple[str, int], ...], Callable[[Any], Any]]
+
+
 @dataclass(frozen=True, slots=True)
 class _Table:
     """What the decoder works out once per relation the stream describes (every change of
@@ -277,7 +286,10 @@ class _Table:
     table: str
     layout: Layout
     loaders: tuple[Callable[[bytes], Any], ...]
-    watched: dict[Event, tuple[Watcher, tuple[tuple[str, int], ...]]]
+    watched: dict[Event, _Watched]
+    """Per event watched: the watcher, the (name, index) of each identifying column
+    published, and a function picking those columns' values out of a tuple (to tell
+    whether an update changed them, at the cost of one call)."""
     followed: bool
 
 
@@ -356,12 +368,15 @@ class Decoder:
     def _table(self, relation: pgoutput.Relation) -> _Table:
         names = tuple(c.name for c in relation.columns)
         index = {name: i for i, name in enumerate(names)}
-        watched = {}
+        watched: dict[Event, _Watched] = {}
         for event in _EVENTS:
             watcher = self._watched.get((relation.schema, relation.table, event))
             if watcher is not None:  # an identifying column not published is left out
                 wanted = tuple((n, index[n]) for n in watcher.columns if n in index)
-                watched[event] = (watcher, wanted)
+                pick: Callable[[Any], Any] = (
+                    operator.itemgetter(*(i for _, i in wanted)) if wanted else _nothing
+                )
+                watched[event] = (watcher, wanted, pick)
         layout = Layout(names, tuple(c.type_oid for c in relation.columns))
         return _Table(
             relation.schema,
@@ -409,11 +424,11 @@ class Decoder:
         found = table.watched.get(event)
         if found is None:
             return None
-        watcher, wanted = found
+        watcher, wanted, pick = found
         new = _values(table.loaders, current, wanted)
         before = message.old if isinstance(message, pgoutput.Update) else None
         # values before the update only when they differ: most updates leave them be
-        if before is not None and any(before[i] != current[i] for _, i in wanted):
+        if before is not None and pick(before) != pick(current):
             old = _values(table.loaders, before, wanted)
             if old == new:
                 old = None
@@ -434,6 +449,11 @@ class Decoder:
             self._xid,
             Carried(table.layout, current, unchanged, table.followed),
         )
+
+
+def _nothing(values: tuple[pgoutput.Value, ...]) -> tuple[()]:
+    """What an event none of whose identifying columns is published identifies by."""
+    return ()
 
 
 def _values(
@@ -607,11 +627,19 @@ class WalSource(Listener):
             selector.register(cursor.connection.fileno(), selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
             busy = True  # look again before sleeping, as the listener does
+            # A query on ``notes`` (visibility, a barrier's message, the probe) can take in
+            # notifications that then wait in psycopg's backlog, not in the socket: they are
+            # looked for after one, and when the socket has something; not on every turn
+            # (psycopg's ``notifies()`` costs more than the rest of an idle turn).
+            listen = True
             while not self._stopping.is_set():
-                ready = selector.select(0 if busy else self.probe_interval)
-                self._drain_wake()
+                waited = not busy  # a whole wait going by without a word is what probes
+                ready = {key.fd for key, _ in selector.select(0 if busy else self.probe_interval)}
+                if self._wake_r in ready:
+                    self._drain_wake()
                 if self._stopping.is_set():
                     return
+                queries = self.stats["visibility_queries"]
                 batch: list[Notice | Flush] = []
                 end_lsn = 0
                 received = False
@@ -634,12 +662,18 @@ class WalSource(Listener):
                             batch.append(done)
                     if isinstance(decoded, pgoutput.Commit):
                         end_lsn = decoded.end_lsn
-                self._hand_over(visible, batch)
+                if batch:
+                    self._hand_over(visible, batch)
                 self.ref = decoder.ref
                 if end_lsn:  # only once dispatched: the slot resends what it was not told
                     self.dispatched = end_lsn
                     cursor.send_feedback(flush_lsn=end_lsn)
-                barriers = [p for p in self._receive(notes) if p]
+                listen = listen or notes.fileno() in ready
+                listen |= self.stats["visibility_queries"] != queries
+                payloads = self._receive(notes) if listen else []
+                # more may wait in the backlog (past the budget), or come with a barrier's query
+                listen = bool(payloads)
+                barriers = [p for p in payloads if p]
                 for payload in barriers:
                     try:
                         item = parse(payload)
@@ -651,8 +685,9 @@ class WalSource(Listener):
                             (FLUSH_PREFIX + self.channel, item.token),
                         )
                 busy = bool(received or barriers or end_lsn)
-                if not ready and not busy:
+                if not ready and waited and not busy:
                     notes.execute("SELECT 1")  # liveness probe: raises if the server is gone
+                    listen = True
 
     def _hand_over(self, visible: Visibility, batch: list[Notice | Flush]) -> None:
         """Dispatch ``batch`` once its transactions are visible to new snapshots."""

@@ -903,6 +903,25 @@ def test_visibility_queries_only_for_transactions_no_snapshot_saw_ended(logical_
         assert stats["visibility_queries"] > 2
 
 
+def test_transactions_the_last_snapshot_saw_need_no_visibility_query(logical_dsn):
+    xid = "SELECT pg_current_xact_id()::text::bigint"
+    with (
+        psycopg.connect(logical_dsn, autocommit=True) as conn,
+        psycopg.connect(logical_dsn, autocommit=True) as other,
+        psycopg.connect(logical_dsn) as open_,
+    ):
+        running = open_.execute(xid).fetchone()[0]  # holds the snapshots' xmin at it
+        committed = other.execute(xid).fetchone()[0]
+        stats: Counter[str] = Counter()
+        visible = Visibility(conn, stats)
+
+        assert visible.wait([committed]) and stats["visibility_queries"] == 1
+        assert visible.horizon <= running < committed  # not known by the horizon
+        assert visible.wait([committed]) and stats["visibility_queries"] == 1
+        later = other.execute(xid).fetchone()[0]  # committed after the snapshot: asked
+        assert visible.wait([later]) and stats["visibility_queries"] == 2
+
+
 def test_transaction_ids_are_widened_across_the_epoch_boundary():
     epoch = 1 << 32
     decoder = Decoder(rowsync.watchers(Tag), "ch", near=epoch - 10)
