@@ -22,6 +22,8 @@ import rowsync
 from fixtures import reference_watchers
 from models import Person, Post
 from rowsync import Resync, RowSync, Sync
+from rowsync.position import Position
+from rowsync.replay import Replays
 from rowsync.testing import one_batch
 
 
@@ -350,6 +352,31 @@ def test_the_refs_remembered_are_forgotten_once_a_later_snapshot_covers_them(rs,
 
     assert left.drain() == []
     assert rs.listener.stats["replayed"] == 1
+
+
+def test_past_its_cap_the_memory_takes_an_update_rather_than_reject_it():
+    """While a renewal's barrier is on its way the memory holds at most twice
+    ``renew_after`` refs: past that, a genuine update is never rejected for want of room;
+    a copy of it gets through until the barrier arrives and its snapshot covers it."""
+    replays = Replays(renew_after=1)
+    replays.begin(Position.of("100:100:"))
+    assert not replays.replayed(1, 100)
+    token = replays.due()
+    assert token is not None
+    replays.renewing(Position.of("103:103:"), token)
+    assert replays.due() is None  # one renewal at a time
+    assert not replays.replayed(2, 101)
+    assert [replays.replayed(3, 102), replays.replayed(3, 102)] == [False, False]
+    assert replays.replayed(2, 101)
+
+    assert not replays.arrived("someone else's")
+    assert replays.arrived(token)
+    assert len(replays) == 0
+    assert [replays.replayed(r, x) for r, x in ((1, 100), (3, 102), (4, 103))] == [
+        True,
+        True,
+        False,
+    ]
 
 
 def test_a_move_in_progress_when_the_listener_begins_reaches_the_parent_it_left(
