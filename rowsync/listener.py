@@ -401,7 +401,9 @@ class Listener:
             if self.log is None:  # a new session: what was committed before is not owed to it
                 self.replays.begin(self._snapshot(conn))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-            if self.log is not None:
+            if self.log is None:
+                self._renew(conn)  # a snapshot that sees what committed before the LISTEN
+            else:
                 self.log.resume(conn)  # its first read says if rows were pruned
             self._now_connected(
                 "reconnect" if self._connected_before and self.log is None else None
@@ -572,9 +574,14 @@ class Listener:
                 )
                 item = dataclasses.replace(item, old=None, sealed=None)
             kept.append(item)
+        self._renew(conn)
+        return kept
+
+    def _renew(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """Take a snapshot and send a barrier after it, if the memory of sealed updates taken
+        asks for one (:class:`rowsync.replay.Replays`)."""
         if (token := self.replays.due()) is not None:
             self.replays.renewing(self._snapshot(conn, barrier=token), token)
-        return kept
 
     def _snapshot(self, conn: psycopg.Connection[TupleRow], barrier: str | None = None) -> Position:
         """A snapshot taken on the listener's connection, and the flush barrier ``barrier``

@@ -15,9 +15,12 @@ The refs are remembered only until the snapshot test covers them: a snapshot tak
 on the same connection, then a barrier sent through the channel from it, replaces the first
 snapshot once the barrier arrives. Every genuine notification of a transaction that snapshot
 saw committed before the barrier did, so it has arrived by then, and its ref may be
-forgotten. The memory stays below a cap whatever comes in between: past it, an update is
-taken without being remembered (a copy of it is routed again until the next barrier
-arrives), never rejected for want of room.
+forgotten. The first renewal is asked for as soon as the session LISTENs: a transaction that
+committed between the first snapshot and the LISTEN may or may not have been delivered, and
+until a snapshot that saw it is in force, a copy of it would be taken once. The memory stays
+below a cap whatever comes in between: past it, an update is taken without being remembered
+(a copy of it is routed again until the next barrier arrives), never rejected for want of
+room.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Replays:
         self._taken: dict[int, int | None] = {}
         """Ref to xid of every sealed update taken since the snapshot ``_before``."""
         self._renewal: Renewal | None = None
+        self._fresh = False
+        """No renewal was asked for since the session began."""
 
     def __len__(self) -> int:
         """How many refs are remembered."""
@@ -54,7 +59,7 @@ class Replays:
 
     def begin(self, snapshot: Position) -> None:
         """A new session, about to LISTEN; ``snapshot`` was taken on its connection before."""
-        self._before, self._taken, self._renewal = snapshot, {}, None
+        self._before, self._taken, self._renewal, self._fresh = snapshot, {}, None, True
 
     def replayed(self, ref: int, xid: int | None) -> bool:
         """Whether a sealed update is one this session was delivered already, or was never
@@ -69,13 +74,13 @@ class Replays:
         """The token of a flush barrier to send after a new snapshot, when it is time to
         renew (one renewal at a time), else None. It cannot be guessed: only a copy of the
         barrier itself could end the renewal, and that arrives after it."""
-        if self._renewal is not None or len(self._taken) < self.renew_after:
+        if self._renewal is not None or (not self._fresh and len(self._taken) < self.renew_after):
             return None
         return f"rowsync-replays-{secrets.token_hex(16)}"
 
     def renewing(self, snapshot: Position, token: str) -> None:
         """The barrier ``token``, from :meth:`due`, was sent after ``snapshot`` was taken."""
-        self._renewal = Renewal(snapshot, token)
+        self._renewal, self._fresh = Renewal(snapshot, token), False
 
     def arrived(self, token: str) -> bool:
         """Whether the flush barrier ``token`` is the renewal's: then its snapshot is the one
