@@ -16,7 +16,8 @@ Flush barriers always come as notifications. A quiet connection is probed with `
 Bad input never stops the thread, and never spoils the rest of its batch: anyone may NOTIFY
 on the channel, so a payload too large or too deeply nested, malformed, or naming a ref or a
 transaction no trigger could have written yet (:class:`Issued`) is skipped, logged and counted;
-values before an update without the trigger's seal are not routed by (:meth:`Listener._unsealed`).
+values before an update without the trigger's seal are not routed by (:meth:`Listener._unsealed`),
+nor those of a sealed update sent again (:mod:`rowsync.replay`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from rowsync.connect import Connect, run
 from rowsync.errors import RowsyncError
 from rowsync.messages import Event
 from rowsync.pgoutput import Value
+from rowsync.position import Position
+from rowsync.replay import Replays
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +297,7 @@ class Listener:
         seal may be genuine: it is announced as a gap rather than taken as forged."""
         self.stats: Counter[str] = Counter()
         self.issued = Issued(schema)
+        self.replays = Replays()
         self.connected = threading.Event()
         self.failure: str | None = None
         """Why the last connection attempt failed, until one succeeds (start() tells it)."""
@@ -394,8 +398,12 @@ class Listener:
     def _session(self) -> None:
         """One connection's life: LISTEN, resume the log, serve until stopped or lost."""
         with self.connect(autocommit=True, name=APPLICATION_NAME) as conn:
+            if self.log is None:  # a new session: what was committed before is not owed to it
+                self.replays.begin(self._snapshot(conn))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-            if self.log is not None:
+            if self.log is None:
+                self._renew(conn)  # a snapshot that sees what committed before the LISTEN
+            else:
                 self.log.resume(conn)  # its first read says if rows were pruned
             self._now_connected(
                 "reconnect" if self._connected_before and self.log is None else None
@@ -542,7 +550,51 @@ class Listener:
             batch.append(item)
         if lost:
             self._gap(f"{lost} oversized event(s) could not be read back")
-        self._dispatch(batch)
+        self._dispatch(self._once(conn, batch))
+
+    def _once(
+        self, conn: psycopg.Connection[TupleRow], batch: list[Notice | Flush]
+    ) -> list[Notice | Flush]:
+        """``batch``, where an update keeps its values before only the first time this session
+        gets it (:mod:`rowsync.replay`): a sealed one sent again by whoever copied it is
+        delivered as a forged one is (:meth:`_unsealed`), with no values before. Its change is
+        genuine and its row is read anyway; only the parent it left is not told again.
+        A renewal barrier is taken out, and another is sent when the memory asks for it."""
+        kept: list[Notice | Flush] = []
+        for item in batch:  # in order: a renewal applies to what arrives after it
+            if isinstance(item, Flush):
+                if self.replays.arrived(item.token):
+                    continue
+            elif item.old is not None and self.replays.replayed(item.ref, item.xid):
+                self.stats["replayed"] += 1
+                logger.warning(
+                    "not routing by the values before of a sealed update on %r sent again: %.200r",
+                    self.channel,
+                    item,
+                )
+                item = dataclasses.replace(item, old=None, sealed=None)
+            kept.append(item)
+        self._renew(conn)
+        return kept
+
+    def _renew(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """Take a snapshot and send a barrier after it, if the memory of sealed updates taken
+        asks for one (:class:`rowsync.replay.Replays`)."""
+        if (token := self.replays.due()) is not None:
+            self.replays.renewing(self._snapshot(conn, barrier=token), token)
+
+    def _snapshot(self, conn: psycopg.Connection[TupleRow], barrier: str | None = None) -> Position:
+        """A snapshot taken on the listener's connection, and the flush barrier ``barrier``
+        sent through the channel after it (its statement commits once the snapshot is taken)."""
+        if barrier is None:
+            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+        else:
+            row = conn.execute(
+                "SELECT pg_current_snapshot()::text, pg_notify(%s, %s)",
+                (self.channel, json.dumps({"f": barrier})),
+            ).fetchone()
+        assert row is not None
+        return Position.of(row[0])
 
     def _unsealed(
         self, conn: psycopg.Connection[TupleRow], parsed: list[Notice | Flush | dict[str, Any]]

@@ -22,6 +22,8 @@ import rowsync
 from fixtures import reference_watchers
 from models import Person, Post
 from rowsync import Resync, RowSync, Sync
+from rowsync.position import Position
+from rowsync.replay import Replays
 from rowsync.testing import one_batch
 
 
@@ -286,10 +288,9 @@ def test_a_seal_copied_onto_other_values_before_is_not_honoured(rs, write, attac
     assert rs.listener.stats["unsealed"] == 2
 
 
-def test_a_genuine_sealed_update_sent_again_is_routed_again(rs, write, attacker):
-    """What a seal does not prevent (docs/security.md): anyone who LISTENs may send a genuine
-    sealed update again. The subscribers of the parent its row genuinely left are told again,
-    with the row's identifying values as they are now."""
+def moved_twice(rs: RowSync, write: Any, attacker: str) -> str:
+    """The payload of post 20's genuine move from person 2 to person 3, as whoever LISTENs
+    copies it; the post has moved on to person 4 since."""
     write(Person(id=2), Person(id=3), Person(id=4), Post(id=20, person_id=2))
     rs.flush()
     [genuine] = sealed_payloads(
@@ -297,13 +298,117 @@ def test_a_genuine_sealed_update_sent_again_is_routed_again(rs, write, attacker)
     )
     write(sa.update(Post).where(Post.id == 20).values(person_id=4))
     rs.flush()
+    return genuine
+
+
+def test_a_genuine_sealed_update_sent_again_reaches_nobody_else(rs, write, attacker):
+    """What a seal does not prove is that this is its first arrival (docs/security.md): a
+    listening session is delivered a genuine update once, so a copy sent again is not routed
+    by its values before. The parent its row left hears nothing more; the row's own
+    subscribers are told of an update, with its own values."""
+    genuine = moved_twice(rs, write, attacker)
+    left = rs.subscribe(Post, person_id=2)
+    now = rs.subscribe(Post, person_id=4)
+
+    forge(attacker, rs.channel, genuine)
+    rs.flush()
+
+    assert left.drain() == []
+    assert [m[1].ids for m in now.drain()] == [{"id": 20, "other_id": None, "person_id": 4}]
+    assert rs.listener.stats["replayed"] == 1
+    assert rs.listener.stats["unsealed"] == rs.listener.stats["gaps"] == 0
+
+
+def test_a_sealed_update_committed_before_the_listener_began_is_not_routed_again(
+    rs, write, attacker
+):
+    """A new session (a restart, a reconnect) is owed no notification committed before it
+    began to LISTEN: a copy of one is told apart by the snapshot taken before the LISTEN."""
+    genuine = moved_twice(rs, write, attacker)
+    rs.stop()
+    rs.start()
     left = rs.subscribe(Post, person_id=2)
 
     forge(attacker, rs.channel, genuine)
     rs.flush()
 
-    assert [m[1].ids for m in left.drain()] == [{"id": 20, "other_id": None, "person_id": 4}]
-    assert rs.listener.stats["unsealed"] == 0
+    assert left.drain() == []
+    assert rs.listener.stats["replayed"] == 1
+    assert len(rs.listener.replays) == 0
+
+
+def test_the_refs_remembered_are_forgotten_once_a_later_snapshot_covers_them(rs, write, attacker):
+    """The memory of a session stays bounded: past ``renew_after`` refs the listener takes a
+    snapshot and sends a barrier after it; once the barrier is back, that snapshot tells the
+    copies apart and the refs it saw are forgotten."""
+    rs.listener.replays.renew_after = 1
+    genuine = moved_twice(rs, write, attacker)
+    rs.flush()  # sent after the batch that asked for the renewal: its barrier came before
+    assert len(rs.listener.replays) == 0
+    left = rs.subscribe(Post, person_id=2)
+
+    forge(attacker, rs.channel, genuine)
+    rs.flush()
+
+    assert left.drain() == []
+    assert rs.listener.stats["replayed"] == 1
+
+
+def test_past_its_cap_the_memory_takes_an_update_rather_than_reject_it():
+    """While a renewal's barrier is on its way the memory holds at most twice
+    ``renew_after`` refs: past that, a genuine update is never rejected for want of room;
+    a copy of it gets through until the barrier arrives and its snapshot covers it."""
+    replays = Replays(renew_after=1)
+    replays.begin(Position.of("100:100:"))
+    assert not replays.replayed(1, 100)
+    token = replays.due()
+    assert token is not None
+    replays.renewing(Position.of("103:103:"), token)
+    assert replays.due() is None  # one renewal at a time
+    assert not replays.replayed(2, 101)
+    assert [replays.replayed(3, 102), replays.replayed(3, 102)] == [False, False]
+    assert replays.replayed(2, 101)
+
+    assert not replays.arrived("someone else's")
+    assert replays.arrived(token)
+    assert len(replays) == 0
+    assert [replays.replayed(r, x) for r, x in ((1, 100), (3, 102), (4, 103))] == [
+        True,
+        True,
+        False,
+    ]
+
+
+def test_a_move_in_progress_when_the_listener_begins_reaches_the_parent_it_left(
+    rs, write, monkeypatch
+):
+    """A transaction in progress when the session's snapshot is taken, committed once the
+    listener LISTENs, is delivered to it: the snapshot did not see it, so it is not taken for
+    a copy. (One committed between the snapshot and the LISTEN may or may not be delivered;
+    that snapshot did not see it either, so if it is, it is not rejected.)"""
+    write(Person(id=2), Person(id=3), Post(id=20, person_id=2))
+    rs.flush()
+    mover = rs.engine.connect()
+    snapshot = rs.listener._snapshot
+
+    def begun_during_the_snapshot(conn: Any, barrier: str | None = None) -> Any:
+        if barrier is None and not mover.in_transaction():
+            mover.execute(sa.update(Post).where(Post.id == 20).values(person_id=3))
+            write(Person(id=5))  # committed after it began: the snapshot sees the mover in progress
+        return snapshot(conn, barrier)
+
+    monkeypatch.setattr(rs.listener, "_snapshot", begun_during_the_snapshot)
+    try:
+        rs.stop()
+        rs.start()
+        left = rs.subscribe(Post, person_id=2)
+        mover.commit()
+    finally:
+        mover.close()
+    rs.flush()
+
+    assert [m[1].ids for m in left.drain()] == [{"id": 20, "other_id": None, "person_id": 3}]
+    assert rs.listener.stats["replayed"] == rs.listener.stats["unsealed"] == 0
 
 
 def test_a_genuine_move_reaches_the_subscribers_of_the_parents_it_leaves_and_joins(
