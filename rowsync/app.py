@@ -782,7 +782,10 @@ class RowSync:
 
 
 def _disruptions(stats: Counter[str]) -> int:
-    return stats["gaps"] + stats["captures"] + stats["connection_errors"]
+    """What may have lost a flush barrier in flight. A reconnect counts on its own: a barrier
+    sent between a lost connection's count and the next LISTEN reaches nobody, and the only
+    trace it leaves is the reconnect that follows."""
+    return stats["gaps"] + stats["captures"] + stats["connection_errors"] + stats["reconnects"]
 
 
 def _reject_label_clashes(watchers: Sequence[Watcher]) -> None:
