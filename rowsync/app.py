@@ -555,15 +555,14 @@ class RowSync:
         since: Position | None = None,
         **filters: Any,
     ) -> None:
+        register = functools.partial(
+            self._register, sub, target, event, assocs=assocs, follow=follow, **filters
+        )
         if since is None:
             sub.placed(NOWHERE)  # before its interests: nothing may be skipped for them
-            self._register(sub, target, event, assocs=assocs, follow=follow, **filters)
+            register()
         else:
-            self.dispatcher.replay(
-                sub,
-                since,
-                lambda: self._register(sub, target, event, assocs=assocs, follow=follow, **filters),
-            )
+            self.dispatcher.replay(sub, since, register)
 
     def _register(
         self,

@@ -33,20 +33,21 @@ ROUNDS = 20
 """WAL segments switched at most while making a slot fall behind (a guard, not a timing)."""
 
 
-@pytest.fixture
-def wal_engine(logical_dsn: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(sa.make_url(logical_dsn).set(drivername="postgresql+psycopg"))
+def engine_with_models(dsn: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(sa.make_url(dsn).set(drivername="postgresql+psycopg"))
     Base.metadata.create_all(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def wal_engine(logical_dsn: str) -> Iterator[sa.Engine]:
+    yield from engine_with_models(logical_dsn)
 
 
 @pytest.fixture
 def lossy_engine(lossy_dsn: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(sa.make_url(lossy_dsn).set(drivername="postgresql+psycopg"))
-    Base.metadata.create_all(engine)
-    yield engine
-    engine.dispose()
+    yield from engine_with_models(lossy_dsn)
 
 
 def slot_of(rs: rowsync.RowSync) -> slots.Slot | None:
